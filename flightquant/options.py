@@ -1,0 +1,165 @@
+"""Quantization options: parsing and validation, shared by the API, the server and the CLI.
+
+Options arrive as Python keyword arguments or as the JSON object of a Flight command.
+Unknown keys, wrong types and out-of-range values are errors that say what to fix;
+nothing is silently ignored.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from typing import Any
+
+VALID_BITS = (2, 4, 8)
+SCHEMES = ("asymmetric", "symmetric", "ternary")
+METHODS = ("rtn", "mse")
+OPS = ("quantize", "dequantize")
+MAX_GROUP_SIZE = 2**31 - 1
+
+#: integer codes the kernels use for the scheme and the method
+SCHEME_CODES = {"asymmetric": 0, "symmetric": 1, "ternary": 2}
+METHOD_CODES = {"rtn": 0, "mse": 1}
+
+
+class OptionsError(ValueError):
+    """Bad quantization options (a ``ValueError``, so Flight maps it to INVALID_ARGUMENT)."""
+
+
+@dataclass(frozen=True)
+class QuantOptions:
+    """Validated quantization options (see ``docs/options.md``).
+
+    Build one with :meth:`from_mapping` (keyword arguments) or :meth:`from_json` (a
+    Flight command); the constructor itself does not validate.
+
+    Examples
+    --------
+    >>> QuantOptions.from_mapping({"bits": 8, "group_size": 64}).bits
+    8
+    >>> QuantOptions.from_mapping({"scheme": "ternary"}).bits
+    2
+    """
+
+    op: str = "quantize"
+    bits: int = 4
+    scheme: str = "asymmetric"
+    group_size: int = 128
+    method: str = "rtn"
+    clip: float | None = None
+    columns: tuple[str, ...] | None = None
+    stats: bool = False
+
+    @classmethod
+    def from_mapping(cls, mapping: Mapping[str, Any] | None = None) -> QuantOptions:
+        """Validate a mapping of option names to values; missing keys take defaults."""
+        mapping = dict(mapping or {})
+        known = set(cls.__dataclass_fields__)
+        unknown = sorted(set(mapping) - known)
+        if unknown:
+            raise OptionsError(
+                f"unknown option(s) {', '.join(map(repr, unknown))}; "
+                f"valid options are: {', '.join(sorted(known))}"
+            )
+        op = _choice(mapping.get("op", "quantize"), "op", OPS)
+        scheme = _choice(mapping.get("scheme", "asymmetric"), "scheme", SCHEMES)
+        method = _choice(mapping.get("method", "rtn"), "method", METHODS)
+        bits = mapping.get("bits")
+        if scheme == "ternary":
+            if bits is not None and (_is_int(bits) and bits != 2 or not _is_int(bits)):
+                raise OptionsError(
+                    f"bits={bits!r} does not fit scheme='ternary': ternary codes "
+                    "{-1, 0, +1} are always stored in 2 bits; pass bits=2 or leave bits unset"
+                )
+            bits = 2
+        elif bits is None:
+            bits = 4
+        if not _is_int(bits) or bits not in VALID_BITS:
+            raise OptionsError(
+                f"bits must be one of {', '.join(map(str, VALID_BITS))}, got {bits!r}"
+            )
+        group_size = mapping.get("group_size", 128)
+        if not _is_int(group_size) or not 1 <= group_size <= MAX_GROUP_SIZE:
+            raise OptionsError(
+                f"group_size must be an integer from 1 to {MAX_GROUP_SIZE} "
+                f"(common: 32, 64, 128, 256), got {group_size!r}"
+            )
+        clip = mapping.get("clip")
+        if clip is not None:
+            if isinstance(clip, bool) or not isinstance(clip, (int, float)):
+                raise OptionsError(f"clip must be null or a positive number, got {clip!r}")
+            clip = float(clip)
+            if not (math.isfinite(clip) and clip > 0):
+                raise OptionsError(f"clip must be a positive finite number, got {clip!r}")
+        columns = mapping.get("columns")
+        if columns is not None:
+            if isinstance(columns, str) or not isinstance(columns, (list, tuple)):
+                raise OptionsError(
+                    f"columns must be null or a list of column names, got {columns!r}"
+                )
+            if not columns or not all(isinstance(c, str) for c in columns):
+                raise OptionsError(
+                    "columns must be a non-empty list of column names (strings), "
+                    f"got {columns!r}; use null for every float list column"
+                )
+            columns = tuple(columns)
+        stats = mapping.get("stats", False)
+        if not isinstance(stats, bool):
+            raise OptionsError(f"stats must be true or false, got {stats!r}")
+        return cls(op, int(bits), scheme, int(group_size), method, clip, columns, stats)
+
+    @classmethod
+    def from_json(cls, data: bytes | str | None) -> QuantOptions:
+        """Parse the JSON object of a Flight command; empty means all defaults."""
+        if data is None:
+            return cls.from_mapping({})
+        if isinstance(data, (bytes, bytearray, memoryview)):
+            try:
+                data = bytes(data).decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise OptionsError(f"the command must be UTF-8 JSON: {exc}") from None
+        if not data.strip():
+            return cls.from_mapping({})
+        try:
+            obj = json.loads(data)
+        except json.JSONDecodeError as exc:
+            raise OptionsError(
+                f"the command must be a JSON object of options, e.g. "
+                f'{{"bits": 4, "group_size": 128}}; could not parse it: {exc}'
+            ) from None
+        if not isinstance(obj, dict):
+            raise OptionsError(
+                f"the command must be a JSON object of options, got {type(obj).__name__}"
+            )
+        return cls.from_mapping(obj)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        if d["columns"] is not None:
+            d["columns"] = list(d["columns"])
+        return d
+
+    def to_json(self) -> bytes:
+        return json.dumps(self.to_dict(), separators=(",", ":")).encode()
+
+    @property
+    def scheme_code(self) -> int:
+        return SCHEME_CODES[self.scheme]
+
+    @property
+    def method_code(self) -> int:
+        return METHOD_CODES[self.method]
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _choice(value: Any, name: str, valid: tuple[str, ...]) -> str:
+    if value not in valid or not isinstance(value, str):
+        raise OptionsError(
+            f"{name} must be one of {', '.join(map(repr, valid))}, got {value!r}"
+        )
+    return value

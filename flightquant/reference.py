@@ -1,0 +1,327 @@
+"""The NumPy reference: the definition of every quantization scheme.
+
+The Cython kernels (``flightquant._kernels``) must give the same codes and scales, bit for
+bit, for float32 input at any thread count. Clarity beats speed here. The formulas, with
+``x`` the group's float32 values after the optional clamp to ``[-clip, clip]``:
+
+*asymmetric* (``qmax = 2**bits - 1``)::
+
+    mn, mx = min(x), max(x)
+    constant group (mn == mx):   scale = |mn|  (0 when mn == 0),  q = 0
+    otherwise:                   scale = max(f32((f64(mx) - f64(mn)) / qmax), TRUE_MIN)
+                                 q = rint(clamp((x - mn) / scale, 0, qmax))       # float32
+    zero_point = -mn / scale  (0 when scale == 0);   x_hat = (q - zero_point) * scale
+
+*symmetric* (``qpos = 2**(bits-1) - 1``, stored offset ``o = 2**(bits-1)``)::
+
+    constant group:  scale = |mn|  (0 when mn == 0)
+    otherwise:       scale = max(f32(max|x|) / f32(qpos), TRUE_MIN)              # float32 div
+    q = o + rint(clamp(x / scale, -qpos, qpos))   (q = o when scale == 0)
+    x_hat = (q - o) * scale
+
+*ternary* (BitNet b1.58 absmean; ``qpos = 1``, ``o = 1``, 2-bit codes)::
+
+    scale = f32(seqsum_f64(|x|) / n)            # gamma, the mean absolute value
+    q = o + rint(clamp(x / scale, -1, 1))       (q = o when scale == 0)
+    x_hat = (q - o) * scale
+
+``rint`` is round half to even; ``seqsum_f64`` adds float64 values one after the other in
+index order (so C and NumPy agree exactly); ``TRUE_MIN`` is the smallest positive float32,
+which keeps a non-degenerate group off a zero scale when its range underflows. Constant
+groups (all-zero ones included) reconstruct exactly.
+
+``method="mse"`` starts from the rtn result and tries 21 candidates per group, each a grid
+of codes ``L`` followed by a least-squares refit (llama.cpp's ``make_qkx2_quants`` idea),
+keeping a candidate only when its squared error (float64, sequential, against the clamped
+input, on the float32 reconstruction) is strictly lower:
+
+* asymmetric: ``iscale = (qmax - 1 + 0.1*k) / (f64(mx) - f64(mn))``, ``L = rint(clamp(iscale *
+  (x - mn), 0, qmax))``, then ``(s, m)`` minimise ``sum((s*L + m - x)**2)``; the candidate
+  is ``scale = f32(s)``, ``min = f32(m)``, re-quantized as rtn with that scale and min.
+* symmetric and ternary: ``iscale = (0.5 + 0.05*k) / f64(scale_rtn)``, ``L = rint(clamp(iscale
+  * x, -qpos, qpos))``, ``s = sum(x*L) / sum(L*L)``; re-quantized with ``scale = f32(s)``.
+
+``k`` runs over 0..20. All candidate arithmetic is float64 with sequential sums.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .layout import FLOAT32_TRUE_MIN, QuantizedRows, RowLayout, make_layout
+from .options import SCHEMES
+
+F32 = np.float32
+F64 = np.float64
+MSE_STEPS = 21
+
+
+def qparams(bits: int, scheme: str) -> tuple[int, int, int]:
+    """Return ``(qmin, qmax, offset)`` of the signed code range and the stored offset.
+
+    Stored codes are ``q + offset`` in ``[0, 2**bits - 1]``.
+    """
+    if scheme == "asymmetric":
+        return 0, 2**bits - 1, 0
+    if scheme == "symmetric":
+        qpos = 2 ** (bits - 1) - 1
+        return -qpos, qpos, 2 ** (bits - 1)
+    if scheme == "ternary":
+        return -1, 1, 1
+    raise ValueError(f"scheme must be one of {SCHEMES}, got {scheme!r}")
+
+
+def _seqsum(a: np.ndarray, axis: int = -1) -> np.ndarray:
+    """Sum float64 values strictly in index order (``accumulate`` is sequential)."""
+    a = np.asarray(a, F64)
+    if a.shape[axis] == 0:
+        return np.zeros(a.shape[:axis] if axis == -1 else a.shape[:-1], F64)
+    return np.take(np.add.accumulate(a, axis=axis), -1, axis=axis)
+
+
+def _rtn_groups(x: np.ndarray, bits: int, scheme: str):
+    """rtn on a 2-D array of equally long groups (one per row). Returns (q, scale, zp)."""
+    qmin, qmax, offset = qparams(bits, scheme)
+    mn = x.min(axis=1)
+    mx = x.max(axis=1)
+    const = mn == mx
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        if scheme == "asymmetric":
+            scale = ((mx.astype(F64) - mn.astype(F64)) / qmax).astype(F32)
+            scale = np.maximum(scale, FLOAT32_TRUE_MIN)
+            scale = np.where(const, np.abs(mn), scale).astype(F32)
+            v = (x - mn[:, None]) / scale[:, None]
+            zp = np.where(scale > 0, -mn / scale, F32(0)).astype(F32)
+        else:
+            if scheme == "symmetric":
+                amax = np.abs(x).max(axis=1)
+                scale = np.maximum(amax / F32(qmax), FLOAT32_TRUE_MIN).astype(F32)
+                scale = np.where(const, np.abs(mn), scale).astype(F32)
+            else:  # ternary
+                scale = (_seqsum(np.abs(x).astype(F64), axis=1) / x.shape[1]).astype(F32)
+            v = x / scale[:, None]
+            zp = None
+        q = np.rint(np.clip(v, F32(qmin), F32(qmax)))
+        q = np.where(scale[:, None] > 0, q, F32(0))
+    q = (q + F32(offset)).astype(np.uint8)
+    return q, scale.astype(F32), zp
+
+
+def _reconstruct(q: np.ndarray, scale, zp, offset: int) -> np.ndarray:
+    """float32 reconstruction exactly as dequantize computes it."""
+    qf = q.astype(F32)
+    if zp is None:
+        return (qf - F32(offset)) * F32(scale)
+    return (qf - F32(zp)) * F32(scale)
+
+
+def _sse(x: np.ndarray, x_hat: np.ndarray) -> float:
+    d = x_hat.astype(F64) - x.astype(F64)
+    return float(_seqsum(d * d))
+
+
+def _mse_group(x: np.ndarray, bits: int, scheme: str, q0, scale0, zp0):
+    """Search 21 candidates around the rtn result of one group; keep the best (see docs)."""
+    qmin, qmax, offset = qparams(bits, scheme)
+    best = (q0, scale0, zp0)
+    best_err = _sse(x, _reconstruct(q0, scale0, zp0, offset))
+    if best_err == 0.0 or not scale0 > 0:
+        return best
+    n = x.size
+    xd = x.astype(F64)
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        if scheme == "asymmetric":
+            mn = x.min()
+            mx = x.max()
+            rng = float(F64(mx) - F64(mn))
+            sum_x = float(_seqsum(xd))
+            for k in range(MSE_STEPS):
+                iscale = (qmax + -1.0 + 0.1 * k) / rng
+                L = np.rint(np.clip(iscale * (xd - F64(mn)), 0.0, float(qmax)))
+                sum_l = float(_seqsum(L))
+                sum_l2 = float(_seqsum(L * L))
+                sum_xl = float(_seqsum(xd * L))
+                D = n * sum_l2 - sum_l * sum_l
+                if not D > 0:
+                    continue
+                s = (n * sum_xl - sum_l * sum_x) / D
+                m = (sum_l2 * sum_x - sum_l * sum_xl) / D
+                sc = F32(s)
+                if not sc > 0:
+                    continue
+                mc = F32(m)
+                q = (np.rint(np.clip((x - mc) / sc, F32(0), F32(qmax)))).astype(np.uint8)
+                zp = F32(-mc / sc)
+                err = _sse(x, _reconstruct(q, sc, zp, offset))
+                if err < best_err:
+                    best, best_err = (q, sc, zp), err
+        else:
+            for k in range(MSE_STEPS):
+                iscale = (0.5 + 0.05 * k) / float(F64(scale0))
+                L = np.rint(np.clip(iscale * xd, float(qmin), float(qmax)))
+                sum_l2 = float(_seqsum(L * L))
+                sum_xl = float(_seqsum(xd * L))
+                if not sum_l2 > 0:
+                    continue
+                sc = F32(sum_xl / sum_l2)
+                if not sc > 0:
+                    continue
+                q = np.rint(np.clip(x / sc, F32(qmin), F32(qmax)))
+                q = (q + F32(offset)).astype(np.uint8)
+                err = _sse(x, _reconstruct(q, sc, None, offset))
+                if err < best_err:
+                    best, best_err = (q, sc, None), err
+    return best
+
+
+def _quantize_row(x, bits, scheme, group_size, method):
+    """Quantize one row (float32, already clamped). Returns (q, scales, zps)."""
+    n = x.size
+    nfull = n // group_size
+    parts_q, parts_s, parts_z = [], [], []
+    for start, count, length in ((0, nfull, group_size), (nfull * group_size, 1 if n % group_size else 0, n % group_size)):
+        if count == 0:
+            continue
+        g = x[start : start + count * length].reshape(count, length)
+        q, s, z = _rtn_groups(g, bits, scheme)
+        if method == "mse":
+            q = q.copy()
+            s = s.copy()
+            z = None if z is None else z.copy()
+            for i in range(count):
+                qi, si, zi = _mse_group(g[i], bits, scheme, q[i], s[i], None if z is None else z[i])
+                q[i], s[i] = qi, si
+                if z is not None:
+                    z[i] = zi
+        parts_q.append(q.reshape(-1))
+        parts_s.append(s)
+        parts_z.append(z)
+    if not parts_q:
+        empty = np.zeros(0, F32)
+        return np.zeros(0, np.uint8), empty, (None if scheme != "asymmetric" else empty)
+    q = np.concatenate(parts_q)
+    s = np.concatenate(parts_s)
+    z = None if scheme != "asymmetric" else np.concatenate(parts_z)
+    return q, s, z
+
+
+def pack_codes(q: np.ndarray, bits: int) -> np.ndarray:
+    """Pack unsigned codes LSB-first: element i sits at bit (i*bits) % 8 of byte (i*bits)//8."""
+    q = np.asarray(q, np.uint8)
+    per = 8 // bits
+    pad = (-q.size) % per
+    if pad:
+        q = np.concatenate([q, np.zeros(pad, np.uint8)])
+    q = q.reshape(-1, per).astype(np.uint16)
+    shifts = (np.arange(per, dtype=np.uint16) * bits)[None, :]
+    return (q << shifts).sum(axis=1).astype(np.uint8)
+
+
+def unpack_codes(packed: np.ndarray, bits: int, n: int) -> np.ndarray:
+    """Inverse of :func:`pack_codes`: the first ``n`` codes."""
+    packed = np.asarray(packed, np.uint8)
+    per = 8 // bits
+    shifts = (np.arange(per, dtype=np.uint8) * bits)[None, :]
+    q = (packed[:, None] >> shifts) & np.uint8((1 << bits) - 1)
+    return q.reshape(-1)[:n]
+
+
+def quantize_rows(
+    values: np.ndarray,
+    row_starts: np.ndarray,
+    row_lens: np.ndarray,
+    *,
+    bits: int = 4,
+    scheme: str = "asymmetric",
+    group_size: int = 128,
+    method: str = "rtn",
+    clip: float | None = None,
+    stats: bool = False,
+    fixed_row_len: int | None = None,
+) -> QuantizedRows:
+    """Quantize rows ``values[row_starts[r] : row_starts[r] + row_lens[r]]``.
+
+    ``values`` is float16, float32 or float64; arithmetic is float32 (float16 widens
+    exactly, float64 rounds to nearest float32). Non-finite input is the caller's to
+    reject; the reference assumes finite values. ``fixed_row_len`` gives every row the
+    output slot of a row of that length (see :func:`flightquant.layout.make_layout`).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> r = quantize_rows(np.array([0.0, 1.0, 2.0, 3.0], np.float32), [0], [4],
+    ...                   bits=2, group_size=4)
+    >>> r.scales.tolist(), unpack_codes(r.codes, 2, 4).tolist()
+    ([1.0], [0, 1, 2, 3])
+    """
+    values = np.asarray(values)
+    starts = np.asarray(row_starts, np.int64)
+    layout = make_layout(row_lens, bits, group_size, fixed_row_len)
+    qmin, qmax, offset = qparams(bits, scheme)
+    codes = np.zeros(layout.n_code_bytes, np.uint8)
+    scales = np.zeros(layout.n_groups, F32)
+    zps = np.zeros(layout.n_groups, F32) if scheme == "asymmetric" else None
+    sse = np.zeros(layout.n_groups, F64) if stats else None
+    maxerr = np.zeros(layout.n_groups, F64) if stats else None
+    for r, (start, n) in enumerate(zip(starts.tolist(), layout.row_lens.tolist())):
+        if n == 0:
+            continue
+        x_orig = values[start : start + n].astype(F32)
+        x = x_orig if clip is None else np.clip(x_orig, F32(-clip), F32(clip))
+        q, s, z = _quantize_row(x, bits, scheme, group_size, method)
+        g0 = layout.group_offsets[r]
+        g1 = g0 + s.size
+        c0 = layout.code_offsets[r]
+        packed = pack_codes(q, bits)
+        codes[c0 : c0 + packed.size] = packed
+        scales[g0:g1] = s
+        if zps is not None:
+            zps[g0:g1] = z
+        if stats:
+            x_hat = _reconstruct_row(q, s, z, offset, group_size)
+            d = x_hat.astype(F64) - x_orig.astype(F64)
+            for i in range(g1 - g0):
+                seg = d[i * group_size : (i + 1) * group_size]
+                sse[g0 + i] = _seqsum(seg * seg)
+                maxerr[g0 + i] = np.abs(seg).max()
+    return QuantizedRows(layout, codes, scales, zps, sse, maxerr)
+
+
+def _reconstruct_row(q, scales, zps, offset, group_size):
+    rep_s = np.repeat(scales, group_size)[: q.size]
+    if zps is None:
+        return (q.astype(F32) - F32(offset)) * rep_s
+    rep_z = np.repeat(zps, group_size)[: q.size]
+    return (q.astype(F32) - rep_z) * rep_s
+
+
+def dequantize_rows(
+    codes: np.ndarray,
+    layout: RowLayout,
+    scales: np.ndarray,
+    zero_points: np.ndarray | None,
+    *,
+    scheme: str,
+    out_starts: np.ndarray | None = None,
+    out_size: int | None = None,
+) -> np.ndarray:
+    """Reconstruct float32 values; row r goes to ``out[out_starts[r]:][:row_lens[r]]``.
+
+    By default rows are concatenated in order.
+    """
+    _, _, offset = qparams(layout.bits, scheme)
+    if out_starts is None:
+        out_starts = np.concatenate([[0], np.cumsum(layout.row_lens)[:-1]]).astype(np.int64)
+        out_size = layout.n_elements
+    out = np.zeros(out_size, F32)
+    for r, n in enumerate(layout.row_lens.tolist()):
+        if n == 0:
+            continue
+        pos = int(out_starts[r])
+        c0 = layout.code_offsets[r]
+        q = unpack_codes(codes[c0 : c0 + -(-n * layout.bits // 8)], layout.bits, n)
+        g0 = layout.group_offsets[r]
+        g1 = g0 + -(-n // layout.group_size)
+        z = None if zero_points is None else zero_points[g0:g1]
+        out[pos : pos + n] = _reconstruct_row(q, scales[g0:g1], z, offset, layout.group_size)
+    return out
