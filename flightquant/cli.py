@@ -1,0 +1,41 @@
+"""Command line entry point: ``flightquant serve|quantize|dequantize|inspect``.
+
+Each sub-command lives in its own module, which adds its arguments and runs it; this file
+only wires them together, so the CLI stays a thin layer over the server and the jobs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from . import __version__
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="flightquant",
+        description="Arrow Flight server and CLI that quantize float tensors to 2/4/8 bits.",
+    )
+    parser.add_argument("--version", action="version", version=f"flightquant {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    from . import serve_cmd
+
+    serve_cmd.add_parser(sub)
+    try:
+        from . import jobs_cmd
+    except ImportError:  # pragma: no cover - while the jobs module is being written
+        jobs_cmd = None
+    if jobs_cmd is not None:
+        jobs_cmd.add_parsers(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
