@@ -19,7 +19,11 @@ FLOAT32_TRUE_MIN = np.float32(np.finfo(np.float32).smallest_subnormal)
 
 @dataclass(frozen=True)
 class RowLayout:
-    """Where each row's groups and codes live in the output buffers."""
+    """Where each row's groups and codes live in the output buffers.
+
+    The kernels read only the *start* of row r in ``group_offsets`` and ``code_offsets``
+    (its extent follows from ``row_lens``); the last entry is the buffer's size.
+    """
 
     row_lens: np.ndarray  # int64[n]: elements of row r (0 for a null row)
     group_offsets: np.ndarray  # int64[n+1]: row r's groups start at go[r]

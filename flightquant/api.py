@@ -1,0 +1,275 @@
+"""The in-process Python API: quantize Arrow data or NumPy arrays without a server.
+
+All the logic lives in the codec; the server and the client call the same functions, so a
+result is the same bit for bit wherever it was computed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any, TypeVar, Union
+
+import numpy as np
+import pyarrow as pa
+
+from . import codec, kernels
+from .layout import make_layout
+from .options import QuantOptions
+
+Data = Union[pa.Table, pa.RecordBatch, Iterable[pa.RecordBatch]]
+T = TypeVar("T", pa.Table, pa.RecordBatch)
+
+#: columns of the seed layer schema used for dicts of arrays
+NAME, WEIGHTS, SHAPE, DTYPE = "layer_name", "weights", "shape", "dtype"
+_FLOATS = {"float16": pa.float16(), "float32": pa.float32(), "float64": pa.float64()}
+
+
+def apply(data: Data, options: QuantOptions, threads: int | None = None) -> Any:
+    """Run the codec over a Table, a RecordBatch or an iterable of RecordBatches.
+
+    Returns the same kind of container; an iterable gives a lazy iterator.
+    """
+    if isinstance(data, pa.RecordBatch):
+        return codec.process_batch(data, options, threads=threads)[0]
+    if isinstance(data, pa.Table):
+        schema = codec.output_schema(data.schema, options)
+        out = [codec.process_batch(b, options, threads=threads)[0] for b in data.to_batches()]
+        return pa.Table.from_batches(out, schema=schema)
+    if isinstance(data, (str, bytes, Mapping)) or not isinstance(data, Iterable):
+        raise TypeError(
+            "data must be a pyarrow.Table, a pyarrow.RecordBatch or an iterable of "
+            f"RecordBatches, got {type(data).__name__}"
+            + ("; for a dict of NumPy arrays use quantize_arrays" if isinstance(data, Mapping) else "")
+        )
+    return _apply_iter(iter(data), options, threads)
+
+
+def _apply_iter(batches: Iterator, options: QuantOptions, threads) -> Iterator[pa.RecordBatch]:
+    for i, batch in enumerate(batches):
+        if not isinstance(batch, pa.RecordBatch):
+            raise TypeError(f"item {i} of the iterable is a {type(batch).__name__}, not a RecordBatch")
+        yield codec.process_batch(batch, options, threads=threads)[0]
+
+
+def quantize(
+    data: Data,
+    *,
+    bits: int | None = None,
+    group_size: int = 128,
+    scheme: str = "asymmetric",
+    method: str = "rtn",
+    clip: float | None = None,
+    columns: list[str] | None = None,
+    stats: bool = False,
+    threads: int | None = None,
+) -> Any:
+    """Quantize the float tensor columns of Arrow data in-process.
+
+    Parameters
+    ----------
+    data : pyarrow.Table, pyarrow.RecordBatch or iterable of RecordBatch
+        Columns of ``list``/``large_list``/``fixed_size_list`` of float16/32/64 are
+        quantized (all of them, or those named in ``columns``); others pass through.
+    bits : {2, 4, 8}, default 4 (2 for ``scheme="ternary"``)
+    group_size : int, default 128
+    scheme : {"asymmetric", "symmetric", "ternary"}
+    method : {"rtn", "mse"}
+    clip : float, optional
+        Clamp inputs to ``[-clip, clip]`` first.
+    columns : list of str, optional
+    stats : bool
+        Add per-row ``<c>_mse`` and ``<c>_max_abs_error`` columns.
+    threads : int, optional
+        Kernel threads; None uses every allowed core.
+
+    Returns
+    -------
+    The same kind of container with wire-format-v1 columns (``docs/wire-format.md``).
+
+    Examples
+    --------
+    >>> import pyarrow as pa, flightquant as fq
+    >>> t = pa.table({"w": pa.array([[0.5, -1.0, 2.0]], pa.list_(pa.float32()))})
+    >>> fq.quantize(t, bits=8).column_names
+    ['w', 'w_scales', 'w_zero_points', 'w_numel']
+    """
+    opts = QuantOptions.from_mapping(
+        {"bits": bits, "group_size": group_size, "scheme": scheme, "method": method,
+         "clip": clip, "columns": columns, "stats": stats}
+    )
+    kernels.resolve_threads(threads)
+    return apply(data, opts, threads)
+
+
+def dequantize(data: Data, *, threads: int | None = None) -> Any:
+    """Restore quantized Arrow data to floats (original dtypes, list types, lengths, nulls).
+
+    Examples
+    --------
+    >>> import pyarrow as pa, flightquant as fq
+    >>> t = pa.table({"w": pa.array([[0.0, 1.0, 2.0, 3.0]], pa.list_(pa.float32()))})
+    >>> fq.dequantize(fq.quantize(t, bits=2, group_size=4)).column("w").to_pylist()
+    [[0.0, 1.0, 2.0, 3.0]]
+    """
+    kernels.resolve_threads(threads)
+    return apply(data, QuantOptions.from_mapping({"op": "dequantize"}), threads)
+
+
+# ---------------------------------------------------------------------------------------
+# dicts of NumPy arrays
+
+
+@dataclass
+class QuantizedTensor:
+    """One quantized tensor: packed codes, per-group scales and what is needed to decode."""
+
+    name: str
+    codes: np.ndarray
+    scales: np.ndarray
+    zero_points: np.ndarray | None
+    shape: tuple[int, ...]
+    dtype: str
+    bits: int
+    scheme: str
+    group_size: int
+    numel: int
+
+    @property
+    def nbytes(self) -> int:
+        zp = 0 if self.zero_points is None else self.zero_points.nbytes
+        return self.codes.nbytes + self.scales.nbytes + zp
+
+    def dequantize(self, threads: int | None = None) -> np.ndarray:
+        """Reconstruct the tensor with its original shape and dtype."""
+        lay = make_layout(np.array([self.numel]), self.bits, self.group_size)
+        out = kernels.dequantize_rows(
+            self.codes, lay, self.scales, self.zero_points, scheme=self.scheme, threads=threads
+        )
+        return out.reshape(self.shape).astype(_numpy_dtype(self.dtype), copy=False)
+
+
+def _numpy_dtype(name: str) -> np.dtype:
+    if name == "bfloat16":
+        import ml_dtypes
+
+        return np.dtype(ml_dtypes.bfloat16)
+    return np.dtype(name)
+
+
+def _check_array(name: Any, value: Any) -> np.ndarray:
+    if not isinstance(name, str):
+        raise TypeError(f"array names must be strings, got {name!r} ({type(name).__name__})")
+    if not isinstance(value, np.ndarray):
+        raise TypeError(
+            f"array {name!r} is a {type(value).__name__}, not a numpy.ndarray: "
+            "pass numpy.asarray(value, dtype=numpy.float32)"
+        )
+    if value.dtype.name == "bfloat16":
+        return value.astype(np.float32)  # exact: bfloat16 is the top half of a float32
+    if value.dtype.name not in _FLOATS:
+        raise TypeError(
+            f"array {name!r} has dtype {value.dtype}; quantize_arrays takes float16, bfloat16, "
+            f"float32 or float64 arrays: cast it with .astype(numpy.float32)"
+        )
+    # non-contiguous (sliced, transposed, Fortran-order) arrays are copied in C order
+    return np.ascontiguousarray(value).reshape(-1)
+
+
+def arrays_to_batches(
+    arrays: Mapping[str, np.ndarray], *, max_batch_bytes: int = 64 << 20
+) -> Iterator[pa.RecordBatch]:
+    """Pack a dict of arrays into RecordBatches of the seed layer schema.
+
+    Columns: ``layer_name: string, weights: list<float16|32|64>, shape: list<int64>,
+    dtype: string``; consecutive arrays of one value type share a batch of at most about
+    ``max_batch_bytes``. Each array is validated and named in every error.
+    """
+    if not isinstance(arrays, Mapping):
+        raise TypeError(f"arrays must be a dict of name -> numpy array, got {type(arrays).__name__}")
+    pending: list[tuple[str, np.ndarray, tuple, str]] = []
+    size = 0
+    for name, value in arrays.items():
+        flat = _check_array(name, value)
+        if pending and (flat.dtype != pending[0][1].dtype or size + flat.nbytes > max_batch_bytes):
+            yield _batch_of(pending)
+            pending, size = [], 0
+        pending.append((name, flat, tuple(value.shape), value.dtype.name))
+        size += flat.nbytes
+    if pending:
+        yield _batch_of(pending)
+
+
+def _batch_of(items) -> pa.RecordBatch:
+    dtype = items[0][1].dtype
+    lens = np.array([a.size for _, a, _, _ in items], np.int64)
+    offsets = np.zeros(len(items) + 1, np.int64)
+    np.cumsum(lens, out=offsets[1:])
+    big = offsets[-1] > np.iinfo(np.int32).max
+    values = pa.array(np.concatenate([a for _, a, _, _ in items]) if items else np.zeros(0, dtype))
+    lst = (pa.LargeListArray if big else pa.ListArray).from_arrays(
+        pa.array(offsets, pa.int64() if big else pa.int32()), values
+    )
+    shapes = pa.array([list(s) for _, _, s, _ in items], pa.list_(pa.int64()))
+    return pa.record_batch(
+        [pa.array([n for n, _, _, _ in items], pa.string()), lst, shapes,
+         pa.array([d for _, _, _, d in items], pa.string())],
+        names=[NAME, WEIGHTS, SHAPE, DTYPE],
+    )
+
+
+def batches_to_results(batches: Iterable[pa.RecordBatch]) -> dict[str, QuantizedTensor]:
+    """Turn quantized batches of the seed layer schema into :class:`QuantizedTensor` s."""
+    out: dict[str, QuantizedTensor] = {}
+    for batch in batches:
+        field = batch.schema.field(WEIGHTS)
+        meta = codec._meta_of(field)
+        names = batch.column(NAME).to_pylist()
+        shapes = batch.column(SHAPE).to_pylist()
+        dtypes = batch.column(DTYPE).to_pylist() if DTYPE in batch.schema.names else [meta.dtype] * len(names)
+        codes = batch.column(WEIGHTS)
+        scales = batch.column(f"{WEIGHTS}_scales")
+        zps = batch.column(f"{WEIGHTS}_zero_points") if meta.scheme == "asymmetric" else None
+        numel = batch.column(f"{WEIGHTS}_numel").to_numpy()
+        for i, name in enumerate(names):
+            out[name] = QuantizedTensor(
+                name=name,
+                codes=np.frombuffer(codes[i].as_buffer() or b"", np.uint8),
+                scales=scales[i].values.to_numpy(),
+                zero_points=None if zps is None else zps[i].values.to_numpy(),
+                shape=tuple(shapes[i]),
+                dtype=dtypes[i],
+                bits=meta.bits,
+                scheme=meta.scheme,
+                group_size=meta.group_size,
+                numel=int(numel[i]),
+            )
+    return out
+
+
+def quantize_arrays(
+    arrays: Mapping[str, np.ndarray], *, threads: int | None = None, **options: Any
+) -> dict[str, QuantizedTensor]:
+    """Quantize a dict of NumPy arrays (any shape; kept) in-process.
+
+    Takes the options of :func:`quantize` (``columns`` excepted). Every error names the
+    array it is about.
+
+    Examples
+    --------
+    >>> import numpy as np, flightquant as fq
+    >>> r = fq.quantize_arrays({"w": np.linspace(-1, 1, 256, dtype=np.float32).reshape(16, 16)})
+    >>> r["w"].shape, r["w"].bits, r["w"].scales.shape
+    ((16, 16), 4, (2,))
+    """
+    if "columns" in options:
+        raise TypeError("quantize_arrays takes no 'columns' option: every array is quantized")
+    opts = QuantOptions.from_mapping(options)
+    kernels.resolve_threads(threads)
+    batches = arrays_to_batches(arrays)
+    return batches_to_results(codec.quantize_batch(b, opts, threads=threads)[0] for b in batches)
+
+
+def dequantize_arrays(results: Mapping[str, QuantizedTensor], *, threads: int | None = None) -> dict[str, np.ndarray]:
+    """Reconstruct a dict of arrays from :func:`quantize_arrays` results."""
+    return {name: t.dequantize(threads=threads) for name, t in results.items()}
