@@ -14,6 +14,7 @@ import numpy as np
 import pyarrow as pa
 
 from . import codec, kernels
+from .errors import NonFiniteError
 from .layout import make_layout
 from .options import QuantOptions
 
@@ -160,6 +161,8 @@ def _numpy_dtype(name: str) -> np.dtype:
 def _check_array(name: Any, value: Any) -> np.ndarray:
     if not isinstance(name, str):
         raise TypeError(f"array names must be strings, got {name!r} ({type(name).__name__})")
+    if isinstance(value, np.generic):
+        value = np.asarray(value)
     if not isinstance(value, np.ndarray):
         raise TypeError(
             f"array {name!r} is a {type(value).__name__}, not a numpy.ndarray: "
@@ -266,8 +269,20 @@ def quantize_arrays(
         raise TypeError("quantize_arrays takes no 'columns' option: every array is quantized")
     opts = QuantOptions.from_mapping(options)
     kernels.resolve_threads(threads)
-    batches = arrays_to_batches(arrays)
-    return batches_to_results(codec.quantize_batch(b, opts, threads=threads)[0] for b in batches)
+    return batches_to_results(_quantize_named(b, opts, threads) for b in arrays_to_batches(arrays))
+
+
+def _quantize_named(batch: pa.RecordBatch, opts: QuantOptions, threads) -> pa.RecordBatch:
+    """Quantize one batch of arrays; a non-finite error names the array and its index."""
+    try:
+        return codec.quantize_batch(batch, opts, threads=threads)[0]
+    except NonFiniteError as exc:
+        name = batch.column(NAME)[exc.row].as_py()
+        shape = tuple(batch.column(SHAPE)[exc.row].as_py())
+        where = f"array {name!r}"
+        if len(shape) > 1:
+            where += f" at index {tuple(int(i) for i in np.unravel_index(exc.element, shape))}"
+        raise NonFiniteError(exc.row, exc.element, exc.value, where) from None
 
 
 def dequantize_arrays(results: Mapping[str, QuantizedTensor], *, threads: int | None = None) -> dict[str, np.ndarray]:

@@ -7,15 +7,16 @@ class NonFiniteError(ValueError):
     """A NaN or an infinity in the input.
 
     ``row`` is the row (tensor) and ``element`` the element index within that row; the
-    codec adds the column name and the row's key before the message reaches a user.
+    codec replaces ``context`` (default "row N") with the column, the row and the row's
+    key before the message reaches a user.
     """
 
     def __init__(self, row: int, element: int, value: float, context: str = ""):
         self.row = row
         self.element = element
         self.value = value
-        where = f"{context}, " if context else ""
+        where = context or f"row {row}"
         super().__init__(
-            f"non-finite value {value!r} in {where}row {row}, element {element}: "
+            f"non-finite value {value!r} in {where}, element {element}: "
             "remove or replace NaN/Inf before quantizing (e.g. numpy.nan_to_num)"
         )
