@@ -332,7 +332,7 @@ def test_quantize_arrays_errors_name_the_array():
         fq.quantize_arrays({"l": [1.0, 2.0]})
     x = np.ones(10, np.float32)
     x[4] = np.nan
-    with pytest.raises(fq.NonFiniteError, match=r"in array 'bad' at index \(1, 0\), element 4"):
+    with pytest.raises(fq.NonFiniteError, match=r"in array 'bad' at index \(1, 4\), element 9"):
         fq.quantize_arrays({"ok": np.ones(3, np.float32), "bad": x.reshape(2, 5)[::-1]})
 
 
