@@ -1,0 +1,552 @@
+"""The Flight server: protocol only, every batch goes through the codec.
+
+``DoExchange`` takes a command descriptor whose bytes are the options as a JSON object
+(empty = defaults), reads RecordBatches and answers each with exactly one processed batch
+plus ``app_metadata`` (JSON: batch index, rows, elements, bytes, kernel seconds). The
+server has no quantization logic of its own: a result equals ``flightquant.quantize`` of
+the same batch, bit for bit.
+
+Error mapping (what a plain pyarrow client raises in brackets):
+
+* bad options, bad data, a batch over ``max_batch_bytes``, an unknown action, a path
+  descriptor -> INVALID_ARGUMENT (``pyarrow.ArrowInvalid``), the message says what to fix;
+* over ``max_streams`` or draining -> UNAVAILABLE (``FlightUnavailableError``), retry
+  elsewhere or later;
+* anything unexpected -> INTERNAL (``FlightInternalError``) "internal error: ...; see
+  server log", with the traceback in the server log only.
+
+No Python traceback ever reaches a client (see :class:`InvalidArgument`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+from urllib.parse import urlsplit
+
+import pyarrow as pa
+import pyarrow.flight as flight
+
+from . import __version__, codec
+from .kernels import build_info, resolve_threads
+from .options import QuantOptions
+
+__all__ = ["Server", "InvalidArgument", "ACTIONS"]
+
+#: DoAction types and their descriptions (also the ListActions answer)
+ACTIONS = {
+    "health": "liveness: {status, version, draining}",
+    "stats": "counters: streams, batches, elements, bytes in/out, errors by kind",
+    "config": "limits and defaults: max_streams, max_batch_bytes, threads, options, build",
+}
+
+
+# ---------------------------------------------------------------------------------------
+# errors without tracebacks
+#
+# pyarrow turns a handler's non-Flight exception into a Status whose detail is
+# ``traceback.format_exception(...)`` of it, and that text reaches the client ("...
+# Detail: Python exception: Traceback (most recent call last): File ..."). ``raise ... from
+# None`` does not help (the frames are still there), and there is no FlightError class for
+# INVALID_ARGUMENT. When formatting fails, pyarrow falls back to "Python exception:
+# <type name>" (PythonErrorDetail::ToString). The exceptions below make the formatting fail
+# on purpose: ``traceback.TracebackException`` reads ``exc.__suppress_context__`` as an
+# attribute, and ours raises. ``raise`` itself sets the flag at the C level, so raising
+# works normally. These exceptions are made only to be raised out of a handler, never
+# logged or shown elsewhere. tests/test_flight_server.py checks that no traceback leaks.
+
+
+class _Unformattable(Exception):
+    pass
+
+
+class _NoTraceback:
+    @property
+    def __suppress_context__(self) -> bool:
+        raise _Unformattable("flightquant: this exception carries no traceback by design")
+
+    @__suppress_context__.setter
+    def __suppress_context__(self, value: bool) -> None:
+        pass
+
+
+class InvalidArgument(_NoTraceback, ValueError):
+    """Raised out of a handler: INVALID_ARGUMENT with just the message (no traceback)."""
+
+
+class Unimplemented(_NoTraceback, NotImplementedError):
+    """Raised out of a handler: UNIMPLEMENTED with just the message (no traceback)."""
+
+
+def _short(exc: BaseException, limit: int = 300) -> str:
+    text = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+# ---------------------------------------------------------------------------------------
+
+
+class _Stats:
+    """Thread-safe counters behind the ``stats`` action."""
+
+    KINDS = ("invalid_argument", "unavailable", "internal", "cancelled")
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.changed = threading.Condition(self.lock)
+        self.streams_active = 0
+        self.streams_served = 0
+        self.batches = 0
+        self.rows = 0
+        self.elements = 0
+        self.bytes_in = 0
+        self.bytes_out = 0
+        self.kernel_seconds = 0.0
+        self.errors = dict.fromkeys(self.KINDS, 0)
+
+    def snapshot(self) -> dict[str, Any]:
+        with self.lock:
+            return {
+                "streams_active": self.streams_active,
+                "streams_served": self.streams_served,
+                "batches": self.batches,
+                "rows": self.rows,
+                "elements": self.elements,
+                "bytes_in": self.bytes_in,
+                "bytes_out": self.bytes_out,
+                "kernel_seconds": round(self.kernel_seconds, 6),
+                "errors": dict(self.errors),
+            }
+
+
+class Server(flight.FlightServerBase):
+    """A Flight server that quantizes (or dequantizes) the batches streamed to it.
+
+    The server starts listening when constructed; use it as a context manager or call
+    :meth:`shutdown` (or :meth:`drain`). :meth:`serve` blocks until shut down.
+
+    Parameters
+    ----------
+    location : str
+        ``grpc://host:port`` or ``grpc+tls://host:port``; port 0 picks a free port (read
+        it back from :attr:`port` / :attr:`location`).
+    threads : int, optional
+        Kernel threads per batch; None uses every allowed core.
+    max_streams : int
+        Concurrent DoExchange streams; one more is refused at once with UNAVAILABLE.
+    max_batch_bytes : int
+        Largest input batch (Arrow buffer bytes); a larger one fails its stream with
+        INVALID_ARGUMENT.
+    auth_token : str, optional
+        Require ``authorization: Bearer <token>`` on every call (UNAUTHENTICATED otherwise).
+    tls_certificates, verify_client, root_certificates
+        Passed to :class:`pyarrow.flight.FlightServerBase` (TLS and mutual TLS).
+    health_port : int, optional
+        Start the ``grpc.health.v1`` service on this port (0: any free port) of the same
+        host; NOT_SERVING while draining.
+    drain_timeout : float
+        Default deadline of :meth:`drain` in seconds.
+    log : logging.Logger
+        One INFO line per finished stream; tracebacks of internal errors.
+
+    Examples
+    --------
+    >>> import pyarrow.flight as flight
+    >>> with Server("grpc://127.0.0.1:0") as server:  # doctest: +SKIP
+    ...     client = flight.connect(server.location)
+    ...     writer, reader = client.do_exchange(
+    ...         flight.FlightDescriptor.for_command(b'{"bits": 4}'))
+    """
+
+    def __init__(
+        self,
+        location: str = "grpc://127.0.0.1:0",
+        *,
+        threads: int | None = None,
+        max_streams: int = 64,
+        max_batch_bytes: int = 256 << 20,
+        auth_token: str | None = None,
+        tls_certificates: list | None = None,
+        verify_client: bool = False,
+        root_certificates: bytes | None = None,
+        health_port: int | None = None,
+        drain_timeout: float = 30.0,
+        log: logging.Logger = logging.getLogger("flightquant.server"),
+    ):
+        resolve_threads(threads)
+        if isinstance(max_streams, bool) or not isinstance(max_streams, int) or max_streams < 1:
+            raise ValueError(f"max_streams must be an integer >= 1, got {max_streams!r}")
+        if (
+            isinstance(max_batch_bytes, bool)
+            or not isinstance(max_batch_bytes, int)
+            or max_batch_bytes < 1
+        ):
+            raise ValueError(f"max_batch_bytes must be an integer >= 1, got {max_batch_bytes!r}")
+        if not (isinstance(drain_timeout, (int, float)) and drain_timeout >= 0):
+            raise ValueError(f"drain_timeout must be a number >= 0, got {drain_timeout!r}")
+        parts = urlsplit(location)
+        if parts.scheme not in ("grpc", "grpc+tcp", "grpc+tls") or not parts.hostname:
+            raise ValueError(
+                f"location must look like grpc://host:port or grpc+tls://host:port, got {location!r}"
+            )
+        if parts.scheme == "grpc+tls" and not tls_certificates:
+            raise ValueError("a grpc+tls:// location needs tls_certificates (certificate and key)")
+        if tls_certificates and parts.scheme != "grpc+tls":
+            raise ValueError(
+                f"tls_certificates given but the location {location!r} is not grpc+tls://"
+            )
+        self.threads = threads
+        self.max_streams = max_streams
+        self.max_batch_bytes = max_batch_bytes
+        self.drain_timeout = float(drain_timeout)
+        self.log = log
+        self._host = parts.hostname
+        self._scheme = parts.scheme
+        self._tls = bool(tls_certificates)
+        self._verify_client = bool(verify_client)
+        self._auth = auth_token is not None
+        self._stats = _Stats()
+        self._draining = False
+        self._aborting = False
+        self._shutdown_lock = threading.Lock()
+        self._shutdown_thread: threading.Thread | None = None
+        self._closed = threading.Event()
+        self._health = None
+
+        middleware = None
+        if auth_token is not None:
+            from .security import BearerTokenMiddlewareFactory
+
+            middleware = {"auth": BearerTokenMiddlewareFactory(auth_token)}
+        super().__init__(
+            location,
+            tls_certificates=tls_certificates,
+            verify_client=verify_client,
+            root_certificates=root_certificates,
+            middleware=middleware,
+        )
+        if health_port is not None:
+            try:
+                from .health import HealthServer
+
+                self._health = HealthServer(self._host, health_port)
+            except BaseException:
+                super().shutdown()
+                raise
+
+    # -- properties ----------------------------------------------------------------------
+
+    @property
+    def location(self) -> str:
+        """The URL clients connect to, with the bound port."""
+        host = f"[{self._host}]" if ":" in self._host else self._host
+        return f"{self._scheme}://{host}:{self.port}"
+
+    @property
+    def health_port(self) -> int | None:
+        """Port of the ``grpc.health.v1`` service, or None when it is off."""
+        return None if self._health is None else self._health.port
+
+    @property
+    def draining(self) -> bool:
+        return self._draining
+
+    def stats(self) -> dict[str, Any]:
+        """Counters: streams (active, served), batches, rows, elements, bytes, errors."""
+        return self._stats.snapshot()
+
+    def config(self) -> dict[str, Any]:
+        """Limits and defaults, as the ``config`` action answers them."""
+        return {
+            "version": __version__,
+            "max_streams": self.max_streams,
+            "max_batch_bytes": self.max_batch_bytes,
+            "threads": self.threads,
+            "effective_threads": resolve_threads(self.threads),
+            "default_options": QuantOptions.from_mapping({}).to_dict(),
+            "build_info": build_info(),
+            "tls": self._tls,
+            "verify_client": self._verify_client,
+            "auth": self._auth,
+            "health_port": self.health_port,
+            "drain_timeout": self.drain_timeout,
+        }
+
+    def health(self) -> dict[str, Any]:
+        return {"status": "ok", "version": __version__, "draining": self._draining}
+
+    def __repr__(self) -> str:
+        return f"Server({self.location!r}, max_streams={self.max_streams})"
+
+    # -- lifecycle -----------------------------------------------------------------------
+
+    def __enter__(self) -> Server:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.shutdown()
+
+    def shutdown(self) -> None:
+        """Stop now: refuse new streams, wait for running ones, close the port.
+
+        Idempotent and thread-safe. Like :meth:`pyarrow.flight.FlightServerBase.shutdown`
+        it waits for running calls without a deadline; use :meth:`drain` for a bounded
+        stop. Never call it from inside a handler.
+        """
+        with self._shutdown_lock:
+            self._draining = True
+            if self._shutdown_thread is None:
+                self._shutdown_thread = threading.Thread(
+                    target=self._do_shutdown, name="fq-shutdown", daemon=True
+                )
+                self._shutdown_thread.start()
+            thread = self._shutdown_thread
+        thread.join()
+
+    def _do_shutdown(self) -> None:
+        try:
+            if self._health is not None:
+                self._health.stop()
+            super().shutdown()
+        finally:
+            self._closed.set()
+
+    def drain(self, timeout: float | None = None) -> bool:
+        """Stop gracefully: refuse new streams, let running ones finish, then shut down.
+
+        New streams get UNAVAILABLE ("server is draining") and the health service reports
+        NOT_SERVING at once. Running streams get ``timeout`` seconds (default
+        ``drain_timeout``) to finish. After the deadline each remaining stream is ended
+        with UNAVAILABLE at its next batch (a :class:`flightquant.Client` resends the
+        unanswered batches elsewhere), and the server shuts down. A stream whose client
+        went silent (the handler waits for a batch that never comes) cannot be ended from
+        the server side: ``drain`` then gives up after a further grace of
+        ``min(5, timeout)`` seconds and returns False, leaving the shutdown to finish in a
+        background thread once that client goes away; ``flightquant serve`` exits the
+        process at that point.
+
+        Returns True when every stream finished on its own and the server is shut down.
+        """
+        timeout = self.drain_timeout if timeout is None else float(timeout)
+        self._draining = True
+        if self._health is not None:
+            self._health.set_not_serving()
+        deadline = time.monotonic() + timeout
+        st = self._stats
+        with st.changed:
+            while st.streams_active and (left := deadline - time.monotonic()) > 0:
+                st.changed.wait(left)
+            clean = st.streams_active == 0
+        if not clean:
+            self.log.warning(
+                "drain deadline (%.1fs) passed with %d stream(s) still running; ending them",
+                timeout, st.streams_active,
+            )
+            self._aborting = True
+        with self._shutdown_lock:
+            if self._shutdown_thread is None:
+                self._shutdown_thread = threading.Thread(
+                    target=self._do_shutdown, name="fq-shutdown", daemon=True
+                )
+                self._shutdown_thread.start()
+        grace = 0.0 if clean else min(5.0, timeout)
+        finished = self._closed.wait(None if clean else grace)
+        if not finished:
+            self.log.error(
+                "shutdown still waiting for %d stalled stream(s) after the drain deadline",
+                st.streams_active,
+            )
+        return clean and finished
+
+    # -- actions -------------------------------------------------------------------------
+
+    def list_actions(self, context):
+        return list(ACTIONS.items())
+
+    def do_action(self, context, action):
+        kind = action.type
+        if kind == "health":
+            body = self.health()
+        elif kind == "stats":
+            body = self.stats()
+        elif kind == "config":
+            body = self.config()
+        else:
+            self._count_error("invalid_argument")
+            raise InvalidArgument(
+                f"unknown action {kind!r}; valid actions are: {', '.join(ACTIONS)}"
+            )
+        return iter([flight.Result(json.dumps(body).encode())])
+
+    def list_flights(self, context, criteria) -> Iterator:
+        return iter(())
+
+    def get_flight_info(self, context, descriptor):
+        raise Unimplemented(_USE_EXCHANGE)
+
+    def get_schema(self, context, descriptor):
+        raise Unimplemented(_USE_EXCHANGE)
+
+    def do_get(self, context, ticket):
+        raise Unimplemented(_USE_EXCHANGE)
+
+    def do_put(self, context, descriptor, reader, writer):
+        raise Unimplemented(_USE_EXCHANGE)
+
+    # -- DoExchange ----------------------------------------------------------------------
+
+    def _count_error(self, kind: str) -> None:
+        with self._stats.lock:
+            self._stats.errors[kind] += 1
+
+    def do_exchange(self, context, descriptor, reader, writer):
+        st = self._stats
+        with st.lock:
+            if self._draining:
+                st.errors["unavailable"] += 1
+                refused = "server is draining (shutting down); send the stream to another server"
+            elif st.streams_active >= self.max_streams:
+                st.errors["unavailable"] += 1
+                refused = (
+                    f"server busy: {st.streams_active} streams active, the limit is "
+                    f"max_streams={self.max_streams}; retry later, use another server, or "
+                    "start this one with a larger --max-streams"
+                )
+            else:
+                refused = None
+                st.streams_active += 1
+        if refused is not None:
+            self.log.info("stream refused peer=%s: %s", _peer(context), refused)
+            raise flight.FlightUnavailableError(refused)
+
+        t0 = time.perf_counter()
+        run = _StreamRun()
+        outcome = "ok"
+        try:
+            self._exchange(context, descriptor, reader, writer, run)
+            if context.is_cancelled():
+                outcome = "cancelled"  # a client that vanishes looks like end-of-stream
+        except flight.FlightCancelledError:
+            outcome = "cancelled"
+            raise
+        except flight.FlightUnavailableError:
+            outcome = "unavailable"
+            raise
+        except flight.FlightError:
+            outcome = "internal"
+            raise
+        except ValueError as exc:  # options, data (codec errors), ArrowInvalid
+            if context.is_cancelled():
+                outcome = "cancelled"
+                raise flight.FlightCancelledError("stream cancelled by the client") from None
+            outcome = "invalid_argument"
+            raise InvalidArgument(_message(exc)) from None
+        except Exception as exc:
+            if context.is_cancelled():
+                outcome = "cancelled"
+                raise flight.FlightCancelledError("stream cancelled by the client") from None
+            outcome = "internal"
+            self.log.exception(
+                "internal error in stream peer=%s op=%s batch=%d", _peer(context), run.op,
+                run.batches,
+            )
+            raise flight.FlightInternalError(
+                f"internal error: {_short(exc)}; see server log"
+            ) from None
+        finally:
+            with st.lock:
+                st.streams_active -= 1
+                if outcome == "ok":
+                    st.streams_served += 1
+                else:
+                    st.errors[outcome] += 1
+                st.changed.notify_all()
+            self.log.info(
+                "stream peer=%s op=%s batches=%d bytes_in=%d bytes_out=%d seconds=%.3f outcome=%s",
+                _peer(context), run.op, run.batches, run.bytes_in, run.bytes_out,
+                time.perf_counter() - t0, outcome,
+            )
+
+    def _exchange(self, context, descriptor, reader, writer, run: _StreamRun) -> None:
+        if descriptor.descriptor_type != flight.DescriptorType.CMD:
+            raise ValueError(
+                "DoExchange needs a command descriptor holding the options as JSON, e.g. "
+                'FlightDescriptor.for_command(b\'{"bits": 4}\') (b"" for the defaults)'
+            )
+        options = QuantOptions.from_json(descriptor.command)
+        run.op = options.op
+        schema = reader.schema
+        out_schema = codec.output_schema(schema, options)
+        writer.begin(out_schema)
+        threads = self.threads
+        limit = self.max_batch_bytes
+        st = self._stats
+        index = 0
+        while True:
+            try:
+                chunk = reader.read_chunk()
+            except StopIteration:
+                return
+            batch = chunk.data
+            if batch is None:  # a metadata-only message: nothing to process
+                continue
+            size = batch.get_total_buffer_size()
+            if size > limit:
+                raise ValueError(
+                    f"input batch {index} is {size} bytes, over this server's limit of "
+                    f"{limit} bytes (max_batch_bytes); split the data into smaller record "
+                    "batches (e.g. Table.to_batches(max_chunksize=...)) or start the server "
+                    "with a larger --max-batch-bytes"
+                )
+            if self._aborting:
+                raise flight.FlightUnavailableError(
+                    "server is shutting down (drain deadline passed); resend the unanswered "
+                    "batches to another server"
+                )
+            out, info = codec.process_batch(batch, options, threads=threads)
+            meta = info.to_dict()
+            meta["batch_index"] = index
+            writer.write_with_metadata(out, json.dumps(meta).encode())
+            index += 1
+            run.batches = index
+            run.bytes_in += info.input_bytes
+            run.bytes_out += info.output_bytes
+            with st.lock:
+                st.batches += 1
+                st.rows += info.rows
+                st.elements += info.elements
+                st.bytes_in += info.input_bytes
+                st.bytes_out += info.output_bytes
+                st.kernel_seconds += info.kernel_seconds
+
+
+class _StreamRun:
+    __slots__ = ("op", "batches", "bytes_in", "bytes_out")
+
+    def __init__(self) -> None:
+        self.op = "-"
+        self.batches = 0
+        self.bytes_in = 0
+        self.bytes_out = 0
+
+
+_USE_EXCHANGE = (
+    "flightquant serves DoExchange (command = options JSON) and the actions "
+    f"{', '.join(ACTIONS)}; other Flight methods are not implemented"
+)
+
+
+def _message(exc: BaseException) -> str:
+    return str(exc) or type(exc).__name__
+
+
+def _peer(context) -> str:
+    try:
+        return context.peer()
+    except Exception:  # pragma: no cover - peer() is informational only
+        return "?"
