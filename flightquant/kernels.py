@@ -1,4 +1,22 @@
-"""PLACEHOLDER until the Cython kernels land: same API, NumPy reference underneath."""
+"""The kernels' Python face: validate and normalise, allocate, call Cython, raise.
+
+Thin kernels, thick wrapper (numcodecs ``shuffle.py`` / ``_shuffle.pyx``): everything
+that can go wrong is decided here, with the GIL; ``flightquant._kernels`` only computes,
+without the GIL, over blocks of groups in an OpenMP ``prange``. The results equal
+:mod:`flightquant.reference` bit for bit for float32 input at any thread count.
+
+Input normalisation:
+
+* float16 widens to float32 here (exact); float32 and float64 go to the kernel as they are
+  (a fused type); float64 is rounded to float32 as the kernel reads it, like
+  ``values.astype(np.float32)`` in the reference.
+* The values may be a zero-copy view of an Arrow buffer: read-only is fine (the kernel
+  takes ``const`` memoryviews); a buffer that is not aligned to its itemsize is copied once
+  into an aligned array. Unaligned float loads are legal on x86 but undefined behaviour in
+  C, and gcc's vectorizer peels loops to reach an aligned address assuming the pointer is
+  element-aligned, then emits aligned vector loads that would fault on such a buffer.
+* Non-contiguous arrays are copied (``np.ascontiguousarray``).
+"""
 
 from __future__ import annotations
 
@@ -6,42 +24,281 @@ import os
 
 import numpy as np
 
-from . import reference
 from .errors import NonFiniteError
-from .layout import QuantizedRows, RowLayout
+from .layout import QuantizedRows, RowLayout, make_layout
+from .options import METHOD_CODES, SCHEME_CODES, VALID_BITS
+from .reference import qparams
+
+try:
+    from . import _kernels
+except ImportError as exc:  # pragma: no cover - only without a build
+    raise ImportError(
+        "flightquant's compiled kernels are missing: build them with `pip install -e .` "
+        f"(or `python setup.py build_ext --inplace`) ({exc})"
+    ) from exc
+
+_F32 = np.float32
+_F64 = np.float64
+_INT64 = np.int64
 
 
 def resolve_threads(threads: int | None) -> int:
+    """Return the kernel thread count: ``None`` means all cores this process may use.
+
+    Parameters
+    ----------
+    threads : int or None
+        ``None`` (every core in ``os.sched_getaffinity``) or an integer >= 1. A build
+        without OpenMP accepts any count and runs serially.
+
+    Examples
+    --------
+    >>> resolve_threads(2)
+    2
+    >>> resolve_threads(None) >= 1
+    True
+    """
     if threads is None:
-        return len(os.sched_getaffinity(0))
-    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
-        raise ValueError(f"threads must be None (all allowed cores) or an integer >= 1, got {threads!r}")
-    return threads
+        try:
+            return max(1, len(os.sched_getaffinity(0)))
+        except AttributeError:  # pragma: no cover - macOS/Windows
+            return max(1, os.cpu_count() or 1)
+    if isinstance(threads, bool) or not isinstance(threads, (int, np.integer)):
+        raise ValueError(
+            f"threads must be None (all allowed cores) or an integer >= 1, got {threads!r}"
+        )
+    if threads < 1:
+        raise ValueError(
+            f"threads must be None (all allowed cores) or an integer >= 1, got {threads!r}"
+        )
+    return int(threads)
 
 
 def build_info() -> dict:
-    return {"openmp": False, "max_threads": 1, "backend": "reference"}
+    """How the kernels were built.
+
+    Examples
+    --------
+    >>> build_info()["backend"]
+    'cython'
+    """
+    try:
+        from . import __version__ as version
+    except ImportError:  # pragma: no cover
+        version = "0.1.0"
+    return {
+        "version": version,
+        "backend": "cython",
+        "openmp": bool(_kernels.openmp_enabled()),
+        "max_threads": int(_kernels.max_threads()),
+    }
 
 
-def quantize_rows(values, row_starts, row_lens, *, bits, scheme, group_size, method="rtn",
-                  clip=None, stats=False, fixed_row_len=None, threads=None) -> QuantizedRows:
-    resolve_threads(threads)
-    values = np.asarray(values)
-    starts = np.asarray(row_starts, np.int64)
-    lens = np.asarray(row_lens, np.int64)
+def _as_values(values) -> np.ndarray:
+    """1-D, C-contiguous, aligned float32/float64 array (float16 widened)."""
+    arr = np.asarray(values)
+    if arr.ndim != 1:
+        raise ValueError(f"values must be a 1-D array, got {arr.ndim} dimensions")
+    if arr.dtype == np.float16:
+        return arr.astype(_F32)  # a fresh, aligned copy
+    if arr.dtype not in (np.dtype(_F32), np.dtype(_F64)):
+        raise TypeError(f"values must be float16, float32 or float64, got {arr.dtype}")
+    if not arr.flags.c_contiguous:
+        arr = np.ascontiguousarray(arr)
+    if not arr.flags.aligned:
+        # see the module docstring: vectorized loops may use aligned loads
+        arr = arr.copy()
+    return arr
+
+
+def _as_int64(a, name: str) -> np.ndarray:
+    arr = np.asarray(a)
+    if arr.ndim != 1:
+        raise ValueError(f"{name} must be a 1-D array of integers")
+    if arr.size and not np.issubdtype(arr.dtype, np.integer):
+        raise TypeError(f"{name} must hold integers, got {arr.dtype}")
+    return np.ascontiguousarray(arr, dtype=_INT64)
+
+
+def _check_common(bits, scheme, group_size):
+    if isinstance(bits, bool) or bits not in VALID_BITS:
+        raise ValueError(f"bits must be one of {', '.join(map(str, VALID_BITS))}, got {bits!r}")
+    if scheme not in SCHEME_CODES:
+        raise ValueError(f"scheme must be one of {tuple(SCHEME_CODES)}, got {scheme!r}")
+    if isinstance(group_size, bool) or not isinstance(group_size, (int, np.integer)) or not (
+        1 <= group_size <= 2**31 - 1
+    ):
+        raise ValueError(f"group_size must be an integer from 1 to 2**31-1, got {group_size!r}")
+
+
+def _first_non_finite(values: np.ndarray, starts: np.ndarray, lens: np.ndarray):
+    """(row, element, original value) of the first non-finite element inside the rows."""
     for r, (s, n) in enumerate(zip(starts.tolist(), lens.tolist())):
-        seg = values[s : s + n].astype(np.float32)
-        bad = np.flatnonzero(~np.isfinite(seg))
+        if n == 0:
+            continue
+        seg = values[s : s + n]
+        with np.errstate(over="ignore", invalid="ignore"):
+            bad = np.flatnonzero(~np.isfinite(seg.astype(_F32)))
         if bad.size:
             e = int(bad[0])
-            raise NonFiniteError(r, e, float(values[s + e]))
-    return reference.quantize_rows(values, starts, lens, bits=bits, scheme=scheme,
-                                   group_size=group_size, method=method, clip=clip,
-                                   stats=stats, fixed_row_len=fixed_row_len)
+            return r, e, float(seg[e])
+    return None  # pragma: no cover - the kernel said there was one
 
 
-def dequantize_rows(codes, layout: RowLayout, scales, zero_points, *, scheme, out_starts=None,
-                    out_size=None, out_dtype=np.float32, threads=None) -> np.ndarray:
-    out = reference.dequantize_rows(codes, layout, scales, zero_points, scheme=scheme,
-                                    out_starts=out_starts, out_size=out_size)
-    return out.astype(out_dtype, copy=False)
+def quantize_rows(
+    values,
+    row_starts,
+    row_lens,
+    *,
+    bits: int,
+    scheme: str,
+    group_size: int,
+    method: str = "rtn",
+    clip: float | None = None,
+    stats: bool = False,
+    fixed_row_len: int | None = None,
+    threads: int | None = None,
+) -> QuantizedRows:
+    """Quantize rows ``values[row_starts[r] : row_starts[r] + row_lens[r]]``.
+
+    Same contract as :func:`flightquant.reference.quantize_rows` (bit for bit), plus
+    ``threads`` (see :func:`resolve_threads`). Elements outside the rows are never read.
+
+    Raises
+    ------
+    NonFiniteError
+        For the first NaN/Inf (lowest row, then lowest element) inside the rows; a float64
+        value that overflows float32 counts as non-finite.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> r = quantize_rows(np.array([0.0, 1.0, 2.0, 3.0], np.float32), [0], [4],
+    ...                   bits=2, scheme="asymmetric", group_size=4)
+    >>> r.scales.tolist(), r.codes.tolist()
+    ([1.0], [228])
+    """
+    n_threads = resolve_threads(threads)
+    _check_common(bits, scheme, group_size)
+    if method not in METHOD_CODES:
+        raise ValueError(f"method must be one of {tuple(METHOD_CODES)}, got {method!r}")
+    if clip is not None:
+        clip_f = _F32(clip)
+        if not (np.isfinite(clip_f) and clip_f > 0):
+            raise ValueError(f"clip must be None or a positive finite float32 number, got {clip!r}")
+    vals = _as_values(values)
+    starts = _as_int64(row_starts, "row_starts")
+    layout = make_layout(row_lens, bits, group_size, fixed_row_len)
+    lens = layout.row_lens
+    if starts.size != lens.size:
+        raise ValueError(
+            f"row_starts has {starts.size} entries but row_lens has {lens.size}"
+        )
+    if fixed_row_len is not None and lens.size and lens.max() > fixed_row_len:
+        raise ValueError(f"a row is longer than fixed_row_len={fixed_row_len}")
+    live = lens > 0
+    if live.any():
+        s, n = starts[live], lens[live]
+        if s.min() < 0 or (s + n).max() > vals.size:
+            raise ValueError(f"a row lies outside the values buffer of {vals.size} elements")
+    qmin, qmax, offset = qparams(bits, scheme)
+    codes = np.zeros(layout.n_code_bytes, np.uint8)
+    scales = np.zeros(layout.n_groups, _F32)
+    zps = np.zeros(layout.n_groups if scheme == "asymmetric" else 0, _F32)
+    sse = np.zeros(layout.n_groups if stats else 0, _F64)
+    maxerr = np.zeros(layout.n_groups if stats else 0, _F64)
+    n_bad = _kernels.quantize_kernel(
+        vals, starts, lens, layout.group_offsets, layout.code_offsets, layout.block_offsets,
+        layout.groups_per_block, bits, SCHEME_CODES[scheme], METHOD_CODES[method],
+        group_size, qmin, qmax, offset, clip is not None,
+        float(clip_f) if clip is not None else 0.0,
+        codes, scales, zps, sse, maxerr, bool(stats), n_threads,
+    )  # fmt: skip
+    if n_bad:
+        found = _first_non_finite(vals, starts, lens)
+        if found is None:  # pragma: no cover
+            raise RuntimeError("the kernel reported a non-finite value that NumPy cannot find")
+        raise NonFiniteError(*found)
+    return QuantizedRows(
+        layout,
+        codes,
+        scales,
+        zps if scheme == "asymmetric" else None,
+        sse if stats else None,
+        maxerr if stats else None,
+    )
+
+
+def dequantize_rows(
+    codes,
+    layout: RowLayout,
+    scales,
+    zero_points,
+    *,
+    scheme: str,
+    out_starts=None,
+    out_size: int | None = None,
+    out_dtype=np.float32,
+    threads: int | None = None,
+) -> np.ndarray:
+    """Reconstruct ``x_hat = (q - zero_point) * scale`` (float32 arithmetic).
+
+    Row r goes to ``out[out_starts[r] : out_starts[r] + row_lens[r]]`` (by default rows
+    are concatenated); other elements stay zero. ``out_dtype`` is float32, float64 (the
+    float32 result widened) or float16 (rounded from float32).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> r = quantize_rows(np.array([0.0, 1.0, 2.0, 3.0], np.float32), [0], [4],
+    ...                   bits=2, scheme="asymmetric", group_size=4)
+    >>> dequantize_rows(r.codes, r.layout, r.scales, r.zero_points, scheme="asymmetric")
+    array([0., 1., 2., 3.], dtype=float32)
+    """
+    n_threads = resolve_threads(threads)
+    _check_common(layout.bits, scheme, layout.group_size)
+    out_dtype = np.dtype(out_dtype)
+    if out_dtype not in (np.dtype(np.float16), np.dtype(_F32), np.dtype(_F64)):
+        raise TypeError(f"out_dtype must be float16, float32 or float64, got {out_dtype}")
+    codes = np.ascontiguousarray(codes, dtype=np.uint8)
+    scales = np.ascontiguousarray(scales, dtype=_F32)
+    lens = np.ascontiguousarray(layout.row_lens, dtype=_INT64)
+    if codes.ndim != 1 or codes.size < layout.n_code_bytes:
+        raise ValueError(f"codes must hold {layout.n_code_bytes} bytes, got {codes.size}")
+    if scales.ndim != 1 or scales.size < layout.n_groups:
+        raise ValueError(f"scales must hold {layout.n_groups} values, got {scales.size}")
+    if scheme == "asymmetric":
+        if zero_points is None:
+            raise ValueError("the asymmetric scheme needs zero_points")
+        zps = np.ascontiguousarray(zero_points, dtype=_F32)
+        if zps.ndim != 1 or zps.size < layout.n_groups:
+            raise ValueError(f"zero_points must hold {layout.n_groups} values, got {zps.size}")
+    else:
+        zps = np.zeros(0, _F32)
+    if out_starts is None:
+        starts = np.zeros(lens.size, _INT64)
+        if lens.size > 1:
+            np.cumsum(lens[:-1], out=starts[1:])
+        size = int(lens.sum()) if out_size is None else int(out_size)
+    else:
+        starts = _as_int64(out_starts, "out_starts")
+        if starts.size != lens.size:
+            raise ValueError(f"out_starts has {starts.size} entries but there are {lens.size} rows")
+        if out_size is None:
+            size = int((starts + lens).max()) if lens.size else 0
+        else:
+            size = int(out_size)
+    live = lens > 0
+    if live.any() and (starts[live].min() < 0 or (starts[live] + lens[live]).max() > size):
+        raise ValueError(f"a row lies outside the output of {size} elements")
+    _, _, offset = qparams(layout.bits, scheme)
+    kernel_dtype = _F64 if out_dtype == np.dtype(_F64) else _F32
+    out = np.zeros(size, kernel_dtype)
+    _kernels.dequantize_kernel(
+        codes, lens, layout.group_offsets, layout.code_offsets, layout.block_offsets, starts,
+        layout.groups_per_block, layout.bits, layout.group_size, scales, zps, offset, out,
+        n_threads,
+    )  # fmt: skip
+    if out_dtype == np.dtype(np.float16):
+        return out.astype(np.float16)
+    return out

@@ -1,0 +1,584 @@
+# Quantization kernels: thin, nogil, OpenMP over blocks of groups.
+#
+# The arithmetic is a line-by-line port of flightquant/reference.py (read its module
+# docstring for the formulas); outputs must match it bit for bit for float32 input at any
+# thread count. Rules that keep it so:
+#   * float32 where the reference uses float32, float64 where it uses float64; every float
+#     constant that meets a float32 value is cast to float first (a bare C literal is double);
+#   * x / scale is a division, never a multiplication by an inverse;
+#   * float64 sums run strictly in index order (the reference uses np.add.accumulate);
+#   * round half to even by the magic-constant trick on clamped values (rint may be a libm
+#     call on baseline SSE2, the trick vectorizes);
+#   * the build passes -ffp-contract=off: no FMA contraction.
+#
+# The Python wrapper (flightquant/kernels.py) validates everything and allocates outputs;
+# nothing here allocates a Python object, raises or prints. Non-finite input is reported as
+# a count of bad blocks; the wrapper finds the exact element with NumPy.
+
+cimport cython
+from cython cimport floating
+from cython.parallel cimport prange
+from libc.math cimport fabs, fabsf, rint
+from libc.stdint cimport int64_t, uint8_t
+from libc.string cimport memcpy, memset
+
+from _openmp cimport FLIGHTQUANT_OPENMP, omp_get_max_threads
+
+cdef extern from *:
+    """
+    #include <math.h>
+    /* compile-time constants (a Cython module global could alias a uint8_t store and
+       would be reloaded inside the vector loops) */
+    #define FQ_INF_F ((float)INFINITY)
+    #define FQ_MAGIC_F 12582912.0f
+    #define FQ_TRUE_MIN_F 1.40129846e-45f
+    """
+    float FQ_INF_F
+    float MAGIC_F "FQ_MAGIC_F"
+    float TRUE_MIN_F "FQ_TRUE_MIN_F"
+
+cdef enum:
+    SCHEME_ASYMMETRIC = 0
+    SCHEME_SYMMETRIC = 1
+    SCHEME_TERNARY = 2
+    METHOD_RTN = 0
+    METHOD_MSE = 1
+    CHUNK = 4096        # codes per stack scratch chunk (a multiple of 8)
+    LANES = 8           # independent min/max accumulators (SLP-vectorizable)
+    MSE_STEPS = 21
+
+# MAGIC_F = 1.5 * 2**23: (v + M) - M rounds half to even for |v| < 2**22.
+# TRUE_MIN_F: smallest positive float32 (subnormal), the floor of a non-degenerate scale.
+
+
+cdef struct Params:
+    int bits
+    int scheme
+    int method
+    bint stats
+    bint has_clip
+    float lo            # clip bounds, -inf/+inf without clip
+    float hi
+    float qmin          # signed code range (before the stored offset)
+    float qmax
+    float offset        # stored offset as float32 (exact small integer)
+    int64_t group_size
+    int64_t groups_per_block
+
+
+cdef struct GroupQ:
+    float base          # subtracted before the division: min (asymmetric) or 0
+    float scale
+    float zp            # x_hat = (q - zp) * scale; zp = offset for symmetric/ternary
+
+
+def openmp_enabled():
+    """True when the extension was compiled with OpenMP."""
+    return bool(FLIGHTQUANT_OPENMP)
+
+
+def max_threads():
+    """omp_get_max_threads() (1 without OpenMP)."""
+    return omp_get_max_threads()
+
+
+# ---------------------------------------------------------------------------------------
+# small helpers
+
+cdef inline float clampf(float v, float lo, float hi) noexcept nogil:
+    v = lo if v < lo else v
+    return hi if v > hi else v
+
+
+cdef inline float round_f(float v) noexcept nogil:
+    return (v + MAGIC_F) - MAGIC_F
+
+
+cdef inline int64_t find_row(const int64_t* bo, int64_t nrows, int64_t blk) noexcept nogil:
+    """The row r with bo[r] <= blk < bo[r+1] (rows without blocks are skipped)."""
+    cdef int64_t lo = 0, hi = nrows, mid
+    while hi - lo > 1:
+        mid = lo + (hi - lo) // 2
+        if bo[mid] <= blk:
+            lo = mid
+        else:
+            hi = mid
+    return lo
+
+
+# ---------------------------------------------------------------------------------------
+# pass 1: min / max of the (clamped) group and the non-finite check, in one read
+
+cdef inline bint scan_group(const floating* x, int64_t n, const Params* p,
+                            float* pmn, float* pmx) noexcept nogil:
+    """min and max of the clamped group; returns True when a value is not finite.
+
+    LANES independent accumulators per quantity so the compiler can keep them in SIMD
+    registers (a single float min reduction does not vectorize without -ffast-math).
+    ``nf`` accumulates x - x, which is 0 for finite x and NaN otherwise.
+    """
+    cdef float mn[LANES]
+    cdef float mx[LANES]
+    cdef float nf[LANES]
+    cdef float w, lo = p.lo, hi = p.hi
+    cdef int64_t i, j, nl = n - n % LANES
+    w = clampf(<float>x[0], lo, hi)
+    for j in range(LANES):
+        mn[j] = w
+        mx[j] = w
+        nf[j] = 0
+    if p.has_clip:
+        for i in range(0, nl, 8):
+            for j in range(LANES):
+                w = <float>x[i + j]
+                nf[j] = nf[j] + (w - w)
+                w = lo if w < lo else w
+                w = hi if w > hi else w
+                mn[j] = w if w < mn[j] else mn[j]
+                mx[j] = w if w > mx[j] else mx[j]
+    else:
+        for i in range(0, nl, 8):
+            for j in range(LANES):
+                w = <float>x[i + j]
+                nf[j] = nf[j] + (w - w)
+                mn[j] = w if w < mn[j] else mn[j]
+                mx[j] = w if w > mx[j] else mx[j]
+    for i in range(nl, n):
+        w = <float>x[i]
+        nf[0] = nf[0] + (w - w)
+        w = clampf(w, lo, hi)
+        mn[0] = w if w < mn[0] else mn[0]
+        mx[0] = w if w > mx[0] else mx[0]
+    for j in range(1, LANES):
+        mn[0] = mn[j] if mn[j] < mn[0] else mn[0]
+        mx[0] = mx[j] if mx[j] > mx[0] else mx[0]
+        nf[0] = nf[0] + nf[j]
+    pmn[0] = mn[0]
+    pmx[0] = mx[0]
+    return nf[0] != 0
+
+
+cdef inline double abs_seqsum(const floating* x, int64_t n, const Params* p) noexcept nogil:
+    """Sequential float64 sum of |clamped x| in index order (ternary's absmean)."""
+    cdef double s = 0.0
+    cdef int64_t i
+    for i in range(n):
+        s += <double>fabsf(clampf(<float>x[i], p.lo, p.hi))
+    return s
+
+
+# ---------------------------------------------------------------------------------------
+# rtn parameters of one group
+
+cdef inline GroupQ rtn_params(const floating* x, int64_t n, const Params* p,
+                              float mn, float mx) noexcept nogil:
+    cdef GroupQ g
+    cdef float scale, amax
+    if p.scheme == SCHEME_ASYMMETRIC:
+        if mn == mx:
+            scale = fabsf(mn)
+        else:
+            scale = <float>((<double>mx - <double>mn) / <double>p.qmax)
+            scale = TRUE_MIN_F if scale < TRUE_MIN_F else scale
+        g.base = mn
+        g.scale = scale
+        g.zp = (-mn) / scale if scale > 0 else <float>0.0
+    elif p.scheme == SCHEME_SYMMETRIC:
+        if mn == mx:
+            scale = fabsf(mn)
+        else:
+            amax = fabsf(mn)
+            amax = fabsf(mx) if fabsf(mx) > amax else amax   # max|x| == max(|min|, |max|)
+            scale = amax / p.qmax
+            scale = TRUE_MIN_F if scale < TRUE_MIN_F else scale
+        g.base = 0
+        g.scale = scale
+        g.zp = p.offset
+    else:
+        g.base = 0
+        g.scale = <float>(abs_seqsum(x, n, p) / <double>n)
+        g.zp = p.offset
+    return g
+
+
+# ---------------------------------------------------------------------------------------
+# pass 2: codes (and, with stats, the error against the unclamped input)
+
+cdef inline void write_codes(const floating* x, int64_t m, const Params* p, GroupQ g,
+                             uint8_t* q) noexcept nogil:
+    """q[i] = rint(clamp((clamp(x[i]) - base) / scale, qmin, qmax)) + offset."""
+    cdef int64_t i
+    cdef float v, lo = p.lo, hi = p.hi, base = g.base, scale = g.scale
+    cdef float qmin = p.qmin, qmax = p.qmax, off = p.offset
+    if not scale > 0:       # zero scale (all-zero group): every code is the offset
+        memset(q, <int>off, m)
+        return
+    if p.has_clip:
+        for i in range(m):
+            v = <float>x[i]
+            v = lo if v < lo else v
+            v = hi if v > hi else v
+            v = (v - base) / scale
+            v = qmin if v < qmin else v
+            v = qmax if v > qmax else v
+            v = ((v + MAGIC_F) - MAGIC_F) + off
+            q[i] = <uint8_t><int>v
+    else:
+        for i in range(m):
+            v = (<float>x[i] - base) / scale
+            v = qmin if v < qmin else v
+            v = qmax if v > qmax else v
+            v = ((v + MAGIC_F) - MAGIC_F) + off
+            q[i] = <uint8_t><int>v
+
+
+cdef inline void write_codes_stats(const floating* x, int64_t m, const Params* p, GroupQ g,
+                                   uint8_t* q, double* sse, double* maxerr) noexcept nogil:
+    """write_codes plus the sequential SSE / max |error| against the unclamped input."""
+    cdef int64_t i
+    cdef float v, xo, xh
+    cdef double d, s = sse[0], me = maxerr[0]
+    cdef bint zero = not g.scale > 0
+    for i in range(m):
+        xo = <float>x[i]
+        if zero:
+            v = p.offset
+        else:
+            v = (clampf(xo, p.lo, p.hi) - g.base) / g.scale
+            v = clampf(v, p.qmin, p.qmax)
+            v = round_f(v) + p.offset
+        q[i] = <uint8_t><int>v
+        xh = (<float>q[i] - g.zp) * g.scale
+        d = <double>xh - <double>xo
+        s += d * d
+        d = fabs(d)
+        me = d if d > me else me
+    sse[0] = s
+    maxerr[0] = me
+
+
+cdef inline double group_sse(const floating* x, int64_t n, const Params* p,
+                             float base, float scale, float zp, float qmin, float qmax,
+                             float off) noexcept nogil:
+    """Reference _sse(x, _reconstruct(q, ...)) of a candidate, against the clamped x."""
+    cdef int64_t i
+    cdef float xc, v, xh
+    cdef double d, s = 0.0
+    for i in range(n):
+        xc = clampf(<float>x[i], p.lo, p.hi)
+        if scale > 0:
+            v = clampf((xc - base) / scale, qmin, qmax)
+            v = <float><uint8_t><int>(round_f(v) + off)
+        else:
+            v = off
+        xh = (v - zp) * scale
+        d = <double>xh - <double>xc
+        s += d * d
+    return s
+
+
+# ---------------------------------------------------------------------------------------
+# method="mse": reference._mse_group, step by step (float64, sequential sums)
+
+cdef GroupQ mse_search(const floating* x, int64_t n, const Params* p, GroupQ g0,
+                       float mn, float mx) noexcept nogil:
+    cdef GroupQ best = g0
+    cdef double best_err, err, iscale, rng, sum_x, sl, sl2, sxl, xd, l, D, s, m
+    cdef double qmaxd = p.qmax, qmind = p.qmin, nd = <double>n
+    cdef float sc, mc, zp
+    cdef int64_t i
+    cdef int k
+    best_err = group_sse(x, n, p, g0.base, g0.scale, g0.zp, p.qmin, p.qmax, p.offset)
+    if best_err == 0.0 or not g0.scale > 0:
+        return best
+    if p.scheme == SCHEME_ASYMMETRIC:
+        rng = <double>mx - <double>mn
+        sum_x = <double>clampf(<float>x[0], p.lo, p.hi)
+        for i in range(1, n):
+            sum_x = sum_x + <double>clampf(<float>x[i], p.lo, p.hi)
+        for k in range(MSE_STEPS):
+            iscale = ((qmaxd + -1.0) + 0.1 * k) / rng
+            sl = 0.0
+            sl2 = 0.0
+            sxl = 0.0
+            for i in range(n):
+                xd = <double>clampf(<float>x[i], p.lo, p.hi)
+                l = iscale * (xd - <double>mn)
+                l = 0.0 if l < 0.0 else l
+                l = qmaxd if l > qmaxd else l
+                l = rint(l)
+                if i == 0:
+                    sl = l
+                    sl2 = l * l
+                    sxl = xd * l
+                else:
+                    sl = sl + l
+                    sl2 = sl2 + l * l
+                    sxl = sxl + xd * l
+            D = nd * sl2 - sl * sl
+            if not D > 0:
+                continue
+            s = (nd * sxl - sl * sum_x) / D
+            m = (sl2 * sum_x - sl * sxl) / D
+            sc = <float>s
+            if not sc > 0:
+                continue
+            mc = <float>m
+            zp = (-mc) / sc
+            err = group_sse(x, n, p, mc, sc, zp, 0, p.qmax, 0)
+            if err < best_err:
+                best_err = err
+                best.base = mc
+                best.scale = sc
+                best.zp = zp
+    else:
+        for k in range(MSE_STEPS):
+            iscale = (0.5 + 0.05 * k) / <double>g0.scale
+            sl2 = 0.0
+            sxl = 0.0
+            for i in range(n):
+                xd = <double>clampf(<float>x[i], p.lo, p.hi)
+                l = iscale * xd
+                l = qmind if l < qmind else l
+                l = qmaxd if l > qmaxd else l
+                l = rint(l)
+                if i == 0:
+                    sl2 = l * l
+                    sxl = xd * l
+                else:
+                    sl2 = sl2 + l * l
+                    sxl = sxl + xd * l
+            if not sl2 > 0:
+                continue
+            sc = <float>(sxl / sl2)
+            if not sc > 0:
+                continue
+            err = group_sse(x, n, p, 0, sc, p.offset, p.qmin, p.qmax, p.offset)
+            if err < best_err:
+                best_err = err
+                best.scale = sc
+    return best
+
+
+# ---------------------------------------------------------------------------------------
+# one block: up to groups_per_block consecutive groups of one row, starting on a byte
+
+cdef inline void pack_codes(const uint8_t* q, int64_t m, int bits, uint8_t* out) noexcept nogil:
+    """Pack m codes LSB-first into ceil(m*bits/8) bytes (padding bits zero)."""
+    cdef int64_t j, nb
+    cdef int t
+    cdef uint8_t b
+    if bits == 4:
+        nb = m // 2
+        for j in range(nb):
+            out[j] = <uint8_t>(q[2 * j] | (q[2 * j + 1] << 4))
+        if m & 1:
+            out[nb] = q[m - 1]
+    elif bits == 2:
+        nb = m // 4
+        for j in range(nb):
+            out[j] = <uint8_t>(q[4 * j] | (q[4 * j + 1] << 2) | (q[4 * j + 2] << 4)
+                               | (q[4 * j + 3] << 6))
+        if m & 3:
+            b = 0
+            for t in range(<int>(m & 3)):
+                b = <uint8_t>(b | (q[4 * nb + t] << (2 * t)))
+            out[nb] = b
+    else:
+        memcpy(out, q, m)
+
+
+cdef int quant_block(const floating* values, const int64_t* row_starts,
+                     const int64_t* row_lens, const int64_t* go, const int64_t* co,
+                     const int64_t* bo, int64_t nrows, int64_t blk, const Params* p,
+                     uint8_t* codes, float* scales, float* zps, double* gsse,
+                     double* gmax) noexcept nogil:
+    """Quantize one block; returns 1 when it holds a non-finite value (outputs then junk)."""
+    cdef uint8_t qbuf[CHUNK]
+    cdef int64_t r, n, ngr, gi0, gi1, gi, gstart, glen, e0, done, m, fill, per_byte
+    cdef int64_t gs = p.group_size
+    cdef const floating* xg
+    cdef uint8_t* out
+    cdef float mn, mx
+    cdef double sse, maxerr
+    cdef GroupQ g
+    r = find_row(bo, nrows, blk)
+    n = row_lens[r]
+    ngr = (n + gs - 1) // gs
+    gi0 = (blk - bo[r]) * p.groups_per_block
+    gi1 = gi0 + p.groups_per_block
+    gi1 = ngr if gi1 > ngr else gi1
+    e0 = gi0 * gs
+    out = codes + co[r] + (e0 * p.bits) // 8       # a block starts on a byte
+    fill = 0
+    for gi in range(gi0, gi1):
+        gstart = gi * gs
+        glen = n - gstart
+        glen = gs if glen > gs else glen
+        xg = values + row_starts[r] + gstart
+        if scan_group(xg, glen, p, &mn, &mx):
+            return 1
+        g = rtn_params(xg, glen, p, mn, mx)
+        if p.method == METHOD_MSE:
+            g = mse_search(xg, glen, p, g, mn, mx)
+        scales[go[r] + gi] = g.scale
+        if p.scheme == SCHEME_ASYMMETRIC:
+            zps[go[r] + gi] = g.zp
+        sse = 0.0
+        maxerr = 0.0
+        if p.bits == 8:                     # codes go straight to the output bytes
+            if p.stats:
+                write_codes_stats(xg, glen, p, g, out + (gstart - e0), &sse, &maxerr)
+            else:
+                write_codes(xg, glen, p, g, out + (gstart - e0))
+        else:
+            done = 0
+            while done < glen:
+                m = CHUNK - fill
+                m = glen - done if m > glen - done else m
+                if p.stats:
+                    write_codes_stats(xg + done, m, p, g, qbuf + fill, &sse, &maxerr)
+                else:
+                    write_codes(xg + done, m, p, g, qbuf + fill)
+                fill += m
+                done += m
+                if fill == CHUNK:
+                    pack_codes(qbuf, CHUNK, p.bits, out)
+                    out += (CHUNK * p.bits) // 8
+                    fill = 0
+        if p.stats:
+            gsse[go[r] + gi] = sse
+            gmax[go[r] + gi] = maxerr
+    if fill > 0:
+        pack_codes(qbuf, fill, p.bits, out)
+    return 0
+
+
+@cython.boundscheck(False)
+@cython.wraparound(False)
+def quantize_kernel(const floating[::1] values, const int64_t[::1] row_starts,
+                    const int64_t[::1] row_lens, const int64_t[::1] group_offsets,
+                    const int64_t[::1] code_offsets, const int64_t[::1] block_offsets,
+                    int64_t groups_per_block, int bits, int scheme, int method,
+                    int64_t group_size, int qmin, int qmax, int offset, bint has_clip,
+                    float clip, uint8_t[::1] codes, float[::1] scales,
+                    float[::1] zero_points, double[::1] group_sse,
+                    double[::1] group_max_err, bint stats, int n_threads):
+    """Fill codes/scales/zero_points (and stats) for every block; return the number of
+    blocks that hold a non-finite value (0 on success). Inputs are validated by the
+    caller: every row lies inside ``values`` and the outputs match the layout."""
+    cdef Params p
+    cdef int64_t nrows = row_lens.shape[0]
+    cdef int64_t n_blocks = block_offsets[nrows]
+    cdef int64_t blk
+    cdef int bad = 0
+    cdef const floating* vp = NULL
+    cdef float* zp = NULL
+    cdef double* sp = NULL
+    cdef double* mp = NULL
+    if n_blocks == 0:
+        return 0
+    p.bits = bits
+    p.scheme = scheme
+    p.method = method
+    p.stats = stats
+    p.has_clip = has_clip
+    p.lo = -clip if has_clip else -FQ_INF_F
+    p.hi = clip if has_clip else FQ_INF_F
+    p.qmin = qmin
+    p.qmax = qmax
+    p.offset = offset
+    p.group_size = group_size
+    p.groups_per_block = groups_per_block
+    vp = &values[0]
+    if zero_points.shape[0] > 0:
+        zp = &zero_points[0]
+    if stats:
+        sp = &group_sse[0]
+        mp = &group_max_err[0]
+    for blk in prange(n_blocks, schedule="static", nogil=True, num_threads=n_threads):
+        bad += quant_block(vp, &row_starts[0], &row_lens[0], &group_offsets[0],
+                           &code_offsets[0], &block_offsets[0], nrows, blk, &p,
+                           &codes[0], &scales[0], zp, sp, mp)
+    return bad
+
+
+# ---------------------------------------------------------------------------------------
+# dequantize: x_hat = (q - zp) * scale in float32, stored as float32 or float64
+
+cdef void dequant_block(const uint8_t* codes, const int64_t* row_lens, const int64_t* go,
+                        const int64_t* co, const int64_t* bo, const int64_t* out_starts,
+                        int64_t nrows, int64_t blk, int bits, int64_t gs, int64_t gpb,
+                        const float* scales, const float* zps, float offset,
+                        floating* out) noexcept nogil:
+    cdef int64_t r, n, ngr, gi0, gi1, gi, gstart, glen, i, j, nb, e, bit
+    cdef const uint8_t* cp
+    cdef floating* o
+    cdef float s, z
+    cdef int mask = (1 << bits) - 1
+    cdef uint8_t b
+    r = find_row(bo, nrows, blk)
+    n = row_lens[r]
+    ngr = (n + gs - 1) // gs
+    gi0 = (blk - bo[r]) * gpb
+    gi1 = gi0 + gpb
+    gi1 = ngr if gi1 > ngr else gi1
+    cp = codes + co[r]
+    for gi in range(gi0, gi1):
+        gstart = gi * gs
+        glen = n - gstart
+        glen = gs if glen > gs else glen
+        s = scales[go[r] + gi]
+        z = zps[go[r] + gi] if zps != NULL else offset
+        o = out + out_starts[r] + gstart
+        bit = gstart * bits
+        if bits == 8:
+            for i in range(glen):
+                o[i] = (<float>cp[gstart + i] - z) * s
+        elif bit % 8 == 0 and bits == 4:
+            e = bit // 8
+            nb = glen // 2
+            for j in range(nb):
+                b = cp[e + j]
+                o[2 * j] = (<float>(b & 15) - z) * s
+                o[2 * j + 1] = (<float>(b >> 4) - z) * s
+            if glen & 1:
+                o[glen - 1] = (<float>(cp[e + nb] & 15) - z) * s
+        elif bit % 8 == 0 and bits == 2:
+            e = bit // 8
+            nb = glen // 4
+            for j in range(nb):
+                b = cp[e + j]
+                o[4 * j] = (<float>(b & 3) - z) * s
+                o[4 * j + 1] = (<float>((b >> 2) & 3) - z) * s
+                o[4 * j + 2] = (<float>((b >> 4) & 3) - z) * s
+                o[4 * j + 3] = (<float>(b >> 6) - z) * s
+            for i in range(4 * nb, glen):
+                o[i] = (<float>((cp[e + nb] >> (2 * (i - 4 * nb))) & 3) - z) * s
+        else:                               # a group that starts inside a byte
+            for i in range(glen):
+                e = bit + i * bits
+                o[i] = (<float>((cp[e >> 3] >> (e & 7)) & mask) - z) * s
+
+
+@cython.boundscheck(False)
+@cython.wraparound(False)
+def dequantize_kernel(const uint8_t[::1] codes, const int64_t[::1] row_lens,
+                      const int64_t[::1] group_offsets, const int64_t[::1] code_offsets,
+                      const int64_t[::1] block_offsets, const int64_t[::1] out_starts,
+                      int64_t groups_per_block, int bits, int64_t group_size,
+                      const float[::1] scales, const float[::1] zero_points, int offset,
+                      floating[::1] out, int n_threads):
+    """Reconstruct every block into ``out`` (validated by the caller)."""
+    cdef int64_t nrows = row_lens.shape[0]
+    cdef int64_t n_blocks = block_offsets[nrows]
+    cdef int64_t blk
+    cdef const float* zp = NULL
+    if n_blocks == 0:
+        return
+    if zero_points.shape[0] > 0:
+        zp = &zero_points[0]
+    for blk in prange(n_blocks, schedule="static", nogil=True, num_threads=n_threads):
+        dequant_block(&codes[0], &row_lens[0], &group_offsets[0], &code_offsets[0],
+                      &block_offsets[0], &out_starts[0], nrows, blk, bits, group_size,
+                      groups_per_block, &scales[0], zp, <float>offset, &out[0])
