@@ -157,7 +157,7 @@ class _EchoServer(flight.FlightServerBase):
         return [("health", "ok")]
 
     def do_action(self, context, action):
-        yield flight.Result(b'{"ok": true}')
+        yield flight.Result(b'{"status": "ok"}')
 
 
 def _fq_server_cls():
@@ -336,7 +336,7 @@ def test_right_token_works(token_server):
         actions = {a.type for a in client.list_actions(options=options)}
         assert "health" in actions
         results = list(client.do_action(flight.Action("health", b""), options=options))
-        assert json.loads(results[0].body.to_pybytes())["ok"] is True
+        assert json.loads(results[0].body.to_pybytes())["status"] == "ok"
 
 
 # --------------------------------------------------------------------------- TLS
