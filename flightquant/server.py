@@ -28,7 +28,6 @@ from collections.abc import Iterator
 from typing import Any
 from urllib.parse import urlsplit
 
-import pyarrow as pa
 import pyarrow.flight as flight
 
 from . import __version__, codec
@@ -36,6 +35,8 @@ from .kernels import build_info, resolve_threads
 from .options import QuantOptions
 
 __all__ = ["Server", "InvalidArgument", "ACTIONS"]
+
+_LOG = logging.getLogger("flightquant.server")
 
 #: DoAction types and their descriptions (also the ListActions answer)
 ACTIONS = {
@@ -176,7 +177,7 @@ class Server(flight.FlightServerBase):
         root_certificates: bytes | None = None,
         health_port: int | None = None,
         drain_timeout: float = 30.0,
-        log: logging.Logger = logging.getLogger("flightquant.server"),
+        log: logging.Logger = _LOG,
     ):
         resolve_threads(threads)
         if isinstance(max_streams, bool) or not isinstance(max_streams, int) or max_streams < 1:
