@@ -148,11 +148,39 @@ def _derived_fields(field: pa.Field, options: QuantOptions) -> list[pa.Field]:
     return fields
 
 
+_PLANS: dict = {}
+_MAX_PLANS = 256
+
+
+def _cached(kind: str, schema: pa.Schema, options, build):
+    """Memoise per-schema work: every batch of a stream has the same schema.
+
+    The key is the serialized schema (``Schema.__eq__`` ignores metadata, which matters
+    here) and the options.
+    """
+    key = (kind, schema.serialize().to_pybytes(), options)
+    plan = _PLANS.get(key)
+    if plan is None:
+        plan = build()
+        if len(_PLANS) >= _MAX_PLANS:
+            _PLANS.clear()
+        _PLANS[key] = plan
+    return plan
+
+
 def output_schema(schema: pa.Schema, options: QuantOptions) -> pa.Schema:
     """The schema every output batch has for input ``schema`` under ``options``."""
     if options.op == "dequantize":
         return dequantized_schema(schema)
-    picked = set(_columns_to_quantize(schema, options))
+    return _quantize_plan(schema, options)[0]
+
+
+def _quantize_plan(schema: pa.Schema, options: QuantOptions) -> tuple[pa.Schema, list[int]]:
+    return _cached("q", schema, options, lambda: _build_quantize_plan(schema, options))
+
+
+def _build_quantize_plan(schema: pa.Schema, options: QuantOptions) -> tuple[pa.Schema, list[int]]:
+    picked = _columns_to_quantize(schema, options)
     fields: list[pa.Field] = []
     for i, f in enumerate(schema):
         fields.extend(_derived_fields(f, options) if i in picked else [f])
@@ -164,7 +192,7 @@ def output_schema(schema: pa.Schema, options: QuantOptions) -> pa.Schema:
             "rename the input columns that end in _scales/_zero_points/_numel/_mse/"
             "_max_abs_error, or quantize fewer columns with 'columns'"
         )
-    return pa.schema(fields, metadata=schema.metadata)
+    return pa.schema(fields, metadata=schema.metadata), picked
 
 
 # ---------------------------------------------------------------------------------------
@@ -279,15 +307,17 @@ def quantize_batch(
     """
     if options.op != "quantize":
         raise OptionsError("quantize_batch needs op='quantize'")
-    schema = output_schema(batch.schema, options)
-    picked = _columns_to_quantize(batch.schema, options)
-    info = BatchInfo(rows=batch.num_rows, input_bytes=batch.nbytes)
+    schema, picked = _quantize_plan(batch.schema, options)
+    info = BatchInfo(rows=batch.num_rows)
     arrays: list[pa.Array] = []
     total_sse, max_err = 0.0, 0.0
     for i, field in enumerate(batch.schema):
         arr = batch.column(i)
+        nbytes = arr.nbytes
+        info.input_bytes += nbytes
         if i not in picked:
             arrays.append(arr)
+            info.output_bytes += nbytes
             continue
         rows = _rows_of(arr)
         _check_child_nulls(batch, field.name, rows)
@@ -305,6 +335,8 @@ def quantize_batch(
         info.kernel_seconds += time.perf_counter() - t0
         info.elements += int(rows.lens.sum())
         arrays.extend(_quantized_arrays(arr, rows, q, options))
+        info.output_bytes += q.codes.nbytes + q.scales.nbytes + (
+            0 if q.zero_points is None else q.zero_points.nbytes) + rows.lens.nbytes * (rows.fixed is None)
         if options.stats:
             sse = q.row_sse()
             mx = q.row_max_abs_error()
@@ -315,11 +347,10 @@ def quantize_batch(
                 mse = np.where(rows.lens > 0, sse / np.maximum(rows.lens, 1), 0.0)
             arrays.append(_primitive(pa.float64(), mse, valid))
             arrays.append(_primitive(pa.float64(), mx, valid))
+            info.output_bytes += mse.nbytes + mx.nbytes
     if options.stats:
         info.sse, info.max_abs_error = total_sse, max_err
-    out = pa.RecordBatch.from_arrays(arrays, schema=schema)
-    info.output_bytes = out.nbytes
-    return out, info
+    return pa.RecordBatch.from_arrays(arrays, schema=schema), info
 
 
 def _primitive(typ, values: np.ndarray, valid) -> pa.Array:
@@ -434,11 +465,20 @@ def _meta_of(field: pa.Field) -> _CodesMeta:
 
 def dequantized_schema(schema: pa.Schema) -> pa.Schema:
     """The schema :func:`dequantize_batch` gives for a quantized ``schema``."""
+    return _dequantize_plan(schema)[0]
+
+
+def _dequantize_plan(schema: pa.Schema) -> tuple[pa.Schema, dict[str, _CodesMeta]]:
+    return _cached("d", schema, None, lambda: _build_dequantize_plan(schema))
+
+
+def _build_dequantize_plan(schema: pa.Schema) -> tuple[pa.Schema, dict[str, _CodesMeta]]:
     derived = set()
     fields = []
+    metas = {}
     for f in schema:
         if is_quantized_field(f):
-            m = _meta_of(f)
+            m = metas[f.name] = _meta_of(f)
             value = pa.field(m.value_field, _ARROW_FLOATS[m.dtype], m.value_nullable)
             typ = {
                 "list": lambda: pa.list_(value),
@@ -453,7 +493,7 @@ def dequantized_schema(schema: pa.Schema) -> pa.Schema:
         md = f.metadata or {}
         if K_ROLE in md and md.get(K_ROLE) != b"codes" and K_CODES in md:
             derived.add(f.name)
-    return pa.schema([f for f in fields if f.name not in derived], metadata=schema.metadata)
+    return pa.schema([f for f in fields if f.name not in derived], metadata=schema.metadata), metas
 
 
 def _derived_column(batch: pa.RecordBatch, codes_name: str, role: str, required: bool = True):
@@ -502,18 +542,17 @@ def _validate(arr: pa.Array, name: str) -> None:
 
 def dequantize_batch(batch: pa.RecordBatch, *, threads: int | None = None) -> tuple[pa.RecordBatch, BatchInfo]:
     """Restore the float columns of a quantized batch (original value type, lengths, nulls)."""
-    schema = dequantized_schema(batch.schema)
+    schema, metas = _dequantize_plan(batch.schema)
     info = BatchInfo(rows=batch.num_rows, input_bytes=batch.nbytes)
     arrays = []
     n = batch.num_rows
     for field in schema:
-        idx = batch.schema.get_field_index(field.name)
-        src_field = batch.schema.field(idx)
-        arr = batch.column(idx)
-        if not is_quantized_field(src_field):
+        arr = batch.column(field.name)
+        m = metas.get(field.name)
+        if m is None:
             arrays.append(arr)
+            info.output_bytes += arr.nbytes
             continue
-        m = _meta_of(src_field)
         _validate(arr, field.name)
         valid = _validity(arr)
         fixed = m.kind == "fixed_size_list"
@@ -583,9 +622,8 @@ def dequantize_batch(batch: pa.RecordBatch, *, threads: int | None = None) -> tu
         child = pa.Array.from_buffers(_ARROW_FLOATS[m.dtype], out_size, [None, pa.py_buffer(values)])
         bufs = [_bitmap(valid)] if fixed else [_bitmap(valid), offsets_buf]
         arrays.append(pa.Array.from_buffers(field.type, n, bufs, arr.null_count, children=[child]))
-    out = pa.RecordBatch.from_arrays(arrays, schema=schema)
-    info.output_bytes = out.nbytes
-    return out, info
+        info.output_bytes += values.nbytes + (0 if offsets_buf is None else offsets_buf.size)
+    return pa.RecordBatch.from_arrays(arrays, schema=schema), info
 
 
 def _data_bytes(arr: pa.Array) -> np.ndarray:
