@@ -1,0 +1,169 @@
+"""``flightquant serve``: run the Flight server until SIGTERM/SIGINT, then drain.
+
+On start it prints one line to stdout, ``flightquant serving on <location>`` (plus the
+health port when enabled), so scripts started with ``--port 0`` can read the real port.
+SIGTERM or SIGINT drains: new streams are refused with UNAVAILABLE, health reports
+NOT_SERVING, running streams get ``--drain-timeout`` seconds to finish. Exit status 0 after
+a clean drain, 1 when streams had to be cut off, 2 for bad arguments.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import re
+import signal
+import sys
+import threading
+
+_SIZE = re.compile(r"^\s*(\d+)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+
+
+def _size(text: str) -> int:
+    """``268435456``, ``256MiB``, ``256M``, ``1GiB`` -> bytes (binary units)."""
+    m = _SIZE.match(text)
+    if not m or int(m.group(1)) < 1:
+        raise argparse.ArgumentTypeError(
+            f"expected a positive size in bytes such as 268435456, 256MiB or 1GiB, got {text!r}"
+        )
+    unit = (m.group(2) or "").lower()[:1]
+    return int(m.group(1)) * _UNITS[unit]
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
+    return value
+
+
+def _port(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"expected a port from 0 to 65535, got {text!r}")
+    return value
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "serve",
+        help="run the Flight quantization server",
+        description=(
+            "Run the Arrow Flight server that quantizes the float tensors streamed to it "
+            "(DoExchange; the command is the options JSON). SIGTERM drains and exits."
+        ),
+    )
+    p.add_argument("--host", default="127.0.0.1",
+                   help="interface to bind (default 127.0.0.1; 0.0.0.0 for all)")
+    p.add_argument("--port", type=_port, default=8815, help="port (default 8815; 0 = any free)")
+    p.add_argument("--threads", type=_positive_int, default=None,
+                   help="kernel threads per batch (default: every allowed core)")
+    p.add_argument("--max-streams", type=_positive_int, default=64,
+                   help="concurrent streams; more are refused with UNAVAILABLE (default 64)")
+    p.add_argument("--max-batch-bytes", type=_size, default=256 << 20,
+                   help="largest input batch, e.g. 268435456 or 256MiB (default 256MiB)")
+    p.add_argument("--tls-cert", help="PEM certificate chain; serves grpc+tls://")
+    p.add_argument("--tls-key", help="PEM private key for --tls-cert")
+    p.add_argument("--tls-client-ca",
+                   help="PEM CA bundle: require client certificates signed by it (mutual TLS)")
+    p.add_argument("--token-file",
+                   help="file holding the bearer token clients must send "
+                        "(default: $FLIGHTQUANT_TOKEN when set, else no authentication)")
+    p.add_argument("--health-port", type=_port, default=None,
+                   help="serve grpc.health.v1 on this port (0 = any free)")
+    p.add_argument("--drain-timeout", type=float, default=30.0,
+                   help="seconds running streams get to finish on SIGTERM (default 30)")
+    p.add_argument("--log-level", default="INFO",
+                   choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="default INFO")
+    p.set_defaults(func=run)
+    return p
+
+
+def _fail(message: str) -> int:
+    print(f"flightquant serve: error: {message}", file=sys.stderr)
+    return 2
+
+
+def run(args: argparse.Namespace) -> int:
+    logging.basicConfig(
+        level=getattr(logging, args.log_level),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    from . import security
+    from .server import Server
+
+    if (args.tls_cert is None) != (args.tls_key is None):
+        return _fail("--tls-cert and --tls-key go together")
+    if args.tls_client_ca is not None and args.tls_cert is None:
+        return _fail("--tls-client-ca needs --tls-cert and --tls-key (mutual TLS runs over TLS)")
+    if args.drain_timeout < 0:
+        return _fail(f"--drain-timeout must be >= 0, got {args.drain_timeout}")
+    try:
+        token = security.load_token(args.token_file)
+        certs = roots = None
+        if args.tls_cert is not None:
+            certs, roots = security.read_tls_files(args.tls_cert, args.tls_key, args.tls_client_ca)
+    except ValueError as exc:
+        return _fail(str(exc))
+
+    host = f"[{args.host}]" if ":" in args.host else args.host
+    scheme = "grpc+tls" if certs else "grpc"
+    try:
+        server = Server(
+            f"{scheme}://{host}:{args.port}",
+            threads=args.threads,
+            max_streams=args.max_streams,
+            max_batch_bytes=args.max_batch_bytes,
+            auth_token=token,
+            tls_certificates=certs,
+            verify_client=roots is not None,
+            root_certificates=roots,
+            health_port=args.health_port,
+            drain_timeout=args.drain_timeout,
+        )
+    except (ValueError, OSError) as exc:
+        return _fail(f"cannot start the server on {scheme}://{host}:{args.port}: {exc}")
+    except Exception as exc:  # pyarrow reports a busy port as ArrowException/FlightError
+        return _fail(f"cannot start the server on {scheme}://{host}:{args.port}: "
+                     f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__} "
+                     "(is the port already in use?)")
+
+    stop = threading.Event()
+
+    def on_signal(signum, frame):
+        stop.set()
+
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+    log = logging.getLogger("flightquant.server")
+    line = f"flightquant serving on {server.location}"
+    if server.health_port is not None:
+        line += f" (health on port {server.health_port})"
+    print(line, flush=True)
+    log.info("%s; max_streams=%d max_batch_bytes=%d threads=%s tls=%s auth=%s", line,
+             args.max_streams, args.max_batch_bytes, args.threads or "all", bool(certs),
+             token is not None)
+    try:
+        while not stop.wait(0.5):
+            pass
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+    log.info("signal received: draining (deadline %.1fs)", args.drain_timeout)
+    clean = server.drain()
+    if not clean:
+        log.error("streams were cut off by the drain deadline; exiting")
+        sys.stdout.flush()
+        sys.stderr.flush()
+        # a stalled stream keeps pyarrow's shutdown waiting; do not wait for it at exit
+        os._exit(1)
+    log.info("stopped")
+    return 0
