@@ -20,9 +20,10 @@ from cython cimport floating
 from cython.parallel cimport prange
 from libc.math cimport fabs, fabsf, rint
 from libc.stdint cimport int64_t, uint8_t
+from libc.stdlib cimport calloc, free
 from libc.string cimport memcpy, memset
 
-from _openmp cimport FLIGHTQUANT_OPENMP, omp_get_max_threads
+from _openmp cimport FLIGHTQUANT_OPENMP, omp_get_max_threads, omp_get_thread_num
 
 cdef extern from *:
     """
@@ -31,10 +32,12 @@ cdef extern from *:
        would be reloaded inside the vector loops) */
     #define FQ_INF_F ((float)INFINITY)
     #define FQ_MAGIC_F 12582912.0f
+    #define FQ_MAGIC_I 12582912
     #define FQ_TRUE_MIN_F 1.40129846e-45f
     """
     float FQ_INF_F
     float MAGIC_F "FQ_MAGIC_F"
+    int MAGIC_I "FQ_MAGIC_I"
     float TRUE_MIN_F "FQ_TRUE_MIN_F"
 
 cdef enum:
@@ -44,8 +47,9 @@ cdef enum:
     METHOD_RTN = 0
     METHOD_MSE = 1
     CHUNK = 4096        # codes per stack scratch chunk (a multiple of 8)
-    LANES = 8           # independent min/max accumulators (SLP-vectorizable)
+    LANES = 32          # independent min/max accumulators (a vectorizable inner loop)
     MSE_STEPS = 21
+    HINT_STRIDE = 8     # int64 slots per thread's row hint (one cache line apart)
 
 # MAGIC_F = 1.5 * 2**23: (v + M) - M rounds half to even for |v| < 2**22.
 # TRUE_MIN_F: smallest positive float32 (subnormal), the floor of a non-degenerate scale.
@@ -94,15 +98,32 @@ cdef inline float round_f(float v) noexcept nogil:
     return (v + MAGIC_F) - MAGIC_F
 
 
-cdef inline int64_t find_row(const int64_t* bo, int64_t nrows, int64_t blk) noexcept nogil:
-    """The row r with bo[r] <= blk < bo[r+1] (rows without blocks are skipped)."""
-    cdef int64_t lo = 0, hi = nrows, mid
+cdef inline int64_t find_row(const int64_t* bo, int64_t nrows, int64_t blk,
+                             int64_t* hint) noexcept nogil:
+    """The row r with bo[r] <= blk < bo[r+1] (rows without blocks are skipped).
+
+    ``hint`` is this thread's last row: with a static schedule a thread's blocks come in
+    increasing order, so the row is nearly always the hint or a few rows after it; a
+    binary search over block_offsets is the fallback.
+    """
+    cdef int64_t lo = hint[0], hi, mid, steps
+    if 0 <= lo < nrows and bo[lo] <= blk:
+        for steps in range(8):
+            if blk < bo[lo + 1]:
+                hint[0] = lo
+                return lo
+            lo += 1
+            if lo >= nrows:
+                break
+    lo = 0
+    hi = nrows
     while hi - lo > 1:
         mid = lo + (hi - lo) // 2
         if bo[mid] <= blk:
             lo = mid
         else:
             hi = mid
+    hint[0] = lo
     return lo
 
 
@@ -113,22 +134,25 @@ cdef inline bint scan_group(const floating* x, int64_t n, const Params* p,
                             float* pmn, float* pmx) noexcept nogil:
     """min and max of the clamped group; returns True when a value is not finite.
 
-    LANES independent accumulators per quantity so the compiler can keep them in SIMD
-    registers (a single float min reduction does not vectorize without -ffast-math).
+    LANES independent accumulators per quantity: a single float min reduction does not
+    vectorize without -ffast-math, but the inner loop over lanes has no dependence between
+    iterations, so gcc vectorizes it (32 lanes keep it from being fully unrolled first).
     ``nf`` accumulates x - x, which is 0 for finite x and NaN otherwise.
     """
     cdef float mn[LANES]
     cdef float mx[LANES]
     cdef float nf[LANES]
-    cdef float w, lo = p.lo, hi = p.hi
-    cdef int64_t i, j, nl = n - n % LANES
-    w = clampf(<float>x[0], lo, hi)
+    cdef float w, z, lo = p.lo, hi = p.hi
+    cdef int64_t i, j, h, nl = n - n % LANES
+    w = <float>x[0]
+    z = w - w               # not a literal 0: gcc would turn that into a slow `rep stos`
+    w = clampf(w, lo, hi)
     for j in range(LANES):
         mn[j] = w
         mx[j] = w
-        nf[j] = 0
+        nf[j] = z
     if p.has_clip:
-        for i in range(0, nl, 8):
+        for i in range(0, nl, 32):
             for j in range(LANES):
                 w = <float>x[i + j]
                 nf[j] = nf[j] + (w - w)
@@ -137,7 +161,7 @@ cdef inline bint scan_group(const floating* x, int64_t n, const Params* p,
                 mn[j] = w if w < mn[j] else mn[j]
                 mx[j] = w if w > mx[j] else mx[j]
     else:
-        for i in range(0, nl, 8):
+        for i in range(0, nl, 32):
             for j in range(LANES):
                 w = <float>x[i + j]
                 nf[j] = nf[j] + (w - w)
@@ -149,7 +173,15 @@ cdef inline bint scan_group(const floating* x, int64_t n, const Params* p,
         w = clampf(w, lo, hi)
         mn[0] = w if w < mn[0] else mn[0]
         mx[0] = w if w > mx[0] else mx[0]
-    for j in range(1, LANES):
+    # halve the lanes (a loop with a variable trip count, so it vectorizes too)
+    h = LANES // 2
+    while h >= 4:
+        for j in range(h):
+            mn[j] = mn[j + h] if mn[j + h] < mn[j] else mn[j]
+            mx[j] = mx[j + h] if mx[j + h] > mx[j] else mx[j]
+            nf[j] = nf[j] + nf[j + h]
+        h = h // 2
+    for j in range(1, h * 2):
         mn[0] = mn[j] if mn[j] < mn[0] else mn[0]
         mx[0] = mx[j] if mx[j] > mx[0] else mx[0]
         nf[0] = nf[0] + nf[j]
@@ -209,9 +241,12 @@ cdef inline void write_codes(const floating* x, int64_t m, const Params* p, Grou
     """q[i] = rint(clamp((clamp(x[i]) - base) / scale, qmin, qmax)) + offset."""
     cdef int64_t i
     cdef float v, lo = p.lo, hi = p.hi, base = g.base, scale = g.scale
-    cdef float qmin = p.qmin, qmax = p.qmax, off = p.offset
+    cdef float qmin = p.qmin, qmax = p.qmax
+    # v + MAGIC_F is exactly the float 12582912 + rint(v) (|v| < 2**22), so its integer
+    # conversion minus 12582912 is rint(v): one int subtraction also adds the offset.
+    cdef int ioff = MAGIC_I - <int>p.offset
     if not scale > 0:       # zero scale (all-zero group): every code is the offset
-        memset(q, <int>off, m)
+        memset(q, <int>p.offset, m)
         return
     if p.has_clip:
         for i in range(m):
@@ -221,15 +256,13 @@ cdef inline void write_codes(const floating* x, int64_t m, const Params* p, Grou
             v = (v - base) / scale
             v = qmin if v < qmin else v
             v = qmax if v > qmax else v
-            v = ((v + MAGIC_F) - MAGIC_F) + off
-            q[i] = <uint8_t><int>v
+            q[i] = <uint8_t>(<int>(v + MAGIC_F) - ioff)
     else:
         for i in range(m):
             v = (<float>x[i] - base) / scale
             v = qmin if v < qmin else v
             v = qmax if v > qmax else v
-            v = ((v + MAGIC_F) - MAGIC_F) + off
-            q[i] = <uint8_t><int>v
+            q[i] = <uint8_t>(<int>(v + MAGIC_F) - ioff)
 
 
 cdef inline void write_codes_stats(const floating* x, int64_t m, const Params* p, GroupQ g,
@@ -390,9 +423,9 @@ cdef inline void pack_codes(const uint8_t* q, int64_t m, int bits, uint8_t* out)
 
 cdef int quant_block(const floating* values, const int64_t* row_starts,
                      const int64_t* row_lens, const int64_t* go, const int64_t* co,
-                     const int64_t* bo, int64_t nrows, int64_t blk, const Params* p,
-                     uint8_t* codes, float* scales, float* zps, double* gsse,
-                     double* gmax) noexcept nogil:
+                     const int64_t* bo, int64_t nrows, int64_t blk, int64_t* hint,
+                     const Params* p, uint8_t* codes, float* scales, float* zps,
+                     double* gsse, double* gmax) noexcept nogil:
     """Quantize one block; returns 1 when it holds a non-finite value (outputs then junk)."""
     cdef uint8_t qbuf[CHUNK]
     cdef int64_t r, n, ngr, gi0, gi1, gi, gstart, glen, e0, done, m, fill, per_byte
@@ -402,7 +435,7 @@ cdef int quant_block(const floating* values, const int64_t* row_starts,
     cdef float mn, mx
     cdef double sse, maxerr
     cdef GroupQ g
-    r = find_row(bo, nrows, blk)
+    r = find_row(bo, nrows, blk, hint)
     n = row_lens[r]
     ngr = (n + gs - 1) // gs
     gi0 = (blk - bo[r]) * p.groups_per_block
@@ -476,6 +509,7 @@ def quantize_kernel(const floating[::1] values, const int64_t[::1] row_starts,
     cdef float* zp = NULL
     cdef double* sp = NULL
     cdef double* mp = NULL
+    cdef int64_t* hints = NULL
     if n_blocks == 0:
         return 0
     p.bits = bits
@@ -496,10 +530,17 @@ def quantize_kernel(const floating[::1] values, const int64_t[::1] row_starts,
     if stats:
         sp = &group_sse[0]
         mp = &group_max_err[0]
-    for blk in prange(n_blocks, schedule="static", nogil=True, num_threads=n_threads):
-        bad += quant_block(vp, &row_starts[0], &row_lens[0], &group_offsets[0],
-                           &code_offsets[0], &block_offsets[0], nrows, blk, &p,
-                           &codes[0], &scales[0], zp, sp, mp)
+    hints = <int64_t*>calloc(HINT_STRIDE * n_threads, sizeof(int64_t))
+    if hints == NULL:
+        raise MemoryError()
+    try:
+        for blk in prange(n_blocks, schedule="static", nogil=True, num_threads=n_threads):
+            bad += quant_block(vp, &row_starts[0], &row_lens[0], &group_offsets[0],
+                               &code_offsets[0], &block_offsets[0], nrows, blk,
+                               hints + HINT_STRIDE * omp_get_thread_num(), &p,
+                               &codes[0], &scales[0], zp, sp, mp)
+    finally:
+        free(hints)
     return bad
 
 
@@ -508,7 +549,8 @@ def quantize_kernel(const floating[::1] values, const int64_t[::1] row_starts,
 
 cdef void dequant_block(const uint8_t* codes, const int64_t* row_lens, const int64_t* go,
                         const int64_t* co, const int64_t* bo, const int64_t* out_starts,
-                        int64_t nrows, int64_t blk, int bits, int64_t gs, int64_t gpb,
+                        int64_t nrows, int64_t blk, int64_t* hint, int bits, int64_t gs,
+                        int64_t gpb,
                         const float* scales, const float* zps, float offset,
                         floating* out) noexcept nogil:
     cdef int64_t r, n, ngr, gi0, gi1, gi, gstart, glen, i, j, nb, e, bit
@@ -517,7 +559,7 @@ cdef void dequant_block(const uint8_t* codes, const int64_t* row_lens, const int
     cdef float s, z
     cdef int mask = (1 << bits) - 1
     cdef uint8_t b
-    r = find_row(bo, nrows, blk)
+    r = find_row(bo, nrows, blk, hint)
     n = row_lens[r]
     ngr = (n + gs - 1) // gs
     gi0 = (blk - bo[r]) * gpb
@@ -574,11 +616,19 @@ def dequantize_kernel(const uint8_t[::1] codes, const int64_t[::1] row_lens,
     cdef int64_t n_blocks = block_offsets[nrows]
     cdef int64_t blk
     cdef const float* zp = NULL
+    cdef int64_t* hints = NULL
     if n_blocks == 0:
         return
     if zero_points.shape[0] > 0:
         zp = &zero_points[0]
-    for blk in prange(n_blocks, schedule="static", nogil=True, num_threads=n_threads):
-        dequant_block(&codes[0], &row_lens[0], &group_offsets[0], &code_offsets[0],
-                      &block_offsets[0], &out_starts[0], nrows, blk, bits, group_size,
-                      groups_per_block, &scales[0], zp, <float>offset, &out[0])
+    hints = <int64_t*>calloc(HINT_STRIDE * n_threads, sizeof(int64_t))
+    if hints == NULL:
+        raise MemoryError()
+    try:
+        for blk in prange(n_blocks, schedule="static", nogil=True, num_threads=n_threads):
+            dequant_block(&codes[0], &row_lens[0], &group_offsets[0], &code_offsets[0],
+                          &block_offsets[0], &out_starts[0], nrows, blk,
+                          hints + HINT_STRIDE * omp_get_thread_num(), bits, group_size,
+                          groups_per_block, &scales[0], zp, <float>offset, &out[0])
+    finally:
+        free(hints)
