@@ -327,9 +327,9 @@ class Server(flight.FlightServerBase):
         unanswered batches elsewhere), and the server shuts down. A stream whose client
         went silent (the handler waits for a batch that never comes) cannot be ended from
         the server side: ``drain`` then gives up after a further grace of
-        ``min(5, timeout)`` seconds and returns False, leaving the shutdown to finish in a
-        background thread once that client goes away; ``flightquant serve`` exits the
-        process at that point.
+        ``max(1, min(5, timeout))`` seconds and returns False, leaving the shutdown to
+        finish in a background thread once that client goes away; ``flightquant serve``
+        exits the process at that point.
 
         Returns True when every stream finished on its own and the server is shut down.
         """
@@ -355,8 +355,8 @@ class Server(flight.FlightServerBase):
                     target=self._do_shutdown, name="fq-shutdown", daemon=True
                 )
                 self._shutdown_thread.start()
-        grace = 0.0 if clean else min(5.0, timeout)
-        finished = self._closed.wait(None if clean else grace)
+        grace = max(1.0, min(5.0, timeout))
+        finished = self._closed.wait(max(0.0, deadline - time.monotonic()) + grace)
         if not finished:
             self.log.error(
                 "shutdown still waiting for %d stalled stream(s) after the drain deadline",
