@@ -14,12 +14,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import math
 import os
 import sys
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -145,6 +147,17 @@ def _one_line_errors(parser: argparse.ArgumentParser) -> None:
         sys.exit(EXIT_USAGE)
 
     parser.error = error  # type: ignore[method-assign]
+    # unknown arguments would reach the top-level parser, which prints usage too: refuse
+    # them here (argparse's sub-command action calls parse_known_args on this parser)
+    parse_known = parser.parse_known_args
+
+    def parse_known_args(args=None, namespace=None):
+        ns, extras = parse_known(args, namespace)
+        if extras:
+            error(f"unrecognized arguments: {' '.join(extras)}")
+        return ns, extras
+
+    parser.parse_known_args = parse_known_args  # type: ignore[method-assign]
 
 
 # --------------------------------------------------------------------------- errors
@@ -161,7 +174,8 @@ def _cli(func: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namesp
         if os.environ.get("FLIGHTQUANT_DEBUG"):
             return func(args)
         try:
-            return func(args)
+            with _held_warnings(quiet=getattr(args, "quiet", False)):
+                return func(args)
         except KeyboardInterrupt:
             _fail("interrupted")
             return EXIT_INTERRUPTED
@@ -178,6 +192,37 @@ def _cli(func: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namesp
     run.__name__ = func.__name__
     run.__doc__ = func.__doc__
     return run
+
+
+class _Held(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(" ".join(record.getMessage().split()))
+
+
+@contextmanager
+def _held_warnings(quiet: bool) -> Iterator[None]:
+    """Hold the package's log warnings (e.g. a client failing over) until the job ends.
+
+    On success they are printed (``flightquant: warning: ...``) unless ``--quiet``; on
+    failure they are dropped, so the error stays ONE line.
+    """
+    logger = logging.getLogger("flightquant")
+    held = _Held()
+    saved = logger.propagate
+    logger.addHandler(held)
+    logger.propagate = False
+    try:
+        yield
+    finally:
+        logger.removeHandler(held)
+        logger.propagate = saved
+    if not quiet:
+        for line in held.lines:
+            sys.stderr.write(f"flightquant: warning: {line}\n")
 
 
 def _fail(message: str) -> None:
@@ -491,7 +536,7 @@ def run_quantize(args: argparse.Namespace) -> int:
         options = {**options, "columns": ["weights"]}
         total = source.nbytes
         if source.format == "safetensors" and source.metadata:
-            meta[modelio.META_SAFETENSORS] = json.dumps(source.metadata).encode()
+            meta[modelio.META_SAFETENSORS] = json.dumps(source.metadata, sort_keys=True).encode()
     else:
         infos_q = None
         columns = _float_list_columns(source.schema, options.get("columns"))

@@ -271,7 +271,26 @@ class TensorFile:
         return infos
 
     def _read_safetensors(self, info: TensorInfo) -> np.ndarray:
+        if info.dtype in _ML:  # bfloat16/float8: read the bytes, whatever numpy supports
+            return self._read_safetensors_raw(info)
         return self._st.get_tensor(info.name)
+
+    def _read_safetensors_raw(self, info: TensorInfo) -> np.ndarray:
+        if not hasattr(self, "_st_header"):
+            with open(self.path, "rb") as fh:
+                (n,) = struct.unpack("<Q", fh.read(8))
+                self._st_header = (8 + n, json.loads(fh.read(n)))
+        base, header = self._st_header
+        start, end = header[info.name]["data_offsets"]
+        if end - start != info.nbytes:
+            raise ModelIOError(f"{self.path}: tensor {info.name!r} has a wrong byte range")
+        with open(self.path, "rb") as fh:
+            fh.seek(base + start)
+            data = np.frombuffer(fh.read(end - start), np.uint8)
+        if data.size != info.nbytes:
+            raise ModelIOError(f"{self.path}: tensor {info.name!r} is truncated")
+        storage = _ML.get(info.dtype) or np.dtype(f"<u{_ITEMSIZE[info.dtype]}")
+        return data.view(storage).reshape(info.shape)
 
     # -- npz: headers from the zip members, arrays one at a time
     def _open_npz(self) -> list[TensorInfo]:
