@@ -1,0 +1,56 @@
+"""Typed stub for the compiled kernels (``ext/_kernels.pyx``).
+
+Call these through :mod:`flightquant.kernels`, which validates the inputs: the kernels do
+no bounds checking. Array arguments are 1-D, C-contiguous buffers of the stated dtype
+(``const`` ones may be read-only).
+"""
+
+import numpy as np
+import numpy.typing as npt
+
+def openmp_enabled() -> bool: ...
+def max_threads() -> int: ...
+def quantize_kernel(
+    values: npt.NDArray[np.float32] | npt.NDArray[np.float64],
+    row_starts: npt.NDArray[np.int64],
+    row_lens: npt.NDArray[np.int64],
+    group_offsets: npt.NDArray[np.int64],
+    code_offsets: npt.NDArray[np.int64],
+    block_offsets: npt.NDArray[np.int64],
+    groups_per_block: int,
+    bits: int,
+    scheme: int,
+    method: int,
+    group_size: int,
+    qmin: int,
+    qmax: int,
+    offset: int,
+    has_clip: bool,
+    clip: float,
+    codes: npt.NDArray[np.uint8],
+    scales: npt.NDArray[np.float32],
+    zero_points: npt.NDArray[np.float32],
+    group_sse: npt.NDArray[np.float64],
+    group_max_err: npt.NDArray[np.float64],
+    stats: bool,
+    n_threads: int,
+) -> int:
+    """Fill the outputs; return the number of blocks holding a non-finite value."""
+
+def dequantize_kernel(
+    codes: npt.NDArray[np.uint8],
+    row_lens: npt.NDArray[np.int64],
+    group_offsets: npt.NDArray[np.int64],
+    code_offsets: npt.NDArray[np.int64],
+    block_offsets: npt.NDArray[np.int64],
+    out_starts: npt.NDArray[np.int64],
+    groups_per_block: int,
+    bits: int,
+    group_size: int,
+    scales: npt.NDArray[np.float32],
+    zero_points: npt.NDArray[np.float32],
+    offset: int,
+    out: npt.NDArray[np.float32] | npt.NDArray[np.float64],
+    n_threads: int,
+) -> None:
+    """Write ``(q - zero_point) * scale`` (float32 arithmetic) of every row into ``out``."""
