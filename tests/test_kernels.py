@@ -441,3 +441,12 @@ def test_layout_blocks_start_on_bytes():
         for gs in (1, 3, 5, 7, 32, 33):
             lay = make_layout(np.array([0, 1, 100, 33]), bits, gs)
             assert (gs * lay.groups_per_block * bits) % 8 == 0
+
+
+def test_signed_zero_minimum_small_groups():
+    # groups whose minimum is a tie of +0.0 and -0.0: the zero point's sign follows NumPy's
+    # min, which for short arrays takes the last tied element (longer ones: by SIMD lane)
+    x = np.array([0.0, -0.0, 1.0, 2.0, -0.0, 0.0, 3.0, 0.5, 1.0, 0.0, -0.0, 0.0], F32)
+    kw = dict(bits=4, scheme="asymmetric", group_size=4)
+    _assert_same(kernels.quantize_rows(x, [0], [x.size], **kw),
+                 reference.quantize_rows(x, [0], [x.size], **kw))
