@@ -35,7 +35,7 @@ from flightquant.options import QuantOptions
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CASES: collections.Counter = collections.Counter()
 FUZZ = settings(
-    max_examples=int(os.environ.get("FQ_FUZZ_EXAMPLES", "100")),
+    max_examples=int(os.environ.get("FQ_FUZZ_EXAMPLES", "200")),
     deadline=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
     derandomize=os.environ.get("FQ_FUZZ_RANDOM") is None,
