@@ -111,13 +111,19 @@ def _as_values(values) -> np.ndarray:
     return arr
 
 
+def _aligned(arr: np.ndarray) -> np.ndarray:
+    """``arr`` itself when aligned to its itemsize, else an aligned copy (Arrow buffers
+    received over Flight may sit at any address)."""
+    return arr if arr.flags.aligned else arr.copy()
+
+
 def _as_int64(a, name: str) -> np.ndarray:
     arr = np.asarray(a)
     if arr.ndim != 1:
         raise ValueError(f"{name} must be a 1-D array of integers")
     if arr.size and not np.issubdtype(arr.dtype, np.integer):
         raise TypeError(f"{name} must hold integers, got {arr.dtype}")
-    return np.ascontiguousarray(arr, dtype=_INT64)
+    return _aligned(np.ascontiguousarray(arr, dtype=_INT64))
 
 
 def _check_common(bits, scheme, group_size):
@@ -261,8 +267,8 @@ def dequantize_rows(
     if out_dtype not in (np.dtype(np.float16), np.dtype(_F32), np.dtype(_F64)):
         raise TypeError(f"out_dtype must be float16, float32 or float64, got {out_dtype}")
     codes = np.ascontiguousarray(codes, dtype=np.uint8)
-    scales = np.ascontiguousarray(scales, dtype=_F32)
-    lens = np.ascontiguousarray(layout.row_lens, dtype=_INT64)
+    scales = _aligned(np.ascontiguousarray(scales, dtype=_F32))
+    lens = _as_int64(layout.row_lens, "row_lens")
     if codes.ndim != 1 or codes.size < layout.n_code_bytes:
         raise ValueError(f"codes must hold {layout.n_code_bytes} bytes, got {codes.size}")
     if scales.ndim != 1 or scales.size < layout.n_groups:
@@ -270,7 +276,7 @@ def dequantize_rows(
     if scheme == "asymmetric":
         if zero_points is None:
             raise ValueError("the asymmetric scheme needs zero_points")
-        zps = np.ascontiguousarray(zero_points, dtype=_F32)
+        zps = _aligned(np.ascontiguousarray(zero_points, dtype=_F32))
         if zps.ndim != 1 or zps.size < layout.n_groups:
             raise ValueError(f"zero_points must hold {layout.n_groups} values, got {zps.size}")
     else:
@@ -294,8 +300,12 @@ def dequantize_rows(
     _, _, offset = qparams(layout.bits, scheme)
     kernel_dtype = _F64 if out_dtype == np.dtype(_F64) else _F32
     out = np.zeros(size, kernel_dtype)
+    offsets = [_as_int64(a, "layout offsets")
+               for a in (layout.group_offsets, layout.code_offsets, layout.block_offsets)]
+    if any(a.size != lens.size + 1 for a in offsets):
+        raise ValueError("the layout's offset arrays must have one entry more than row_lens")
     _kernels.dequantize_kernel(
-        codes, lens, layout.group_offsets, layout.code_offsets, layout.block_offsets, starts,
+        codes, lens, *offsets, starts,
         layout.groups_per_block, layout.bits, layout.group_size, scales, zps, offset, out,
         n_threads,
     )  # fmt: skip

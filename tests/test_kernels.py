@@ -450,3 +450,22 @@ def test_signed_zero_minimum_small_groups():
     kw = dict(bits=4, scheme="asymmetric", group_size=4)
     _assert_same(kernels.quantize_rows(x, [0], [x.size], **kw),
                  reference.quantize_rows(x, [0], [x.size], **kw))
+
+
+def test_dequantize_unaligned_read_only_buffers():
+    # Arrow buffers received over Flight may be unaligned and are read-only
+    x, starts, lens = _rows(RTN_LENS, seed=8)
+    q = kernels.quantize_rows(x, starts, lens, bits=2, scheme="asymmetric", group_size=3)
+
+    def unaligned(a):
+        raw = bytes(1) + a.tobytes()
+        v = np.frombuffer(raw, a.dtype, offset=1)
+        assert not v.flags.aligned and not v.flags.writeable
+        return v
+
+    codes = np.frombuffer(q.codes.tobytes(), np.uint8)  # read-only
+    got = kernels.dequantize_rows(codes, q.layout, unaligned(q.scales),
+                                  unaligned(q.zero_points), scheme="asymmetric", threads=2)
+    want = reference.dequantize_rows(q.codes, q.layout, q.scales, q.zero_points,
+                                     scheme="asymmetric")
+    assert got.tobytes() == want.tobytes()
