@@ -156,7 +156,9 @@ class _Attempt:
         job = self.job
         descriptor = flight.FlightDescriptor.for_command(job.options.to_json())
         client = job.client._flight_client(self.location)
-        self.writer, self.reader = client.do_exchange(descriptor, options=job.client._call_options())
+        self.writer, self.reader = client.do_exchange(
+            descriptor, options=job.client._call_options(pipeline=True)
+        )
         resend = list(job.pending)
         self.thread = threading.Thread(
             target=self._write, args=(resend,), name="fq-client-writer", daemon=True
@@ -285,7 +287,8 @@ class _Job:
                     except StopIteration:
                         break
                     out = chunk.data
-                    if out is None:
+                    if out is None:  # an in-band error from a read-ahead server, or nothing
+                        _raise_in_band_error(chunk.app_metadata)
                         continue
                     with self.cond:
                         if not self.pending:
@@ -351,6 +354,31 @@ class _Job:
         except Exception:
             log.warning("progress callback raised; ignored", exc_info=not self._progress_failed)
             self._progress_failed = True
+
+
+#: tells the server this client keeps sending without waiting for each answer and ends
+#: the call on an in-band error message, so the server may read ahead (see server.py)
+_PIPELINE = (b"x-flightquant-pipeline", b"1")
+
+
+def _raise_in_band_error(app_metadata) -> None:
+    """Raise the error a read-ahead server sends as ``{"error": {"code", "message"}}``."""
+    if app_metadata is None:
+        return
+    try:
+        error = json.loads(app_metadata.to_pybytes()).get("error")
+    except (ValueError, AttributeError):
+        return
+    if not isinstance(error, dict):
+        return
+    code, message = error.get("code"), str(error.get("message", "server error"))
+    if code == "invalid_argument":
+        raise pa.ArrowInvalid(message)
+    if code == "unavailable":
+        raise flight.FlightUnavailableError(message)
+    if code == "internal":
+        raise flight.FlightInternalError(message)
+    raise flight.FlightServerError(message)
 
 
 class _Failover(Exception):
@@ -468,8 +496,9 @@ class Client:
                 c = self._clients[location] = flight.connect(location, **kwargs)
             return c
 
-    def _call_options(self) -> flight.FlightCallOptions:
-        return flight.FlightCallOptions(headers=self._headers, timeout=self.timeout)
+    def _call_options(self, pipeline: bool = False) -> flight.FlightCallOptions:
+        headers = self._headers + [_PIPELINE] if pipeline else self._headers
+        return flight.FlightCallOptions(headers=headers, timeout=self.timeout)
 
     def _next_start(self) -> int:
         with self._lock:

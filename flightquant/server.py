@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import logging
+import queue
 import threading
 import time
 from collections.abc import Iterator
@@ -37,6 +38,11 @@ from .options import QuantOptions
 __all__ = ["Server", "InvalidArgument", "ACTIONS"]
 
 _LOG = logging.getLogger("flightquant.server")
+
+#: request header of a client that keeps sending without waiting for each answer and
+#: ends the call on an in-band error message; the server then reads ahead
+PIPELINE_HEADER = "x-flightquant-pipeline"
+_PIPELINE_KEY = "flightquant-pipeline"
 
 #: DoAction types and their descriptions (also the ListActions answer)
 ACTIONS = {
@@ -219,11 +225,11 @@ class Server(flight.FlightServerBase):
         self._closed = threading.Event()
         self._health = None
 
-        middleware = None
+        middleware = {_PIPELINE_KEY: _PipelineFactory()}
         if auth_token is not None:
             from .security import BearerTokenMiddlewareFactory
 
-            middleware = {"auth": BearerTokenMiddlewareFactory(auth_token)}
+            middleware["auth"] = BearerTokenMiddlewareFactory(auth_token)
         super().__init__(
             location,
             tls_certificates=tls_certificates,
@@ -432,33 +438,20 @@ class Server(flight.FlightServerBase):
             self._exchange(context, descriptor, reader, writer, run)
             if context.is_cancelled():
                 outcome = "cancelled"  # a client that vanishes looks like end-of-stream
-        except flight.FlightCancelledError:
-            outcome = "cancelled"
-            raise
-        except flight.FlightUnavailableError:
-            outcome = "unavailable"
-            raise
-        except flight.FlightError:
-            outcome = "internal"
-            raise
-        except ValueError as exc:  # options, data (codec errors), ArrowInvalid
-            if context.is_cancelled():
-                outcome = "cancelled"
-                raise flight.FlightCancelledError("stream cancelled by the client") from None
-            outcome = "invalid_argument"
-            raise InvalidArgument(_message(exc)) from None
         except Exception as exc:
-            if context.is_cancelled():
-                outcome = "cancelled"
-                raise flight.FlightCancelledError("stream cancelled by the client") from None
-            outcome = "internal"
+            kind, message = run.error or self._classify(exc, context)
+            outcome = kind
+            if isinstance(exc, flight.FlightError) and kind != "cancelled":
+                raise  # keeps its status code; pyarrow sends no traceback for these
+            if kind == "cancelled":
+                raise flight.FlightCancelledError(message) from None
+            if kind == "invalid_argument":
+                raise InvalidArgument(message) from None
             self.log.exception(
                 "internal error in stream peer=%s op=%s batch=%d", _peer(context), run.op,
                 run.batches,
             )
-            raise flight.FlightInternalError(
-                f"internal error: {_short(exc)}; see server log"
-            ) from None
+            raise flight.FlightInternalError(message) from None
         finally:
             with st.lock:
                 st.streams_active -= 1
@@ -484,18 +477,34 @@ class Server(flight.FlightServerBase):
         schema = reader.schema
         out_schema = codec.output_schema(schema, options)
         writer.begin(out_schema)
+        if context.get_middleware(_PIPELINE_KEY) is None:
+            self._serve_batches(_read_serially(reader), options, writer, run)
+            return
+        # read-ahead: a pump thread receives the next batch while this one is processed
+        pump = _ReadAhead(reader)
+        try:
+            self._serve_batches(pump, options, writer, run)
+        except BaseException as exc:
+            pump.stop()
+            kind, message = run.error = self._classify(exc, context)
+            if kind != "cancelled":
+                try:  # the client ends the call when it sees this, which frees the pump
+                    writer.write_metadata(
+                        json.dumps({"error": {"code": kind, "message": message}}).encode()
+                    )
+                except Exception:
+                    pass  # the client is gone: the pump's read ends by itself
+            raise
+        finally:
+            pump.stop()
+            pump.join()
+
+    def _serve_batches(self, batches, options: QuantOptions, writer, run: _StreamRun) -> None:
         threads = self.threads
         limit = self.max_batch_bytes
         st = self._stats
         index = 0
-        while True:
-            try:
-                chunk = reader.read_chunk()
-            except StopIteration:
-                return
-            batch = chunk.data
-            if batch is None:  # a metadata-only message: nothing to process
-                continue
+        for batch in batches:
             size = batch.get_total_buffer_size()
             if size > limit:
                 raise ValueError(
@@ -525,11 +534,109 @@ class Server(flight.FlightServerBase):
                 st.bytes_out += info.output_bytes
                 st.kernel_seconds += info.kernel_seconds
 
+    @staticmethod
+    def _classify(exc: BaseException, context) -> tuple[str, str]:
+        """(error kind, client-facing message) of a handler's exception."""
+        if isinstance(exc, flight.FlightCancelledError) or (
+            not isinstance(exc, flight.FlightError) and context.is_cancelled()
+        ):
+            return "cancelled", "stream cancelled by the client"
+        if isinstance(exc, flight.FlightUnavailableError):
+            return "unavailable", str(exc)
+        if isinstance(exc, flight.FlightError):
+            return "internal", str(exc)
+        if isinstance(exc, ValueError):
+            return "invalid_argument", _message(exc)
+        return "internal", f"internal error: {_short(exc)}; see server log"
+
+
+def _read_serially(reader) -> Iterator:
+    while True:
+        try:
+            chunk = reader.read_chunk()
+        except StopIteration:
+            return
+        if chunk.data is not None:  # a metadata-only message: nothing to process
+            yield chunk.data
+
+
+class _ReadAhead:
+    """Reads the next batch on its own thread while the handler processes the current one.
+
+    Used only when the client says it pipelines (header ``x-flightquant-pipeline``): such a
+    client keeps sending without waiting for each answer and ends the call when it gets an
+    error message (``app_metadata`` ``{"error": {"code", "message"}}`` with no batch).
+    A lock-step client (send one, wait for its answer) would deadlock a handler that must
+    report an error while its pump waits for a batch that never comes, so plain clients
+    get the serial loop. At most one batch waits in the queue, one more in the pump.
+    """
+
+    _END = object()
+
+    def __init__(self, reader):
+        self._reader = reader
+        self._queue: queue.Queue = queue.Queue(maxsize=1)
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="fq-read-ahead", daemon=True)
+        self._thread.start()
+
+    def _put(self, item) -> None:
+        while not self._stopped.is_set():
+            try:
+                self._queue.put(item, timeout=0.05)
+                return
+            except queue.Full:
+                continue
+
+    def _run(self) -> None:
+        try:
+            while True:
+                try:
+                    chunk = self._reader.read_chunk()
+                except StopIteration:
+                    break
+                if chunk.data is not None and not self._stopped.is_set():
+                    self._put(chunk.data)
+            self._put(self._END)
+        except BaseException as exc:  # handed to the handler thread
+            self._put(exc)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        item = self._queue.get()
+        if item is self._END:
+            raise StopIteration
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+    def stop(self) -> None:
+        self._stopped.set()
+
+    def join(self) -> None:
+        self._thread.join()
+
+
+class _PipelineMiddleware(flight.ServerMiddleware):
+    pass
+
+
+class _PipelineFactory(flight.ServerMiddlewareFactory):
+    """Marks DoExchange calls whose client sent ``x-flightquant-pipeline``."""
+
+    def start_call(self, info, headers):
+        if info.method == flight.FlightMethod.DO_EXCHANGE and headers.get(PIPELINE_HEADER):
+            return _PipelineMiddleware()
+        return None
+
 
 class _StreamRun:
-    __slots__ = ("op", "batches", "bytes_in", "bytes_out")
+    __slots__ = ("op", "batches", "bytes_in", "bytes_out", "error")
 
     def __init__(self) -> None:
+        self.error: tuple[str, str] | None = None  # (kind, message) once classified
         self.op = "-"
         self.batches = 0
         self.bytes_in = 0

@@ -125,8 +125,69 @@ def test_server_data_error_is_not_retried(server):
     message = str(info.value)
     assert "layer.2" in message and "element 5" in message
     assert "Detail:" not in message and "Traceback" not in message
-    assert a.stats()["errors"]["invalid_argument"] == 1
+    wait_for(lambda: a.stats()["errors"]["invalid_argument"] == 1, what="a to count the error")
+    wait_for(lambda: a.stats()["streams_active"] == 0, what="a's stream to end")
     assert b.stats()["streams_served"] + sum(b.stats()["errors"].values()) == 0
+
+
+def _nan_at(start: int, row: int, element: int) -> pa.RecordBatch:
+    batch = make_layer_batch(start, 2)
+    weights = batch.column("weights").to_pylist()
+    weights[row][element] = float("nan")
+    return pa.RecordBatch.from_arrays(
+        [batch.column(0), pa.array(weights, pa.list_(pa.float32())), batch.column(2)],
+        schema=SEED_SCHEMA,
+    )
+
+
+def test_error_mid_stream_with_read_ahead(server, monkeypatch):
+    import flightquant.server as fqs
+
+    pumps = []
+
+    class Spy(fqs._ReadAhead):
+        def __init__(self, reader):
+            pumps.append(self)
+            super().__init__(reader)
+
+    monkeypatch.setattr(fqs, "_ReadAhead", Spy)
+    s = server()
+    batches = [make_layer_batch(2 * i, 2) for i in range(3)] + [_nan_at(6, 1, 9)]
+    batches += [make_layer_batch(8 + 2 * i, 2) for i in range(20)]
+    got = []
+    with Client(s.location, max_in_flight=3) as client:
+        with pytest.raises(pa.ArrowInvalid) as info:
+            for out in client.quantize(iter(batches)):
+                got.append(out)
+        message = str(info.value)
+        assert "layer.7" in message and "element 9" in message
+        assert "Traceback" not in message
+        assert len(got) == 3  # the answers before the bad batch arrived, in order
+        assert len(pumps) == 1  # this client pipelines: the server read ahead
+        wait_for(lambda: s.stats()["streams_active"] == 0, what="the stream to end")
+        assert s.stats()["errors"]["invalid_argument"] == 1
+        assert not pumps[0]._thread.is_alive()
+        # the next job on the same server is fine
+        assert client.quantize(batches[0]).equals(fq.quantize(batches[0]))
+
+
+def test_internal_error_with_read_ahead_is_not_retried(server, monkeypatch):
+    from flightquant import codec
+
+    real = codec.process_batch
+
+    def flaky(batch, options, *, threads=None):
+        if batch.column("layer_name")[0].as_py() == "layer.4":
+            raise RuntimeError("kernel exploded")
+        return real(batch, options, threads=threads)
+
+    monkeypatch.setattr(codec, "process_batch", flaky)
+    a, b = server(), server()
+    with Client([a.location, b.location]) as client:
+        with pytest.raises(flight.FlightInternalError, match="internal error: RuntimeError: kernel"):
+            list(client.quantize(make_layer_batch(2 * i, 2) for i in range(5)))
+    wait_for(lambda: a.stats()["errors"]["internal"] == 1, what="a to count the error")
+    assert b.stats()["batches"] == 0
 
 
 def test_quantize_arrays_error_names_the_array(server):
