@@ -74,8 +74,10 @@ def _is_float_list(t: pa.DataType) -> bool:
 
 
 def is_quantized_field(field: pa.Field) -> bool:
+    """A flightquant codes column (either marker is enough, so a damaged one is not
+    mistaken for a plain binary column and passed through)."""
     md = field.metadata or {}
-    return K_VERSION in md and md.get(K_ROLE) == b"codes"
+    return K_VERSION in md or md.get(K_ROLE) == b"codes"
 
 
 def is_quantized_schema(schema: pa.Schema) -> bool:
@@ -422,6 +424,8 @@ def _meta_of(field: pa.Field) -> _CodesMeta:
             raise CodecError(f"quantized column {field.name!r} lacks metadata key 'flightquant.{key}'")
         return value
 
+    if md.get(PREFIX + "role") != "codes":
+        raise CodecError(f"quantized column {field.name!r} lacks flightquant.role='codes'")
     version = get("format_version")
     if version != str(FORMAT_VERSION):
         raise CodecError(
@@ -459,8 +463,11 @@ def _meta_of(field: pa.Field) -> _CodesMeta:
             f"quantized column {field.name!r} has type {field.type}, expected {expected} for "
             f"{kind} codes at {bits} bits"
         )
+    nullable = md.get(PREFIX + "value_nullable", "true")
+    if nullable not in ("true", "false"):
+        raise CodecError(f"quantized column {field.name!r}: bad flightquant.value_nullable={nullable!r}")
     return _CodesMeta(bits, scheme, group_size, dtype, kind, list_size,
-                      md.get(PREFIX + "value_field", "item"), md.get(PREFIX + "value_nullable", "true") == "true")
+                      md.get(PREFIX + "value_field", "item"), nullable == "true")
 
 
 def dequantized_schema(schema: pa.Schema) -> pa.Schema:
@@ -491,7 +498,13 @@ def _build_dequantize_plan(schema: pa.Schema) -> tuple[pa.Schema, dict[str, _Cod
             fields.append(f)
     for f in schema:
         md = f.metadata or {}
-        if K_ROLE in md and md.get(K_ROLE) != b"codes" and K_CODES in md:
+        if K_ROLE in md and md.get(K_ROLE) != b"codes":
+            owner = md.get(K_CODES, b"").decode(errors="replace")
+            if owner not in metas:
+                raise CodecError(
+                    f"column {f.name!r} holds flightquant {md[K_ROLE].decode(errors='replace')} of "
+                    f"quantized column {owner!r}, which is not in the batch: the batch is incomplete"
+                )
             derived.add(f.name)
     return pa.schema([f for f in fields if f.name not in derived], metadata=schema.metadata), metas
 

@@ -346,3 +346,34 @@ def test_quantize_arrays_equals_quantize():
         q = fq.quantize(b, bits=4, scheme="symmetric", group_size=64)
         assert q.column("weights")[0].as_py() == res[name].codes.tobytes()
         assert q.column("weights_scales")[0].values.to_numpy().tolist() == res[name].scales.tolist()
+
+
+# ---------------------------------------------------------------------------------------
+# damaged quantized batches are refused, never passed through silently
+
+
+def _strip_key(batch, column, key):
+    field = batch.schema.field(column)
+    md = {k: v for k, v in field.metadata.items() if k != key}
+    return batch.cast(batch.schema.set(batch.schema.get_field_index(column), field.with_metadata(md)))
+
+
+@pytest.mark.parametrize("key,match", [
+    (b"flightquant.format_version", "lacks metadata key 'flightquant.format_version'"),
+    (b"flightquant.role", "lacks flightquant.role='codes'"),
+    (b"flightquant.bits", "lacks metadata key 'flightquant.bits'"),
+])
+def test_damaged_codes_metadata_is_an_error(key, match):
+    q = fq.quantize(layer_batch()[0])
+    with pytest.raises(fq.CodecError, match=match):
+        fq.dequantize(_strip_key(q, "weights", key))
+
+
+def test_orphan_derived_column_and_bad_nullable_are_errors():
+    q = fq.quantize(layer_batch()[0])
+    with pytest.raises(fq.CodecError, match="'weights_scales' holds flightquant scales of quantized column 'weights', which is not in the batch"):
+        fq.dequantize(q.drop_columns(["weights"]))
+    field = q.schema.field("weights")
+    bad = field.with_metadata({**field.metadata, b"flightquant.value_nullable": b"maybe"})
+    with pytest.raises(fq.CodecError, match="value_nullable"):
+        fq.dequantize(q.cast(q.schema.set(1, bad)))
