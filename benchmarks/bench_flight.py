@@ -14,7 +14,9 @@ on a 2-core machine they do share the cores, as a real client and server on one 
 * ``flightquant``: ``flightquant serve`` (``--threads`` passed through).
 
 The driver (this process) uses plain ``pyarrow.flight``: per stream a writer thread sends
-the batches while the calling thread reads the answers. Inputs are seed-layer batches
+the batches while the calling thread reads the answers; it sends the
+``x-flightquant-pipeline`` header, as ``flightquant.Client`` does, so the flightquant server
+reads the next batch while it quantizes one. Inputs are seed-layer batches
 (``layer_name``, ``weights: list<float32>`` in rows of 256 Ki floats = 1 MiB, ``shape``) of
 1, 4 and 16 MiB of float32; 1 and 2 concurrent streams; quantize at 4 and 8 bits. Printed:
 GB/s of float32 input (median of ``--repeat`` runs) and the ratios flightquant/sink and
@@ -125,7 +127,12 @@ def _stream(location: str, command: bytes, batch: pa.RecordBatch, n: int, errors
             on_result=None) -> None:
     try:
         with flight.connect(location) as client:
-            writer, reader = client.do_exchange(flight.FlightDescriptor.for_command(command))
+            # this driver keeps sending without waiting for answers: it says so, and the
+            # flightquant server reads ahead (the bare peers ignore the header)
+            writer, reader = client.do_exchange(
+                flight.FlightDescriptor.for_command(command),
+                options=flight.FlightCallOptions(headers=[(b"x-flightquant-pipeline", b"1")]),
+            )
 
             def write():
                 try:
@@ -224,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
 
         print(f"flightquant {fq.__version__} build={json.dumps(fq.build_info())} "
               f"cpus={os.cpu_count()} loadavg={os.getloadavg()[0]:.2f} "
-              f"server threads={args.threads or 'all'}")
+              f"server threads={args.threads or 'auto'}")
         print(f"repeat={repeat} (median), {per_run // MiB} MiB of float32 per stream per run; "
               "servers in subprocesses, plain pyarrow driver")
         rows = []

@@ -65,7 +65,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="interface to bind (default 127.0.0.1; 0.0.0.0 for all)")
     p.add_argument("--port", type=_port, default=8815, help="port (default 8815; 0 = any free)")
     p.add_argument("--threads", type=_positive_int, default=None,
-                   help="kernel threads per batch (default: every allowed core)")
+                   help="kernel threads per batch (default: auto, the cores less one shared by the streams)")
     p.add_argument("--max-streams", type=_positive_int, default=64,
                    help="concurrent streams; more are refused with UNAVAILABLE (default 64)")
     p.add_argument("--max-batch-bytes", type=_size, default=256 << 20,

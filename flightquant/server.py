@@ -143,7 +143,8 @@ class Server(flight.FlightServerBase):
         ``grpc://host:port`` or ``grpc+tls://host:port``; port 0 picks a free port (read
         it back from :attr:`port` / :attr:`location`).
     threads : int, optional
-        Kernel threads per batch; None uses every allowed core.
+        Kernel threads per batch. None (auto): the allowed cores less one (left to the
+        transport), shared among the running streams, at least 1.
     max_streams : int
         Concurrent DoExchange streams; one more is refused at once with UNAVAILABLE.
     max_batch_bytes : int
@@ -208,6 +209,7 @@ class Server(flight.FlightServerBase):
                 f"tls_certificates given but the location {location!r} is not grpc+tls://"
             )
         self.threads = threads
+        self._cores = resolve_threads(None)
         self.max_streams = max_streams
         self.max_batch_bytes = max_batch_bytes
         self.drain_timeout = float(drain_timeout)
@@ -274,7 +276,10 @@ class Server(flight.FlightServerBase):
             "max_streams": self.max_streams,
             "max_batch_bytes": self.max_batch_bytes,
             "threads": self.threads,
-            "effective_threads": resolve_threads(self.threads),
+            "kernel_threads": (
+                self.threads if self.threads is not None
+                else f"auto: {max(1, self._cores - 1)} shared by the running streams"
+            ),
             "default_options": QuantOptions.from_mapping({}).to_dict(),
             "build_info": build_info(),
             "tls": self._tls,
@@ -499,8 +504,19 @@ class Server(flight.FlightServerBase):
             pump.stop()
             pump.join()
 
+    def _kernel_threads(self) -> int:
+        """Kernel threads for the next batch.
+
+        ``threads=None`` (auto): the allowed cores less one, which the transport needs
+        (gRPC receive and send, the read-ahead), shared among the running streams, and at
+        least 1. Measured on 2 cores: 2 OpenMP threads per batch beside the transport were
+        slower than 1 (benchmarks/bench_flight.py). Results do not depend on it.
+        """
+        if self.threads is not None:
+            return self.threads
+        return max(1, (self._cores - 1) // max(1, self._stats.streams_active))
+
     def _serve_batches(self, batches, options: QuantOptions, writer, run: _StreamRun) -> None:
-        threads = self.threads
         limit = self.max_batch_bytes
         st = self._stats
         index = 0
@@ -518,7 +534,7 @@ class Server(flight.FlightServerBase):
                     "server is shutting down (drain deadline passed); resend the unanswered "
                     "batches to another server"
                 )
-            out, info = codec.process_batch(batch, options, threads=threads)
+            out, info = codec.process_batch(batch, options, threads=self._kernel_threads())
             meta = info.to_dict()
             meta["batch_index"] = index
             writer.write_with_metadata(out, json.dumps(meta).encode())
