@@ -371,19 +371,29 @@ def _json_float(x: float | None):
 
 
 def _row_signal(col: pa.Array) -> np.ndarray:
-    """Per-row sum of squares (float64) of a float list column; 0 for null/empty rows."""
+    """Per-row sum of squares of a float list column (0 for null/empty rows), for the SNR.
+
+    Few rows (tensors): one BLAS dot per row, ~10x faster than squaring into float64. Many
+    rows (e.g. embeddings): one vectorised pass. Precision ~1e-5 relative: plenty for dB.
+    """
     offsets, values = modelio._list_parts(col)
     n = len(offsets) - 1
     out = np.zeros(n, np.float64)
     lens = np.diff(offsets)
     if n == 0 or not lens.any():
         return out
+    if values.dtype != np.float32:
+        values = values.astype(np.float32)
+    if n <= 1024:
+        for r in np.flatnonzero(lens):
+            v = values[offsets[r] : offsets[r + 1]]
+            out[r] = float(np.dot(v, v))
+        return out
     lo, hi = int(offsets[0]), int(offsets[-1])
-    sq = np.square(values[lo:hi], dtype=np.float64)
-    starts = offsets[:-1] - lo
+    sq = np.square(values[lo:hi])
     nonempty = lens > 0
-    out[nonempty] = np.add.reduceat(sq, starts[nonempty])
-    # reduceat sums up to the next start: correct because rows are contiguous and in order
+    # reduceat sums from each start to the next one: right, as rows are contiguous and in order
+    out[nonempty] = np.add.reduceat(sq, (offsets[:-1] - lo)[nonempty])
     return out
 
 
@@ -1041,7 +1051,8 @@ def _inspect_quantized(source, args) -> int:
     for c in qcols:
         m = meta[c]
         print(f"  {c}: {m.get('bits')}-bit {m.get('scheme')} {m.get('method', '')}, group size "
-              f"{m.get('group_size')}, from {m.get('dtype')} {m.get('list_type', '')}".rstrip())
+              f"{m.get('group_size')}, carried as {m.get('dtype')} {m.get('list_type', '')}".rstrip()
+              + (" (original dtypes in the dtype column)" if c == "weights" and "dtype" in schema.names else ""))
     ratio = f"{orig / total:.2f}x" if total else "-"
     print(f"tensors     {len(stats)}")
     print(f"size        {_fmt_bytes(orig)} original -> {_fmt_bytes(total)} quantized (ratio {ratio}); "
