@@ -29,6 +29,7 @@ from collections.abc import Iterator
 from typing import Any
 from urllib.parse import urlsplit
 
+import pyarrow as pa
 import pyarrow.flight as flight
 
 from . import __version__, codec
@@ -479,7 +480,7 @@ class Server(flight.FlightServerBase):
             )
         options = QuantOptions.from_json(descriptor.command)
         run.op = options.op
-        schema = reader.schema
+        schema = _read_schema(reader)
         out_schema = codec.output_schema(schema, options)
         writer.begin(out_schema)
         if context.get_middleware(_PIPELINE_KEY) is None:
@@ -566,10 +567,32 @@ class Server(flight.FlightServerBase):
         return "internal", f"internal error: {_short(exc)}; see server log"
 
 
+def _read_schema(reader):
+    try:
+        return reader.schema
+    except (OSError, pa.ArrowException) as exc:
+        if isinstance(exc, ValueError):
+            raise
+        raise ValueError(
+            f"could not read the stream's schema ({_short(exc, 200)}): begin the exchange "
+            "with writer.begin(schema) and send record batches"
+        ) from None
+
+
+def _read_chunk(reader):
+    """The next message; a broken input stream is the client's error (INVALID_ARGUMENT)."""
+    try:
+        return reader.read_chunk()
+    except (OSError, pa.ArrowException) as exc:
+        if isinstance(exc, (ValueError, flight.FlightError)):
+            raise
+        raise ValueError(f"could not read the next record batch: {_short(exc, 200)}") from None
+
+
 def _read_serially(reader) -> Iterator:
     while True:
         try:
-            chunk = reader.read_chunk()
+            chunk = _read_chunk(reader)
         except StopIteration:
             return
         if chunk.data is not None:  # a metadata-only message: nothing to process
@@ -608,7 +631,7 @@ class _ReadAhead:
         try:
             while True:
                 try:
-                    chunk = self._reader.read_chunk()
+                    chunk = _read_chunk(self._reader)
                 except StopIteration:
                     break
                 if chunk.data is not None and not self._stopped.is_set():
