@@ -56,13 +56,26 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
     q.add_argument("input", metavar="INPUT")
     q.add_argument("-o", "--output", metavar="OUTPUT", help=".arrow (Arrow IPC file) or .parquet")
     _add_quant_options(q)
-    q.add_argument("--column", action="append", metavar="NAME", dest="columns",
-                   help="table inputs: quantize only this list column (repeatable; default: every float list column)")
-    q.add_argument("--estimate", action="store_true",
-                   help="print the quantized size without quantizing (no OUTPUT needed)")
+    q.add_argument(
+        "--column",
+        action="append",
+        metavar="NAME",
+        dest="columns",
+        help="table inputs: quantize only this list column (repeatable; default: every float list column)",
+    )
+    q.add_argument(
+        "--estimate",
+        action="store_true",
+        help="print the quantized size without quantizing (no OUTPUT needed)",
+    )
     _add_remote_options(q)
-    q.add_argument("--max-batch-bytes", type=_positive_int, default=modelio.DEFAULT_BATCH_BYTES,
-                   metavar="N", help="float payload per RecordBatch sent (default: 64 MiB)")
+    q.add_argument(
+        "--max-batch-bytes",
+        type=_positive_int,
+        default=modelio.DEFAULT_BATCH_BYTES,
+        metavar="N",
+        help="float payload per RecordBatch sent (default: 64 MiB)",
+    )
     _add_output_options(q)
     q.set_defaults(func=run_quantize)
 
@@ -76,8 +89,13 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
         ),
     )
     d.add_argument("input", metavar="INPUT")
-    d.add_argument("-o", "--output", metavar="OUTPUT", required=True,
-                   help=".safetensors, .npz, .arrow or .parquet")
+    d.add_argument(
+        "-o",
+        "--output",
+        metavar="OUTPUT",
+        required=True,
+        help=".safetensors, .npz, .arrow or .parquet",
+    )
     _add_remote_options(d)
     _add_output_options(d)
     d.set_defaults(func=run_dequantize)
@@ -91,8 +109,11 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
         ),
     )
     i.add_argument("file", metavar="FILE")
-    i.add_argument("--estimate", action="store_true",
-                   help="add the quantized size under --bits/--group-size/--scheme")
+    i.add_argument(
+        "--estimate",
+        action="store_true",
+        help="add the quantized size under --bits/--group-size/--scheme",
+    )
     _add_quant_options(i)
     i.add_argument("-v", "--verbose", action="store_true", help="list every tensor")
     i.add_argument("--json", action="store_true", help="print JSON instead of a table")
@@ -105,22 +126,35 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
 def _add_quant_options(p: argparse.ArgumentParser) -> None:
     # no argparse `choices`: QuantOptions validates, so a bad value is one clear line
     p.add_argument("--bits", type=int, default=None, help="2, 4 or 8 (default 4; ternary: 2)")
-    p.add_argument("--group-size", type=int, default=128, metavar="N",
-                   help="elements per scale (default 128)")
-    p.add_argument("--scheme", default="asymmetric",
-                   help="asymmetric (default), symmetric or ternary")
+    p.add_argument(
+        "--group-size", type=int, default=128, metavar="N", help="elements per scale (default 128)"
+    )
+    p.add_argument(
+        "--scheme", default="asymmetric", help="asymmetric (default), symmetric or ternary"
+    )
     p.add_argument("--method", default="rtn", help="rtn (default) or mse")
-    p.add_argument("--clip", type=float, default=None, metavar="X",
-                   help="clamp inputs to [-X, X] first")
+    p.add_argument(
+        "--clip", type=float, default=None, metavar="X", help="clamp inputs to [-X, X] first"
+    )
 
 
 def _add_remote_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--server", action="append", metavar="URL", dest="servers",
-                   help="stream through this flightquant server, e.g. grpc://host:8815 "
-                        "(repeatable: spread and fail over)")
+    p.add_argument(
+        "--server",
+        action="append",
+        metavar="URL",
+        dest="servers",
+        help="stream through this flightquant server, e.g. grpc://host:8815 "
+        "(repeatable: spread and fail over)",
+    )
     p.add_argument("--token-file", metavar="PATH", help="file holding the servers' bearer token")
-    p.add_argument("--threads", type=_positive_int, default=None, metavar="N",
-                   help="kernel threads in-process (default: all cores)")
+    p.add_argument(
+        "--threads",
+        type=_positive_int,
+        default=None,
+        metavar="N",
+        help="kernel threads in-process (default: all cores)",
+    )
 
 
 def _add_output_options(p: argparse.ArgumentParser) -> None:
@@ -234,7 +268,12 @@ def _message(exc: BaseException) -> str:
     """One line a person can act on, from any exception (Flight ones included)."""
     text = str(exc).strip()
     # Flight errors: "Flight returned ... error, with message: <msg>. gRPC client debug context: ..."
-    for marker in (". gRPC client debug context", "gRPC client debug context", ". Detail:", "\nDetail:"):
+    for marker in (
+        ". gRPC client debug context",
+        "gRPC client debug context",
+        ". Detail:",
+        "\nDetail:",
+    ):
         if marker in text:
             text = text.split(marker, 1)[0]
     if "with message: " in text:
@@ -268,8 +307,9 @@ class _Runner:
         if self.servers:
             from .client import Client
 
-            self.client = Client(self.servers if len(self.servers) > 1 else self.servers[0],
-                                 token=token)
+            self.client = Client(
+                self.servers if len(self.servers) > 1 else self.servers[0], token=token
+            )
 
     @property
     def where(self) -> str:
@@ -277,7 +317,9 @@ class _Runner:
             return "in-process"
         return "via " + ", ".join(self.servers)
 
-    def quantize(self, batches: Iterable[pa.RecordBatch], **options: Any) -> Iterator[pa.RecordBatch]:
+    def quantize(
+        self, batches: Iterable[pa.RecordBatch], **options: Any
+    ) -> Iterator[pa.RecordBatch]:
         if self.client is not None:
             return iter(self.client.quantize(batches, **options))
         import flightquant
@@ -417,8 +459,9 @@ def _float_list_columns(schema: pa.Schema, names: list[str] | None) -> list[str]
     picked = []
     for f in schema:
         t = f.type
-        if (pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t)) \
-                and pa.types.is_floating(t.value_type):
+        if (
+            pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t)
+        ) and pa.types.is_floating(t.value_type):
             if names is None or f.name in names:
                 picked.append(f.name)
     return picked
@@ -449,7 +492,9 @@ class _Ledger:
         self.bytes_in = 0
         self.rows_seen = 0
 
-    def feed(self, batches: Iterable[pa.RecordBatch], infos: deque | None) -> Iterator[pa.RecordBatch]:
+    def feed(
+        self, batches: Iterable[pa.RecordBatch], infos: deque | None
+    ) -> Iterator[pa.RecordBatch]:
         for batch in batches:
             self.pending.append(self._record(batch, infos.popleft() if infos is not None else None))
             yield batch
@@ -459,9 +504,17 @@ class _Ledger:
         if self.tensor_mode:
             signal = _row_signal(batch.column("weights"))
             for r, info in enumerate(infos or []):
-                rows.append(TensorStat(info.name, _shape_text(info.shape), info.dtype, info.numel,
-                                       info.nbytes, signal=float(signal[r]) if info.is_float else None,
-                                       passthrough=not info.is_float))
+                rows.append(
+                    TensorStat(
+                        info.name,
+                        _shape_text(info.shape),
+                        info.dtype,
+                        info.numel,
+                        info.nbytes,
+                        signal=float(signal[r]) if info.is_float else None,
+                        passthrough=not info.is_float,
+                    )
+                )
             self.bytes_in += sum(s.bytes_in for s in rows)
             return ["weights"], rows
         key = _key_column(batch.schema)
@@ -479,8 +532,16 @@ class _Ledger:
                 name = str(keys[r]) if keys and keys[r] is not None else f"row {self.rows_seen + r}"
                 if len(self.columns) > 1:
                     name = f"{name} [{c}]"
-                rows.append(TensorStat(name, f"[{int(lens[r])}]", _value_dtype(col.type),
-                                       int(lens[r]), int(lens[r]) * size, signal=float(signal[r])))
+                rows.append(
+                    TensorStat(
+                        name,
+                        f"[{int(lens[r])}]",
+                        _value_dtype(col.type),
+                        int(lens[r]),
+                        int(lens[r]) * size,
+                        signal=float(signal[r]),
+                    )
+                )
         self.rows_seen += batch.num_rows
         self.bytes_in += sum(s.bytes_in for s in rows if s is not None)
         return self.columns, rows
@@ -499,8 +560,11 @@ class _Ledger:
             extra = _list_lengths(out.column(f"{c}_scales")) * 4
             if f"{c}_zero_points" in out.schema.names:
                 extra = extra + _list_lengths(out.column(f"{c}_zero_points")) * 4
-            mse = out.column(f"{c}_mse").to_numpy(zero_copy_only=False) \
-                if f"{c}_mse" in out.schema.names else None
+            mse = (
+                out.column(f"{c}_mse").to_numpy(zero_copy_only=False)
+                if f"{c}_mse" in out.schema.names
+                else None
+            )
             for r in range(n):
                 s = rows[ci * n + r] if not self.tensor_mode else rows[r]
                 if s is None:
@@ -539,8 +603,9 @@ def run_quantize(args: argparse.Namespace) -> int:
     meta: dict[bytes, bytes] = {b"flightquant.source_format": source.format.encode()}
     if source.kind == "tensors":
         infos_q: deque[list[TensorInfo]] | None = deque()
-        batches = modelio.tensor_batches(source, max_batch_bytes=args.max_batch_bytes,
-                                         on_batch=infos_q.append)
+        batches = modelio.tensor_batches(
+            source, max_batch_bytes=args.max_batch_bytes, on_batch=infos_q.append
+        )
         batches = _never_empty(batches, modelio.TENSOR_SCHEMA, lambda: infos_q.append([]))
         ledger = _Ledger(True, ["weights"])
         options = {**options, "columns": ["weights"]}
@@ -552,8 +617,10 @@ def run_quantize(args: argparse.Namespace) -> int:
         columns = _float_list_columns(source.schema, options.get("columns"))
         missing = sorted(set(options.get("columns") or []) - set(columns))
         if missing:
-            raise JobError(f"{args.input}: column(s) {', '.join(map(repr, missing))} are not "
-                           f"float list columns of the file (it has: {', '.join(source.schema.names)})")
+            raise JobError(
+                f"{args.input}: column(s) {', '.join(map(repr, missing))} are not "
+                f"float list columns of the file (it has: {', '.join(source.schema.names)})"
+            )
         ledger = _Ledger(False, columns)
         batches = _never_empty(source.iter_batches(args.max_batch_bytes), source.schema, None)
         total = None
@@ -565,8 +632,9 @@ def run_quantize(args: argparse.Namespace) -> int:
             for out in stream:
                 done = ledger.settle(out)
                 if writer is None:
-                    writer = modelio.TableWriter(tmp, fmt, out.schema.with_metadata(
-                        {**(out.schema.metadata or {}), **meta}))
+                    writer = modelio.TableWriter(
+                        tmp, fmt, out.schema.with_metadata({**(out.schema.metadata or {}), **meta})
+                    )
                 writer.write(out)
                 bar.update(done if total is not None else out.num_rows)
             if writer is None:  # pragma: no cover - _never_empty sends at least one batch
@@ -583,11 +651,15 @@ def run_quantize(args: argparse.Namespace) -> int:
         source.close()
     seconds = time.perf_counter() - t0
     if not args.quiet:
-        _print_summary(args, ledger.stats, seconds, options, runner.where, Path(args.output).stat().st_size)
+        _print_summary(
+            args, ledger.stats, seconds, options, runner.where, Path(args.output).stat().st_size
+        )
     return 0
 
 
-def _never_empty(batches: Iterable[pa.RecordBatch], schema: pa.Schema, on_empty) -> Iterator[pa.RecordBatch]:
+def _never_empty(
+    batches: Iterable[pa.RecordBatch], schema: pa.Schema, on_empty
+) -> Iterator[pa.RecordBatch]:
     """Yield the batches; if there are none, one empty batch, so OUTPUT gets its schema."""
     any_batch = False
     for b in batches:
@@ -629,8 +701,16 @@ def _progress(args: argparse.Namespace, total: int | None, desc: str):
 
     if total is None:
         return tqdm(desc=desc, unit=" rows", file=sys.stderr, leave=False, dynamic_ncols=True)
-    return tqdm(total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1024,
-                file=sys.stderr, leave=False, dynamic_ncols=True)
+    return tqdm(
+        total=total,
+        desc=desc,
+        unit="B",
+        unit_scale=True,
+        unit_divisor=1024,
+        file=sys.stderr,
+        leave=False,
+        dynamic_ncols=True,
+    )
 
 
 # --------------------------------------------------------------------------- summary
@@ -656,14 +736,17 @@ def _table(headers: list[str], rows: list[list[str]], right: set[int]) -> str:
     widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(headers)]
 
     def line(cells):
-        return "  ".join(c.rjust(w) if i in right else c.ljust(w)
-                         for i, (c, w) in enumerate(zip(cells, widths, strict=True))).rstrip()
+        return "  ".join(
+            c.rjust(w) if i in right else c.ljust(w)
+            for i, (c, w) in enumerate(zip(cells, widths, strict=True))
+        ).rstrip()
 
     return "\n".join([line(headers), line(["-" * w for w in widths])] + [line(r) for r in rows])
 
 
-def _summary_dict(stats: list[TensorStat], seconds: float, options: dict, where: str,
-                  file_bytes: int) -> dict[str, Any]:
+def _summary_dict(
+    stats: list[TensorStat], seconds: float, options: dict, where: str, file_bytes: int
+) -> dict[str, Any]:
     quant = [s for s in stats if not s.passthrough]
     bytes_in = sum(s.bytes_in for s in stats)
     bytes_out = sum(s.bytes_out for s in stats)
@@ -690,8 +773,9 @@ def _summary_dict(stats: list[TensorStat], seconds: float, options: dict, where:
     }
 
 
-def _print_summary(args, stats: list[TensorStat], seconds: float, options: dict, where: str,
-                   file_bytes: int) -> None:
+def _print_summary(
+    args, stats: list[TensorStat], seconds: float, options: dict, where: str, file_bytes: int
+) -> None:
     summary = _summary_dict(stats, seconds, options, where, file_bytes)
     if args.json:
         print(json.dumps(summary, indent=2))
@@ -699,13 +783,24 @@ def _print_summary(args, stats: list[TensorStat], seconds: float, options: dict,
     shown = stats
     note = ""
     if len(stats) > MAX_TABLE_ROWS and not args.verbose:
-        ranked = sorted((s for s in stats if not s.passthrough),
-                        key=lambda s: s.snr_db if s.snr_db is not None else math.inf)
+        ranked = sorted(
+            (s for s in stats if not s.passthrough),
+            key=lambda s: s.snr_db if s.snr_db is not None else math.inf,
+        )
         shown = ranked[:10]
         note = f"... {len(stats) - len(shown)} more tensors (the 10 lowest SNR are shown; -v lists all)"
-    rows = [[s.name, s.shape, s.dtype, _fmt_bytes(s.bytes_in), _fmt_bytes(s.bytes_out),
-             f"{s.bytes_in / s.bytes_out:.2f}x" if s.bytes_out else "-",
-             "pass" if s.passthrough else _fmt_db(s.snr_db)] for s in shown]
+    rows = [
+        [
+            s.name,
+            s.shape,
+            s.dtype,
+            _fmt_bytes(s.bytes_in),
+            _fmt_bytes(s.bytes_out),
+            f"{s.bytes_in / s.bytes_out:.2f}x" if s.bytes_out else "-",
+            "pass" if s.passthrough else _fmt_db(s.snr_db),
+        ]
+        for s in shown
+    ]
     print(_table(["tensor", "shape", "dtype", "in", "out", "ratio", "SNR dB"], rows, {3, 4, 5, 6}))
     if note:
         print(note)
@@ -715,16 +810,22 @@ def _print_summary(args, stats: list[TensorStat], seconds: float, options: dict,
         desc += f", clip {o['clip']:g}"
     s = summary
     print()
-    print(f"tensors     {s['tensors']} ({s['quantized']} quantized, {s['passthrough']} passed through)")
+    print(
+        f"tensors     {s['tensors']} ({s['quantized']} quantized, {s['passthrough']} passed through)"
+    )
     print(f"options     {desc} ({where})")
     ratio = f"{s['ratio']:.2f}x" if s["ratio"] else "-"
     bpw = f", {s['bits_per_weight']:.3f} bits/weight" if s["bits_per_weight"] else ""
-    print(f"bytes       {_fmt_bytes(s['bytes_in'])} in -> {_fmt_bytes(s['bytes_out'])} out "
-          f"(ratio {ratio}{bpw}); file {_fmt_bytes(file_bytes)}")
+    print(
+        f"bytes       {_fmt_bytes(s['bytes_in'])} in -> {_fmt_bytes(s['bytes_out'])} out "
+        f"(ratio {ratio}{bpw}); file {_fmt_bytes(file_bytes)}"
+    )
     print(f"SNR         {_fmt_db(_snr_of(s))} dB overall" + _worst(stats))
     rate = s["throughput_bytes_per_s"]
-    print(f"time        {seconds:.2f} s ({_fmt_bytes(rate) + '/s' if rate else '-'}, "
-          f"{s['parameters'] / seconds / 1e6 if seconds > 0 else 0:.1f} M weights/s)")
+    print(
+        f"time        {seconds:.2f} s ({_fmt_bytes(rate) + '/s' if rate else '-'}, "
+        f"{s['parameters'] / seconds / 1e6 if seconds > 0 else 0:.1f} M weights/s)"
+    )
 
 
 def _snr_of(summary: dict) -> float | None:
@@ -761,9 +862,17 @@ def _estimate_stats(source, options: dict) -> list[TensorStat]:
     stats = []
     if source.kind == "tensors":
         for info in source.infos:
-            s = TensorStat(info.name, _shape_text(info.shape), info.dtype, info.numel, info.nbytes,
-                           passthrough=not info.is_float)
-            s.bytes_out = s.bytes_in if s.passthrough else estimate_bytes(info.numel, bits, gs, scheme)
+            s = TensorStat(
+                info.name,
+                _shape_text(info.shape),
+                info.dtype,
+                info.numel,
+                info.nbytes,
+                passthrough=not info.is_float,
+            )
+            s.bytes_out = (
+                s.bytes_in if s.passthrough else estimate_bytes(info.numel, bits, gs, scheme)
+            )
             stats.append(s)
         return stats
     if source.kind == "quantized":
@@ -786,8 +895,16 @@ def _estimate_stats(source, options: dict) -> list[TensorStat]:
                 if len(columns) > 1:
                     name = f"{name} [{c}]"
                 n = int(lens[r])
-                stats.append(TensorStat(name, f"[{n}]", _value_dtype(col.type), n, n * size,
-                                        bytes_out=estimate_bytes(n, bits, gs, scheme)))
+                stats.append(
+                    TensorStat(
+                        name,
+                        f"[{n}]",
+                        _value_dtype(col.type),
+                        n,
+                        n * size,
+                        bytes_out=estimate_bytes(n, bits, gs, scheme),
+                    )
+                )
         row += batch.num_rows
     return stats
 
@@ -802,31 +919,59 @@ def _print_estimate(source, options: dict, args) -> int:
     numel = sum(s.numel for s in quant)
     qbytes = sum(s.bytes_out for s in quant)
     if getattr(args, "json", False):
-        print(json.dumps({
-            "file": str(source.path), "options": options, "tensors": len(stats),
-            "quantized": len(quant), "parameters": numel, "bytes_in": bytes_in,
-            "bytes_out": bytes_out, "ratio": bytes_in / bytes_out if bytes_out else None,
-            "bits_per_weight": 8 * qbytes / numel if numel else None,
-            "per_tensor": [
-                {k: v for k, v in s.to_dict().items() if k != "snr_db"} for s in stats],
-        }, indent=2))
+        print(
+            json.dumps(
+                {
+                    "file": str(source.path),
+                    "options": options,
+                    "tensors": len(stats),
+                    "quantized": len(quant),
+                    "parameters": numel,
+                    "bytes_in": bytes_in,
+                    "bytes_out": bytes_out,
+                    "ratio": bytes_in / bytes_out if bytes_out else None,
+                    "bits_per_weight": 8 * qbytes / numel if numel else None,
+                    "per_tensor": [
+                        {k: v for k, v in s.to_dict().items() if k != "snr_db"} for s in stats
+                    ],
+                },
+                indent=2,
+            )
+        )
         return 0
-    shown = stats if (len(stats) <= MAX_TABLE_ROWS or getattr(args, "verbose", False)) else \
-        sorted(stats, key=lambda s: -s.bytes_in)[:10]
-    rows = [[s.name, s.shape, s.dtype, _fmt_bytes(s.bytes_in),
-             "pass" if s.passthrough else _fmt_bytes(s.bytes_out)] for s in shown]
+    shown = (
+        stats
+        if (len(stats) <= MAX_TABLE_ROWS or getattr(args, "verbose", False))
+        else sorted(stats, key=lambda s: -s.bytes_in)[:10]
+    )
+    rows = [
+        [
+            s.name,
+            s.shape,
+            s.dtype,
+            _fmt_bytes(s.bytes_in),
+            "pass" if s.passthrough else _fmt_bytes(s.bytes_out),
+        ]
+        for s in shown
+    ]
     print(_table(["tensor", "shape", "dtype", "size", "quantized"], rows, {3, 4}))
     if len(shown) < len(stats):
-        print(f"... {len(stats) - len(shown)} more tensors (the 10 largest are shown; -v lists all)")
+        print(
+            f"... {len(stats) - len(shown)} more tensors (the 10 largest are shown; -v lists all)"
+        )
     o = options
     print()
-    print(f"estimate    {o['bits']}-bit {o['scheme']}, group size {o['group_size']}: "
-          f"{len(stats)} tensors ({len(quant)} quantized, {len(stats) - len(quant)} passed through), "
-          f"{numel:,} weights")
+    print(
+        f"estimate    {o['bits']}-bit {o['scheme']}, group size {o['group_size']}: "
+        f"{len(stats)} tensors ({len(quant)} quantized, {len(stats) - len(quant)} passed through), "
+        f"{numel:,} weights"
+    )
     ratio = f"{bytes_in / bytes_out:.2f}x" if bytes_out else "-"
     bpw = f", {8 * qbytes / numel:.3f} bits/weight" if numel else ""
-    print(f"bytes       {_fmt_bytes(bytes_in)} ({bytes_in:,}) -> {_fmt_bytes(bytes_out)} "
-          f"({bytes_out:,}), ratio {ratio}{bpw}")
+    print(
+        f"bytes       {_fmt_bytes(bytes_in)} ({bytes_in:,}) -> {_fmt_bytes(bytes_out)} "
+        f"({bytes_out:,}), ratio {ratio}{bpw}"
+    )
     return 0
 
 
@@ -845,13 +990,17 @@ def run_dequantize(args: argparse.Namespace) -> int:
     fmt = modelio.output_format(args.output, ("safetensors", "npz", "arrow", "parquet"))
     source = modelio.open_input(args.input)
     if source.kind != "table" or not _is_quantized(source.schema):
-        raise JobError(f"{args.input} holds no quantized columns: nothing to dequantize "
-                       "(it must be an .arrow/.parquet file written by `flightquant quantize`)")
+        raise JobError(
+            f"{args.input} holds no quantized columns: nothing to dequantize "
+            "(it must be an .arrow/.parquet file written by `flightquant quantize`)"
+        )
     _check_not_same(args.input, args.output)
     tensor_out = fmt in ("safetensors", "npz")
     if tensor_out and not modelio.is_tensor_layout(source.schema):
-        raise JobError(f"{args.input} has no layer_name/weights columns, so its rows are not "
-                       "named tensors; write .arrow or .parquet instead")
+        raise JobError(
+            f"{args.input} has no layer_name/weights columns, so its rows are not "
+            "named tensors; write .arrow or .parquet instead"
+        )
     infos = _tensor_infos(source) if fmt == "safetensors" else None
     runner = _Runner(args)
     t0 = time.perf_counter()
@@ -863,7 +1012,9 @@ def run_dequantize(args: argparse.Namespace) -> int:
         with modelio.atomic_output(args.output) as tmp:
             if fmt == "safetensors":
                 st_meta = source.metadata.get(modelio.META_SAFETENSORS)
-                writer = modelio.SafetensorsWriter(tmp, infos, json.loads(st_meta) if st_meta else None)
+                writer = modelio.SafetensorsWriter(
+                    tmp, infos, json.loads(st_meta) if st_meta else None
+                )
             elif fmt == "npz":
                 writer = modelio.NpzWriter(tmp)
             for out in stream:
@@ -892,11 +1043,17 @@ def run_dequantize(args: argparse.Namespace) -> int:
         size = Path(args.output).stat().st_size
         what = "tensors" if tensor_out else "rows"
         if args.json:
-            print(json.dumps({"where": runner.where, what: tensors, "file_bytes": size,
-                              "seconds": seconds}, indent=2))
+            print(
+                json.dumps(
+                    {"where": runner.where, what: tensors, "file_bytes": size, "seconds": seconds},
+                    indent=2,
+                )
+            )
         else:
-            print(f"{tensors} {what} -> {args.output} ({_fmt_bytes(size)}) in {seconds:.2f} s "
-                  f"({runner.where})")
+            print(
+                f"{tensors} {what} -> {args.output} ({_fmt_bytes(size)}) in {seconds:.2f} s "
+                f"({runner.where})"
+            )
     return 0
 
 
@@ -945,15 +1102,39 @@ def _inspect_tensors(source, args) -> int:
     numel = sum(i.numel for i in infos if i.is_float)
     nbytes = sum(i.nbytes for i in infos)
     if args.json:
-        print(json.dumps({"file": str(source.path), "format": source.format, "quantized": False,
-                          "tensors": len(infos), "parameters": numel, "bytes": nbytes,
-                          "dtypes": dtypes, "metadata": source.metadata,
-                          "per_tensor": [{"name": i.name, "shape": list(i.shape), "dtype": i.dtype,
-                                          "bytes": i.nbytes} for i in infos]}, indent=2))
+        print(
+            json.dumps(
+                {
+                    "file": str(source.path),
+                    "format": source.format,
+                    "quantized": False,
+                    "tensors": len(infos),
+                    "parameters": numel,
+                    "bytes": nbytes,
+                    "dtypes": dtypes,
+                    "metadata": source.metadata,
+                    "per_tensor": [
+                        {
+                            "name": i.name,
+                            "shape": list(i.shape),
+                            "dtype": i.dtype,
+                            "bytes": i.nbytes,
+                        }
+                        for i in infos
+                    ],
+                },
+                indent=2,
+            )
+        )
         return 0
     shown = infos if len(infos) <= MAX_TABLE_ROWS or args.verbose else infos[:MAX_TABLE_ROWS]
-    print(_table(["tensor", "shape", "dtype", "size"],
-                 [[i.name, _shape_text(i.shape), i.dtype, _fmt_bytes(i.nbytes)] for i in shown], {3}))
+    print(
+        _table(
+            ["tensor", "shape", "dtype", "size"],
+            [[i.name, _shape_text(i.shape), i.dtype, _fmt_bytes(i.nbytes)] for i in shown],
+            {3},
+        )
+    )
     if len(shown) < len(infos):
         print(f"... {len(infos) - len(shown)} more tensors (-v lists all)")
     print()
@@ -967,16 +1148,33 @@ def _inspect_tensors(source, args) -> int:
 def _inspect_table(source, args) -> int:
     columns = _float_list_columns(source.schema, None)
     if args.json:
-        print(json.dumps({"file": str(source.path), "format": source.format, "quantized": False,
-                          "rows": source.num_rows, "float_list_columns": columns,
-                          "schema": [f"{f.name}: {f.type}" for f in source.schema]}, indent=2))
+        print(
+            json.dumps(
+                {
+                    "file": str(source.path),
+                    "format": source.format,
+                    "quantized": False,
+                    "rows": source.num_rows,
+                    "float_list_columns": columns,
+                    "schema": [f"{f.name}: {f.type}" for f in source.schema],
+                },
+                indent=2,
+            )
+        )
         return 0
     if modelio.is_tensor_layout(source.schema):
-        stats = _estimate_stats(source, {"bits": 8, "group_size": 1 << 30, "scheme": "symmetric",
-                                         "columns": ["weights"]})
+        stats = _estimate_stats(
+            source,
+            {"bits": 8, "group_size": 1 << 30, "scheme": "symmetric", "columns": ["weights"]},
+        )
         shown = stats if len(stats) <= MAX_TABLE_ROWS or args.verbose else stats[:MAX_TABLE_ROWS]
-        print(_table(["tensor", "numel", "dtype", "size"],
-                     [[s.name, f"{s.numel:,}", s.dtype, _fmt_bytes(s.bytes_in)] for s in shown], {1, 3}))
+        print(
+            _table(
+                ["tensor", "numel", "dtype", "size"],
+                [[s.name, f"{s.numel:,}", s.dtype, _fmt_bytes(s.bytes_in)] for s in shown],
+                {1, 3},
+            )
+        )
         if len(shown) < len(stats):
             print(f"... {len(stats) - len(shown)} more tensors (-v lists all)")
         print()
@@ -990,9 +1188,14 @@ def _inspect_table(source, args) -> int:
 def _inspect_quantized(source, args) -> int:
     schema = source.schema
     qcols = [f.name for f in schema if (f.metadata or {}).get(b"flightquant.role") == b"codes"]
-    meta = {c: {k.decode()[len("flightquant."):]: v.decode()
-                for k, v in (schema.field(c).metadata or {}).items()
-                if k.startswith(b"flightquant.")} for c in qcols}
+    meta = {
+        c: {
+            k.decode()[len("flightquant.") :]: v.decode()
+            for k, v in (schema.field(c).metadata or {}).items()
+            if k.startswith(b"flightquant.")
+        }
+        for c in qcols
+    }
     key = _key_column(schema)
     stats: list[dict[str, Any]] = []
     for batch in source.iter_batches():
@@ -1010,15 +1213,26 @@ def _inspect_quantized(source, args) -> int:
                 numel = batch.column(f"{c}_numel").to_numpy(zero_copy_only=False)
             else:
                 numel = np.full(batch.num_rows, int(m.get("list_size", 0)))
-            mse = batch.column(f"{c}_mse").to_numpy(zero_copy_only=False) \
-                if f"{c}_mse" in batch.schema.names else None
+            mse = (
+                batch.column(f"{c}_mse").to_numpy(zero_copy_only=False)
+                if f"{c}_mse" in batch.schema.names
+                else None
+            )
             for r in range(batch.num_rows):
                 if c == "weights" and dtypes and not valid[r]:
                     raw = batch.column("raw")[r] if "raw" in batch.schema.names else None
                     size = len(raw.as_py()) if raw is not None and raw.is_valid else 0
-                    stats.append({"name": keys[r], "shape": shapes[r] if shapes else None,
-                                  "dtype": dtypes[r], "bits": None, "bytes": size,
-                                  "original_bytes": size, "mse": None})
+                    stats.append(
+                        {
+                            "name": keys[r],
+                            "shape": shapes[r] if shapes else None,
+                            "dtype": dtypes[r],
+                            "bits": None,
+                            "bytes": size,
+                            "original_bytes": size,
+                            "mse": None,
+                        }
+                    )
                     continue
                 if not valid[r]:
                     continue
@@ -1028,33 +1242,76 @@ def _inspect_quantized(source, args) -> int:
                 if len(qcols) > 1:
                     name = f"{name} [{c}]"
                 itemsize = modelio._ITEMSIZE.get(dtype, 4)
-                stats.append({"name": name, "shape": shapes[r] if shapes and c == "weights" else [n],
-                              "dtype": dtype, "bits": int(m["bits"]), "numel": n,
-                              "bytes": int(codes[r] + extra[r]), "original_bytes": n * itemsize,
-                              "mse": None if mse is None or np.isnan(mse[r]) else float(mse[r])})
+                stats.append(
+                    {
+                        "name": name,
+                        "shape": shapes[r] if shapes and c == "weights" else [n],
+                        "dtype": dtype,
+                        "bits": int(m["bits"]),
+                        "numel": n,
+                        "bytes": int(codes[r] + extra[r]),
+                        "original_bytes": n * itemsize,
+                        "mse": None if mse is None or np.isnan(mse[r]) else float(mse[r]),
+                    }
+                )
     total = sum(s["bytes"] for s in stats)
     orig = sum(s["original_bytes"] for s in stats)
     if args.json:
-        print(json.dumps({"file": str(source.path), "format": source.format, "quantized": True,
-                          "columns": meta, "tensors": len(stats), "bytes": total,
-                          "original_bytes": orig, "per_tensor": stats}, indent=2))
+        print(
+            json.dumps(
+                {
+                    "file": str(source.path),
+                    "format": source.format,
+                    "quantized": True,
+                    "columns": meta,
+                    "tensors": len(stats),
+                    "bytes": total,
+                    "original_bytes": orig,
+                    "per_tensor": stats,
+                },
+                indent=2,
+            )
+        )
         return 0
     shown = stats if len(stats) <= MAX_TABLE_ROWS or args.verbose else stats[:MAX_TABLE_ROWS]
-    rows = [[str(s["name"]), _shape_text(tuple(s["shape"] or ())), str(s["dtype"]),
-             "pass" if s["bits"] is None else str(s["bits"]), _fmt_bytes(s["original_bytes"]),
-             _fmt_bytes(s["bytes"]), "-" if s["mse"] is None else f"{s['mse']:.3g}"] for s in shown]
-    print(_table(["tensor", "shape", "dtype", "bits", "original", "quantized", "mse"], rows, {3, 4, 5, 6}))
+    rows = [
+        [
+            str(s["name"]),
+            _shape_text(tuple(s["shape"] or ())),
+            str(s["dtype"]),
+            "pass" if s["bits"] is None else str(s["bits"]),
+            _fmt_bytes(s["original_bytes"]),
+            _fmt_bytes(s["bytes"]),
+            "-" if s["mse"] is None else f"{s['mse']:.3g}",
+        ]
+        for s in shown
+    ]
+    print(
+        _table(
+            ["tensor", "shape", "dtype", "bits", "original", "quantized", "mse"], rows, {3, 4, 5, 6}
+        )
+    )
     if len(shown) < len(stats):
         print(f"... {len(stats) - len(shown)} more tensors (-v lists all)")
     print()
-    print(f"{source.path}: {source.format}, quantized (format v{meta[qcols[0]].get('format_version', '?')})")
+    print(
+        f"{source.path}: {source.format}, quantized (format v{meta[qcols[0]].get('format_version', '?')})"
+    )
     for c in qcols:
         m = meta[c]
-        print(f"  {c}: {m.get('bits')}-bit {m.get('scheme')} {m.get('method', '')}, group size "
-              f"{m.get('group_size')}, carried as {m.get('dtype')} {m.get('list_type', '')}".rstrip()
-              + (" (original dtypes in the dtype column)" if c == "weights" and "dtype" in schema.names else ""))
+        print(
+            f"  {c}: {m.get('bits')}-bit {m.get('scheme')} {m.get('method', '')}, group size "
+            f"{m.get('group_size')}, carried as {m.get('dtype')} {m.get('list_type', '')}".rstrip()
+            + (
+                " (original dtypes in the dtype column)"
+                if c == "weights" and "dtype" in schema.names
+                else ""
+            )
+        )
     ratio = f"{orig / total:.2f}x" if total else "-"
     print(f"tensors     {len(stats)}")
-    print(f"size        {_fmt_bytes(orig)} original -> {_fmt_bytes(total)} quantized (ratio {ratio}); "
-          f"file {_fmt_bytes(source.path.stat().st_size)}")
+    print(
+        f"size        {_fmt_bytes(orig)} original -> {_fmt_bytes(total)} quantized (ratio {ratio}); "
+        f"file {_fmt_bytes(source.path.stat().st_size)}"
+    )
     return 0

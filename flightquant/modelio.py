@@ -267,7 +267,9 @@ class TensorFile:
                 raise ModelIOError(
                     f"{self.path}: tensor {name!r} has dtype {st_dtype}, which is not supported"
                 )
-            infos.append(TensorInfo(name, tuple(int(d) for d in sl.get_shape()), ST_TO_DTYPE[st_dtype]))
+            infos.append(
+                TensorInfo(name, tuple(int(d) for d in sl.get_shape()), ST_TO_DTYPE[st_dtype])
+            )
         return infos
 
     def _read_safetensors(self, info: TensorInfo) -> np.ndarray:
@@ -679,7 +681,9 @@ class SafetensorsWriter:
     each tensor in that order.
     """
 
-    def __init__(self, path: Path, infos: Sequence[TensorInfo], metadata: Mapping[str, str] | None = None):
+    def __init__(
+        self, path: Path, infos: Sequence[TensorInfo], metadata: Mapping[str, str] | None = None
+    ):
         header: dict[str, Any] = {}
         if metadata:
             header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}

@@ -74,16 +74,20 @@ class FlightQuantizer:
                 f"FlightDequantizer takes no quantization options, got {sorted(options)}"
             )
         QuantOptions.from_mapping({"op": self._op, **options})  # fail early on bad options
-        if isinstance(max_batch_bytes, bool) or not isinstance(max_batch_bytes, int) \
-                or max_batch_bytes < 1:
+        if (
+            isinstance(max_batch_bytes, bool)
+            or not isinstance(max_batch_bytes, int)
+            or max_batch_bytes < 1
+        ):
             raise ValueError(f"max_batch_bytes must be a positive integer, got {max_batch_bytes!r}")
         if token is not None and not locations:
             raise ValueError("token needs locations (it is the servers' bearer token)")
         self.options = dict(options)
         self.max_batch_bytes = max_batch_bytes
         self.threads = threads
-        self.locations = [locations] if isinstance(locations, str) else (
-            list(locations) if locations else None)
+        self.locations = (
+            [locations] if isinstance(locations, str) else (list(locations) if locations else None)
+        )
         self._client = None
         if self.locations:
             from .client import Client
@@ -106,7 +110,9 @@ class FlightQuantizer:
             import flightquant
 
             if self._op == "quantize":
-                out = list(flightquant.quantize(iter(batches), threads=self.threads, **self.options))
+                out = list(
+                    flightquant.quantize(iter(batches), threads=self.threads, **self.options)
+                )
             else:
                 out = list(flightquant.dequantize(iter(batches), threads=self.threads))
         return pa.Table.from_batches(out)

@@ -137,7 +137,10 @@ def test_passthrough_bytes_identical_and_file_layout(models, tmp_path, capsys):
     q = tmp_path / "q.arrow"
     assert run_cli("quantize", models["bfloat16"], "-o", q, "-q") == 0
     table = ipc.open_file(str(q)).read_all()
-    rows = {r["layer_name"]: r for r in table.select(["layer_name", "dtype", "raw", "shape"]).to_pylist()}
+    rows = {
+        r["layer_name"]: r
+        for r in table.select(["layer_name", "dtype", "raw", "shape"]).to_pylist()
+    }
     ids = rows["model.position_ids"]
     assert ids["dtype"] == "int64" and ids["shape"] == [1, 2048]
     assert ids["raw"] == np.arange(2048, dtype="<i8").tobytes()
@@ -231,8 +234,12 @@ def test_input_formats(tmp_path, fmt, capsys):
     assert fq.codec.is_quantized_schema(qt.schema)
     assert qt.column("layer_name").to_pylist() == list(model)
     # the codes equal fq.quantize of each float32 tensor
-    ref = fq.quantize_arrays({k: v.astype(np.float32) for k, v in model.items() if v.dtype.kind == "f"})
-    codes = dict(zip(qt.column("layer_name").to_pylist(), qt.column("weights").to_pylist(), strict=True))
+    ref = fq.quantize_arrays(
+        {k: v.astype(np.float32) for k, v in model.items() if v.dtype.kind == "f"}
+    )
+    codes = dict(
+        zip(qt.column("layer_name").to_pylist(), qt.column("weights").to_pylist(), strict=True)
+    )
     for name, r in ref.items():
         assert codes[name] == r.codes.tobytes(), name
     back = tmp_path / "back.npz"
@@ -249,11 +256,13 @@ def test_table_input_keeps_its_layout(tmp_path, capsys):
     """An Arrow table of embeddings (not the tensor layout) is quantized in place."""
     rng = np.random.default_rng(3)
     emb = rng.standard_normal((300, 96)).astype(np.float16)
-    table = pa.table({
-        "id": pa.array(np.arange(300)),
-        "text": pa.array([f"doc {i}" for i in range(300)]),
-        "embedding": pa.FixedSizeListArray.from_arrays(pa.array(emb.ravel()), 96),
-    })
+    table = pa.table(
+        {
+            "id": pa.array(np.arange(300)),
+            "text": pa.array([f"doc {i}" for i in range(300)]),
+            "embedding": pa.FixedSizeListArray.from_arrays(pa.array(emb.ravel()), 96),
+        }
+    )
     src = tmp_path / "emb.parquet"
     pq.write_table(table, str(src), row_group_size=100)
     q = tmp_path / "emb.q.parquet"
@@ -295,10 +304,22 @@ def server():
 def test_server_output_is_byte_identical(models, server, tmp_path, ext, capsys):
     local = tmp_path / f"local.{ext}"
     remote = tmp_path / f"remote.{ext}"
-    common = ["--bits", "2", "--scheme", "symmetric", "--group-size", "32",
-              "--max-batch-bytes", "200000", "-q"]  # several batches
+    common = [
+        "--bits",
+        "2",
+        "--scheme",
+        "symmetric",
+        "--group-size",
+        "32",
+        "--max-batch-bytes",
+        "200000",
+        "-q",
+    ]  # several batches
     assert run_cli("quantize", models["bfloat16"], "-o", local, *common) == 0
-    assert run_cli("quantize", models["bfloat16"], "-o", remote, *common, "--server", server.location) == 0
+    assert (
+        run_cli("quantize", models["bfloat16"], "-o", remote, *common, "--server", server.location)
+        == 0
+    )
     assert local.read_bytes() == remote.read_bytes()
     a, b = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
     assert run_cli("dequantize", local, "-o", a, "-q") == 0
@@ -312,8 +333,20 @@ def test_server_token(models, tmp_path, capsys):
     token_file.write_text("s3cret\n")
     out = tmp_path / "q.arrow"
     with fq.Server("grpc://127.0.0.1:0", auth_token="s3cret") as s:
-        assert run_cli("quantize", models["float16"], "-o", out, "-q", "--server", s.location,
-                       "--token-file", token_file) == 0
+        assert (
+            run_cli(
+                "quantize",
+                models["float16"],
+                "-o",
+                out,
+                "-q",
+                "--server",
+                s.location,
+                "--token-file",
+                token_file,
+            )
+            == 0
+        )
         out.unlink()
         assert run_cli("quantize", models["float16"], "-o", out, "-q", "--server", s.location) == 1
     line = one_error_line(capsys)
@@ -326,7 +359,9 @@ def test_server_token(models, tmp_path, capsys):
 
 def test_nan_in_third_tensor_leaves_nothing(tmp_path, capsys):
     rng = np.random.default_rng(1)
-    model = {f"layer.{i}.weight": rng.standard_normal((256, 256)).astype(np.float32) for i in range(6)}
+    model = {
+        f"layer.{i}.weight": rng.standard_normal((256, 256)).astype(np.float32) for i in range(6)
+    }
     model["layer.2.weight"][7, 9] = np.nan
     src = tmp_path / "m.safetensors"
     save_file(model, str(src))
@@ -356,8 +391,14 @@ def _corrupt(tmp_path: Path) -> Path:
         (["quantize", "{corrupt}", "-o", "{tmp}/o.arrow"], "not a valid safetensors"),
         (["quantize", "{tmp}/m.txt", "-o", "{tmp}/o.arrow"], "unsupported input extension"),
         (["quantize", "{model}", "-o", "{tmp}/o.safetensors"], "unsupported output extension"),
-        (["quantize", "{model}", "-o", "{tmp}/o.arrow", "--bits", "3"], "bits must be one of 2, 4, 8"),
-        (["quantize", "{model}", "-o", "{tmp}/o.arrow", "--scheme", "nf4"], "scheme must be one of"),
+        (
+            ["quantize", "{model}", "-o", "{tmp}/o.arrow", "--bits", "3"],
+            "bits must be one of 2, 4, 8",
+        ),
+        (
+            ["quantize", "{model}", "-o", "{tmp}/o.arrow", "--scheme", "nf4"],
+            "scheme must be one of",
+        ),
         (["quantize", "{model}", "-o", "{tmp}/o.arrow", "--group-size", "0"], "group_size"),
         (["quantize", "{model}", "-o", "{tmp}/o.arrow", "--bits", "four"], "invalid int value"),
         (["quantize", "{model}", "-o", "{tmp}/o.arrow", "--nope"], "unrecognized arguments"),
@@ -367,15 +408,22 @@ def _corrupt(tmp_path: Path) -> Path:
         (["dequantize", "{tmp}/missing.arrow", "-o", "{tmp}/o.npz"], "no such file"),
         (["inspect", "{tmp}/garbage.parquet"], "not a valid Parquet file"),
         (["quantize", "{model}", "-o", "{tmp}/nodir/o.arrow"], "does not exist"),
-        (["quantize", "{model}", "-o", "{tmp}/o.arrow", "--token-file", "{tmp}/none"], "--token-file"),
+        (
+            ["quantize", "{model}", "-o", "{tmp}/o.arrow", "--token-file", "{tmp}/none"],
+            "--token-file",
+        ),
     ],
 )
 def test_bad_input_one_line(models, tmp_path, argv, needle, capsys):
     (tmp_path / "m.txt").write_text("hello")
     (tmp_path / "garbage.parquet").write_bytes(b"PAR1 garbage")
     np.savez(tmp_path / "c.npz", z=np.ones(4, np.complex64))
-    subs = {"tmp": tmp_path, "corrupt": _corrupt(tmp_path), "model": models["float16"],
-            "complex": tmp_path / "c.npz"}
+    subs = {
+        "tmp": tmp_path,
+        "corrupt": _corrupt(tmp_path),
+        "model": models["float16"],
+        "complex": tmp_path / "c.npz",
+    }
     argv = [a.format(**subs) for a in argv]
     try:
         rc = run_cli(*argv)
@@ -393,8 +441,15 @@ def test_unreachable_server(models, tmp_path, capsys):
     with socket.socket() as s:  # a port nothing listens on
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    rc = run_cli("quantize", models["float16"], "-o", tmp_path / "o.arrow", "-q",
-                 "--server", f"grpc://127.0.0.1:{port}")
+    rc = run_cli(
+        "quantize",
+        models["float16"],
+        "-o",
+        tmp_path / "o.arrow",
+        "-q",
+        "--server",
+        f"grpc://127.0.0.1:{port}",
+    )
     assert rc == 1
     one_error_line(capsys)
     assert list(tmp_path.iterdir()) == []
@@ -412,7 +467,9 @@ def test_estimate_matches_the_real_run(models, tmp_path, capsys):
     assert run_cli("quantize", models["bfloat16"], "-o", tmp_path / "q.arrow", "--json", *opts) == 0
     real = json.loads(capsys.readouterr().out)
     assert est["bytes_out"] == real["bytes_out"] and est["bytes_in"] == real["bytes_in"]
-    assert [t["bytes_out"] for t in est["per_tensor"]] == [t["bytes_out"] for t in real["per_tensor"]]
+    assert [t["bytes_out"] for t in est["per_tensor"]] == [
+        t["bytes_out"] for t in real["per_tensor"]
+    ]
     # 2 bits + two float32 per 32 weights = 4 bits/weight
     assert est["bits_per_weight"] == pytest.approx(4.0, abs=0.01)
     assert run_cli("inspect", models["bfloat16"], "--estimate", *opts) == 0
@@ -431,8 +488,22 @@ def test_inspect_plain_and_quantized(models, tmp_path, capsys):
     assert by_name["model.embed_tokens.weight"]["shape"] == [1000, 64]
 
     q = tmp_path / "q.arrow"
-    assert run_cli("quantize", models["bfloat16"], "-o", q, "-q", "--bits", "8", "--group-size", "256",
-                   "--scheme", "symmetric") == 0
+    assert (
+        run_cli(
+            "quantize",
+            models["bfloat16"],
+            "-o",
+            q,
+            "-q",
+            "--bits",
+            "8",
+            "--group-size",
+            "256",
+            "--scheme",
+            "symmetric",
+        )
+        == 0
+    )
     assert run_cli("inspect", q, "--json") == 0
     qi = json.loads(capsys.readouterr().out)
     assert qi["quantized"] is True and qi["tensors"] == len(model)
@@ -454,8 +525,14 @@ def test_inspect_plain_and_quantized(models, tmp_path, capsys):
 
 def _python_m(*argv, cwd=REPO):
     env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    return subprocess.run([sys.executable, "-m", "flightquant", *map(str, argv)],
-                          capture_output=True, text=True, cwd=cwd, env=env, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "flightquant", *map(str, argv)],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env=env,
+        timeout=120,
+    )
 
 
 def test_entry_point_round_trip(models, tmp_path):
@@ -476,3 +553,81 @@ def test_entry_point_error_is_one_line(tmp_path):
     assert "Traceback" not in r.stderr
     r = _python_m("quantize", tmp_path / "nope.npz", "-o", tmp_path / "o.arrow", "--bits", "3")
     assert r.returncode != 0 and r.stderr.count("\n") == 1, r.stderr
+
+
+# --------------------------------------------------------------------------- interruption, progress
+
+
+def test_interrupt_midway_leaves_nothing(models, tmp_path, monkeypatch, capsys):
+    from flightquant import modelio
+
+    calls = []
+    real_write = modelio.TableWriter.write
+
+    def write(self, batch):
+        calls.append(batch.num_rows)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        real_write(self, batch)
+
+    monkeypatch.setattr(modelio.TableWriter, "write", write)
+    rc = run_cli(
+        "quantize", models["float32"], "-o", tmp_path / "q.arrow", "--max-batch-bytes", "100000"
+    )
+    assert rc == 130 and len(calls) == 2
+    assert one_error_line(capsys) == "flightquant: error: interrupted"
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_progress_bar_only_on_a_terminal(models, tmp_path, monkeypatch, capsys):
+    import io
+
+    class Tty(io.StringIO):
+        def isatty(self):
+            return True
+
+    fake = Tty()
+    monkeypatch.setattr(sys, "stderr", fake)
+    assert (
+        run_cli(
+            "quantize", models["float32"], "-o", tmp_path / "a.arrow", "--max-batch-bytes", "100000"
+        )
+        == 0
+    )
+    assert "quantize" in fake.getvalue() and "%" in fake.getvalue()
+    fake.truncate(0)
+    fake.seek(0)
+    assert run_cli("quantize", models["float32"], "-o", tmp_path / "b.arrow", "-q") == 0
+    assert fake.getvalue() == ""
+
+
+def test_failover_warning_after_success(models, server, tmp_path, capsys):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dead = f"grpc://127.0.0.1:{s.getsockname()[1]}"
+    out = tmp_path / "q.arrow"
+    # each run starts at the first location, the dead one, and fails over
+    for _ in range(2):
+        assert (
+            run_cli(
+                "quantize",
+                models["float16"],
+                "-o",
+                out,
+                "--server",
+                dead,
+                "--server",
+                server.location,
+                "--json",
+            )
+            == 0
+        )
+        captured = capsys.readouterr()
+        assert json.loads(captured.out)["tensors"] == 11
+        lines = captured.err.splitlines()
+        assert lines and all(ln.startswith("flightquant: warning: ") for ln in lines), lines
+        assert dead in captured.err
+    assert run_cli("quantize", models["float16"], "-o", tmp_path / "local.arrow", "-q") == 0
+    assert out.read_bytes() == (tmp_path / "local.arrow").read_bytes()

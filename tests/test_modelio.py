@@ -78,8 +78,11 @@ def test_tensor_batches_layout_and_split(st_file):
     path, tensors = st_file
     f = modelio.open_input(path)
     seen: list[list[str]] = []
-    batches = list(modelio.tensor_batches(f, max_batch_bytes=200,
-                                          on_batch=lambda infos: seen.append([i.name for i in infos])))
+    batches = list(
+        modelio.tensor_batches(
+            f, max_batch_bytes=200, on_batch=lambda infos: seen.append([i.name for i in infos])
+        )
+    )
     assert len(batches) > 1
     assert all(b.schema == modelio.TENSOR_SCHEMA for b in batches)
     assert [b.column("layer_name").to_pylist() for b in batches] == seen
@@ -90,7 +93,9 @@ def test_tensor_batches_layout_and_split(st_file):
         y = back[name]
         assert y.dtype == x.dtype and y.shape == x.shape, name
         if x.dtype != np.float64:
-            np.testing.assert_array_equal(y.reshape(-1).view(np.uint8), x.reshape(-1).view(np.uint8))
+            np.testing.assert_array_equal(
+                y.reshape(-1).view(np.uint8), x.reshape(-1).view(np.uint8)
+            )
     rows = {r["layer_name"]: r for b in batches for r in b.to_pylist()}
     assert rows["e.ids"]["weights"] is None and rows["e.ids"]["raw"] == np.arange(10).tobytes()
     assert rows["a.bf16"]["raw"] is None and rows["a.bf16"]["dtype"] == "bfloat16"
@@ -102,7 +107,9 @@ def test_npz_and_npy(tmp_path):
     np.savez(tmp_path / "m.npz", **arrays)
     f = modelio.open_input(tmp_path / "m.npz")
     assert [(i.name, i.shape, i.dtype) for i in f.infos] == [
-        ("w", (3, 4), "float16"), ("ids", (5,), "int32")]
+        ("w", (3, 4), "float16"),
+        ("ids", (5,), "int32"),
+    ]
     for info, arr in f:
         np.testing.assert_array_equal(arr, arrays[info.name])
     np.save(tmp_path / "emb.npy", np.zeros((6, 2), np.float64))
@@ -190,10 +197,14 @@ def test_atomic_output_leaves_nothing_on_failure(tmp_path):
 
 
 def test_table_files_rechunk_and_formats(tmp_path):
-    table = pa.table({
-        "layer_name": [f"l{i}" for i in range(50)],
-        "weights": pa.array([np.full(100, i, np.float32) for i in range(50)], pa.list_(pa.float32())),
-    })
+    table = pa.table(
+        {
+            "layer_name": [f"l{i}" for i in range(50)],
+            "weights": pa.array(
+                [np.full(100, i, np.float32) for i in range(50)], pa.list_(pa.float32())
+            ),
+        }
+    )
     paths = {}
     paths["file"] = tmp_path / "a.arrow"
     with ipc.new_file(str(paths["file"]), table.schema) as w:

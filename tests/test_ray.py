@@ -24,8 +24,13 @@ def ray_local():
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("PYTHONPATH", path)
         mp.setenv("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
-                 configure_logging=False, ignore_reinit_error=True)
+        ray.init(
+            num_cpus=2,
+            include_dashboard=False,
+            log_to_driver=False,
+            configure_logging=False,
+            ignore_reinit_error=True,
+        )
         ctx = ray.data.DataContext.get_current()
         ctx.enable_progress_bars = False
         try:
@@ -44,11 +49,13 @@ def tensors_table() -> pa.Table:
     rng = np.random.default_rng(7)
     sizes = rng.integers(1, 3000, N_TENSORS)
     rows = [rng.standard_normal(int(n)).astype(np.float32) for n in sizes]
-    return pa.table({
-        "layer_name": [f"layer.{i:04d}.weight" for i in range(N_TENSORS)],
-        "weights": pa.array(rows, pa.list_(pa.float32())),
-        "shape": pa.array([[int(n)] for n in sizes], pa.list_(pa.int64())),
-    })
+    return pa.table(
+        {
+            "layer_name": [f"layer.{i:04d}.weight" for i in range(N_TENSORS)],
+            "weights": pa.array(rows, pa.list_(pa.float32())),
+            "shape": pa.array([[int(n)] for n in sizes], pa.list_(pa.int64())),
+        }
+    )
 
 
 def _collect(ds) -> pa.Table:
@@ -84,8 +91,15 @@ def test_map_batches_across_two_servers(ray_local, servers):
 
     # and back, in-process this time (no locations)
     qds = ray.data.from_arrow([got.slice(i, 60) for i in range(0, N_TENSORS, 60)])
-    back = _collect(qds.map_batches(FlightDequantizer, batch_format="pyarrow", batch_size=32,
-                                    compute=ray.data.ActorPoolStrategy(size=1), num_cpus=0.5))
+    back = _collect(
+        qds.map_batches(
+            FlightDequantizer,
+            batch_format="pyarrow",
+            batch_size=32,
+            compute=ray.data.ActorPoolStrategy(size=1),
+            num_cpus=0.5,
+        )
+    )
     assert back.equals(fq.dequantize(expected).combine_chunks())
 
 
