@@ -144,15 +144,24 @@ cdef inline bint scan_group(const floating* x, int64_t n, const Params* p,
     cdef float nf[LANES]
     cdef float w, z, lo = p.lo, hi = p.hi
     cdef int64_t i, j, h, nl = n - n % LANES
-    w = <float>x[0]
-    z = w - w               # not a literal 0: gcc would turn that into a slow `rep stos`
-    w = clampf(w, lo, hi)
-    for j in range(LANES):
-        mn[j] = w
-        mx[j] = w
-        nf[j] = z
+    if n >= LANES:          # the first LANES elements seed the lanes
+        for j in range(LANES):
+            w = <float>x[j]
+            nf[j] = w - w
+            w = lo if w < lo else w
+            w = hi if w > hi else w
+            mn[j] = w
+            mx[j] = w
+    else:
+        w = <float>x[0]
+        z = w - w           # not a literal 0: gcc would turn that into a slow `rep stos`
+        w = clampf(w, lo, hi)
+        for j in range(LANES):
+            mn[j] = w
+            mx[j] = w
+            nf[j] = z
     if p.has_clip:
-        for i in range(0, nl, 32):
+        for i in range(LANES, nl, 32):
             for j in range(LANES):
                 w = <float>x[i + j]
                 nf[j] = nf[j] + (w - w)
@@ -161,7 +170,7 @@ cdef inline bint scan_group(const floating* x, int64_t n, const Params* p,
                 mn[j] = w if w < mn[j] else mn[j]
                 mx[j] = w if w > mx[j] else mx[j]
     else:
-        for i in range(0, nl, 32):
+        for i in range(LANES, nl, 32):
             for j in range(LANES):
                 w = <float>x[i + j]
                 nf[j] = nf[j] + (w - w)
