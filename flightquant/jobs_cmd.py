@@ -626,7 +626,7 @@ def run_quantize(args: argparse.Namespace) -> int:
         total = None
     bar = _progress(args, total, "quantize")
     writer = None
-    stream = runner.quantize(ledger.feed(batches, infos_q), stats=True, **options)
+    stream = runner.quantize(_read_ahead(ledger.feed(batches, infos_q)), stats=True, **options)
     try:
         with modelio.atomic_output(args.output) as tmp:
             for out in stream:
@@ -655,6 +655,52 @@ def run_quantize(args: argparse.Namespace) -> int:
             args, ledger.stats, seconds, options, runner.where, Path(args.output).stat().st_size
         )
     return 0
+
+
+def _read_ahead(items: Iterable[Any], depth: int = 1) -> Iterator[Any]:
+    """Produce ``items`` in a background thread, ``depth`` ahead of the consumer.
+
+    Reading, widening and packing the next batch (NumPy and Arrow release the GIL) then
+    overlap with the kernels working on this one. Errors re-raise in the consumer, in order.
+    """
+    import queue
+    import threading
+
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+    done = object()
+
+    def put(item) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        try:
+            for item in items:
+                if not put((None, item)):
+                    return
+            put((None, done))
+        except BaseException as exc:  # noqa: BLE001 - handed to the consumer
+            put((exc, None))
+
+    thread = threading.Thread(target=produce, name="flightquant-read-ahead", daemon=True)
+    thread.start()
+    try:
+        while True:
+            exc, item = q.get()
+            if exc is not None:
+                raise exc
+            if item is done:
+                return
+            yield item
+    finally:
+        stop.set()
+        thread.join(timeout=5)
 
 
 def _never_empty(
@@ -1007,7 +1053,9 @@ def run_dequantize(args: argparse.Namespace) -> int:
     bar = _progress(args, source.num_rows, "dequantize")
     tensors = 0
     writer = None
-    stream = runner.dequantize(_never_empty(source.iter_batches(), source.schema, None))
+    stream = runner.dequantize(
+        _read_ahead(_never_empty(source.iter_batches(), source.schema, None))
+    )
     try:
         with modelio.atomic_output(args.output) as tmp:
             if fmt == "safetensors":
