@@ -592,6 +592,8 @@ def run_quantize(args: argparse.Namespace) -> int:
     """``flightquant quantize INPUT -o OUTPUT``."""
     options = _options(args, args.columns)
     source = modelio.open_input(args.input)
+    if source.kind == "table" and _is_quantized(source.schema):
+        raise JobError(f"{args.input} is already quantized; `flightquant dequantize` restores it")
     if args.estimate:
         return _print_estimate(source, options, args)
     if not args.output:

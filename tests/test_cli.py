@@ -405,6 +405,8 @@ def _corrupt(tmp_path: Path) -> Path:
         (["quantize", "{model}"], "needs -o OUTPUT"),
         (["quantize", "{complex}", "-o", "{tmp}/o.arrow"], "complex64"),
         (["dequantize", "{model}", "-o", "{tmp}/o.safetensors"], "nothing to dequantize"),
+        (["quantize", "{quantized}", "-o", "{tmp}/o.arrow"], "already quantized"),
+        (["inspect", "{quantized}", "--estimate"], "already quantized"),
         (["dequantize", "{tmp}/missing.arrow", "-o", "{tmp}/o.npz"], "no such file"),
         (["inspect", "{tmp}/garbage.parquet"], "not a valid Parquet file"),
         (["quantize", "{model}", "-o", "{tmp}/nodir/o.arrow"], "does not exist"),
@@ -418,7 +420,10 @@ def test_bad_input_one_line(models, tmp_path, argv, needle, capsys):
     (tmp_path / "m.txt").write_text("hello")
     (tmp_path / "garbage.parquet").write_bytes(b"PAR1 garbage")
     np.savez(tmp_path / "c.npz", z=np.ones(4, np.complex64))
+    quantized = tmp_path / "q.parquet"
+    pq.write_table(fq.quantize(pa.table({"w": [[1.0, 2.0]]})), str(quantized))
     subs = {
+        "quantized": quantized,
         "tmp": tmp_path,
         "corrupt": _corrupt(tmp_path),
         "model": models["float16"],
