@@ -150,23 +150,23 @@ def _derived_fields(field: pa.Field, options: QuantOptions) -> list[pa.Field]:
     return fields
 
 
-_PLANS: dict = {}
-_MAX_PLANS = 256
+_PLANS: list = []  # recent (kind, schema, options, plan), newest last
+_MAX_PLANS = 32
 
 
 def _cached(kind: str, schema: pa.Schema, options, build):
     """Memoise per-schema work: every batch of a stream has the same schema.
 
-    The key is the serialized schema (``Schema.__eq__`` ignores metadata, which matters
-    here) and the options.
+    Schemas are compared with their metadata (``Schema.__eq__`` and ``hash`` ignore it,
+    and it matters here); a comparison costs well under a microsecond.
     """
-    key = (kind, schema.serialize().to_pybytes(), options)
-    plan = _PLANS.get(key)
-    if plan is None:
-        plan = build()
-        if len(_PLANS) >= _MAX_PLANS:
-            _PLANS.clear()
-        _PLANS[key] = plan
+    for k, sch, opts, plan in reversed(_PLANS):
+        if k == kind and opts == options and sch.equals(schema, check_metadata=True):
+            return plan
+    plan = build()
+    _PLANS.append((kind, schema, options, plan))
+    if len(_PLANS) > _MAX_PLANS:
+        del _PLANS[: len(_PLANS) - _MAX_PLANS]
     return plan
 
 
@@ -310,17 +310,17 @@ def quantize_batch(
     if options.op != "quantize":
         raise OptionsError("quantize_batch needs op='quantize'")
     schema, picked = _quantize_plan(batch.schema, options)
-    info = BatchInfo(rows=batch.num_rows)
+    # buffer sizes (cheap) rather than nbytes (walks the data): exact for unsliced batches
+    in_bytes = batch.get_total_buffer_size()
+    info = BatchInfo(rows=batch.num_rows, input_bytes=in_bytes, output_bytes=in_bytes)
     arrays: list[pa.Array] = []
     total_sse, max_err = 0.0, 0.0
     for i, field in enumerate(batch.schema):
         arr = batch.column(i)
-        nbytes = arr.nbytes
-        info.input_bytes += nbytes
         if i not in picked:
             arrays.append(arr)
-            info.output_bytes += nbytes
             continue
+        info.output_bytes -= arr.get_total_buffer_size()
         rows = _rows_of(arr)
         _check_child_nulls(batch, field.name, rows)
         t0 = time.perf_counter()
@@ -556,7 +556,7 @@ def _validate(arr: pa.Array, name: str) -> None:
 def dequantize_batch(batch: pa.RecordBatch, *, threads: int | None = None) -> tuple[pa.RecordBatch, BatchInfo]:
     """Restore the float columns of a quantized batch (original value type, lengths, nulls)."""
     schema, metas = _dequantize_plan(batch.schema)
-    info = BatchInfo(rows=batch.num_rows, input_bytes=batch.nbytes)
+    info = BatchInfo(rows=batch.num_rows, input_bytes=batch.get_total_buffer_size())
     arrays = []
     n = batch.num_rows
     for field in schema:
@@ -564,7 +564,7 @@ def dequantize_batch(batch: pa.RecordBatch, *, threads: int | None = None) -> tu
         m = metas.get(field.name)
         if m is None:
             arrays.append(arr)
-            info.output_bytes += arr.nbytes
+            info.output_bytes += arr.get_total_buffer_size()
             continue
         _validate(arr, field.name)
         valid = _validity(arr)
