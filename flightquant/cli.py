@@ -7,13 +7,22 @@ only wires them together, so the CLI stays a thin layer over the server and the 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from . import __version__
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors are one line on stderr (exit 2), like every other CLI error."""
+
+    def error(self, message: str):  # type: ignore[override]
+        sys.stderr.write(f"flightquant: error: {message} (see '{self.prog} --help')\n")
+        sys.exit(2)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="flightquant",
         description="Arrow Flight server and CLI that quantize float tensors to 2/4/8 bits.",
     )
@@ -34,7 +43,17 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    return int(args.func(args) or 0)
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        sys.stderr.write("flightquant: interrupted\n")
+        return 130
+    except Exception as exc:  # the sub-commands report their own errors; this is the net
+        if os.environ.get("FLIGHTQUANT_DEBUG"):
+            raise
+        sys.stderr.write(f"flightquant: error: {type(exc).__name__}: {exc} "
+                         "(set FLIGHTQUANT_DEBUG=1 for a traceback)\n")
+        return 1
 
 
 if __name__ == "__main__":  # pragma: no cover

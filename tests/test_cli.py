@@ -636,3 +636,14 @@ def test_failover_warning_after_success(models, server, tmp_path, capsys):
         assert dead in captured.err
     assert run_cli("quantize", models["float16"], "-o", tmp_path / "local.arrow", "-q") == 0
     assert out.read_bytes() == (tmp_path / "local.arrow").read_bytes()
+
+
+@pytest.mark.parametrize("argv", [[], ["frobnicate"], ["serve", "--port", "x"], ["quantize"]])
+def test_usage_errors_are_one_line(argv, capsys):
+    from flightquant import cli
+
+    with pytest.raises(SystemExit) as e:
+        cli.main(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("flightquant: error:"), err
