@@ -106,6 +106,8 @@ setup(
     ext_modules=cythonize(
         extensions,
         include_path=["ext"],
+        # the directives depend on the environment: never reuse a stale generated .c
+        force=True,
         compiler_directives={
             "language_level": 3,
             "boundscheck": _checks,

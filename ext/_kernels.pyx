@@ -15,7 +15,6 @@
 # nothing here allocates a Python object, raises or prints. Non-finite input is reported as
 # a count of bad blocks; the wrapper finds the exact element with NumPy.
 
-cimport cython
 from cython cimport floating
 from cython.parallel cimport prange
 from libc.math cimport fabs, fabsf, rint
@@ -499,8 +498,6 @@ cdef int quant_block(const floating* values, const int64_t* row_starts,
     return 0
 
 
-@cython.boundscheck(False)
-@cython.wraparound(False)
 def quantize_kernel(const floating[::1] values, const int64_t[::1] row_starts,
                     const int64_t[::1] row_lens, const int64_t[::1] group_offsets,
                     const int64_t[::1] code_offsets, const int64_t[::1] block_offsets,
@@ -615,8 +612,6 @@ cdef void dequant_block(const uint8_t* codes, const int64_t* row_lens, const int
                 o[i] = (<float>((cp[e >> 3] >> (e & 7)) & mask) - z) * s
 
 
-@cython.boundscheck(False)
-@cython.wraparound(False)
 def dequantize_kernel(const uint8_t[::1] codes, const int64_t[::1] row_lens,
                       const int64_t[::1] group_offsets, const int64_t[::1] code_offsets,
                       const int64_t[::1] block_offsets, const int64_t[::1] out_starts,
