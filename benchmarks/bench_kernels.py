@@ -22,6 +22,7 @@ import os
 import statistics
 import sys
 import time
+from functools import partial
 
 import numpy as np
 
@@ -99,19 +100,18 @@ def main(argv=None) -> int:
         for t in thread_counts:
             q = kernels.quantize_rows(x, starts, lens, threads=t, **kw)
             row[f"q{t}"] = gbps(nbytes, timeit(
-                lambda t=t: kernels.quantize_rows(x, starts, lens, threads=t, **kw),
-                args.repeat))
+                partial(kernels.quantize_rows, x, starts, lens, threads=t, **kw), args.repeat))
             row[f"d{t}"] = gbps(nbytes, timeit(
-                lambda t=t, q=q: kernels.dequantize_rows(
-                    q.codes, q.layout, q.scales, q.zero_points, scheme=scheme, threads=t),
-                args.repeat))
+                partial(kernels.dequantize_rows, q.codes, q.layout, q.scales, q.zero_points,
+                        scheme=scheme, threads=t), args.repeat))
         xs, ss, ls = x[: ref_rows * row_len], starts[:ref_rows], lens[:ref_rows]
+        ref_repeat = max(1, args.repeat // 2)
         row["ref"] = gbps(ref_bytes, timeit(
-            lambda: reference.quantize_rows(xs, ss, ls, **kw), max(1, args.repeat // 2)))
+            partial(reference.quantize_rows, xs, ss, ls, **kw), ref_repeat))
         qs = reference.quantize_rows(xs, ss, ls, **kw)
         row["ref_d"] = gbps(ref_bytes, timeit(
-            lambda: reference.dequantize_rows(qs.codes, qs.layout, qs.scales, qs.zero_points,
-                                              scheme=scheme), max(1, args.repeat // 2)))
+            partial(reference.dequantize_rows, qs.codes, qs.layout, qs.scales, qs.zero_points,
+                    scheme=scheme), ref_repeat))
         results.append(row)
 
     peers = {"memcopy np.copyto (preallocated)": copy_rate,

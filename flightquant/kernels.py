@@ -139,7 +139,7 @@ def _check_common(bits, scheme, group_size):
 
 def _first_non_finite(values: np.ndarray, starts: np.ndarray, lens: np.ndarray):
     """(row, element, original value) of the first non-finite element inside the rows."""
-    for r, (s, n) in enumerate(zip(starts.tolist(), lens.tolist())):
+    for r, (s, n) in enumerate(zip(starts.tolist(), lens.tolist(), strict=True)):
         if n == 0:
             continue
         seg = values[s : s + n]

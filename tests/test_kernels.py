@@ -279,7 +279,7 @@ def test_property_rtn_error_bound(rows, bits, scheme, group_size, clip, threads)
     assert x_hat.size == x.size and x_hat.dtype == F32
     xc = x if clip is None else np.clip(x, -F32(clip), F32(clip))
     lay = q.layout
-    for r, (s, n) in enumerate(zip(starts.tolist(), lens.tolist())):
+    for r, (s, n) in enumerate(zip(starts.tolist(), lens.tolist(), strict=True)):
         for g0 in range(0, n, group_size):
             sl = slice(s + g0, s + min(n, g0 + group_size))
             grp, orig, rec = xc[sl], x[sl], x_hat[sl]
@@ -369,7 +369,7 @@ def test_float64_overflowing_float32_is_non_finite():
 def test_nan_outside_rows_is_ignored():
     x, starts, lens = _rows([5, 0, 9], gap=4)
     mask = np.ones(x.size, bool)
-    for s, n in zip(starts, lens):
+    for s, n in zip(starts, lens, strict=True):
         mask[s : s + n] = False
     x[mask] = np.nan
     kw = dict(bits=4, scheme="asymmetric", group_size=4)
