@@ -38,3 +38,20 @@ def test_docstring_examples(module):
     mod = importlib.import_module(module)
     result = doctest.testmod(mod, optionflags=doctest.NORMALIZE_WHITESPACE)
     assert result.attempted > 0 and result.failed == 0
+
+
+def test_readme_plain_flight_example_runs(capsys):
+    import numpy as np
+    import pyarrow as pa
+
+    import flightquant as fq
+
+    block = next(b for b in code_blocks("python") if "flight.connect" in b)
+    table = pa.table({"layer_name": ["a", "b"],
+                      "weights": pa.array([np.ones(300, np.float32), np.arange(5, dtype=np.float32)],
+                                          pa.list_(pa.float32()))})
+    with fq.Server("grpc://127.0.0.1:0") as server:
+        code = block.replace("grpc://127.0.0.1:8815", server.location)
+        exec(compile(code, "README.md", "exec"), {"table": table})
+    printed = capsys.readouterr().out
+    assert '"batch_index": 0' in printed.replace("'", '"') or "'batch_index': 0" in printed
