@@ -179,10 +179,7 @@ cdef inline bint scan_group(const floating* x, int64_t n, const Params* p,
         w = <float>x[i]
         nf[0] = nf[0] + (w - w)
         w = clampf(w, lo, hi)
-        # `<=`: of tied minima (only +0.0 / -0.0 differ) the last one wins, as in NumPy's
-        # min for short arrays; it decides the sign of a zero point -0.0 vs +0.0. Longer
-        # NumPy reductions pick by SIMD lane, which no portable loop can reproduce.
-        mn[0] = w if w <= mn[0] else mn[0]
+        mn[0] = w if w < mn[0] else mn[0]
         mx[0] = w if w > mx[0] else mx[0]
     # halve the lanes (a loop with a variable trip count, so it vectorizes too)
     h = LANES // 2
@@ -196,7 +193,10 @@ cdef inline bint scan_group(const floating* x, int64_t n, const Params* p,
         mn[0] = mn[j] if mn[j] < mn[0] else mn[0]
         mx[0] = mx[j] if mx[j] > mx[0] else mx[0]
         nf[0] = nf[0] + nf[j]
-    pmn[0] = mn[0]
+    # `+ 0.0` turns a -0.0 minimum into +0.0 (the reference does the same): of tied
+    # minima +0.0 / -0.0, NumPy's min picks by SIMD lane, which no portable loop can
+    # reproduce, and the sign would reach the zero point
+    pmn[0] = mn[0] + <float>0.0
     pmx[0] = mx[0]
     return nf[0] != 0
 

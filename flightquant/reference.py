@@ -6,7 +6,7 @@ bit, for float32 input at any thread count. Clarity beats speed here. The formul
 
 *asymmetric* (``qmax = 2**bits - 1``)::
 
-    mn, mx = min(x), max(x)
+    mn, mx = min(x) + 0.0, max(x)      # + 0.0: a -0.0 minimum counts as +0.0
     constant group (mn == mx):   scale = |mn|  (0 when mn == 0),  q = 0
     otherwise:                   scale = max(f32((f64(mx) - f64(mn)) / qmax), TRUE_MIN)
                                  q = rint(clamp((x - mn) / scale, 0, qmax))       # float32
@@ -82,7 +82,7 @@ def _seqsum(a: np.ndarray, axis: int = -1) -> np.ndarray:
 def _rtn_groups(x: np.ndarray, bits: int, scheme: str):
     """rtn on a 2-D array of equally long groups (one per row). Returns (q, scale, zp)."""
     qmin, qmax, offset = qparams(bits, scheme)
-    mn = x.min(axis=1)
+    mn = x.min(axis=1) + F32(0)  # canonical +0.0 for a -0.0 minimum (see the kernels)
     mx = x.max(axis=1)
     const = mn == mx
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
@@ -131,7 +131,7 @@ def _mse_group(x: np.ndarray, bits: int, scheme: str, q0, scale0, zp0):
     xd = x.astype(F64)
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
         if scheme == "asymmetric":
-            mn = x.min()
+            mn = x.min() + F32(0)
             mx = x.max()
             rng = float(F64(mx) - F64(mn))
             sum_x = float(_seqsum(xd))
@@ -288,10 +288,11 @@ def quantize_rows(
 
 
 def _reconstruct_row(q, scales, zps, offset, group_size):
-    rep_s = np.repeat(scales, group_size)[: q.size]
+    rep = min(group_size, q.size)  # a group larger than the row is one group
+    rep_s = np.repeat(scales, rep)[: q.size]
     if zps is None:
         return (q.astype(F32) - F32(offset)) * rep_s
-    rep_z = np.repeat(zps, group_size)[: q.size]
+    rep_z = np.repeat(zps, rep)[: q.size]
     return (q.astype(F32) - rep_z) * rep_s
 
 
