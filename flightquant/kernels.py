@@ -208,9 +208,13 @@ def quantize_rows(
         if s.min() < 0 or (s + n).max() > vals.size:
             raise ValueError(f"a row lies outside the values buffer of {vals.size} elements")
     qmin, qmax, offset = qparams(bits, scheme)
-    codes = np.zeros(layout.n_code_bytes, np.uint8)
-    scales = np.zeros(layout.n_groups, _F32)
-    zps = np.zeros(layout.n_groups if scheme == "asymmetric" else 0, _F32)
+    # the kernel writes every code byte and scale of every row; only a fixed-size layout
+    # with shorter (null) rows leaves slots to zero. Zero-filling costs a pass of its own.
+    gaps = fixed_row_len is not None and bool((lens != fixed_row_len).any())
+    alloc = np.zeros if gaps else np.empty
+    codes = alloc(layout.n_code_bytes, np.uint8)
+    scales = alloc(layout.n_groups, _F32)
+    zps = alloc(layout.n_groups if scheme == "asymmetric" else 0, _F32)
     sse = np.zeros(layout.n_groups if stats else 0, _F64)
     maxerr = np.zeros(layout.n_groups if stats else 0, _F64)
     n_bad = _kernels.quantize_kernel(
@@ -299,7 +303,11 @@ def dequantize_rows(
         raise ValueError(f"a row lies outside the output of {size} elements")
     _, _, offset = qparams(layout.bits, scheme)
     kernel_dtype = _F64 if out_dtype == np.dtype(_F64) else _F32
-    out = np.zeros(size, kernel_dtype)
+    # rows that tile the output leave nothing to zero-fill
+    tiled = out_starts is None and size == int(lens.sum()) or (
+        out_starts is not None and size == int(lens.sum())
+        and np.array_equal(starts, np.cumsum(lens) - lens))
+    out = (np.empty if tiled else np.zeros)(size, kernel_dtype)
     offsets = [_as_int64(a, "layout offsets")
                for a in (layout.group_offsets, layout.code_offsets, layout.block_offsets)]
     if any(a.size != lens.size + 1 for a in offsets):
