@@ -18,7 +18,7 @@ from .errors import NonFiniteError
 from .layout import make_layout
 from .options import QuantOptions
 
-Data = Union[pa.Table, pa.RecordBatch, Iterable[pa.RecordBatch]]
+Data = Union[pa.Table, pa.RecordBatch, Iterable[pa.RecordBatch]]  # noqa: UP007 (runtime alias, py3.10)
 T = TypeVar("T", pa.Table, pa.RecordBatch)
 
 #: columns of the seed layer schema used for dicts of arrays

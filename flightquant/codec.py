@@ -487,11 +487,12 @@ def _build_dequantize_plan(schema: pa.Schema) -> tuple[pa.Schema, dict[str, _Cod
         if is_quantized_field(f):
             m = metas[f.name] = _meta_of(f)
             value = pa.field(m.value_field, _ARROW_FLOATS[m.dtype], m.value_nullable)
-            typ = {
-                "list": lambda: pa.list_(value),
-                "large_list": lambda: pa.large_list(value),
-                "fixed_size_list": lambda: pa.list_(value, m.list_size),
-            }[m.kind]()
+            if m.kind == "list":
+                typ = pa.list_(value)
+            elif m.kind == "large_list":
+                typ = pa.large_list(value)
+            else:
+                typ = pa.list_(value, m.list_size)
             md = {k: v for k, v in (f.metadata or {}).items() if not k.startswith(b"flightquant.")}
             fields.append(pa.field(f.name, typ, f.nullable, md or None))
         else:
@@ -649,7 +650,7 @@ def _data_bytes(arr: pa.Array) -> np.ndarray:
 
 def _align(values, starts, size, target_starts, counts) -> np.ndarray:
     out = np.zeros(size, np.float32)
-    for s, t, c in zip(starts.tolist(), target_starts.tolist(), counts.tolist()):
+    for s, t, c in zip(starts.tolist(), target_starts.tolist(), counts.tolist(), strict=True):
         out[t : t + c] = values[s : s + c]
     return out
 

@@ -263,7 +263,7 @@ def quantize_rows(
     zps = np.zeros(layout.n_groups, F32) if scheme == "asymmetric" else None
     sse = np.zeros(layout.n_groups, F64) if stats else None
     maxerr = np.zeros(layout.n_groups, F64) if stats else None
-    for r, (start, n) in enumerate(zip(starts.tolist(), layout.row_lens.tolist())):
+    for r, (start, n) in enumerate(zip(starts.tolist(), layout.row_lens.tolist(), strict=True)):
         if n == 0:
             continue
         x_orig = values[start : start + n].astype(F32)
