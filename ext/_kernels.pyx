@@ -19,7 +19,7 @@ from cython cimport floating
 from cython.parallel cimport prange
 from libc.math cimport fabs, fabsf, rint
 from libc.stdint cimport int64_t, uint8_t
-from libc.stdlib cimport calloc, free
+from libc.stdlib cimport calloc, free, malloc
 from libc.string cimport memcpy, memset
 
 from _openmp cimport FLIGHTQUANT_OPENMP, omp_get_max_threads, omp_get_thread_num
@@ -436,8 +436,14 @@ cdef int quant_block(const floating* values, const int64_t* row_starts,
                      const int64_t* row_lens, const int64_t* go, const int64_t* co,
                      const int64_t* bo, int64_t nrows, int64_t blk, int64_t* hint,
                      const Params* p, uint8_t* codes, float* scales, float* zps,
-                     double* gsse, double* gmax) noexcept nogil:
-    """Quantize one block; returns 1 when it holds a non-finite value (outputs then junk)."""
+                     double* gsse, double* gmax, floating* stage) noexcept nogil:
+    """Quantize one block; returns 1 when it holds a non-finite value (outputs then junk).
+
+    ``stage`` is NULL for aligned input. For input at an address that is not a multiple
+    of the item size (Arrow buffers received over Flight), it is this thread's aligned
+    scratch of at least one group: each group is copied there (from L1-sized memory, in
+    parallel) and read from there, so no misaligned element is ever dereferenced.
+    """
     cdef uint8_t qbuf[CHUNK]
     cdef int64_t r, n, ngr, gi0, gi1, gi, gstart, glen, e0, done, m, fill, per_byte
     cdef int64_t gs = p.group_size
@@ -460,6 +466,9 @@ cdef int quant_block(const floating* values, const int64_t* row_starts,
         glen = n - gstart
         glen = gs if glen > gs else glen
         xg = values + row_starts[r] + gstart
+        if stage != NULL:
+            memcpy(stage, <const void*>xg, glen * sizeof(floating))
+            xg = stage
         if scan_group(xg, glen, p, &mn, &mx):
             return 1
         g = rtn_params(xg, glen, p, mn, mx)
@@ -505,10 +514,14 @@ def quantize_kernel(const floating[::1] values, const int64_t[::1] row_starts,
                     int64_t group_size, int qmin, int qmax, int offset, bint has_clip,
                     float clip, uint8_t[::1] codes, float[::1] scales,
                     float[::1] zero_points, double[::1] group_sse,
-                    double[::1] group_max_err, bint stats, int n_threads):
+                    double[::1] group_max_err, bint stats, int n_threads,
+                    int64_t stage_elems=0):
     """Fill codes/scales/zero_points (and stats) for every block; return the number of
     blocks that hold a non-finite value (0 on success). Inputs are validated by the
-    caller: every row lies inside ``values`` and the outputs match the layout."""
+    caller: every row lies inside ``values`` and the outputs match the layout.
+
+    ``stage_elems > 0`` (the longest group, for misaligned ``values``) makes every thread
+    read its groups through an aligned scratch of that many elements."""
     cdef Params p
     cdef int64_t nrows = row_lens.shape[0]
     cdef int64_t n_blocks = block_offsets[nrows]
@@ -519,6 +532,8 @@ def quantize_kernel(const floating[::1] values, const int64_t[::1] row_starts,
     cdef double* sp = NULL
     cdef double* mp = NULL
     cdef int64_t* hints = NULL
+    cdef floating* stages = NULL
+    cdef int64_t stride = 0
     if n_blocks == 0:
         return 0
     p.bits = bits
@@ -542,14 +557,22 @@ def quantize_kernel(const floating[::1] values, const int64_t[::1] row_starts,
     hints = <int64_t*>calloc(HINT_STRIDE * n_threads, sizeof(int64_t))
     if hints == NULL:
         raise MemoryError()
+    if stage_elems > 0:
+        stride = (stage_elems + 15) // 16 * 16      # threads' stages on separate lines
+        stages = <floating*>malloc(stride * n_threads * sizeof(floating))
+        if stages == NULL:
+            free(hints)
+            raise MemoryError()
     try:
         for blk in prange(n_blocks, schedule="static", nogil=True, num_threads=n_threads):
             bad += quant_block(vp, &row_starts[0], &row_lens[0], &group_offsets[0],
                                &code_offsets[0], &block_offsets[0], nrows, blk,
                                hints + HINT_STRIDE * omp_get_thread_num(), &p,
-                               &codes[0], &scales[0], zp, sp, mp)
+                               &codes[0], &scales[0], zp, sp, mp,
+                               stages + stride * omp_get_thread_num() if stages != NULL else NULL)
     finally:
         free(hints)
+        free(stages)
     return bad
 
 

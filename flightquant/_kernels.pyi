@@ -34,8 +34,12 @@ def quantize_kernel(
     group_max_err: npt.NDArray[np.float64],
     stats: bool,
     n_threads: int,
+    stage_elems: int = 0,
 ) -> int:
-    """Fill the outputs; return the number of blocks holding a non-finite value."""
+    """Fill the outputs; return the number of blocks holding a non-finite value.
+
+    ``stage_elems > 0``: ``values`` may be misaligned; each group is read through an
+    aligned per-thread scratch of that many elements."""
 
 def dequantize_kernel(
     codes: npt.NDArray[np.uint8],

@@ -11,10 +11,14 @@ Input normalisation:
   (a fused type); float64 is rounded to float32 as the kernel reads it, like
   ``values.astype(np.float32)`` in the reference.
 * The values may be a zero-copy view of an Arrow buffer: read-only is fine (the kernel
-  takes ``const`` memoryviews); a buffer that is not aligned to its itemsize is copied once
-  into an aligned array. Unaligned float loads are legal on x86 but undefined behaviour in
-  C, and gcc's vectorizer peels loops to reach an aligned address assuming the pointer is
-  element-aligned, then emits aligned vector loads that would fault on such a buffer.
+  takes ``const`` memoryviews). A buffer that is not aligned to its itemsize (Flight
+  hands those over: the body of a received message sits wherever the protobuf put it) is
+  never read through a misaligned float pointer: the kernel copies each group into an
+  aligned per-thread scratch first (L1-sized, in parallel), so there is no extra pass
+  over the whole input. Only groups longer than ``STAGE_MAX`` elements make the wrapper
+  copy the whole array instead. (Unaligned float loads are legal on x86 but undefined
+  behaviour in C, and gcc's vectorizer may peel a loop to an aligned address assuming
+  the pointer is element-aligned, then emit aligned vector loads that fault.)
 * Non-contiguous arrays are copied (``np.ascontiguousarray``).
 """
 
@@ -94,8 +98,13 @@ def build_info() -> dict:
     }
 
 
-def _as_values(values) -> np.ndarray:
-    """1-D, C-contiguous, aligned float32/float64 array (float16 widened)."""
+#: longest group the kernel stages through its per-thread scratch (elements)
+STAGE_MAX = 1 << 20
+
+
+def _as_values(values, stage_ok: bool = False) -> np.ndarray:
+    """1-D, C-contiguous float32/float64 array (float16 widened), aligned unless
+    ``stage_ok`` (the kernel then stages each group through aligned scratch)."""
     arr = np.asarray(values)
     if arr.ndim != 1:
         raise ValueError(f"values must be a 1-D array, got {arr.ndim} dimensions")
@@ -105,7 +114,7 @@ def _as_values(values) -> np.ndarray:
         raise TypeError(f"values must be float16, float32 or float64, got {arr.dtype}")
     if not arr.flags.c_contiguous:
         arr = np.ascontiguousarray(arr)
-    if not arr.flags.aligned:
+    if not arr.flags.aligned and not stage_ok:
         # see the module docstring: vectorized loops may use aligned loads
         arr = arr.copy()
     return arr
@@ -192,10 +201,12 @@ def quantize_rows(
         clip_f = _F32(clip)
         if not (np.isfinite(clip_f) and clip_f > 0):
             raise ValueError(f"clip must be None or a positive finite float32 number, got {clip!r}")
-    vals = _as_values(values)
     starts = _as_int64(row_starts, "row_starts")
     layout = make_layout(row_lens, bits, group_size, fixed_row_len)
     lens = layout.row_lens
+    longest_group = min(group_size, int(lens.max())) if lens.size else 0
+    vals = _as_values(values, stage_ok=longest_group <= STAGE_MAX)
+    stage_elems = 0 if vals.flags.aligned else longest_group
     if starts.size != lens.size:
         raise ValueError(
             f"row_starts has {starts.size} entries but row_lens has {lens.size}"
@@ -222,7 +233,7 @@ def quantize_rows(
         layout.groups_per_block, bits, SCHEME_CODES[scheme], METHOD_CODES[method],
         group_size, qmin, qmax, offset, clip is not None,
         float(clip_f) if clip is not None else 0.0,
-        codes, scales, zps, sse, maxerr, bool(stats), n_threads,
+        codes, scales, zps, sse, maxerr, bool(stats), n_threads, stage_elems,
     )  # fmt: skip
     if n_bad:
         found = _first_non_finite(vals, starts, lens)
