@@ -151,7 +151,7 @@ def run(args: argparse.Namespace) -> int:
         line += f" (health on port {server.health_port})"
     print(line, flush=True)
     log.info("%s; max_streams=%d max_batch_bytes=%d threads=%s tls=%s auth=%s", line,
-             args.max_streams, args.max_batch_bytes, args.threads or "all", bool(certs),
+             args.max_streams, args.max_batch_bytes, args.threads or "auto (cores - 1, shared by streams)", bool(certs),
              token is not None)
     try:
         while not stop.wait(0.5):
