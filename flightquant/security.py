@@ -128,19 +128,7 @@ def load_token(token_file: str | os.PathLike | None, env_var: str = TOKEN_ENV_VA
     """
     if token_file is not None:
         path = os.fspath(token_file)
-        try:
-            with open(path, "rb") as fh:
-                raw = fh.read(1 << 16)
-        except FileNotFoundError:
-            raise SecurityConfigError(f"token file {path!r} does not exist") from None
-        except IsADirectoryError:
-            raise SecurityConfigError(f"token file {path!r} is a directory, not a file") from None
-        except PermissionError:
-            raise SecurityConfigError(
-                f"token file {path!r} is not readable by this user (permission denied)"
-            ) from None
-        except OSError as exc:
-            raise SecurityConfigError(f"cannot read token file {path!r}: {exc.strerror}") from None
+        raw = _read_file(path, "token", limit=1 << 16)
         try:
             text = raw.decode("ascii")
         except UnicodeDecodeError:
@@ -174,21 +162,26 @@ def auth_headers(token: str | None) -> list[tuple[bytes, bytes]]:
     return [(_HEADER.encode("ascii"), b"Bearer " + token.encode("ascii"))]
 
 
-def _read_pem(path: str | os.PathLike, what: str, marker: bytes) -> bytes:
-    p = os.fspath(path)
+def _read_file(path: str, what: str, limit: int = -1) -> bytes:
+    """The bytes of a secret/certificate file, or an error that says what is wrong."""
     try:
-        with open(p, "rb") as fh:
-            data = fh.read()
+        with open(path, "rb") as fh:
+            return fh.read(limit)
     except FileNotFoundError:
-        raise SecurityConfigError(f"{what} file {p!r} does not exist") from None
+        raise SecurityConfigError(f"{what} file {path!r} does not exist") from None
     except IsADirectoryError:
-        raise SecurityConfigError(f"{what} file {p!r} is a directory, not a file") from None
+        raise SecurityConfigError(f"{what} file {path!r} is a directory, not a file") from None
     except PermissionError:
         raise SecurityConfigError(
-            f"{what} file {p!r} is not readable by this user (permission denied)"
+            f"{what} file {path!r} is not readable by this user (permission denied)"
         ) from None
     except OSError as exc:
-        raise SecurityConfigError(f"cannot read {what} file {p!r}: {exc.strerror}") from None
+        raise SecurityConfigError(f"cannot read {what} file {path!r}: {exc.strerror}") from None
+
+
+def _read_pem(path: str | os.PathLike, what: str, marker: bytes) -> bytes:
+    p = os.fspath(path)
+    data = _read_file(p, what)
     if b"-----BEGIN " not in data or marker not in data:
         raise SecurityConfigError(
             f"{what} file {p!r} is not a PEM file with a {marker.decode()} block "
