@@ -229,6 +229,22 @@ def _offsets_view(arr: pa.Array) -> np.ndarray:
     return np.frombuffer(arr.buffers()[1], dtype, count=len(arr) + 1, offset=arr.offset * np.dtype(dtype).itemsize)
 
 
+def _row_extents(arr: pa.Array, valid: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    """Per-row start and length (0 for a null row) of a list or binary array, in units of
+    its child values (lists) or its data bytes (binary), respecting the array offset."""
+    n = len(arr)
+    if pa.types.is_fixed_size_list(arr.type) or pa.types.is_fixed_size_binary(arr.type):
+        width = arr.type.list_size if pa.types.is_fixed_size_list(arr.type) else arr.type.byte_width
+        starts = (np.arange(n, dtype=np.int64) + arr.offset) * width
+        lens = np.full(n, width, np.int64)
+    else:
+        offsets = _offsets_view(arr).astype(np.int64)
+        starts, lens = offsets[:-1], np.diff(offsets)
+    if valid is not None:
+        lens = np.where(valid, lens, 0)
+    return starts, lens
+
+
 @dataclass
 class _Rows:
     values: np.ndarray  # zero-copy view of the child values
@@ -244,19 +260,8 @@ def _rows_of(arr: pa.Array) -> _Rows:
     child = arr.values  # the whole child array; the list's own offset is applied below
     values = _primitive_view(child, _NP_DTYPES[str(arr.type.value_type)])
     valid = _validity(arr)
-    n = len(arr)
-    if kind == "fixed_size_list":
-        size = arr.type.list_size
-        starts = (np.arange(n, dtype=np.int64) + arr.offset) * size
-        lens = np.full(n, size, np.int64)
-        fixed = size
-    else:
-        offsets = _offsets_view(arr).astype(np.int64)
-        starts = offsets[:-1]
-        lens = np.diff(offsets)
-        fixed = None
-    if valid is not None:
-        lens = np.where(valid, lens, 0)
+    starts, lens = _row_extents(arr, valid)
+    fixed = arr.type.list_size if kind == "fixed_size_list" else None
     return _Rows(values, child, starts, lens, valid, fixed)
 
 
@@ -520,7 +525,7 @@ def _derived_column(batch: pa.RecordBatch, codes_name: str, role: str, required:
     return batch.column(idx)
 
 
-def _group_values(batch, codes_name: str, role: str, n: int, counts: np.ndarray, fixed: bool):
+def _group_values(batch, codes_name: str, role: str, counts: np.ndarray, fixed: bool):
     """Per-group float32 values of a scales/zero-points column, with per-row starts."""
     arr = _derived_column(batch, codes_name, role)
     ok_type = pa.types.is_fixed_size_list(arr.type) if fixed else pa.types.is_list(arr.type)
@@ -528,15 +533,7 @@ def _group_values(batch, codes_name: str, role: str, n: int, counts: np.ndarray,
         raise CodecError(f"column {codes_name}_{role!s} must be a list of float32, got {arr.type}")
     _validate(arr, f"{codes_name}_{role}")
     values = _primitive_view(arr.values, np.float32)
-    if fixed:
-        size = arr.type.list_size
-        starts = (np.arange(n, dtype=np.int64) + arr.offset) * size
-        have = np.full(n, size, np.int64)
-    else:
-        off = _offsets_view(arr).astype(np.int64)
-        starts, have = off[:-1], np.diff(off)
-    if arr.null_count:
-        have = np.where(arr.is_valid().to_numpy(zero_copy_only=False), have, 0)
+    starts, have = _row_extents(arr, _validity(arr))
     wrong = np.flatnonzero(have[: len(counts)] < counts) if fixed else np.flatnonzero(have != counts)
     if wrong.size:
         r = int(wrong[0])
@@ -570,23 +567,19 @@ def dequantize_batch(batch: pa.RecordBatch, *, threads: int | None = None) -> tu
         _validate(arr, field.name)
         valid = _validity(arr)
         fixed = m.kind == "fixed_size_list"
+        codes = _data_bytes(arr)
+        code_starts, have_bytes = _row_extents(arr, valid)  # codes' type checked by _meta_of
         if fixed:
             lens = np.full(n, m.list_size, np.int64)
-            code_starts = (np.arange(n, dtype=np.int64) + arr.offset) * (-(-m.list_size * m.bits // 8))
-            codes = _data_bytes(arr)
         else:
             numel = _derived_column(batch, field.name, "numel")
             if numel.type != pa.int64():
                 raise CodecError(f"column {field.name}_numel must be int64, got {numel.type}")
             lens = _primitive_view(numel, np.int64).copy()
-            code_off = _offsets_view(arr).astype(np.int64)
-            code_starts = code_off[:-1]
-            have_bytes = np.diff(code_off)
             if numel.null_count:
-                nvalid = numel.is_valid().to_numpy(zero_copy_only=False)
-                if valid is not None and (valid & ~nvalid).any() or valid is None and not nvalid.all():
+                needed = np.ones(n, bool) if valid is None else valid
+                if (needed & ~numel.is_valid().to_numpy(zero_copy_only=False)).any():
                     raise CodecError(f"column {field.name}_numel is null where {field.name!r} is not")
-            codes = _data_bytes(arr)
         if valid is not None:
             lens = np.where(valid, lens, 0)
         if (lens < 0).any() or (lens > 2**40).any():
@@ -603,10 +596,10 @@ def dequantize_batch(batch: pa.RecordBatch, *, threads: int | None = None) -> tu
                     "the codes are truncated or the element count is wrong"
                 )
         counts = -(-lens // m.group_size)
-        scales, s_starts = _group_values(batch, field.name, "scales", n, counts, fixed)
+        scales, s_starts = _group_values(batch, field.name, "scales", counts, fixed)
         zps = None
         if m.scheme == "asymmetric":
-            zps, z_starts = _group_values(batch, field.name, "zero_points", n, counts, fixed)
+            zps, z_starts = _group_values(batch, field.name, "zero_points", counts, fixed)
             if not np.array_equal(z_starts[counts > 0], s_starts[counts > 0]):
                 zps = _align(zps, z_starts, scales.size, s_starts, counts)
         # the rows' codes and groups start where the input arrays put them
