@@ -644,13 +644,7 @@ def run_quantize(args: argparse.Namespace) -> int:
             writer.close()
             writer = None
     finally:
-        bar.close()
-        if writer is not None:
-            _quietly(writer.close)
-        if hasattr(stream, "close"):
-            _quietly(stream.close)
-        runner.close()
-        source.close()
+        _release(bar, writer, stream, runner, source)
     seconds = time.perf_counter() - t0
     if not args.quiet:
         _print_summary(
@@ -725,6 +719,19 @@ def _check_not_same(src: str, dst: str) -> None:
             raise JobError(f"OUTPUT {dst} is the INPUT file; choose another path")
     except OSError:
         pass
+
+
+def _release(bar, writer, stream, runner, source) -> None:
+    """End a job's resources, whether it finished or failed: the progress bar, a writer
+    still open (modelio's atomic-output context removes its temporary file), the result
+    stream, the server connection and the input file."""
+    bar.close()
+    if writer is not None:
+        _quietly(writer.close)
+    if hasattr(stream, "close"):
+        _quietly(stream.close)
+    runner.close()
+    source.close()
 
 
 def _quietly(fn) -> None:
@@ -1081,13 +1088,7 @@ def run_dequantize(args: argparse.Namespace) -> int:
             writer.close()
             writer = None
     finally:
-        bar.close()
-        if writer is not None:
-            _quietly(writer.close)
-        if hasattr(stream, "close"):
-            _quietly(stream.close)
-        runner.close()
-        source.close()
+        _release(bar, writer, stream, runner, source)
     seconds = time.perf_counter() - t0
     if not args.quiet:
         size = Path(args.output).stat().st_size

@@ -315,9 +315,8 @@ def dequantize_rows(
     _, _, offset = qparams(layout.bits, scheme)
     kernel_dtype = _F64 if out_dtype == np.dtype(_F64) else _F32
     # rows that tile the output leave nothing to zero-fill
-    tiled = out_starts is None and size == int(lens.sum()) or (
-        out_starts is not None and size == int(lens.sum())
-        and np.array_equal(starts, np.cumsum(lens) - lens))
+    tiled = size == int(lens.sum()) and (
+        out_starts is None or np.array_equal(starts, np.cumsum(lens) - lens))
     out = (np.empty if tiled else np.zeros)(size, kernel_dtype)
     offsets = [_as_int64(a, "layout offsets")
                for a in (layout.group_offsets, layout.code_offsets, layout.block_offsets)]
