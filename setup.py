@@ -1,4 +1,5 @@
-"""Build flightquant's Cython kernels (``flightquant._kernels`` from ``ext/_kernels.pyx``).
+"""Build flightquant's Cython extensions: the kernels (``flightquant._kernels`` from
+``ext/_kernels.pyx``) and the row bookkeeping (``flightquant._rows`` from ``ext/_rows.pyx``).
 
 OpenMP is used when a tiny test program compiles and links with ``-fopenmp`` (the
 compiler setuptools would use); otherwise the kernels build serial and a warning says so.
@@ -99,7 +100,12 @@ extensions = [
         "flightquant._kernels",
         ["ext/_kernels.pyx"],
         include_dirs=["ext"],
-    )
+    ),
+    Extension(
+        "flightquant._rows",
+        ["ext/_rows.pyx"],
+        include_dirs=["ext"],
+    ),
 ]
 
 setup(

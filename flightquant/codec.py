@@ -9,15 +9,16 @@ the output is wire format v1 (``docs/wire-format.md``).
 
 from __future__ import annotations
 
+import math
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import pyarrow as pa
 
-from . import kernels
+from . import _rows, kernels
 from .errors import NonFiniteError
-from .layout import make_layout
+from .layout import RowLayout
 from .options import SCHEMES, VALID_BITS, OptionsError, QuantOptions
 
 FORMAT_VERSION = 1
@@ -27,9 +28,19 @@ K_ROLE = b"flightquant.role"
 K_CODES = b"flightquant.codes_column"
 
 _NP_DTYPES = {"halffloat": np.float16, "float": np.float32, "double": np.float64}
+_NP_DTYPES_BY_NAME = {"float16": np.dtype(np.float16), "float32": np.dtype(np.float32),
+                      "float64": np.dtype(np.float64)}
 _DTYPE_NAMES = {"halffloat": "float16", "float": "float32", "double": "float64"}
 _ARROW_FLOATS = {"float16": pa.float16(), "float32": pa.float32(), "float64": pa.float64()}
 _LIST_KINDS = ("list", "large_list", "fixed_size_list")
+# bytes per offset of a list/binary type (0: fixed-size rows)
+_OFFSET_WIDTH = {
+    pa.lib.Type_LIST: 4, pa.lib.Type_BINARY: 4, pa.lib.Type_STRING: 4,
+    pa.lib.Type_LARGE_LIST: 8, pa.lib.Type_LARGE_BINARY: 8, pa.lib.Type_LARGE_STRING: 8,
+    pa.lib.Type_FIXED_SIZE_LIST: 0, pa.lib.Type_FIXED_SIZE_BINARY: 0,
+}
+_NO_BYTES = np.zeros(0, np.uint8)
+_NO_INT64 = np.zeros(0, np.int64)
 
 
 class CodecError(ValueError):
@@ -177,11 +188,23 @@ def output_schema(schema: pa.Schema, options: QuantOptions) -> pa.Schema:
     return _quantize_plan(schema, options)[0]
 
 
-def _quantize_plan(schema: pa.Schema, options: QuantOptions) -> tuple[pa.Schema, list[int]]:
+@dataclass(frozen=True)
+class _QColumn:
+    """What every batch of a schema shares about one column to quantize."""
+
+    name: str
+    kind: str
+    dtype: np.dtype
+    list_size: int | None  # fixed_size_list only
+    codes_type: pa.DataType
+    per_group_type: pa.DataType  # of the scales and zero points
+
+
+def _quantize_plan(schema: pa.Schema, options: QuantOptions) -> tuple[pa.Schema, dict[int, _QColumn]]:
     return _cached("q", schema, options, lambda: _build_quantize_plan(schema, options))
 
 
-def _build_quantize_plan(schema: pa.Schema, options: QuantOptions) -> tuple[pa.Schema, list[int]]:
+def _build_quantize_plan(schema: pa.Schema, options: QuantOptions) -> tuple[pa.Schema, dict[int, _QColumn]]:
     picked = _columns_to_quantize(schema, options)
     fields: list[pa.Field] = []
     for i, f in enumerate(schema):
@@ -194,7 +217,16 @@ def _build_quantize_plan(schema: pa.Schema, options: QuantOptions) -> tuple[pa.S
             "rename the input columns that end in _scales/_zero_points/_numel/_mse/"
             "_max_abs_error, or quantize fewer columns with 'columns'"
         )
-    return pa.schema(fields, metadata=schema.metadata), picked
+    columns = {}
+    for i in picked:
+        f = schema.field(i)
+        codes_field, scales_field = _derived_fields(f, options)[:2]
+        columns[i] = _QColumn(
+            f.name, _list_kind(f.type), np.dtype(_NP_DTYPES[str(f.type.value_type)]),
+            f.type.list_size if _list_kind(f.type) == "fixed_size_list" else None,
+            codes_field.type, scales_field.type,
+        )
+    return pa.schema(fields, metadata=schema.metadata), columns
 
 
 # ---------------------------------------------------------------------------------------
@@ -229,20 +261,46 @@ def _offsets_view(arr: pa.Array) -> np.ndarray:
     return np.frombuffer(arr.buffers()[1], dtype, count=len(arr) + 1, offset=arr.offset * np.dtype(dtype).itemsize)
 
 
-def _row_extents(arr: pa.Array, valid: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+def _bytes_of(buf: pa.Buffer | None) -> np.ndarray:
+    return _NO_BYTES if buf is None else np.frombuffer(buf, np.uint8)
+
+
+def _extents(arr: pa.Array, limit: int, with_end: bool = False) -> tuple[np.ndarray, np.ndarray, int]:
     """Per-row start and length (0 for a null row) of a list or binary array, in units of
-    its child values (lists) or its data bytes (binary), respecting the array offset."""
+    its child values (lists) or its data bytes (binary), respecting the array offset.
+
+    Returns ``(starts, lens, status)``; ``starts`` ends with ``limit`` when ``with_end``.
+    ``status`` is -1 when every non-null row lies inside ``[0, limit)``, -2 when a buffer
+    is too short for the rows, else the first row outside (see ``_rows.row_extents``).
+    """
     n = len(arr)
-    if pa.types.is_fixed_size_list(arr.type) or pa.types.is_fixed_size_binary(arr.type):
-        width = arr.type.list_size if pa.types.is_fixed_size_list(arr.type) else arr.type.byte_width
-        starts = (np.arange(n, dtype=np.int64) + arr.offset) * width
-        lens = np.full(n, width, np.int64)
+    starts = np.empty(n + with_end, np.int64)
+    lens = np.empty(n, np.int64)
+    if n == 0:
+        if with_end:
+            starts[0] = limit
+        return starts, lens, -1
+    t = arr.type
+    width = _OFFSET_WIDTH[t.id]
+    bufs = arr.buffers()
+    validity = _bytes_of(bufs[0]) if arr.null_count else _NO_BYTES
+    if width:
+        offsets, stride = _bytes_of(bufs[1]), 0
     else:
-        offsets = _offsets_view(arr).astype(np.int64)
-        starts, lens = offsets[:-1], np.diff(offsets)
-    if valid is not None:
-        lens = np.where(valid, lens, 0)
-    return starts, lens
+        offsets = _NO_BYTES
+        stride = t.list_size if t.id == pa.lib.Type_FIXED_SIZE_LIST else t.byte_width
+    status = _rows.row_extents(offsets, width, stride, arr.offset, validity, limit, starts, lens)
+    return starts, lens, status
+
+
+def _out_bitmap(arr: pa.Array, valid: np.ndarray | None) -> pa.Buffer | None:
+    """The validity bitmap of an output array with ``arr``'s rows (offset 0): ``arr``'s
+    own bitmap when it starts on bit 0, else repacked from ``valid``."""
+    if not arr.null_count:
+        return None
+    if arr.offset == 0:
+        return arr.buffers()[0]
+    return _bitmap(valid if valid is not None else _validity(arr))
 
 
 @dataclass
@@ -255,13 +313,15 @@ class _Rows:
     fixed: int | None
 
 
-def _rows_of(arr: pa.Array) -> _Rows:
-    kind = _list_kind(arr.type)
+def _rows_of(arr: pa.Array, name: str = "values") -> _Rows:
     child = arr.values  # the whole child array; the list's own offset is applied below
     values = _primitive_view(child, _NP_DTYPES[str(arr.type.value_type)])
+    starts, lens, status = _extents(arr, len(child))
+    if status != -1:
+        _validate(arr, name)
+        raise CodecError(f"column {name!r} is not a valid list array: a row lies outside its values")
     valid = _validity(arr)
-    starts, lens = _row_extents(arr, valid)
-    fixed = arr.type.list_size if kind == "fixed_size_list" else None
+    fixed = arr.type.list_size if arr.type.id == pa.lib.Type_FIXED_SIZE_LIST else None
     return _Rows(values, child, starts, lens, valid, fixed)
 
 
@@ -314,20 +374,21 @@ def quantize_batch(
     """
     if options.op != "quantize":
         raise OptionsError("quantize_batch needs op='quantize'")
-    schema, picked = _quantize_plan(batch.schema, options)
+    schema, columns = _quantize_plan(batch.schema, options)
     # buffer sizes (cheap) rather than nbytes (walks the data): exact for unsliced batches
     in_bytes = batch.get_total_buffer_size()
     info = BatchInfo(rows=batch.num_rows, input_bytes=in_bytes, output_bytes=in_bytes)
     arrays: list[pa.Array] = []
     total_sse, max_err = 0.0, 0.0
-    for i, field in enumerate(batch.schema):
+    for i in range(batch.num_columns):
         arr = batch.column(i)
-        if i not in picked:
+        col = columns.get(i)
+        if col is None:
             arrays.append(arr)
             continue
         info.output_bytes -= arr.get_total_buffer_size()
-        rows = _rows_of(arr)
-        _check_child_nulls(batch, field.name, rows)
+        rows = _rows_of(arr, col.name)
+        _check_child_nulls(batch, col.name, rows)
         t0 = time.perf_counter()
         try:
             q = kernels.quantize_rows(
@@ -338,10 +399,11 @@ def quantize_batch(
             )
         except NonFiniteError as exc:
             raise NonFiniteError(exc.row, exc.element, exc.value,
-                                 _where(batch, field.name, exc.row)) from None
+                                 _where(batch, col.name, exc.row)) from None
         info.kernel_seconds += time.perf_counter() - t0
         info.elements += int(rows.lens.sum())
-        arrays.extend(_quantized_arrays(arr, rows, q, options))
+        bitmap = _out_bitmap(arr, rows.valid)
+        arrays.extend(_quantized_arrays(arr, rows, q, col, bitmap))
         info.output_bytes += q.codes.nbytes + q.scales.nbytes + (
             0 if q.zero_points is None else q.zero_points.nbytes) + rows.lens.nbytes * (rows.fixed is None)
         if options.stats:
@@ -349,58 +411,46 @@ def quantize_batch(
             mx = q.row_max_abs_error()
             total_sse += float(sse.sum())
             max_err = max(max_err, float(mx.max(initial=0.0)))
-            valid = rows.valid
             with np.errstate(invalid="ignore", divide="ignore"):
                 mse = np.where(rows.lens > 0, sse / np.maximum(rows.lens, 1), 0.0)
-            arrays.append(_primitive(pa.float64(), mse, valid))
-            arrays.append(_primitive(pa.float64(), mx, valid))
+            arrays.append(_primitive(pa.float64(), mse, bitmap, arr.null_count))
+            arrays.append(_primitive(pa.float64(), mx, bitmap, arr.null_count))
             info.output_bytes += mse.nbytes + mx.nbytes
     if options.stats:
         info.sse, info.max_abs_error = total_sse, max_err
     return pa.RecordBatch.from_arrays(arrays, schema=schema), info
 
 
-def _primitive(typ, values: np.ndarray, valid) -> pa.Array:
-    nulls = 0 if valid is None else int((~valid).sum())
-    return pa.Array.from_buffers(typ, len(values), [_bitmap(valid), pa.py_buffer(values)], nulls)
+_F32 = pa.float32()
+_I64 = pa.int64()
 
 
-def _quantized_arrays(arr: pa.Array, rows: _Rows, q, options: QuantOptions) -> list[pa.Array]:
+def _primitive(typ: pa.DataType, values: np.ndarray, bitmap: pa.Buffer | None, nulls: int) -> pa.Array:
+    return pa.Array.from_buffers(typ, len(values), [bitmap, pa.py_buffer(values)], nulls)
+
+
+def _quantized_arrays(arr: pa.Array, rows: _Rows, q, col: _QColumn, bitmap) -> list[pa.Array]:
+    """The codes, scales, zero-point (and numel) arrays of one quantized column, wrapped
+    around the kernel's outputs without copying."""
     n = len(arr)
     lay = q.layout
-    valid = rows.valid
-    bitmap = _bitmap(valid)
     nulls = arr.null_count
-    kind = _list_kind(arr.type)
     codes_buf = pa.py_buffer(q.codes)
-    out = []
-    if kind == "fixed_size_list":
-        width = -(-rows.fixed * options.bits // 8)
-        out.append(pa.Array.from_buffers(pa.binary(width), n, [bitmap, codes_buf], nulls))
-        gpr = -(-rows.fixed // options.group_size)
-        per_group_type = pa.list_(pa.float32(), gpr)
-
-        def per_group(values):
-            child = pa.Array.from_buffers(pa.float32(), n * gpr, [None, pa.py_buffer(values)])
-            return pa.Array.from_buffers(per_group_type, n, [bitmap], nulls, children=[child])
+    if col.kind == "fixed_size_list":
+        out = [pa.Array.from_buffers(col.codes_type, n, [bitmap, codes_buf], nulls)]
+        group_bufs = [bitmap]
     else:
-        large = kind == "large_list"
-        code_offsets = lay.code_offsets if large else lay.code_offsets.astype(np.int32)
-        codes_type = pa.large_binary() if large else pa.binary()
-        out.append(pa.Array.from_buffers(codes_type, n, [bitmap, pa.py_buffer(code_offsets), codes_buf], nulls))
+        code_offsets = lay.code_offsets if col.kind == "large_list" else lay.code_offsets.astype(np.int32)
+        out = [pa.Array.from_buffers(col.codes_type, n, [bitmap, pa.py_buffer(code_offsets), codes_buf], nulls)]
         if lay.n_groups > np.iinfo(np.int32).max:
             raise CodecError("more than 2**31 groups in one batch: use a larger group_size or smaller batches")
-        group_offsets = pa.py_buffer(lay.group_offsets.astype(np.int32))
-
-        def per_group(values):
-            child = pa.Array.from_buffers(pa.float32(), len(values), [None, pa.py_buffer(values)])
-            return pa.Array.from_buffers(pa.list_(pa.float32()), n, [bitmap, group_offsets], nulls, children=[child])
-
-    out.append(per_group(q.scales))
-    if q.zero_points is not None:
-        out.append(per_group(q.zero_points))
-    if kind != "fixed_size_list":
-        out.append(_primitive(pa.int64(), rows.lens, valid))
+        group_bufs = [bitmap, pa.py_buffer(lay.group_offsets.astype(np.int32))]
+    for values in (q.scales, q.zero_points):
+        if values is not None:
+            child = pa.Array.from_buffers(_F32, len(values), [None, pa.py_buffer(values)], 0)
+            out.append(pa.Array.from_buffers(col.per_group_type, n, group_bufs, nulls, children=[child]))
+    if col.kind != "fixed_size_list":
+        out.append(_primitive(_I64, rows.lens, bitmap, nulls))
     return out
 
 
@@ -480,11 +530,23 @@ def dequantized_schema(schema: pa.Schema) -> pa.Schema:
     return _dequantize_plan(schema)[0]
 
 
-def _dequantize_plan(schema: pa.Schema) -> tuple[pa.Schema, dict[str, _CodesMeta]]:
+@dataclass(frozen=True)
+class _DColumn:
+    """One column of the dequantized schema and where its inputs are."""
+
+    index: int  # of the column in the input batch
+    name: str
+    meta: _CodesMeta | None  # None: passed through
+    out_type: pa.DataType | None = None
+    derived: dict | None = None  # role -> input column index (-1: missing)
+    groups_per_block: int = 0
+
+
+def _dequantize_plan(schema: pa.Schema) -> tuple[pa.Schema, list[_DColumn]]:
     return _cached("d", schema, None, lambda: _build_dequantize_plan(schema))
 
 
-def _build_dequantize_plan(schema: pa.Schema) -> tuple[pa.Schema, dict[str, _CodesMeta]]:
+def _build_dequantize_plan(schema: pa.Schema) -> tuple[pa.Schema, list[_DColumn]]:
     derived = set()
     fields = []
     metas = {}
@@ -512,36 +574,38 @@ def _build_dequantize_plan(schema: pa.Schema) -> tuple[pa.Schema, dict[str, _Cod
                     f"quantized column {owner!r}, which is not in the batch: the batch is incomplete"
                 )
             derived.add(f.name)
-    return pa.schema([f for f in fields if f.name not in derived], metadata=schema.metadata), metas
+    out_fields = [f for f in fields if f.name not in derived]
+    columns = []
+    for f in out_fields:
+        index = schema.get_field_index(f.name)
+        m = metas.get(f.name)
+        if m is None:
+            columns.append(_DColumn(index, f.name, None))
+            continue
+        roles = {role: schema.get_field_index(f"{f.name}_{role}")
+                 for role in ("scales", "zero_points", "numel")}
+        k = 8 // math.gcd((m.group_size * m.bits) % 8 or 8, 8)
+        columns.append(_DColumn(index, f.name, m, f.type, roles, k))
+    return pa.schema(out_fields, metadata=schema.metadata), columns
 
 
-def _derived_column(batch: pa.RecordBatch, codes_name: str, role: str, required: bool = True):
-    name = f"{codes_name}_{role}"
-    idx = batch.schema.get_field_index(name)
+def _derived_column(batch: pa.RecordBatch, col: _DColumn, role: str) -> pa.Array:
+    """The column holding ``role`` of quantized column ``col``, validated."""
+    name = f"{col.name}_{role}"
+    idx = col.derived[role]
     if idx < 0:
-        if required:
-            raise CodecError(f"quantized column {codes_name!r} needs its column {name!r}, which is missing")
-        return None
-    return batch.column(idx)
-
-
-def _group_values(batch, codes_name: str, role: str, counts: np.ndarray, fixed: bool):
-    """Per-group float32 values of a scales/zero-points column, with per-row starts."""
-    arr = _derived_column(batch, codes_name, role)
-    ok_type = pa.types.is_fixed_size_list(arr.type) if fixed else pa.types.is_list(arr.type)
-    if not ok_type or arr.type.value_type != pa.float32():
-        raise CodecError(f"column {codes_name}_{role!s} must be a list of float32, got {arr.type}")
-    _validate(arr, f"{codes_name}_{role}")
-    values = _primitive_view(arr.values, np.float32)
-    starts, have = _row_extents(arr, _validity(arr))
-    wrong = np.flatnonzero(have[: len(counts)] < counts) if fixed else np.flatnonzero(have != counts)
-    if wrong.size:
-        r = int(wrong[0])
-        raise CodecError(
-            f"{_where(batch, codes_name, r)}: {codes_name}_{role} has {int(have[r])} values, "
-            f"expected {int(counts[r])} (one per group)"
-        )
-    return values, starts
+        raise CodecError(f"quantized column {col.name!r} needs its column {name!r}, which is missing")
+    arr = batch.column(idx)
+    t = arr.type
+    if role == "numel":
+        if t.id != pa.lib.Type_INT64:
+            raise CodecError(f"column {name} must be int64, got {t}")
+    else:
+        fixed = col.meta.kind == "fixed_size_list"
+        if t.id != (pa.lib.Type_FIXED_SIZE_LIST if fixed else pa.lib.Type_LIST) or t.value_type != _F32:
+            raise CodecError(f"column {name} must be a list of float32, got {t}")
+    _validate(arr, name)
+    return arr
 
 
 def _validate(arr: pa.Array, name: str) -> None:
@@ -553,84 +617,109 @@ def _validate(arr: pa.Array, name: str) -> None:
 
 def dequantize_batch(batch: pa.RecordBatch, *, threads: int | None = None) -> tuple[pa.RecordBatch, BatchInfo]:
     """Restore the float columns of a quantized batch (original value type, lengths, nulls)."""
-    schema, metas = _dequantize_plan(batch.schema)
+    schema, columns = _dequantize_plan(batch.schema)
     info = BatchInfo(rows=batch.num_rows, input_bytes=batch.get_total_buffer_size())
     arrays = []
-    n = batch.num_rows
-    for field in schema:
-        arr = batch.column(field.name)
-        m = metas.get(field.name)
-        if m is None:
+    for col in columns:
+        arr = batch.column(col.index)
+        if col.meta is None:
             arrays.append(arr)
             info.output_bytes += arr.get_total_buffer_size()
-            continue
-        _validate(arr, field.name)
-        valid = _validity(arr)
-        fixed = m.kind == "fixed_size_list"
-        codes = _data_bytes(arr)
-        code_starts, have_bytes = _row_extents(arr, valid)  # codes' type checked by _meta_of
-        if fixed:
-            lens = np.full(n, m.list_size, np.int64)
         else:
-            numel = _derived_column(batch, field.name, "numel")
-            if numel.type != pa.int64():
-                raise CodecError(f"column {field.name}_numel must be int64, got {numel.type}")
-            lens = _primitive_view(numel, np.int64).copy()
-            if numel.null_count:
-                needed = np.ones(n, bool) if valid is None else valid
-                if (needed & ~numel.is_valid().to_numpy(zero_copy_only=False)).any():
-                    raise CodecError(f"column {field.name}_numel is null where {field.name!r} is not")
-        if valid is not None:
-            lens = np.where(valid, lens, 0)
-        if (lens < 0).any() or (lens > 2**40).any():
-            r = int(np.flatnonzero((lens < 0) | (lens > 2**40))[0])
-            raise CodecError(f"{_where(batch, field.name, r)}: impossible element count {int(lens[r])}")
-        need_bytes = -(-lens * m.bits // 8)
-        if not fixed:
-            wrong = np.flatnonzero(np.where(lens > 0, have_bytes != need_bytes, False))
-            if wrong.size:
-                r = int(wrong[0])
-                raise CodecError(
-                    f"{_where(batch, field.name, r)}: {int(have_bytes[r])} code bytes for "
-                    f"{int(lens[r])} elements at {m.bits} bits (expected {int(need_bytes[r])}): "
-                    "the codes are truncated or the element count is wrong"
-                )
-        counts = -(-lens // m.group_size)
-        scales, s_starts = _group_values(batch, field.name, "scales", counts, fixed)
-        zps = None
-        if m.scheme == "asymmetric":
-            zps, z_starts = _group_values(batch, field.name, "zero_points", counts, fixed)
-            if not np.array_equal(z_starts[counts > 0], s_starts[counts > 0]):
-                zps = _align(zps, z_starts, scales.size, s_starts, counts)
-        # the rows' codes and groups start where the input arrays put them
-        lay = replace(make_layout(lens, m.bits, m.group_size),
-                      group_offsets=np.append(s_starts, scales.size),
-                      code_offsets=np.append(code_starts, codes.size))
-        if fixed:
-            out_starts = np.arange(n, dtype=np.int64) * m.list_size
-            out_size = n * m.list_size
-            offsets_buf = None
-        else:
-            ends = np.cumsum(lens)
-            out_starts = ends - lens
-            out_size = int(ends[-1]) if n else 0
-            big = m.kind == "large_list"
-            if not big and out_size > np.iinfo(np.int32).max:
-                raise CodecError(f"column {field.name!r}: more than 2**31 elements in one list batch")
-            offsets = np.concatenate([[0], ends]).astype(np.int64 if big else np.int32)
-            offsets_buf = pa.py_buffer(offsets)
-        t0 = time.perf_counter()
-        values = kernels.dequantize_rows(
-            codes, lay, scales, zps, scheme=m.scheme, out_starts=out_starts, out_size=out_size,
-            out_dtype=np.dtype(m.dtype), threads=threads,
-        )
-        info.kernel_seconds += time.perf_counter() - t0
-        info.elements += int(lens.sum())
-        child = pa.Array.from_buffers(_ARROW_FLOATS[m.dtype], out_size, [None, pa.py_buffer(values)])
-        bufs = [_bitmap(valid)] if fixed else [_bitmap(valid), offsets_buf]
-        arrays.append(pa.Array.from_buffers(field.type, n, bufs, arr.null_count, children=[child]))
-        info.output_bytes += values.nbytes + (0 if offsets_buf is None else offsets_buf.size)
+            arrays.append(_dequantize_column(batch, arr, col, info, threads))
     return pa.RecordBatch.from_arrays(arrays, schema=schema), info
+
+
+_MAX_NUMEL = 2**40  # per row; more is a corrupt count, not a tensor
+
+
+def _dequantize_column(batch, arr: pa.Array, col: _DColumn, info: BatchInfo, threads) -> pa.Array:
+    m, name, n = col.meta, col.name, len(arr)
+    fixed = m.kind == "fixed_size_list"
+    _validate(arr, name)  # codes' type was checked by _meta_of
+    scales_arr = _derived_column(batch, col, "scales")
+    zps_arr = _derived_column(batch, col, "zero_points") if m.scheme == "asymmetric" else None
+    codes = _data_bytes(arr)
+    code_starts, code_lens, status = _extents(arr, codes.size, with_end=True)
+    lens = np.empty(n, np.int64)
+    if fixed:
+        lens.fill(m.list_size)
+        if arr.null_count:
+            lens[~_validity(arr)] = 0
+    else:
+        numel = _derived_column(batch, col, "numel")
+        if numel.null_count:
+            needed = np.ones(n, bool) if not arr.null_count else _validity(arr)
+            if (needed & ~numel.is_valid().to_numpy(zero_copy_only=False)).any():
+                raise CodecError(f"column {name}_numel is null where {name!r} is not")
+        validity = _bytes_of(arr.buffers()[0]) if arr.null_count else _NO_BYTES
+        status = max(status, _rows.masked_counts(
+            _bytes_of(numel.buffers()[1]), numel.offset, validity, arr.offset, lens))
+    scales = _primitive_view(scales_arr.values, np.float32)
+    s_starts, s_lens, s_status = _extents(scales_arr, scales.size, with_end=True)
+    if zps_arr is not None:
+        zps = _primitive_view(zps_arr.values, np.float32)
+        z_starts, z_lens, z_status = _extents(zps_arr, zps.size)
+    else:
+        zps, z_starts, z_lens, z_status = None, _NO_INT64, _NO_INT64, -1
+    if max(status, s_status, z_status) != -1:  # validated arrays never get here
+        raise CodecError(f"quantized column {name!r}: a row lies outside its buffers")
+    blocks = np.empty(n + 1, np.int64)
+    bad = _rows.check_quantized(lens, m.bits, m.group_size, fixed, code_lens, s_starts, s_lens,
+                                z_starts, z_lens, _MAX_NUMEL, col.groups_per_block, blocks)
+    if bad >= 0:
+        _explain_bad_row(batch, col, bad, int(lens[bad]), int(code_lens[bad]), int(s_lens[bad]),
+                         int(z_lens[bad]) if zps is not None else None)
+    if zps is not None and (bad == -3 or zps.size < scales.size):
+        # zero points stored at other offsets than the scales: move them under the scales
+        zps = _align(zps, z_starts, scales.size, s_starts[:n], -(-lens // m.group_size))
+    if fixed:
+        out_starts = np.arange(n, dtype=np.int64) * m.list_size
+        out_size = n * m.list_size
+        bufs = [_out_bitmap(arr, None)]
+    else:
+        big = m.kind == "large_list"
+        offsets = np.empty(n + 1, np.int64 if big else np.int32)
+        out_starts = np.empty(n, np.int64)
+        out_size = _rows.output_offsets(lens, offsets.itemsize, offsets.view(np.uint8), out_starts)
+        if out_size < 0:
+            raise CodecError(f"column {name!r}: more than 2**31 elements in one list batch")
+        bufs = [_out_bitmap(arr, None), pa.py_buffer(offsets)]
+        info.output_bytes += offsets.nbytes
+    # the rows' codes and groups start where the input arrays put them
+    lay = RowLayout(lens, s_starts, code_starts, blocks, col.groups_per_block, m.bits, m.group_size)
+    t0 = time.perf_counter()
+    values = kernels.dequantize_rows(
+        codes, lay, scales, zps, scheme=m.scheme, out_starts=out_starts, out_size=out_size,
+        out_dtype=_NP_DTYPES_BY_NAME[m.dtype], threads=threads,
+    )
+    info.kernel_seconds += time.perf_counter() - t0
+    info.elements += out_size if not fixed else int(lens.sum())
+    info.output_bytes += values.nbytes
+    child = pa.Array.from_buffers(_ARROW_FLOATS[m.dtype], out_size, [None, pa.py_buffer(values)], 0)
+    return pa.Array.from_buffers(col.out_type, n, bufs, arr.null_count, children=[child])
+
+
+def _explain_bad_row(batch, col: _DColumn, r: int, numel: int, code_bytes: int,
+                     n_scales: int, n_zps: int | None) -> None:
+    """Raise the CodecError that says what is wrong with row ``r`` of a quantized column."""
+    m, name = col.meta, col.name
+    where = _where(batch, name, r)
+    if not 0 <= numel <= _MAX_NUMEL:
+        raise CodecError(f"{where}: impossible element count {numel}")
+    need_bytes = -(-numel * m.bits // 8)
+    if m.kind != "fixed_size_list" and numel > 0 and code_bytes != need_bytes:
+        raise CodecError(
+            f"{where}: {code_bytes} code bytes for {numel} elements at {m.bits} bits "
+            f"(expected {need_bytes}): the codes are truncated or the element count is wrong"
+        )
+    need = -(-numel // m.group_size)
+    for role, have in (("scales", n_scales), ("zero_points", n_zps)):
+        if have is not None and have != need and (m.kind != "fixed_size_list" or have < need):
+            raise CodecError(
+                f"{where}: {name}_{role} has {have} values, expected {need} (one per group)"
+            )
+    raise CodecError(f"{where}: inconsistent quantized row")  # pragma: no cover
 
 
 def _data_bytes(arr: pa.Array) -> np.ndarray:

@@ -24,17 +24,18 @@ Input normalisation:
 
 from __future__ import annotations
 
+import math
 import os
 
 import numpy as np
 
 from .errors import NonFiniteError
-from .layout import QuantizedRows, RowLayout, make_layout
+from .layout import QuantizedRows, RowLayout
 from .options import METHOD_CODES, SCHEME_CODES, VALID_BITS
 from .reference import qparams
 
 try:
-    from . import _kernels
+    from . import _kernels, _rows
 except ImportError as exc:  # pragma: no cover - only without a build
     raise ImportError(
         "flightquant's compiled kernels are missing: build them with `pip install -e .` "
@@ -44,6 +45,9 @@ except ImportError as exc:  # pragma: no cover - only without a build
 _F32 = np.float32
 _F64 = np.float64
 _INT64 = np.int64
+_DT_INT64 = np.dtype(np.int64)
+_NO_F64 = np.zeros(0, _F64)  # the kernel's stats outputs when stats are off (never written)
+_NO_F32 = np.zeros(0, _F32)
 
 
 def resolve_threads(threads: int | None) -> int:
@@ -127,12 +131,37 @@ def _aligned(arr: np.ndarray) -> np.ndarray:
 
 
 def _as_int64(a, name: str) -> np.ndarray:
+    if type(a) is np.ndarray and a.dtype == _DT_INT64 and a.ndim == 1 and a.flags.behaved:
+        return a  # the common case, already what the kernels take
     arr = np.asarray(a)
     if arr.ndim != 1:
         raise ValueError(f"{name} must be a 1-D array of integers")
-    if arr.size and not np.issubdtype(arr.dtype, np.integer):
+    if arr.size and arr.dtype.kind not in "iu":
         raise TypeError(f"{name} must hold integers, got {arr.dtype}")
     return _aligned(np.ascontiguousarray(arr, dtype=_INT64))
+
+
+def row_layout(
+    row_lens, bits: int, group_size: int, fixed_row_len: int | None = None
+) -> RowLayout:
+    """:func:`flightquant.layout.make_layout` (the definition, in NumPy), computed in one
+    pass over the rows by ``flightquant._rows``."""
+    lens = np.asarray(row_lens)
+    if lens.ndim != 1 or (lens.size and lens.dtype.kind not in "iu"):
+        raise ValueError("row lengths must be a 1-D array of non-negative integers")
+    lens = _as_int64(lens, "row lengths")
+    n = lens.size
+    k = 8 // math.gcd((group_size * bits) % 8 or 8, 8)
+    go = np.empty(n + 1, _INT64)
+    co = np.empty(n + 1, _INT64)
+    bo = np.empty(n + 1, _INT64)
+    fixed = -1 if fixed_row_len is None else fixed_row_len
+    bad = _rows.pack_layout(lens, bits, group_size, fixed, k, go, co, bo)
+    if bad >= 0:
+        if lens[bad] < 0:
+            raise ValueError("row lengths must be a 1-D array of non-negative integers")
+        raise ValueError(f"a row is longer than fixed_row_len={fixed_row_len}")
+    return RowLayout(lens, go, co, bo, k, bits, group_size)
 
 
 def _check_common(bits, scheme, group_size):
@@ -202,32 +231,30 @@ def quantize_rows(
         if not (np.isfinite(clip_f) and clip_f > 0):
             raise ValueError(f"clip must be None or a positive finite float32 number, got {clip!r}")
     starts = _as_int64(row_starts, "row_starts")
-    layout = make_layout(row_lens, bits, group_size, fixed_row_len)
+    layout = row_layout(row_lens, bits, group_size, fixed_row_len)
     lens = layout.row_lens
-    longest_group = min(group_size, int(lens.max())) if lens.size else 0
+    # a group fits the kernel's per-thread stage unless group_size (and a row) is larger
+    longest_group = group_size if group_size <= STAGE_MAX else min(
+        group_size, int(lens.max()) if lens.size else 0)
     vals = _as_values(values, stage_ok=longest_group <= STAGE_MAX)
     stage_elems = 0 if vals.flags.aligned else longest_group
     if starts.size != lens.size:
         raise ValueError(
             f"row_starts has {starts.size} entries but row_lens has {lens.size}"
         )
-    if fixed_row_len is not None and lens.size and lens.max() > fixed_row_len:
-        raise ValueError(f"a row is longer than fixed_row_len={fixed_row_len}")
-    live = lens > 0
-    if live.any():
-        s, n = starts[live], lens[live]
-        if s.min() < 0 or (s + n).max() > vals.size:
-            raise ValueError(f"a row lies outside the values buffer of {vals.size} elements")
+    if _rows.place_rows(starts, lens, vals.size) >= 0:
+        raise ValueError(f"a row lies outside the values buffer of {vals.size} elements")
     qmin, qmax, offset = qparams(bits, scheme)
     # the kernel writes every code byte and scale of every row; only a fixed-size layout
     # with shorter (null) rows leaves slots to zero. Zero-filling costs a pass of its own.
     gaps = fixed_row_len is not None and bool((lens != fixed_row_len).any())
     alloc = np.zeros if gaps else np.empty
+    n_groups = layout.n_groups
     codes = alloc(layout.n_code_bytes, np.uint8)
-    scales = alloc(layout.n_groups, _F32)
-    zps = alloc(layout.n_groups if scheme == "asymmetric" else 0, _F32)
-    sse = np.zeros(layout.n_groups if stats else 0, _F64)
-    maxerr = np.zeros(layout.n_groups if stats else 0, _F64)
+    scales = alloc(n_groups, _F32)
+    zps = alloc(n_groups, _F32) if scheme == "asymmetric" else _NO_F32
+    sse = np.zeros(n_groups, _F64) if stats else _NO_F64
+    maxerr = np.zeros(n_groups, _F64) if stats else _NO_F64
     n_bad = _kernels.quantize_kernel(
         vals, starts, lens, layout.group_offsets, layout.code_offsets, layout.block_offsets,
         layout.groups_per_block, bits, SCHEME_CODES[scheme], METHOD_CODES[method],
@@ -295,7 +322,7 @@ def dequantize_rows(
         if zps.ndim != 1 or zps.size < layout.n_groups:
             raise ValueError(f"zero_points must hold {layout.n_groups} values, got {zps.size}")
     else:
-        zps = np.zeros(0, _F32)
+        zps = _NO_F32
     if out_starts is None:
         starts = np.zeros(lens.size, _INT64)
         if lens.size > 1:
@@ -309,15 +336,13 @@ def dequantize_rows(
             size = int((starts + lens).max()) if lens.size else 0
         else:
             size = int(out_size)
-    live = lens > 0
-    if live.any() and (starts[live].min() < 0 or (starts[live] + lens[live]).max() > size):
+    placed = _rows.place_rows(starts, lens, size)
+    if placed >= 0:
         raise ValueError(f"a row lies outside the output of {size} elements")
     _, _, offset = qparams(layout.bits, scheme)
     kernel_dtype = _F64 if out_dtype == np.dtype(_F64) else _F32
     # rows that tile the output leave nothing to zero-fill
-    tiled = size == int(lens.sum()) and (
-        out_starts is None or np.array_equal(starts, np.cumsum(lens) - lens))
-    out = (np.empty if tiled else np.zeros)(size, kernel_dtype)
+    out = (np.empty if placed == -2 else np.zeros)(size, kernel_dtype)
     offsets = [_as_int64(a, "layout offsets")
                for a in (layout.group_offsets, layout.code_offsets, layout.block_offsets)]
     if any(a.size != lens.size + 1 for a in offsets):

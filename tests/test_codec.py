@@ -149,6 +149,27 @@ def test_sliced_child_values():
     assert np.abs(np.array(back[1]) - np.arange(40, 100)).max() <= 0.02
 
 
+def test_zero_points_stored_apart_from_scales_decode_the_same():
+    """Another writer may lay out the zero points at other offsets than the scales (or
+    slice them differently); the decoder must follow each column's own offsets."""
+    batch, _ = layer_batch(lengths=(50, 0, 70, 9))
+    q = fq.quantize(batch, bits=4, group_size=8)
+    want = fq.dequantize(q).column("weights")
+    i = q.schema.get_field_index("weights_zero_points")
+    zp = q.column(i)
+    child = pa.concat_arrays([pa.array([123.0, -5.0], pa.float32()), zp.values])
+    moved = pa.ListArray.from_arrays(pa.array(zp.offsets.to_numpy() + 2, pa.int32()), child)
+    q_moved = q.set_column(i, q.schema.field(i), moved)
+    assert fq.dequantize(q_moved).column("weights").equals(want)
+    # zero points whose child is shorter than the scales' child (sliced differently)
+    scales_i = q.schema.get_field_index("weights_scales")
+    s = q.column(scales_i)
+    padded = pa.ListArray.from_arrays(
+        s.offsets, pa.concat_arrays([s.values, pa.array([7.0] * 5, pa.float32())]))
+    q_long = q.set_column(scales_i, q.schema.field(scales_i), padded)
+    assert fq.dequantize(q_long).column("weights").equals(want)
+
+
 def test_empty_batch_and_zero_length_tensors():
     batch, _ = layer_batch(lengths=())
     q = fq.quantize(batch)
