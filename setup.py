@@ -1,5 +1,6 @@
 """Build flightquant's Cython extensions: the kernels (``flightquant._kernels`` from
-``ext/_kernels.pyx``) and the row bookkeeping (``flightquant._rows`` from ``ext/_rows.pyx``).
+``ext/_kernels.pyx``), the row bookkeeping (``flightquant._rows``) and the one-step
+RecordBatch assembly through the Arrow C data interface (``flightquant._arrow``).
 
 OpenMP is used when a tiny test program compiles and links with ``-fopenmp`` (the
 compiler setuptools would use); otherwise the kernels build serial and a warning says so.
@@ -104,6 +105,11 @@ extensions = [
     Extension(
         "flightquant._rows",
         ["ext/_rows.pyx"],
+        include_dirs=["ext"],
+    ),
+    Extension(
+        "flightquant._arrow",
+        ["ext/_arrow.pyx"],
         include_dirs=["ext"],
     ),
 ]

@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import pyarrow as pa
 
-from . import _rows, kernels
+from . import _arrow, _rows, kernels
 from .errors import NonFiniteError
 from .layout import RowLayout
 from .options import SCHEMES, VALID_BITS, OptionsError, QuantOptions
@@ -378,7 +378,7 @@ def quantize_batch(
     # buffer sizes (cheap) rather than nbytes (walks the data): exact for unsliced batches
     in_bytes = batch.get_total_buffer_size()
     info = BatchInfo(rows=batch.num_rows, input_bytes=in_bytes, output_bytes=in_bytes)
-    arrays: list[pa.Array] = []
+    arrays: list = []  # pa.Array passed through, or _arrow.make_batch specs of new arrays
     total_sse, max_err = 0.0, 0.0
     for i in range(batch.num_columns):
         arr = batch.column(i)
@@ -403,7 +403,7 @@ def quantize_batch(
         info.kernel_seconds += time.perf_counter() - t0
         info.elements += int(rows.lens.sum())
         bitmap = _out_bitmap(arr, rows.valid)
-        arrays.extend(_quantized_arrays(arr, rows, q, col, bitmap))
+        arrays.extend(_quantized_specs(arr, rows, q, col, bitmap))
         info.output_bytes += q.codes.nbytes + q.scales.nbytes + (
             0 if q.zero_points is None else q.zero_points.nbytes) + rows.lens.nbytes * (rows.fixed is None)
         if options.stats:
@@ -413,44 +413,37 @@ def quantize_batch(
             max_err = max(max_err, float(mx.max(initial=0.0)))
             with np.errstate(invalid="ignore", divide="ignore"):
                 mse = np.where(rows.lens > 0, sse / np.maximum(rows.lens, 1), 0.0)
-            arrays.append(_primitive(pa.float64(), mse, bitmap, arr.null_count))
-            arrays.append(_primitive(pa.float64(), mx, bitmap, arr.null_count))
+            arrays.append((len(mse), arr.null_count, (bitmap, mse), ()))
+            arrays.append((len(mx), arr.null_count, (bitmap, mx), ()))
             info.output_bytes += mse.nbytes + mx.nbytes
     if options.stats:
         info.sse, info.max_abs_error = total_sse, max_err
-    return pa.RecordBatch.from_arrays(arrays, schema=schema), info
+    return _arrow.make_batch(schema, batch.num_rows, arrays), info
 
 
 _F32 = pa.float32()
-_I64 = pa.int64()
 
 
-def _primitive(typ: pa.DataType, values: np.ndarray, bitmap: pa.Buffer | None, nulls: int) -> pa.Array:
-    return pa.Array.from_buffers(typ, len(values), [bitmap, pa.py_buffer(values)], nulls)
-
-
-def _quantized_arrays(arr: pa.Array, rows: _Rows, q, col: _QColumn, bitmap) -> list[pa.Array]:
-    """The codes, scales, zero-point (and numel) arrays of one quantized column, wrapped
-    around the kernel's outputs without copying."""
+def _quantized_specs(arr: pa.Array, rows: _Rows, q, col: _QColumn, bitmap) -> list[tuple]:
+    """The codes, scales, zero-point (and numel) arrays of one quantized column, as
+    :func:`flightquant._arrow.make_batch` specs around the kernel's outputs (no copy)."""
     n = len(arr)
     lay = q.layout
     nulls = arr.null_count
-    codes_buf = pa.py_buffer(q.codes)
     if col.kind == "fixed_size_list":
-        out = [pa.Array.from_buffers(col.codes_type, n, [bitmap, codes_buf], nulls)]
-        group_bufs = [bitmap]
+        out = [(n, nulls, (bitmap, q.codes), ())]
+        group_bufs = (bitmap,)
     else:
         code_offsets = lay.code_offsets if col.kind == "large_list" else lay.code_offsets.astype(np.int32)
-        out = [pa.Array.from_buffers(col.codes_type, n, [bitmap, pa.py_buffer(code_offsets), codes_buf], nulls)]
+        out = [(n, nulls, (bitmap, code_offsets, q.codes), ())]
         if lay.n_groups > np.iinfo(np.int32).max:
             raise CodecError("more than 2**31 groups in one batch: use a larger group_size or smaller batches")
-        group_bufs = [bitmap, pa.py_buffer(lay.group_offsets.astype(np.int32))]
+        group_bufs = (bitmap, lay.group_offsets.astype(np.int32))
     for values in (q.scales, q.zero_points):
         if values is not None:
-            child = pa.Array.from_buffers(_F32, len(values), [None, pa.py_buffer(values)], 0)
-            out.append(pa.Array.from_buffers(col.per_group_type, n, group_bufs, nulls, children=[child]))
+            out.append((n, nulls, group_bufs, ((len(values), 0, (None, values), ()),)))
     if col.kind != "fixed_size_list":
-        out.append(_primitive(_I64, rows.lens, bitmap, nulls))
+        out.append((n, nulls, (bitmap, rows.lens), ()))
     return out
 
 
@@ -619,7 +612,7 @@ def dequantize_batch(batch: pa.RecordBatch, *, threads: int | None = None) -> tu
     """Restore the float columns of a quantized batch (original value type, lengths, nulls)."""
     schema, columns = _dequantize_plan(batch.schema)
     info = BatchInfo(rows=batch.num_rows, input_bytes=batch.get_total_buffer_size())
-    arrays = []
+    arrays = []  # pa.Array passed through, or _arrow.make_batch specs of new arrays
     for col in columns:
         arr = batch.column(col.index)
         if col.meta is None:
@@ -627,13 +620,14 @@ def dequantize_batch(batch: pa.RecordBatch, *, threads: int | None = None) -> tu
             info.output_bytes += arr.get_total_buffer_size()
         else:
             arrays.append(_dequantize_column(batch, arr, col, info, threads))
-    return pa.RecordBatch.from_arrays(arrays, schema=schema), info
+    return _arrow.make_batch(schema, batch.num_rows, arrays), info
 
 
 _MAX_NUMEL = 2**40  # per row; more is a corrupt count, not a tensor
 
 
-def _dequantize_column(batch, arr: pa.Array, col: _DColumn, info: BatchInfo, threads) -> pa.Array:
+def _dequantize_column(batch, arr: pa.Array, col: _DColumn, info: BatchInfo, threads) -> tuple:
+    """One restored column, as a :func:`flightquant._arrow.make_batch` spec."""
     m, name, n = col.meta, col.name, len(arr)
     fixed = m.kind == "fixed_size_list"
     _validate(arr, name)  # codes' type was checked by _meta_of
@@ -676,7 +670,7 @@ def _dequantize_column(batch, arr: pa.Array, col: _DColumn, info: BatchInfo, thr
     if fixed:
         out_starts = np.arange(n, dtype=np.int64) * m.list_size
         out_size = n * m.list_size
-        bufs = [_out_bitmap(arr, None)]
+        bufs = (_out_bitmap(arr, None),)
     else:
         big = m.kind == "large_list"
         offsets = np.empty(n + 1, np.int64 if big else np.int32)
@@ -684,7 +678,7 @@ def _dequantize_column(batch, arr: pa.Array, col: _DColumn, info: BatchInfo, thr
         out_size = _rows.output_offsets(lens, offsets.itemsize, offsets.view(np.uint8), out_starts)
         if out_size < 0:
             raise CodecError(f"column {name!r}: more than 2**31 elements in one list batch")
-        bufs = [_out_bitmap(arr, None), pa.py_buffer(offsets)]
+        bufs = (_out_bitmap(arr, None), offsets)
         info.output_bytes += offsets.nbytes
     # the rows' codes and groups start where the input arrays put them
     lay = RowLayout(lens, s_starts, code_starts, blocks, col.groups_per_block, m.bits, m.group_size)
@@ -696,8 +690,7 @@ def _dequantize_column(batch, arr: pa.Array, col: _DColumn, info: BatchInfo, thr
     info.kernel_seconds += time.perf_counter() - t0
     info.elements += out_size if not fixed else int(lens.sum())
     info.output_bytes += values.nbytes
-    child = pa.Array.from_buffers(_ARROW_FLOATS[m.dtype], out_size, [None, pa.py_buffer(values)], 0)
-    return pa.Array.from_buffers(col.out_type, n, bufs, arr.null_count, children=[child])
+    return (n, arr.null_count, bufs, ((out_size, 0, (None, values), ()),))
 
 
 def _explain_bad_row(batch, col: _DColumn, r: int, numel: int, code_bytes: int,

@@ -45,6 +45,7 @@ def rtn_bound_ok(x, x_hat, scales, group_size):
 def test_round_trip_seed_schema(scheme, bits, group_size):
     batch, tensors = layer_batch()
     q = fq.quantize(batch, bits=bits, scheme=scheme, group_size=group_size)
+    q.validate(full=True)  # the batch is assembled from raw buffers: sizes must agree
     names = ["layer_name", "weights", "weights_scales"] + (
         ["weights_zero_points"] if scheme == "asymmetric" else []) + ["weights_numel", "shape"]
     assert q.schema.names == names
@@ -57,6 +58,7 @@ def test_round_trip_seed_schema(scheme, bits, group_size):
         assert len(q.column("weights")[i].as_py()) == -(-t.size * bits // 8)
         assert len(q.column("weights_scales")[i]) == -(-t.size // group_size)
     d = fq.dequantize(q)
+    d.validate(full=True)
     assert d.schema.equals(batch.schema)
     for t, back, scales in zip(tensors, as_lists(d.column("weights")), as_lists(q.column("weights_scales"))):
         assert back.dtype == np.float32 and back.shape == t.shape
@@ -104,7 +106,9 @@ def test_fixed_size_list_with_null_rows():
     assert q.schema.field("emb_scales").type == pa.list_(pa.float32(), 3)
     assert "emb_numel" not in q.schema.names
     assert q.column("emb").null_count == 2 and q.column("emb_scales").null_count == 2
+    q.validate(full=True)
     d = fq.dequantize(q)
+    d.validate(full=True)
     assert d.schema.equals(batch.schema)
     out = d.column("emb").to_pylist()
     assert out[1] is None and out[4] is None
@@ -126,7 +130,9 @@ def test_null_rows_and_passthrough_columns():
     assert q.schema.names == ["id", "name", "w", "w_scales", "w_zero_points", "w_numel", "ints", "nested"]
     assert q.column("w").to_pylist()[1] is None
     assert q.column("w_numel").to_pylist() == [2, None, 1]
+    q.validate(full=True)
     d = fq.dequantize(q)
+    d.validate(full=True)
     assert d.equals(batch)  # 2 values per group of 128: codes 0 and 15 reconstruct the extremes
 
 
@@ -134,6 +140,7 @@ def test_sliced_batch_gives_the_slice_answer():
     batch, tensors = layer_batch(lengths=(50, 60, 70, 80, 90))
     whole = fq.quantize(batch, bits=4, group_size=16)
     part = fq.quantize(batch.slice(2, 2), bits=4, group_size=16)
+    part.validate(full=True)
     assert part.column("weights").equals(whole.column("weights").slice(2, 2))
     assert part.column("weights_scales").to_pylist() == whole.column("weights_scales").slice(2, 2).to_pylist()
     d = fq.dequantize(part)
