@@ -100,10 +100,11 @@ cdef int fill(ArrowArray* a, tuple spec, list keep) except -1:
     return 0
 
 
-def make_batch(schema, int64_t num_rows, list columns):
-    """A ``pyarrow.RecordBatch`` of ``schema`` whose columns are ``columns``: each a
-    ``pyarrow.Array`` (taken as it is) or a spec ``(length, null_count, buffers,
-    children)`` of a new array, wrapped around the given buffers without copying.
+def make_batch(schema, int64_t num_rows, list columns, source=None):
+    """A ``pyarrow.RecordBatch`` of ``schema`` whose columns are ``columns``: each an int
+    (that column of the ``source`` RecordBatch, taken as it is), a ``pyarrow.Array``
+    (taken as it is) or a spec ``(length, null_count, buffers, children)`` of a new
+    array, wrapped around the given buffers without copying.
 
     The caller guarantees the specs match the schema's types (buffer count, sizes, child
     lengths): the C data interface carries no sizes, so nothing here can check them.
@@ -111,10 +112,12 @@ def make_batch(schema, int64_t num_rows, list columns):
     import pyarrow as pa
 
     cdef ArrowArray root
+    cdef ArrowArray src
     cdef ArrowArray* child
     cdef list keep = []
-    cdef Py_ssize_t i
+    cdef Py_ssize_t i, j
     cdef tuple root_spec = (num_rows, 0, (None,), ())
+    src.release = NULL
     fill(&root, root_spec, keep)
     try:
         free(root.children)
@@ -130,6 +133,18 @@ def make_batch(schema, int64_t num_rows, list columns):
             column = columns[i]
             if isinstance(column, tuple):
                 fill(child, <tuple>column, keep)
+            elif isinstance(column, int):
+                if src.release == NULL:  # one export of the whole source batch
+                    source._export_to_c(<uintptr_t>&src)
+                j = column
+                if not 0 <= j < src.n_children or src.children[j].release == NULL:
+                    raise IndexError(f"no column {j} in the source batch to take")
+                # move the column (bitwise copy, then mark the source's slot released);
+                # pyarrow exports a sliced batch as offset 0 with sliced children
+                if src.offset != 0 or src.children[j].length != num_rows:
+                    raise ValueError(f"the source batch's column {j} does not have {num_rows} rows")
+                child[0] = src.children[j][0]
+                src.children[j].release = NULL
             else:
                 column._export_to_c(<uintptr_t>child)
         Py_INCREF(keep)
@@ -137,5 +152,8 @@ def make_batch(schema, int64_t num_rows, list columns):
     except BaseException:
         release_node(&root)
         raise
+    finally:
+        if src.release != NULL:  # releases the columns not moved out
+            src.release(&src)
     # the import moves the struct (and releases it on error)
     return pa.RecordBatch._import_from_c(<uintptr_t>&root, schema)

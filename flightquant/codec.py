@@ -378,14 +378,14 @@ def quantize_batch(
     # buffer sizes (cheap) rather than nbytes (walks the data): exact for unsliced batches
     in_bytes = batch.get_total_buffer_size()
     info = BatchInfo(rows=batch.num_rows, input_bytes=in_bytes, output_bytes=in_bytes)
-    arrays: list = []  # pa.Array passed through, or _arrow.make_batch specs of new arrays
+    arrays: list = []  # input column index (passed through) or _arrow.make_batch spec
     total_sse, max_err = 0.0, 0.0
     for i in range(batch.num_columns):
-        arr = batch.column(i)
         col = columns.get(i)
         if col is None:
-            arrays.append(arr)
+            arrays.append(i)
             continue
+        arr = batch.column(i)
         info.output_bytes -= arr.get_total_buffer_size()
         rows = _rows_of(arr, col.name)
         _check_child_nulls(batch, col.name, rows)
@@ -418,7 +418,7 @@ def quantize_batch(
             info.output_bytes += mse.nbytes + mx.nbytes
     if options.stats:
         info.sse, info.max_abs_error = total_sse, max_err
-    return _arrow.make_batch(schema, batch.num_rows, arrays), info
+    return _arrow.make_batch(schema, batch.num_rows, arrays, batch), info
 
 
 _F32 = pa.float32()
@@ -612,15 +612,15 @@ def dequantize_batch(batch: pa.RecordBatch, *, threads: int | None = None) -> tu
     """Restore the float columns of a quantized batch (original value type, lengths, nulls)."""
     schema, columns = _dequantize_plan(batch.schema)
     info = BatchInfo(rows=batch.num_rows, input_bytes=batch.get_total_buffer_size())
-    arrays = []  # pa.Array passed through, or _arrow.make_batch specs of new arrays
+    arrays = []  # input column index (passed through) or _arrow.make_batch spec
     for col in columns:
         arr = batch.column(col.index)
         if col.meta is None:
-            arrays.append(arr)
+            arrays.append(col.index)
             info.output_bytes += arr.get_total_buffer_size()
         else:
             arrays.append(_dequantize_column(batch, arr, col, info, threads))
-    return _arrow.make_batch(schema, batch.num_rows, arrays), info
+    return _arrow.make_batch(schema, batch.num_rows, arrays, batch), info
 
 
 _MAX_NUMEL = 2**40  # per row; more is a corrupt count, not a tensor
