@@ -28,15 +28,14 @@ K_ROLE = b"flightquant.role"
 K_CODES = b"flightquant.codes_column"
 
 _NP_DTYPES = {"halffloat": np.float16, "float": np.float32, "double": np.float64}
-_NP_DTYPES_BY_NAME = {"float16": np.dtype(np.float16), "float32": np.dtype(np.float32),
-                      "float64": np.dtype(np.float64)}
 _DTYPE_NAMES = {"halffloat": "float16", "float": "float32", "double": "float64"}
 _ARROW_FLOATS = {"float16": pa.float16(), "float32": pa.float32(), "float64": pa.float64()}
+_NP_DTYPES_BY_NAME = {name: np.dtype(name) for name in _ARROW_FLOATS}
 _LIST_KINDS = ("list", "large_list", "fixed_size_list")
 # bytes per offset of a list/binary type (0: fixed-size rows)
 _OFFSET_WIDTH = {
-    pa.lib.Type_LIST: 4, pa.lib.Type_BINARY: 4, pa.lib.Type_STRING: 4,
-    pa.lib.Type_LARGE_LIST: 8, pa.lib.Type_LARGE_BINARY: 8, pa.lib.Type_LARGE_STRING: 8,
+    pa.lib.Type_LIST: 4, pa.lib.Type_BINARY: 4,
+    pa.lib.Type_LARGE_LIST: 8, pa.lib.Type_LARGE_BINARY: 8,
     pa.lib.Type_FIXED_SIZE_LIST: 0, pa.lib.Type_FIXED_SIZE_BINARY: 0,
 }
 _NO_BYTES = np.zeros(0, np.uint8)
@@ -193,11 +192,7 @@ class _QColumn:
     """What every batch of a schema shares about one column to quantize."""
 
     name: str
-    kind: str
-    dtype: np.dtype
-    list_size: int | None  # fixed_size_list only
-    codes_type: pa.DataType
-    per_group_type: pa.DataType  # of the scales and zero points
+    kind: str  # list, large_list or fixed_size_list
 
 
 def _quantize_plan(schema: pa.Schema, options: QuantOptions) -> tuple[pa.Schema, dict[int, _QColumn]]:
@@ -217,15 +212,7 @@ def _build_quantize_plan(schema: pa.Schema, options: QuantOptions) -> tuple[pa.S
             "rename the input columns that end in _scales/_zero_points/_numel/_mse/"
             "_max_abs_error, or quantize fewer columns with 'columns'"
         )
-    columns = {}
-    for i in picked:
-        f = schema.field(i)
-        codes_field, scales_field = _derived_fields(f, options)[:2]
-        columns[i] = _QColumn(
-            f.name, _list_kind(f.type), np.dtype(_NP_DTYPES[str(f.type.value_type)]),
-            f.type.list_size if _list_kind(f.type) == "fixed_size_list" else None,
-            codes_field.type, scales_field.type,
-        )
+    columns = {i: _QColumn(schema.field(i).name, _list_kind(schema.field(i).type)) for i in picked}
     return pa.schema(fields, metadata=schema.metadata), columns
 
 
@@ -251,14 +238,6 @@ def _primitive_view(arr: pa.Array, dtype) -> np.ndarray:
     if len(arr) == 0 or arr.buffers()[1] is None:
         return np.zeros(0, dtype)
     return np.frombuffer(arr.buffers()[1], dtype, count=len(arr), offset=arr.offset * dtype.itemsize)
-
-
-def _offsets_view(arr: pa.Array) -> np.ndarray:
-    """The n+1 offsets of a (large) list/binary array, respecting the array offset."""
-    dtype = np.int64 if pa.types.is_large_list(arr.type) or pa.types.is_large_binary(arr.type) else np.int32
-    if len(arr) == 0 or arr.buffers()[1] is None:
-        return np.zeros(1, np.int64)
-    return np.frombuffer(arr.buffers()[1], dtype, count=len(arr) + 1, offset=arr.offset * np.dtype(dtype).itemsize)
 
 
 def _bytes_of(buf: pa.Buffer | None) -> np.ndarray:
@@ -293,14 +272,14 @@ def _extents(arr: pa.Array, limit: int, with_end: bool = False) -> tuple[np.ndar
     return starts, lens, status
 
 
-def _out_bitmap(arr: pa.Array, valid: np.ndarray | None) -> pa.Buffer | None:
+def _out_bitmap(arr: pa.Array) -> pa.Buffer | None:
     """The validity bitmap of an output array with ``arr``'s rows (offset 0): ``arr``'s
-    own bitmap when it starts on bit 0, else repacked from ``valid``."""
+    own bitmap when it starts on bit 0, else repacked."""
     if not arr.null_count:
         return None
     if arr.offset == 0:
         return arr.buffers()[0]
-    return _bitmap(valid if valid is not None else _validity(arr))
+    return _bitmap(_validity(arr))
 
 
 @dataclass
@@ -309,7 +288,6 @@ class _Rows:
     child: pa.Array
     starts: np.ndarray  # int64 per row, index into values
     lens: np.ndarray  # int64 per row, 0 for null rows
-    valid: np.ndarray | None
     fixed: int | None
 
 
@@ -320,9 +298,8 @@ def _rows_of(arr: pa.Array, name: str = "values") -> _Rows:
     if status != -1:
         _validate(arr, name)
         raise CodecError(f"column {name!r} is not a valid list array: a row lies outside its values")
-    valid = _validity(arr)
     fixed = arr.type.list_size if arr.type.id == pa.lib.Type_FIXED_SIZE_LIST else None
-    return _Rows(values, child, starts, lens, valid, fixed)
+    return _Rows(values, child, starts, lens, fixed)
 
 
 def _row_key(batch: pa.RecordBatch, row: int) -> str | None:
@@ -402,7 +379,7 @@ def quantize_batch(
                                  _where(batch, col.name, exc.row)) from None
         info.kernel_seconds += time.perf_counter() - t0
         info.elements += int(rows.lens.sum())
-        bitmap = _out_bitmap(arr, rows.valid)
+        bitmap = _out_bitmap(arr)
         arrays.extend(_quantized_specs(arr, rows, q, col, bitmap))
         info.output_bytes += q.codes.nbytes + q.scales.nbytes + (
             0 if q.zero_points is None else q.zero_points.nbytes) + rows.lens.nbytes * (rows.fixed is None)
@@ -421,7 +398,7 @@ def quantize_batch(
     return _arrow.make_batch(schema, batch.num_rows, arrays, batch), info
 
 
-_F32 = pa.float32()
+_F32 = _ARROW_FLOATS["float32"]
 
 
 def _quantized_specs(arr: pa.Array, rows: _Rows, q, col: _QColumn, bitmap) -> list[tuple]:
@@ -633,7 +610,7 @@ def _dequantize_column(batch, arr: pa.Array, col: _DColumn, info: BatchInfo, thr
     _validate(arr, name)  # codes' type was checked by _meta_of
     scales_arr = _derived_column(batch, col, "scales")
     zps_arr = _derived_column(batch, col, "zero_points") if m.scheme == "asymmetric" else None
-    codes = _data_bytes(arr)
+    codes = _bytes_of(arr.buffers()[-1])  # offsets index the whole data buffer
     code_starts, code_lens, status = _extents(arr, codes.size, with_end=True)
     lens = np.empty(n, np.int64)
     if fixed:
@@ -670,7 +647,7 @@ def _dequantize_column(batch, arr: pa.Array, col: _DColumn, info: BatchInfo, thr
     if fixed:
         out_starts = np.arange(n, dtype=np.int64) * m.list_size
         out_size = n * m.list_size
-        bufs = (_out_bitmap(arr, None),)
+        bufs = (_out_bitmap(arr),)
     else:
         big = m.kind == "large_list"
         offsets = np.empty(n + 1, np.int64 if big else np.int32)
@@ -678,7 +655,7 @@ def _dequantize_column(batch, arr: pa.Array, col: _DColumn, info: BatchInfo, thr
         out_size = _rows.output_offsets(lens, offsets.itemsize, offsets.view(np.uint8), out_starts)
         if out_size < 0:
             raise CodecError(f"column {name!r}: more than 2**31 elements in one list batch")
-        bufs = (_out_bitmap(arr, None), offsets)
+        bufs = (_out_bitmap(arr), offsets)
         info.output_bytes += offsets.nbytes
     # the rows' codes and groups start where the input arrays put them
     lay = RowLayout(lens, s_starts, code_starts, blocks, col.groups_per_block, m.bits, m.group_size)
@@ -713,14 +690,6 @@ def _explain_bad_row(batch, col: _DColumn, r: int, numel: int, code_bytes: int,
                 f"{where}: {name}_{role} has {have} values, expected {need} (one per group)"
             )
     raise CodecError(f"{where}: inconsistent quantized row")  # pragma: no cover
-
-
-def _data_bytes(arr: pa.Array) -> np.ndarray:
-    """The whole data buffer of a (fixed-size / large) binary array; offsets index into it."""
-    buf = arr.buffers()[-1]
-    if buf is None:
-        return np.zeros(0, np.uint8)
-    return np.frombuffer(buf, np.uint8)
 
 
 def _align(values, starts, size, target_starts, counts) -> np.ndarray:
