@@ -70,33 +70,47 @@ cdef const void* address_of(object obj, list keep) except? NULL:
     return ptr
 
 
+cdef int init_node(ArrowArray* a, int64_t length, int64_t null_count, Py_ssize_t n_buffers,
+                   Py_ssize_t n_children) except -1:
+    """Set ``a``'s fields (offset 0) and allocate its buffer and child pointer arrays
+    (zeroed; children are added by :func:`new_child`)."""
+    a.length = length
+    a.null_count = null_count
+    a.offset = 0
+    a.n_buffers = n_buffers
+    a.n_children = 0
+    a.dictionary = NULL
+    a.private_data = NULL
+    a.buffers = <const void**>calloc(max(1, n_buffers), sizeof(void*))
+    a.children = <ArrowArray**>calloc(max(1, n_children), sizeof(ArrowArray*))
+    a.release = release_node  # from here on, release_node frees what was filled
+    if a.buffers == NULL or a.children == NULL:
+        raise MemoryError()
+    return 0
+
+
+cdef ArrowArray* new_child(ArrowArray* a) except NULL:
+    """A zeroed child struct in ``a``'s next slot (released with ``a``)."""
+    cdef ArrowArray* child = <ArrowArray*>calloc(1, sizeof(ArrowArray))
+    if child == NULL:
+        raise MemoryError()
+    a.children[a.n_children] = child
+    a.n_children += 1
+    return child
+
+
 cdef int fill(ArrowArray* a, tuple spec, list keep) except -1:
     """Fill ``a`` from ``(length, null_count, buffers, children)``: buffers are None or
     buffer-protocol objects, children are specs of the same form (offset is 0)."""
     cdef tuple buffers = spec[2]
     cdef tuple children = spec[3]
     cdef Py_ssize_t i
-    a.length = spec[0]
-    a.null_count = spec[1]
-    a.offset = 0
-    a.n_buffers = len(buffers)
-    a.n_children = 0
-    a.dictionary = NULL
-    a.private_data = NULL
-    a.buffers = <const void**>calloc(max(1, len(buffers)), sizeof(void*))
-    a.children = <ArrowArray**>calloc(max(1, len(children)), sizeof(ArrowArray*))
-    a.release = release_node  # from here on, release_node frees what was filled
-    if a.buffers == NULL or a.children == NULL:
-        raise MemoryError()
+    init_node(a, spec[0], spec[1], len(buffers), len(children))
     for i in range(len(buffers)):
         if buffers[i] is not None:
             a.buffers[i] = address_of(buffers[i], keep)
     for i in range(len(children)):
-        a.children[i] = <ArrowArray*>calloc(1, sizeof(ArrowArray))
-        if a.children[i] == NULL:
-            raise MemoryError()
-        a.n_children = i + 1
-        fill(a.children[i], children[i], keep)
+        fill(new_child(a), children[i], keep)
     return 0
 
 
@@ -116,20 +130,12 @@ def make_batch(schema, int64_t num_rows, list columns, source=None):
     cdef ArrowArray* child
     cdef list keep = []
     cdef Py_ssize_t i, j
-    cdef tuple root_spec = (num_rows, 0, (None,), ())
     src.release = NULL
-    fill(&root, root_spec, keep)
+    root.release = NULL
     try:
-        free(root.children)
-        root.children = <ArrowArray**>calloc(max(1, len(columns)), sizeof(ArrowArray*))
-        if root.children == NULL:
-            raise MemoryError()
+        init_node(&root, num_rows, 0, 1, len(columns))  # a struct array, no validity
         for i in range(len(columns)):
-            child = <ArrowArray*>calloc(1, sizeof(ArrowArray))
-            if child == NULL:
-                raise MemoryError()
-            root.children[i] = child
-            root.n_children = i + 1
+            child = new_child(&root)
             column = columns[i]
             if isinstance(column, tuple):
                 fill(child, <tuple>column, keep)
