@@ -54,21 +54,6 @@ cdef enum:
 # TRUE_MIN_F: smallest positive float32 (subnormal), the floor of a non-degenerate scale.
 
 
-cdef struct Params:
-    int bits
-    int scheme
-    int method
-    bint stats
-    bint has_clip
-    float lo            # clip bounds, -inf/+inf without clip
-    float hi
-    float qmin          # signed code range (before the stored offset)
-    float qmax
-    float offset        # stored offset as float32 (exact small integer)
-    int64_t group_size
-    int64_t groups_per_block
-
-
 cdef struct GroupQ:
     float base          # subtracted before the division: min (asymmetric) or 0
     float scale
@@ -507,6 +492,75 @@ cdef int quant_block(const floating* values, const int64_t* row_starts,
     return 0
 
 
+cdef void set_params(Params* p, int bits, int scheme, int method, int64_t group_size,
+                     int64_t groups_per_block, int qmin, int qmax, int offset,
+                     bint has_clip, float clip, bint stats) noexcept nogil:
+    p.bits = bits
+    p.scheme = scheme
+    p.method = method
+    p.stats = stats
+    p.has_clip = has_clip
+    p.lo = -clip if has_clip else -FQ_INF_F
+    p.hi = clip if has_clip else FQ_INF_F
+    p.qmin = qmin
+    p.qmax = qmax
+    p.offset = offset
+    p.group_size = group_size
+    p.groups_per_block = groups_per_block
+
+
+cdef int64_t quantize_run(const floating* values, const int64_t* row_starts,
+                          const int64_t* row_lens, const int64_t* go, const int64_t* co,
+                          const int64_t* bo, int64_t nrows, const Params* p, uint8_t* codes,
+                          float* scales, float* zps, double* gsse, double* gmax,
+                          int n_threads, int64_t stage_elems) noexcept nogil:
+    """Every block of the layout, in parallel; the number of blocks holding a non-finite
+    value, or -1 when scratch memory cannot be had."""
+    cdef int64_t n_blocks = bo[nrows]
+    cdef int64_t blk
+    cdef int64_t bad = 0
+    cdef int64_t* hints = NULL
+    cdef floating* stages = NULL
+    cdef int64_t stride = 0
+    if n_blocks == 0:
+        return 0
+    hints = <int64_t*>calloc(HINT_STRIDE * n_threads, sizeof(int64_t))
+    if hints == NULL:
+        return -1
+    if stage_elems > 0:
+        stride = (stage_elems + 15) // 16 * 16      # threads' stages on separate lines
+        stages = <floating*>malloc(stride * n_threads * sizeof(floating))
+        if stages == NULL:
+            free(hints)
+            return -1
+    for blk in prange(n_blocks, schedule="static", num_threads=n_threads):
+        bad += quant_block(values, row_starts, row_lens, go, co, bo, nrows, blk,
+                           hints + HINT_STRIDE * omp_get_thread_num(), p,
+                           codes, scales, zps, gsse, gmax,
+                           stages + stride * omp_get_thread_num() if stages != NULL else NULL)
+    free(hints)
+    free(stages)
+    return bad
+
+
+cdef int64_t quantize_f32(const float* values, const int64_t* row_starts,
+                          const int64_t* row_lens, const int64_t* go, const int64_t* co,
+                          const int64_t* bo, int64_t nrows, const Params* p, uint8_t* codes,
+                          float* scales, float* zps, double* gsse, double* gmax,
+                          int n_threads, int64_t stage_elems) noexcept nogil:
+    return quantize_run(values, row_starts, row_lens, go, co, bo, nrows, p, codes, scales,
+                        zps, gsse, gmax, n_threads, stage_elems)
+
+
+cdef int64_t quantize_f64(const double* values, const int64_t* row_starts,
+                          const int64_t* row_lens, const int64_t* go, const int64_t* co,
+                          const int64_t* bo, int64_t nrows, const Params* p, uint8_t* codes,
+                          float* scales, float* zps, double* gsse, double* gmax,
+                          int n_threads, int64_t stage_elems) noexcept nogil:
+    return quantize_run(values, row_starts, row_lens, go, co, bo, nrows, p, codes, scales,
+                        zps, gsse, gmax, n_threads, stage_elems)
+
+
 def quantize_kernel(const floating[::1] values, const int64_t[::1] row_starts,
                     const int64_t[::1] row_lens, const int64_t[::1] group_offsets,
                     const int64_t[::1] code_offsets, const int64_t[::1] block_offsets,
@@ -524,55 +578,19 @@ def quantize_kernel(const floating[::1] values, const int64_t[::1] row_starts,
     read its groups through an aligned scratch of that many elements."""
     cdef Params p
     cdef int64_t nrows = row_lens.shape[0]
-    cdef int64_t n_blocks = block_offsets[nrows]
-    cdef int64_t blk
-    cdef int bad = 0
-    cdef const floating* vp = NULL
-    cdef float* zp = NULL
-    cdef double* sp = NULL
-    cdef double* mp = NULL
-    cdef int64_t* hints = NULL
-    cdef floating* stages = NULL
-    cdef int64_t stride = 0
-    if n_blocks == 0:
+    cdef int64_t bad
+    if block_offsets[nrows] == 0:
         return 0
-    p.bits = bits
-    p.scheme = scheme
-    p.method = method
-    p.stats = stats
-    p.has_clip = has_clip
-    p.lo = -clip if has_clip else -FQ_INF_F
-    p.hi = clip if has_clip else FQ_INF_F
-    p.qmin = qmin
-    p.qmax = qmax
-    p.offset = offset
-    p.group_size = group_size
-    p.groups_per_block = groups_per_block
-    vp = &values[0]
-    if zero_points.shape[0] > 0:
-        zp = &zero_points[0]
-    if stats:
-        sp = &group_sse[0]
-        mp = &group_max_err[0]
-    hints = <int64_t*>calloc(HINT_STRIDE * n_threads, sizeof(int64_t))
-    if hints == NULL:
+    set_params(&p, bits, scheme, method, group_size, groups_per_block, qmin, qmax, offset,
+               has_clip, clip, stats)
+    with nogil:
+        bad = quantize_run(&values[0], &row_starts[0], &row_lens[0], &group_offsets[0],
+                           &code_offsets[0], &block_offsets[0], nrows, &p, &codes[0],
+                           &scales[0], &zero_points[0] if zero_points.shape[0] > 0 else NULL,
+                           &group_sse[0] if stats else NULL,
+                           &group_max_err[0] if stats else NULL, n_threads, stage_elems)
+    if bad < 0:
         raise MemoryError()
-    if stage_elems > 0:
-        stride = (stage_elems + 15) // 16 * 16      # threads' stages on separate lines
-        stages = <floating*>malloc(stride * n_threads * sizeof(floating))
-        if stages == NULL:
-            free(hints)
-            raise MemoryError()
-    try:
-        for blk in prange(n_blocks, schedule="static", nogil=True, num_threads=n_threads):
-            bad += quant_block(vp, &row_starts[0], &row_lens[0], &group_offsets[0],
-                               &code_offsets[0], &block_offsets[0], nrows, blk,
-                               hints + HINT_STRIDE * omp_get_thread_num(), &p,
-                               &codes[0], &scales[0], zp, sp, mp,
-                               stages + stride * omp_get_thread_num() if stages != NULL else NULL)
-    finally:
-        free(hints)
-        free(stages)
     return bad
 
 
@@ -635,6 +653,47 @@ cdef void dequant_block(const uint8_t* codes, const int64_t* row_lens, const int
                 o[i] = (<float>((cp[e >> 3] >> (e & 7)) & mask) - z) * s
 
 
+cdef int dequantize_run(const uint8_t* codes, const int64_t* row_lens, const int64_t* go,
+                        const int64_t* co, const int64_t* bo, const int64_t* out_starts,
+                        int64_t nrows, int64_t groups_per_block, int bits, int64_t group_size,
+                        const float* scales, const float* zps, float offset, floating* out,
+                        int n_threads) noexcept nogil:
+    """Every block of the layout into ``out``, in parallel; -1 when scratch memory
+    cannot be had, else 0."""
+    cdef int64_t n_blocks = bo[nrows]
+    cdef int64_t blk
+    cdef int64_t* hints = NULL
+    if n_blocks == 0:
+        return 0
+    hints = <int64_t*>calloc(HINT_STRIDE * n_threads, sizeof(int64_t))
+    if hints == NULL:
+        return -1
+    for blk in prange(n_blocks, schedule="static", num_threads=n_threads):
+        dequant_block(codes, row_lens, go, co, bo, out_starts, nrows, blk,
+                      hints + HINT_STRIDE * omp_get_thread_num(), bits, group_size,
+                      groups_per_block, scales, zps, offset, out)
+    free(hints)
+    return 0
+
+
+cdef int dequantize_f32(const uint8_t* codes, const int64_t* row_lens, const int64_t* go,
+                        const int64_t* co, const int64_t* bo, const int64_t* out_starts,
+                        int64_t nrows, int64_t groups_per_block, int bits, int64_t group_size,
+                        const float* scales, const float* zps, float offset, float* out,
+                        int n_threads) noexcept nogil:
+    return dequantize_run(codes, row_lens, go, co, bo, out_starts, nrows, groups_per_block,
+                          bits, group_size, scales, zps, offset, out, n_threads)
+
+
+cdef int dequantize_f64(const uint8_t* codes, const int64_t* row_lens, const int64_t* go,
+                        const int64_t* co, const int64_t* bo, const int64_t* out_starts,
+                        int64_t nrows, int64_t groups_per_block, int bits, int64_t group_size,
+                        const float* scales, const float* zps, float offset, double* out,
+                        int n_threads) noexcept nogil:
+    return dequantize_run(codes, row_lens, go, co, bo, out_starts, nrows, groups_per_block,
+                          bits, group_size, scales, zps, offset, out, n_threads)
+
+
 def dequantize_kernel(const uint8_t[::1] codes, const int64_t[::1] row_lens,
                       const int64_t[::1] group_offsets, const int64_t[::1] code_offsets,
                       const int64_t[::1] block_offsets, const int64_t[::1] out_starts,
@@ -643,22 +702,14 @@ def dequantize_kernel(const uint8_t[::1] codes, const int64_t[::1] row_lens,
                       floating[::1] out, int n_threads):
     """Reconstruct every block into ``out`` (validated by the caller)."""
     cdef int64_t nrows = row_lens.shape[0]
-    cdef int64_t n_blocks = block_offsets[nrows]
-    cdef int64_t blk
-    cdef const float* zp = NULL
-    cdef int64_t* hints = NULL
-    if n_blocks == 0:
+    cdef int status
+    if block_offsets[nrows] == 0:
         return
-    if zero_points.shape[0] > 0:
-        zp = &zero_points[0]
-    hints = <int64_t*>calloc(HINT_STRIDE * n_threads, sizeof(int64_t))
-    if hints == NULL:
+    with nogil:
+        status = dequantize_run(&codes[0], &row_lens[0], &group_offsets[0], &code_offsets[0],
+                                &block_offsets[0], &out_starts[0], nrows, groups_per_block,
+                                bits, group_size, &scales[0],
+                                &zero_points[0] if zero_points.shape[0] > 0 else NULL,
+                                <float>offset, &out[0], n_threads)
+    if status < 0:
         raise MemoryError()
-    try:
-        for blk in prange(n_blocks, schedule="static", nogil=True, num_threads=n_threads):
-            dequant_block(&codes[0], &row_lens[0], &group_offsets[0], &code_offsets[0],
-                          &block_offsets[0], &out_starts[0], nrows, blk,
-                          hints + HINT_STRIDE * omp_get_thread_num(), bits, group_size,
-                          groups_per_block, &scales[0], zp, <float>offset, &out[0])
-    finally:
-        free(hints)
