@@ -112,6 +112,11 @@ extensions = [
         ["ext/_arrow.pyx"],
         include_dirs=["ext"],
     ),
+    Extension(
+        "flightquant._fastpath",
+        ["ext/_fastpath.pyx"],
+        include_dirs=["ext"],
+    ),
 ]
 
 setup(

@@ -16,10 +16,11 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import pyarrow as pa
 
-from . import _arrow, _rows, kernels
+from . import _arrow, _fastpath, _rows, kernels
 from .errors import NonFiniteError
-from .layout import RowLayout
-from .options import SCHEMES, VALID_BITS, OptionsError, QuantOptions
+from .layout import RowLayout, groups_per_block
+from .options import METHOD_CODES, SCHEME_CODES, SCHEMES, VALID_BITS, OptionsError, QuantOptions
+from .reference import qparams
 
 FORMAT_VERSION = 1
 PREFIX = "flightquant."
@@ -40,6 +41,16 @@ _OFFSET_WIDTH = {
 }
 _NO_BYTES = np.zeros(0, np.uint8)
 _NO_INT64 = np.zeros(0, np.int64)
+# flightquant._fastpath's list kinds
+_FAST_KINDS = {"list": 0, "large_list": 1, "fixed_size_list": 2}
+_ITEMSIZE = {"float32": 4, "float64": 8}  # value types the one-call path takes
+
+#: Batches go through :mod:`flightquant._fastpath` (one Cython call per batch) when their
+#: schema and options allow it and the batch is valid; False sends every batch down the
+#: general path here (tests compare the two).
+use_fastpath = True
+#: tests: a list that gets the address each one-call kernel read its values from
+_fast_trace: list | None = None
 
 
 class CodecError(ValueError):
@@ -195,11 +206,12 @@ class _QColumn:
     kind: str  # list, large_list or fixed_size_list
 
 
-def _quantize_plan(schema: pa.Schema, options: QuantOptions) -> tuple[pa.Schema, dict[int, _QColumn]]:
+def _quantize_plan(schema: pa.Schema, options: QuantOptions):
+    """``(output schema, {input index: _QColumn}, _fastpath.QuantizePlan or None)``."""
     return _cached("q", schema, options, lambda: _build_quantize_plan(schema, options))
 
 
-def _build_quantize_plan(schema: pa.Schema, options: QuantOptions) -> tuple[pa.Schema, dict[int, _QColumn]]:
+def _build_quantize_plan(schema: pa.Schema, options: QuantOptions):
     picked = _columns_to_quantize(schema, options)
     fields: list[pa.Field] = []
     for i, f in enumerate(schema):
@@ -213,7 +225,53 @@ def _build_quantize_plan(schema: pa.Schema, options: QuantOptions) -> tuple[pa.S
             "_max_abs_error, or quantize fewer columns with 'columns'"
         )
     columns = {i: _QColumn(schema.field(i).name, _list_kind(schema.field(i).type)) for i in picked}
-    return pa.schema(fields, metadata=schema.metadata), columns
+    out_schema = pa.schema(fields, metadata=schema.metadata)
+    return out_schema, columns, _fast_quantize_plan(schema, out_schema, columns, options)
+
+
+def _fast_quantize_plan(schema, out_schema, columns, options: QuantOptions):
+    """The one-call plan, or None for what only the general path does (stats, float16)."""
+    if options.stats:
+        return None
+    specs = []
+    for i, f in enumerate(schema):
+        col = columns.get(i)
+        if col is None:
+            specs.append(None)
+            continue
+        itemsize = _ITEMSIZE.get(_DTYPE_NAMES[str(f.type.value_type)])
+        if itemsize is None:
+            return None
+        specs.append((_FAST_KINDS[col.kind], itemsize,
+                      f.type.list_size if col.kind == "fixed_size_list" else 0))
+    clip = 0.0
+    if options.clip is not None:
+        clip = float(np.float32(options.clip))
+        if not (math.isfinite(clip) and clip > 0):
+            return None  # the kernel wrapper explains
+    qmin, qmax, offset = qparams(options.bits, options.scheme)
+    return _fastpath.QuantizePlan(
+        out_schema, specs, options.bits, SCHEME_CODES[options.scheme],
+        METHOD_CODES[options.method], options.group_size,
+        groups_per_block(options.group_size, options.bits), qmin, qmax, offset,
+        options.clip is not None, clip, options.scheme == "asymmetric",
+    )
+
+
+def _fast_batch(plan, batch: pa.RecordBatch, threads, trace=None):
+    """``plan.run`` on a valid batch, or None: the general path takes the batch."""
+    if plan is None or not use_fastpath:
+        return None
+    try:
+        batch.validate()  # the C data interface carries no buffer sizes: see _fastpath.pyx
+    except pa.ArrowInvalid:
+        return None
+    done = plan.run(batch, kernels.resolve_threads(threads), *([trace] if trace is not None else []))
+    if done is None:
+        return None
+    out, elements, seconds = done
+    return out, BatchInfo(batch.num_rows, elements, batch.get_total_buffer_size(),
+                          out.get_total_buffer_size(), seconds)
 
 
 # ---------------------------------------------------------------------------------------
@@ -317,8 +375,8 @@ def _where(batch: pa.RecordBatch, column: str, row: int) -> str:
 
 
 def _check_child_nulls(batch, name, rows: _Rows) -> None:
-    if rows.child.null_count == 0:
-        return
+    if rows.child.null_count == 0 or not rows.lens.any():
+        return  # no row holds a value (an empty slice of a batch, only null rows...)
     child_valid = rows.child.is_valid().to_numpy(zero_copy_only=False)
     bad = np.flatnonzero(~child_valid)
     r = np.searchsorted(rows.starts, bad, side="right") - 1
@@ -351,10 +409,12 @@ def quantize_batch(
     """
     if options.op != "quantize":
         raise OptionsError("quantize_batch needs op='quantize'")
-    schema, columns = _quantize_plan(batch.schema, options)
+    schema, columns, fast = _quantize_plan(batch.schema, options)
+    done = _fast_batch(fast, batch, threads, _fast_trace)
+    if done is not None:
+        return done
     # buffer sizes (cheap) rather than nbytes (walks the data): exact for unsliced batches
-    in_bytes = batch.get_total_buffer_size()
-    info = BatchInfo(rows=batch.num_rows, input_bytes=in_bytes, output_bytes=in_bytes)
+    info = BatchInfo(rows=batch.num_rows, input_bytes=batch.get_total_buffer_size())
     arrays: list = []  # input column index (passed through) or _arrow.make_batch spec
     total_sse, max_err = 0.0, 0.0
     for i in range(batch.num_columns):
@@ -363,7 +423,6 @@ def quantize_batch(
             arrays.append(i)
             continue
         arr = batch.column(i)
-        info.output_bytes -= arr.get_total_buffer_size()
         rows = _rows_of(arr, col.name)
         _check_child_nulls(batch, col.name, rows)
         t0 = time.perf_counter()
@@ -381,8 +440,6 @@ def quantize_batch(
         info.elements += int(rows.lens.sum())
         bitmap = _out_bitmap(arr)
         arrays.extend(_quantized_specs(arr, rows, q, col, bitmap))
-        info.output_bytes += q.codes.nbytes + q.scales.nbytes + (
-            0 if q.zero_points is None else q.zero_points.nbytes) + rows.lens.nbytes * (rows.fixed is None)
         if options.stats:
             sse = q.row_sse()
             mx = q.row_max_abs_error()
@@ -392,13 +449,15 @@ def quantize_batch(
                 mse = np.where(rows.lens > 0, sse / np.maximum(rows.lens, 1), 0.0)
             arrays.append((len(mse), arr.null_count, (bitmap, mse), ()))
             arrays.append((len(mx), arr.null_count, (bitmap, mx), ()))
-            info.output_bytes += mse.nbytes + mx.nbytes
     if options.stats:
         info.sse, info.max_abs_error = total_sse, max_err
-    return _arrow.make_batch(schema, batch.num_rows, arrays, batch), info
+    out = _arrow.make_batch(schema, batch.num_rows, arrays, batch)
+    info.output_bytes = out.get_total_buffer_size()
+    return out, info
 
 
 _F32 = _ARROW_FLOATS["float32"]
+_INT32_MAX = 2**31 - 1
 
 
 def _quantized_specs(arr: pa.Array, rows: _Rows, q, col: _QColumn, bitmap) -> list[tuple]:
@@ -411,10 +470,15 @@ def _quantized_specs(arr: pa.Array, rows: _Rows, q, col: _QColumn, bitmap) -> li
         out = [(n, nulls, (bitmap, q.codes), ())]
         group_bufs = (bitmap,)
     else:
+        if lay.n_groups > _INT32_MAX:
+            raise CodecError("more than 2**31 groups in one batch: use a larger group_size or smaller batches")
+        if col.kind == "list" and lay.n_code_bytes > _INT32_MAX:
+            raise CodecError(
+                f"column {col.name!r}: more than 2 GiB of codes in one batch, beyond the binary "
+                "type's int32 offsets: send smaller batches or use large_list columns"
+            )
         code_offsets = lay.code_offsets if col.kind == "large_list" else lay.code_offsets.astype(np.int32)
         out = [(n, nulls, (bitmap, code_offsets, q.codes), ())]
-        if lay.n_groups > np.iinfo(np.int32).max:
-            raise CodecError("more than 2**31 groups in one batch: use a larger group_size or smaller batches")
         group_bufs = (bitmap, lay.group_offsets.astype(np.int32))
     for values in (q.scales, q.zero_points):
         if values is not None:
@@ -512,11 +576,12 @@ class _DColumn:
     groups_per_block: int = 0
 
 
-def _dequantize_plan(schema: pa.Schema) -> tuple[pa.Schema, list[_DColumn]]:
+def _dequantize_plan(schema: pa.Schema):
+    """``(output schema, [_DColumn], _fastpath.DequantizePlan or None)``."""
     return _cached("d", schema, None, lambda: _build_dequantize_plan(schema))
 
 
-def _build_dequantize_plan(schema: pa.Schema) -> tuple[pa.Schema, list[_DColumn]]:
+def _build_dequantize_plan(schema: pa.Schema):
     derived = set()
     fields = []
     metas = {}
@@ -554,9 +619,47 @@ def _build_dequantize_plan(schema: pa.Schema) -> tuple[pa.Schema, list[_DColumn]
             continue
         roles = {role: schema.get_field_index(f"{f.name}_{role}")
                  for role in ("scales", "zero_points", "numel")}
-        k = 8 // math.gcd((m.group_size * m.bits) % 8 or 8, 8)
+        k = groups_per_block(m.group_size, m.bits)
         columns.append(_DColumn(index, f.name, m, f.type, roles, k))
-    return pa.schema(out_fields, metadata=schema.metadata), columns
+    out_schema = pa.schema(out_fields, metadata=schema.metadata)
+    return out_schema, columns, _fast_dequantize_plan(schema, out_schema, columns)
+
+
+def _fast_dequantize_plan(schema, out_schema, columns: list[_DColumn]):
+    """The one-call plan, or None for what only the general path does: float16 values,
+    missing or mistyped scale/zero-point/numel columns (errors, explained there)."""
+    specs = []
+    for col in columns:
+        m = col.meta
+        if m is None:
+            specs.append(col.index)
+            continue
+        itemsize = _ITEMSIZE.get(m.dtype)
+        if itemsize is None:
+            return None
+        fixed = m.kind == "fixed_size_list"
+        per_row = -(-(m.list_size or 0) // m.group_size)
+        idx = {}
+        for role in ("scales", "zero_points", "numel"):
+            i = col.derived[role]
+            needed = role == "scales" or (role == "zero_points" and m.scheme == "asymmetric") or (
+                role == "numel" and not fixed)
+            if not needed:
+                idx[role] = -1
+                continue
+            t = schema.field(i).type if i >= 0 else None
+            if role == "numel":
+                ok = t == pa.int64()
+            else:
+                ok = t == (pa.list_(_F32, per_row) if fixed else pa.list_(_F32))
+            if not ok:
+                return None
+            idx[role] = i
+        _, _, offset = qparams(m.bits, m.scheme)
+        specs.append((col.index, _FAST_KINDS[m.kind], itemsize, m.list_size or 0, idx["scales"],
+                      idx["zero_points"], idx["numel"], m.bits, m.group_size,
+                      col.groups_per_block, float(offset)))
+    return _fastpath.DequantizePlan(out_schema, specs)
 
 
 def _derived_column(batch: pa.RecordBatch, col: _DColumn, role: str) -> pa.Array:
@@ -587,17 +690,20 @@ def _validate(arr: pa.Array, name: str) -> None:
 
 def dequantize_batch(batch: pa.RecordBatch, *, threads: int | None = None) -> tuple[pa.RecordBatch, BatchInfo]:
     """Restore the float columns of a quantized batch (original value type, lengths, nulls)."""
-    schema, columns = _dequantize_plan(batch.schema)
+    schema, columns, fast = _dequantize_plan(batch.schema)
+    done = _fast_batch(fast, batch, threads)
+    if done is not None:
+        return done
     info = BatchInfo(rows=batch.num_rows, input_bytes=batch.get_total_buffer_size())
     arrays = []  # input column index (passed through) or _arrow.make_batch spec
     for col in columns:
-        arr = batch.column(col.index)
         if col.meta is None:
             arrays.append(col.index)
-            info.output_bytes += arr.get_total_buffer_size()
         else:
-            arrays.append(_dequantize_column(batch, arr, col, info, threads))
-    return _arrow.make_batch(schema, batch.num_rows, arrays, batch), info
+            arrays.append(_dequantize_column(batch, batch.column(col.index), col, info, threads))
+    out = _arrow.make_batch(schema, batch.num_rows, arrays, batch)
+    info.output_bytes = out.get_total_buffer_size()
+    return out, info
 
 
 _MAX_NUMEL = 2**40  # per row; more is a corrupt count, not a tensor
@@ -656,7 +762,6 @@ def _dequantize_column(batch, arr: pa.Array, col: _DColumn, info: BatchInfo, thr
         if out_size < 0:
             raise CodecError(f"column {name!r}: more than 2**31 elements in one list batch")
         bufs = (_out_bitmap(arr), offsets)
-        info.output_bytes += offsets.nbytes
     # the rows' codes and groups start where the input arrays put them
     lay = RowLayout(lens, s_starts, code_starts, blocks, col.groups_per_block, m.bits, m.group_size)
     t0 = time.perf_counter()
@@ -666,7 +771,6 @@ def _dequantize_column(batch, arr: pa.Array, col: _DColumn, info: BatchInfo, thr
     )
     info.kernel_seconds += time.perf_counter() - t0
     info.elements += out_size if not fixed else int(lens.sum())
-    info.output_bytes += values.nbytes
     return (n, arr.null_count, bufs, ((out_size, 0, (None, values), ()),))
 
 

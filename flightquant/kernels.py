@@ -24,13 +24,12 @@ Input normalisation:
 
 from __future__ import annotations
 
-import math
 import os
 
 import numpy as np
 
 from .errors import NonFiniteError
-from .layout import QuantizedRows, RowLayout
+from .layout import QuantizedRows, RowLayout, groups_per_block
 from .options import METHOD_CODES, SCHEME_CODES, VALID_BITS
 from .reference import qparams
 
@@ -151,7 +150,7 @@ def row_layout(
         raise ValueError("row lengths must be a 1-D array of non-negative integers")
     lens = _as_int64(lens, "row lengths")
     n = lens.size
-    k = 8 // math.gcd((group_size * bits) % 8 or 8, 8)
+    k = groups_per_block(group_size, bits)
     go = np.empty(n + 1, _INT64)
     co = np.empty(n + 1, _INT64)
     bo = np.empty(n + 1, _INT64)

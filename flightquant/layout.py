@@ -55,6 +55,12 @@ class RowLayout:
         return np.repeat(np.arange(len(counts), dtype=np.int64), counts)
 
 
+def groups_per_block(group_size: int, bits: int) -> int:
+    """Groups per kernel block: the fewest whose codes end on a byte boundary, so
+    blocks can be packed in parallel."""
+    return 8 // math.gcd((group_size * bits) % 8 or 8, 8)
+
+
 def make_layout(
     row_lens: np.ndarray, bits: int, group_size: int, fixed_row_len: int | None = None
 ) -> RowLayout:
@@ -71,8 +77,7 @@ def make_layout(
     slot = lens if fixed_row_len is None else np.full(n, fixed_row_len, np.int64)
     ngroups = _ceil_div(slot, group_size)
     nbytes = _ceil_div(slot * bits, 8)
-    # k groups of group_size*bits bits end on a byte boundary
-    k = 8 // math.gcd((group_size * bits) % 8 or 8, 8)
+    k = groups_per_block(group_size, bits)
     nblocks = _ceil_div(_ceil_div(lens, group_size), k)  # blocks cover the row's own groups
     go = np.zeros(n + 1, np.int64)
     co = np.zeros(n + 1, np.int64)
