@@ -3,11 +3,19 @@
     python benchmarks/bench_codec.py [--batch-mib 4] [--repeat 31] [--threads N]
 
 For each batch shape (few large tensors, many small ones) and a few option sets, times
-in the same run: the bare kernel call on the batch's value buffer
-(``flightquant.kernels.quantize_rows`` / ``dequantize_rows``) and the whole codec call
-(``codec.quantize_batch`` / ``dequantize_batch``: schema, buffer views, Arrow output
-arrays), interleaved call by call. Prints medians and the median per-pair overhead
-codec/kernel - 1.
+in the same run, interleaved call by call:
+
+* ``core``: the compiled kernel alone (``flightquant._kernels.quantize_kernel`` /
+  ``dequantize_kernel``) on prepared arguments and preallocated outputs;
+* ``kernel``: the kernels' public call (``flightquant.kernels.quantize_rows`` /
+  ``dequantize_rows``: checks, layout, output allocation, the compiled kernel), on the
+  batch's value buffer;
+* ``codec``: the whole codec call (``codec.quantize_batch`` / ``dequantize_batch``:
+  schema, Arrow buffers in, Arrow arrays out).
+
+Prints medians and the median per-call overhead codec/kernel - 1 (the codec's overhead
+over the bare kernels) and codec/core - 1 (everything around the compiled loop,
+allocation included).
 """
 
 from __future__ import annotations
@@ -19,8 +27,9 @@ import time
 import numpy as np
 import pyarrow as pa
 
-from flightquant import codec, kernels
-from flightquant.options import QuantOptions
+from flightquant import _kernels, codec, kernels
+from flightquant.options import METHOD_CODES, SCHEME_CODES, QuantOptions
+from flightquant.reference import qparams
 
 
 def make_batch(total_floats: int, n_rows: int, seed: int = 0) -> pa.RecordBatch:
@@ -35,24 +44,46 @@ def make_batch(total_floats: int, n_rows: int, seed: int = 0) -> pa.RecordBatch:
     })
 
 
-def paired(kernel_fn, codec_fn, repeat: int) -> tuple[float, float, float]:
-    """Interleave the two calls so machine noise hits both alike.
-
-    Returns the median kernel time, the median codec time and the median of the
-    per-pair ratios codec/kernel.
-    """
-    kernel_fn(), codec_fn()  # warm-up
-    tk, tc, ratio = [], [], []
+def interleaved(fns, repeat: int) -> list[tuple[float, float]]:
+    """Call ``fns`` one after the other, ``repeat`` times, so machine noise hits them
+    alike. Returns per function the median time and the median per-round ratio of the
+    last function's time to its time."""
+    for fn in fns:
+        fn()  # warm-up
+    times = [[] for _ in fns]
     for _ in range(repeat):
-        t0 = time.perf_counter()
-        kernel_fn()
-        t1 = time.perf_counter()
-        codec_fn()
-        t2 = time.perf_counter()
-        tk.append(t1 - t0)
-        tc.append(t2 - t1)
-        ratio.append((t2 - t1) / (t1 - t0))
-    return statistics.median(tk), statistics.median(tc), statistics.median(ratio)
+        for fn, ts in zip(fns, times, strict=True):
+            t0 = time.perf_counter()
+            fn()
+            ts.append(time.perf_counter() - t0)
+    last = times[-1]
+    return [(statistics.median(ts), statistics.median(c / t for c, t in zip(last, ts, strict=True))) for ts in times]
+
+
+def core_calls(q, values, starts, opts, threads: int):
+    """The compiled quantize and dequantize kernels on prepared arguments."""
+    lay = q.layout
+    qmin, qmax, offset = qparams(opts.bits, opts.scheme)
+    codes, scales = np.empty_like(q.codes), np.empty_like(q.scales)
+    zps = np.empty_like(q.zero_points) if q.zero_points is not None else kernels._NO_F32
+    none = kernels._NO_F64
+    scheme = SCHEME_CODES[opts.scheme]
+    out = np.empty(int(lay.row_lens.sum()), np.float32)
+    out_starts = np.concatenate([[0], np.cumsum(lay.row_lens)[:-1]]).astype(np.int64)
+    zp_in = q.zero_points if q.zero_points is not None else kernels._NO_F32
+
+    def quantize():
+        _kernels.quantize_kernel(values, starts, lay.row_lens, lay.group_offsets, lay.code_offsets,
+                                 lay.block_offsets, lay.groups_per_block, opts.bits, scheme,
+                                 METHOD_CODES[opts.method], opts.group_size, qmin, qmax, offset,
+                                 False, 0.0, codes, scales, zps, none, none, False, threads)
+
+    def dequantize():
+        _kernels.dequantize_kernel(q.codes, lay.row_lens, lay.group_offsets, lay.code_offsets,
+                                   lay.block_offsets, out_starts, lay.groups_per_block, opts.bits,
+                                   opts.group_size, q.scales, zp_in, offset, out, threads)
+
+    return quantize, dequantize
 
 
 def main(argv=None) -> int:
@@ -62,13 +93,15 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=None)
     args = ap.parse_args(argv)
     total = int(args.batch_mib * (1 << 20)) // 4
+    threads = kernels.resolve_threads(args.threads)
     info = kernels.build_info()
     print(f"flightquant codec overhead; build: {info}; batch {args.batch_mib} MiB float32; "
-          f"threads={args.threads or kernels.resolve_threads(None)}; median of {args.repeat}")
-    header = f"{'rows':>6} {'options':<28} {'op':<10} {'kernel ms':>10} {'codec ms':>10} {'overhead':>9}"
+          f"threads={threads}; median of {args.repeat}")
+    header = (f"{'rows':>5} {'options':<30} {'op':<10} {'core ms':>8} {'kernel ms':>9} {'codec ms':>8} "
+              f"{'over kernel':>11} {'over core':>9}")
     print(header)
     print("-" * len(header))
-    worst = 0.0
+    worst = {"quantize": -1.0, "dequantize": -1.0}
     for n_rows in (4, 256):
         batch = make_batch(total, n_rows)
         arr = batch.column("weights")
@@ -78,24 +111,25 @@ def main(argv=None) -> int:
         for opts_dict in ({"bits": 4, "group_size": 128}, {"bits": 8, "group_size": 32},
                           {"bits": 2, "group_size": 128, "scheme": "symmetric"}):
             opts = QuantOptions.from_mapping(opts_dict)
-            kw = dict(bits=opts.bits, scheme=opts.scheme, group_size=opts.group_size, threads=args.threads)
-            t_kernel, t_codec, ratio = paired(
-                lambda: kernels.quantize_rows(values, starts, lens, **kw),
-                lambda: codec.quantize_batch(batch, opts, threads=args.threads), args.repeat)
-            label = ",".join(f"{k}={v}" for k, v in opts_dict.items())
-            over = ratio - 1
-            worst = max(worst, over)
-            print(f"{n_rows:>6} {label:<28} {'quantize':<10} {t_kernel*1e3:>10.3f} {t_codec*1e3:>10.3f} {over:>8.1%}")
-            qbatch, _ = codec.quantize_batch(batch, opts)
+            kw = dict(bits=opts.bits, scheme=opts.scheme, group_size=opts.group_size, threads=threads)
             q = kernels.quantize_rows(values, starts, lens, **kw)
-            t_kernel, t_codec, ratio = paired(
-                lambda: kernels.dequantize_rows(q.codes, q.layout, q.scales, q.zero_points,
-                                                scheme=opts.scheme, threads=args.threads),
-                lambda: codec.dequantize_batch(qbatch, threads=args.threads), args.repeat)
-            over = ratio - 1
-            worst = max(worst, over)
-            print(f"{n_rows:>6} {label:<28} {'dequantize':<10} {t_kernel*1e3:>10.3f} {t_codec*1e3:>10.3f} {over:>8.1%}")
-    print(f"worst overhead: {worst:.1%}")
+            qbatch, _ = codec.quantize_batch(batch, opts)
+            core_q, core_d = core_calls(q, values, starts, opts, threads)
+            label = ",".join(f"{k}={v}" for k, v in opts_dict.items())
+            runs = {
+                "quantize": (core_q, lambda: kernels.quantize_rows(values, starts, lens, **kw),
+                             lambda: codec.quantize_batch(batch, opts, threads=threads)),
+                "dequantize": (core_d, lambda: kernels.dequantize_rows(
+                                   q.codes, q.layout, q.scales, q.zero_points, scheme=opts.scheme,
+                                   threads=threads),
+                               lambda: codec.dequantize_batch(qbatch, threads=threads)),
+            }
+            for op, fns in runs.items():
+                (t_core, r_core), (t_kernel, r_kernel), (t_codec, _) = interleaved(fns, args.repeat)
+                worst[op] = max(worst[op], r_kernel - 1)
+                print(f"{n_rows:>5} {label:<30} {op:<10} {t_core*1e3:>8.3f} {t_kernel*1e3:>9.3f} "
+                      f"{t_codec*1e3:>8.3f} {r_kernel - 1:>11.1%} {r_core - 1:>9.1%}")
+    print("worst overhead over the kernels: " + ", ".join(f"{op} {w:.1%}" for op, w in worst.items()))
     return 0
 
 
