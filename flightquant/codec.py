@@ -5,11 +5,19 @@ read straight from their Arrow buffers (no conversion through Python lists, no p
 copies), quantized by the kernels, and the results are wrapped back into Arrow arrays
 without copying. Every other column passes through untouched, in place. The layout of
 the output is wire format v1 (``docs/wire-format.md``).
+
+Two paths, one answer. Everything that depends on the schema is decided once per schema
+(a plan, cached). A plain valid batch is then done in one call by
+:mod:`flightquant._fastpath` (C data interface in and out, the kernels on the exported
+pointers); any other batch (NaN, a null inside a tensor, malformed rows, float16 values,
+``stats``...) goes down the general path below, which names what is wrong. Both give
+the same batches (``tests/test_fastpath.py``); ``docs/design-notes.md`` says why.
 """
 
 from __future__ import annotations
 
 import math
+import os
 import time
 from dataclasses import asdict, dataclass
 
@@ -47,8 +55,9 @@ _ITEMSIZE = {"float32": 4, "float64": 8}  # value types the one-call path takes
 
 #: Batches go through :mod:`flightquant._fastpath` (one Cython call per batch) when their
 #: schema and options allow it and the batch is valid; False sends every batch down the
-#: general path here (tests compare the two).
-use_fastpath = True
+#: general path here (tests compare the two). ``FLIGHTQUANT_FASTPATH=0`` in the
+#: environment turns it off for a whole process (a server, say) without code changes.
+use_fastpath = os.environ.get("FLIGHTQUANT_FASTPATH", "1").strip() != "0"
 #: tests: a list that gets the address each one-call kernel read its values from
 _fast_trace: list | None = None
 

@@ -263,3 +263,17 @@ def test_plans_are_built_once_per_schema():
         other = make_batch(seed=seed)
         codec.quantize_batch(other, QuantOptions())
         assert codec._quantize_plan(other.schema, QuantOptions())[2] is plan
+
+
+@pytest.mark.parametrize("value,expected", [("0", False), ("1", True), (None, True)])
+def test_environment_switch(value, expected):
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "FLIGHTQUANT_FASTPATH"}
+    if value is not None:
+        env["FLIGHTQUANT_FASTPATH"] = value
+    out = subprocess.run([sys.executable, "-c", "from flightquant import codec; print(codec.use_fastpath)"],
+                         env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == str(expected)
