@@ -12,8 +12,8 @@
 # that depends on the schema once per stream (the plans below), and whenever a batch is
 # anything but valid and plain (a row outside its buffers, a NaN, a null inside a tensor,
 # zero points stored apart from their scales...) ``run`` returns None and codec.py does
-# the batch on its general path, which raises the error with its full context. The
-# output is the same, byte for byte (tests/test_fastpath.py).
+# the batch on its general path, which raises the error with its full context. Both
+# paths give equal batches with equal schemas (tests/test_fastpath.py).
 #
 # Safety: the C data interface carries no buffer sizes. The caller validates the batch
 # first (RecordBatch.validate(): every buffer long enough for its array's length and
