@@ -24,6 +24,9 @@ def ray_local():
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("PYTHONPATH", path)
         mp.setenv("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+        # a busy 2-core CI machine once took longer than Ray's default 10 s to register the
+        # raylet ("The current node timed out during startup"; ray-project/ray#47087)
+        mp.setenv("RAY_raylet_start_wait_time_s", "60")
         ray.init(
             num_cpus=2,
             include_dashboard=False,
