@@ -48,7 +48,6 @@ cdef int64_t MAX_NUMEL = 1LL << 40  # codec._MAX_NUMEL
 
 
 cdef struct QColumn:
-    int64_t index       # in the input batch
     int kind            # PASS, LIST, LARGE_LIST or FIXED_SIZE_LIST
     int itemsize        # of the float values: 4 or 8
     int64_t list_size   # FIXED_SIZE_LIST
@@ -194,17 +193,67 @@ cdef int values_column(ArrowArray* parent, const ArrowArray* rows, int kind, bin
     return 0
 
 
+cdef class _Plan:
+    """What every batch of one input schema shares (built once per stream by codec.py):
+    the output schema and, per output position, a column taken over from the input or
+    one the subclass builds."""
+
+    cdef object schema  # of the output batches
+    cdef Py_ssize_t n_out
+    cdef Py_ssize_t n_cols  # plan entries, walked in output order
+
+    cdef int64_t passed(self, Py_ssize_t i) noexcept:
+        """The input column entry ``i`` takes over as it is, or -1: build it."""
+        return -1
+
+    cdef int column(self, ArrowArray* src, Py_ssize_t i, ArrowArray* root, int n_threads,
+                    int64_t* elements, double* seconds, list trace) except -1:
+        """Build entry ``i``'s column(s) as root's next children; DECLINE or 0."""
+        raise NotImplementedError
+
+    def run(self, batch, int n_threads, list trace=None):
+        """``(output batch, elements, kernel seconds)``, or None when ``batch`` needs the
+        general path. ``batch`` has the plan's input schema and was validated.
+        ``trace`` (tests) gets the address each quantize kernel call read its values from."""
+        cdef ArrowArray src
+        cdef ArrowArray root
+        cdef Py_ssize_t i
+        cdef int64_t j, elements = 0
+        cdef double seconds = 0.0
+        cdef int status = 0
+        src.release = NULL
+        root.release = NULL
+        batch._export_to_c(<uintptr_t>&src)
+        try:
+            init_node(&root, src.length, 0, 1, self.n_out)
+            for i in range(self.n_cols):
+                j = self.passed(i)
+                if j >= 0:
+                    take_column(new_child(&root), &src, j, src.length)
+                else:
+                    status = self.column(&src, i, &root, n_threads, &elements, &seconds, trace)
+                    if status == DECLINE:
+                        break
+        except BaseException:
+            release_node(&root)
+            raise
+        finally:
+            if src.release != NULL:  # the columns not moved out
+                src.release(&src)
+        if status == DECLINE:
+            release_node(&root)
+            return None
+        return pa.RecordBatch._import_from_c(<uintptr_t>&root, self.schema), elements, seconds
+
+
 # ---------------------------------------------------------------------------------------
 # quantize
 
 
-cdef class QuantizePlan:
-    """What every batch of one input schema shares (built once per stream by codec.py)."""
+cdef class QuantizePlan(_Plan):
+    """One entry per input column: passed through or quantized."""
 
-    cdef object schema  # of the output batches
-    cdef Py_ssize_t n_out
     cdef QColumn* cols
-    cdef Py_ssize_t n_cols
     cdef Params p
     cdef bint asymmetric
 
@@ -221,7 +270,6 @@ cdef class QuantizePlan:
             raise MemoryError()
         self.n_out = 0
         for i in range(self.n_cols):
-            self.cols[i].index = i
             if columns[i] is None:
                 self.cols[i].kind = PASS
                 self.n_out += 1
@@ -239,43 +287,14 @@ cdef class QuantizePlan:
     def __dealloc__(self):
         PyMem_RawFree(self.cols)
 
-    def run(self, batch, int n_threads, list trace=None):
-        """``(output batch, elements, kernel seconds)``, or None when ``batch`` needs the
-        general path. ``batch`` has the plan's input schema and was validated.
-        ``trace`` (tests) gets the address each kernel call read its values from."""
-        cdef ArrowArray src
-        cdef ArrowArray root
-        cdef Py_ssize_t i
-        cdef int64_t elements = 0
-        cdef double seconds = 0.0
-        cdef int status = 0
-        src.release = NULL
-        root.release = NULL
-        batch._export_to_c(<uintptr_t>&src)
-        try:
-            init_node(&root, src.length, 0, 1, self.n_out)
-            for i in range(self.n_cols):
-                if self.cols[i].kind == PASS:
-                    take_column(new_child(&root), &src, self.cols[i].index, src.length)
-                else:
-                    status = self.column(src.children[self.cols[i].index], &self.cols[i], &root,
-                                         n_threads, &elements, &seconds, trace)
-                    if status == DECLINE:
-                        break
-        except BaseException:
-            release_node(&root)
-            raise
-        finally:
-            if src.release != NULL:  # the columns not moved out
-                src.release(&src)
-        if status == DECLINE:
-            release_node(&root)
-            return None
-        return pa.RecordBatch._import_from_c(<uintptr_t>&root, self.schema), elements, seconds
+    cdef int64_t passed(self, Py_ssize_t i) noexcept:
+        return i if self.cols[i].kind == PASS else -1
 
-    cdef int column(self, const ArrowArray* a, const QColumn* c, ArrowArray* root,
-                    int n_threads, int64_t* elements, double* seconds, list trace) except -1:
-        """Quantize one column into root's next children; DECLINE or 0."""
+    cdef int column(self, ArrowArray* src, Py_ssize_t i, ArrowArray* root, int n_threads,
+                    int64_t* elements, double* seconds, list trace) except -1:
+        """Quantize input column ``i`` into root's next children; DECLINE or 0."""
+        cdef const QColumn* c = &self.cols[i]
+        cdef const ArrowArray* a = src.children[i]
         cdef const Params* p = &self.p
         cdef const ArrowArray* vals = a.children[0]
         cdef int64_t n = a.length, r, n_groups, n_codes, stage = 0, fixed = -1, bad, total = 0
@@ -386,13 +405,11 @@ cdef class QuantizePlan:
 # dequantize
 
 
-cdef class DequantizePlan:
-    """What every batch of one quantized schema shares (built once per stream by codec.py)."""
+cdef class DequantizePlan(_Plan):
+    """One entry per output column: an input column passed through, or a quantized one
+    (codes, scales, zero points, numel) restored."""
 
-    cdef object schema  # of the output batches
-    cdef Py_ssize_t n_out
     cdef DColumn* cols
-    cdef Py_ssize_t n_cols
 
     def __cinit__(self, schema, list columns):
         """``columns``: per output column ``int`` (that input column, passed through) or
@@ -417,42 +434,13 @@ cdef class DequantizePlan:
     def __dealloc__(self):
         PyMem_RawFree(self.cols)
 
-    def run(self, batch, int n_threads):
-        """``(output batch, elements, kernel seconds)``, or None when ``batch`` needs the
-        general path. ``batch`` has the plan's input schema and was validated."""
-        cdef ArrowArray src
-        cdef ArrowArray root
-        cdef Py_ssize_t i
-        cdef int64_t elements = 0
-        cdef double seconds = 0.0
-        cdef int status = 0
-        src.release = NULL
-        root.release = NULL
-        batch._export_to_c(<uintptr_t>&src)
-        try:
-            init_node(&root, src.length, 0, 1, self.n_out)
-            for i in range(self.n_cols):
-                if self.cols[i].kind == PASS:
-                    take_column(new_child(&root), &src, self.cols[i].index, src.length)
-                else:
-                    status = self.column(&src, &self.cols[i], &root, n_threads, &elements,
-                                         &seconds)
-                    if status == DECLINE:
-                        break
-        except BaseException:
-            release_node(&root)
-            raise
-        finally:
-            if src.release != NULL:
-                src.release(&src)
-        if status == DECLINE:
-            release_node(&root)
-            return None
-        return pa.RecordBatch._import_from_c(<uintptr_t>&root, self.schema), elements, seconds
+    cdef int64_t passed(self, Py_ssize_t i) noexcept:
+        return self.cols[i].index if self.cols[i].kind == PASS else -1
 
-    cdef int column(self, const ArrowArray* src, const DColumn* c, ArrowArray* root,
-                    int n_threads, int64_t* elements, double* seconds) except -1:
-        """Restore one column into root's next child; DECLINE or 0."""
+    cdef int column(self, ArrowArray* src, Py_ssize_t i, ArrowArray* root, int n_threads,
+                    int64_t* elements, double* seconds, list trace) except -1:
+        """Restore output column ``i`` into root's next child; DECLINE or 0."""
+        cdef const DColumn* c = &self.cols[i]
         cdef const ArrowArray* a = src.children[c.index]
         cdef const ArrowArray* sc = src.children[c.scales]
         cdef const ArrowArray* zp = src.children[c.zero_points] if c.zero_points >= 0 else NULL

@@ -543,6 +543,8 @@ cdef int64_t quantize_run(const floating* values, const int64_t* row_starts,
     return bad
 
 
+# the concrete float32/float64 instances other modules cimport (declared in
+# ext/flightquant/_kernels.pxd, which names concrete types rather than the fused one)
 cdef int64_t quantize_f32(const float* values, const int64_t* row_starts,
                           const int64_t* row_lens, const int64_t* go, const int64_t* co,
                           const int64_t* bo, int64_t nrows, const Params* p, uint8_t* codes,

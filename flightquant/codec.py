@@ -275,7 +275,7 @@ def _fast_batch(plan, batch: pa.RecordBatch, threads, trace=None):
         batch.validate()  # the C data interface carries no buffer sizes: see _fastpath.pyx
     except pa.ArrowInvalid:
         return None
-    done = plan.run(batch, kernels.resolve_threads(threads), *([trace] if trace is not None else []))
+    done = plan.run(batch, kernels.resolve_threads(threads), trace)
     if done is None:
         return None
     out, elements, seconds = done
