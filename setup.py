@@ -113,6 +113,11 @@ extensions = [
         include_dirs=["ext"],
     ),
     Extension(
+        "flightquant._ggml",
+        ["ext/_ggml.pyx"],
+        include_dirs=["ext"],
+    ),
+    Extension(
         "flightquant._fastpath",
         ["ext/_fastpath.pyx"],
         include_dirs=["ext"],

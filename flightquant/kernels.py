@@ -28,13 +28,14 @@ import os
 
 import numpy as np
 
+from . import formats
 from .errors import NonFiniteError
 from .layout import QuantizedRows, RowLayout, groups_per_block
 from .options import METHOD_CODES, SCHEME_CODES, VALID_BITS
 from .reference import qparams
 
 try:
-    from . import _kernels, _rows
+    from . import _ggml, _kernels, _rows
 except ImportError as exc:  # pragma: no cover - only without a build
     raise ImportError(
         "flightquant's compiled kernels are missing: build them with `pip install -e .` "
@@ -354,3 +355,57 @@ def dequantize_rows(
     if out_dtype == np.dtype(np.float16):
         return out.astype(np.float16)
     return out
+
+
+# ---------------------------------------------------------------------------------------
+# ggml block formats (flightquant._ggml; the registry is flightquant.formats)
+
+
+def quantize_ggml(
+    values, fmt: str, method: str = "rtn", *, threads: int | None = None, stats: bool = False
+):
+    """Quantize one row of whole blocks into ggml's bytes for type ``fmt``.
+
+    ``values`` is a 1-D float16/float32/float64 array whose length is a multiple of the
+    type's block size. Returns the bytes (``uint8``), or with ``stats`` the tuple
+    ``(bytes, block_sse, block_max_abs_error)``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> quantize_ggml(np.ones(32, np.float32), "Q8_0").size
+    34
+    """
+    t = formats.get(fmt)
+    x = np.ascontiguousarray(values)
+    if x.ndim != 1 or x.dtype not in (np.float16, np.float32, np.float64):
+        raise ValueError(f"values must be a 1-D float16/32/64 array, got {x.dtype}{list(x.shape)}")
+    if x.size % t.block_size:
+        raise ValueError(
+            f"{x.size} values is not a multiple of {t.name}'s block size {t.block_size}"
+        )
+    if method not in METHOD_CODES:
+        raise ValueError(f"method must be one of {', '.join(map(repr, METHOD_CODES))}, got {method!r}")
+    out, bad, sse, mx = _ggml.quantize_blocks(
+        x.view(np.uint8), x.itemsize, t.code, t.block_size, t.type_size,
+        METHOD_CODES[method], resolve_threads(threads), stats,
+    )
+    if bad:
+        row, element, value = _first_non_finite(x, np.zeros(1, np.int64), np.array([x.size]))
+        raise NonFiniteError(row, element, value)
+    return (out, sse, mx) if stats else out
+
+
+def dequantize_ggml(data, fmt: str, dtype=np.float32, *, threads: int | None = None) -> np.ndarray:
+    """Decode one row of ggml blocks of type ``fmt`` into a 1-D array of ``dtype``."""
+    t = formats.get(fmt)
+    buf = np.frombuffer(memoryview(data), np.uint8) if not isinstance(data, np.ndarray) else data
+    buf = np.ascontiguousarray(buf).reshape(-1).view(np.uint8)
+    if buf.size % t.type_size:
+        raise ValueError(f"{buf.size} bytes is not a whole number of {t.name} blocks ({t.type_size} bytes)")
+    dtype = np.dtype(dtype)
+    if dtype not in (np.float16, np.float32, np.float64):
+        raise ValueError(f"dtype must be float16, float32 or float64, got {dtype}")
+    out = _ggml.dequantize_blocks(buf, t.code, t.block_size, t.type_size, dtype.itemsize,
+                                  resolve_threads(threads))
+    return out.view(dtype)

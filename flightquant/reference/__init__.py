@@ -48,8 +48,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from .layout import FLOAT32_TRUE_MIN, QuantizedRows, RowLayout, make_layout
-from .options import SCHEMES
+from ..layout import FLOAT32_TRUE_MIN, QuantizedRows, RowLayout, make_layout
+from ..options import SCHEMES
 
 F32 = np.float32
 F64 = np.float64
