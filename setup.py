@@ -9,6 +9,8 @@ Environment switches:
 
 * ``FLIGHTQUANT_NO_OPENMP=1``: force the serial build.
 * ``FLIGHTQUANT_BOUNDSCHECK=1``: turn Cython's boundscheck/wraparound back on (debugging).
+* ``FLIGHTQUANT_EXTENSIONS=_ggml,_kernels``: build only these extensions (a quicker
+  ``build_ext --inplace`` while working on one kernel file; the others stay as built).
 
 ``-ffp-contract=off`` is mandatory: contracting ``a*b+c`` into an FMA changes rounding
 and breaks bit parity with the NumPy reference. No ``-march=native``: wheels must run on
@@ -123,6 +125,10 @@ extensions = [
         include_dirs=["ext"],
     ),
 ]
+
+_only = {n.strip() for n in os.environ.get("FLIGHTQUANT_EXTENSIONS", "").split(",") if n.strip()}
+if _only:
+    extensions = [e for e in extensions if e.name.rsplit(".", 1)[-1] in _only]
 
 setup(
     ext_modules=cythonize(
