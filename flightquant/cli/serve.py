@@ -100,8 +100,8 @@ def run(args: argparse.Namespace) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
-    from . import security
-    from .server import Server
+    from .. import security
+    from ..server import Server
 
     if (args.tls_cert is None) != (args.tls_key is None):
         return _fail("--tls-cert and --tls-key go together")

@@ -10,7 +10,7 @@ import argparse
 import os
 import sys
 
-from . import __version__
+from .. import __version__
 
 
 class _Parser(argparse.ArgumentParser):
@@ -28,11 +28,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"flightquant {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    from . import serve_cmd
+    from . import serve
 
-    serve_cmd.add_parser(sub)
+    serve.add_parser(sub)
     try:
-        from . import jobs_cmd
+        from .. import jobs_cmd
     except ImportError:  # pragma: no cover - while the jobs module is being written
         jobs_cmd = None
     if jobs_cmd is not None:
