@@ -11,8 +11,7 @@ Over the network: :class:`flightquant.Server` and :class:`flightquant.Client`.
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
-
+from ._version import __version__
 from .api import (
     QuantizedTensor,
     dequantize,

@@ -24,7 +24,7 @@ from safetensors.numpy import save_file
 
 import flightquant as fq
 from flightquant import cli
-from flightquant.jobs_cmd import estimate_bytes
+from flightquant.cli.summary import estimate_bytes
 
 REPO = Path(__file__).resolve().parents[1]
 F32_EPS = float(np.finfo(np.float32).eps)
@@ -564,10 +564,10 @@ def test_entry_point_error_is_one_line(tmp_path):
 
 
 def test_interrupt_midway_leaves_nothing(models, tmp_path, monkeypatch, capsys):
-    from flightquant import modelio
+    from flightquant import modelfiles
 
     calls = []
-    real_write = modelio.TableWriter.write
+    real_write = modelfiles.TableWriter.write
 
     def write(self, batch):
         calls.append(batch.num_rows)
@@ -575,7 +575,7 @@ def test_interrupt_midway_leaves_nothing(models, tmp_path, monkeypatch, capsys):
             raise KeyboardInterrupt
         real_write(self, batch)
 
-    monkeypatch.setattr(modelio.TableWriter, "write", write)
+    monkeypatch.setattr(modelfiles.TableWriter, "write", write)
     rc = run_cli(
         "quantize", models["float32"], "-o", tmp_path / "q.arrow", "--max-batch-bytes", "100000"
     )

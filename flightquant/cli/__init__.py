@@ -1,7 +1,8 @@
 """Command line entry point: ``flightquant serve|quantize|dequantize|inspect``.
 
 Each sub-command lives in its own module, which adds its arguments and runs it; this file
-only wires them together, so the CLI stays a thin layer over the server and the jobs.
+only wires them together, so the CLI stays a thin layer over the server, the model files
+and the API.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ import argparse
 import os
 import sys
 
-from .. import __version__
+from .._version import __version__
 
 
 class _Parser(argparse.ArgumentParser):
@@ -28,15 +29,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"flightquant {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    from . import serve
+    from . import dequantize, inspect, quantize, serve
 
-    serve.add_parser(sub)
-    try:
-        from .. import jobs_cmd
-    except ImportError:  # pragma: no cover - while the jobs module is being written
-        jobs_cmd = None
-    if jobs_cmd is not None:
-        jobs_cmd.add_parsers(sub)
+    for command in (serve, quantize, dequantize, inspect):
+        command.add_parser(sub)
     return parser
 
 
@@ -51,8 +47,10 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # the sub-commands report their own errors; this is the net
         if os.environ.get("FLIGHTQUANT_DEBUG"):
             raise
-        sys.stderr.write(f"flightquant: error: {type(exc).__name__}: {exc} "
-                         "(set FLIGHTQUANT_DEBUG=1 for a traceback)\n")
+        sys.stderr.write(
+            f"flightquant: error: {type(exc).__name__}: {exc} "
+            "(set FLIGHTQUANT_DEBUG=1 for a traceback)\n"
+        )
         return 1
 
 

@@ -14,8 +14,8 @@ import pytest
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from flightquant import modelio
-from flightquant.modelio import ModelIOError, TensorInfo
+from flightquant import modelfiles
+from flightquant.modelfiles import ModelIOError, TensorInfo
 
 
 @pytest.fixture
@@ -39,7 +39,7 @@ def st_file(tmp_path):
 
 def test_safetensors_headers_without_data(st_file):
     path, tensors = st_file
-    f = modelio.open_input(path)
+    f = modelfiles.open_input(path)
     assert f.kind == "tensors" and f.format == "safetensors"
     infos = {i.name: i for i in f.infos}
     assert set(infos) == set(tensors)
@@ -53,42 +53,42 @@ def test_safetensors_headers_without_data(st_file):
 
 def test_widening_to_float32_is_exact(st_file):
     path, tensors = st_file
-    f = modelio.open_input(path)
+    f = modelfiles.open_input(path)
     for info, arr in f:
         if not info.is_float:
             continue
-        flat = modelio.to_float32(arr, info.dtype, info.name)
+        flat = modelfiles.to_float32(arr, info.dtype, info.name)
         assert flat.dtype == np.float32 and flat.shape == (info.numel,)
         if info.dtype != "float64":
             # the widening is exact, so narrowing gives the stored bits back
             np.testing.assert_array_equal(
-                modelio.from_float32(flat, info.dtype).view(np.uint8),
+                modelfiles.from_float32(flat, info.dtype).view(np.uint8),
                 np.ascontiguousarray(tensors[info.name]).reshape(-1).view(np.uint8),
             )
     bf = np.array([1.0, -2.5, 3.1415], ml_dtypes.bfloat16)
-    np.testing.assert_array_equal(modelio.to_float32(bf, "bfloat16"), bf.astype(np.float32))
+    np.testing.assert_array_equal(modelfiles.to_float32(bf, "bfloat16"), bf.astype(np.float32))
 
 
 def test_float64_beyond_float32_is_refused():
     with pytest.raises(ModelIOError, match="beyond the float32 range"):
-        modelio.to_float32(np.array([1.0, 1e300]), "float64", "big")
+        modelfiles.to_float32(np.array([1.0, 1e300]), "float64", "big")
 
 
 def test_tensor_batches_layout_and_split(st_file):
     path, tensors = st_file
-    f = modelio.open_input(path)
+    f = modelfiles.open_input(path)
     seen: list[list[str]] = []
     batches = list(
-        modelio.tensor_batches(
+        modelfiles.tensor_batches(
             f, max_batch_bytes=200, on_batch=lambda infos: seen.append([i.name for i in infos])
         )
     )
     assert len(batches) > 1
-    assert all(b.schema == modelio.TENSOR_SCHEMA for b in batches)
+    assert all(b.schema == modelfiles.TENSOR_SCHEMA for b in batches)
     assert [b.column("layer_name").to_pylist() for b in batches] == seen
     names = [n for b in batches for n in b.column("layer_name").to_pylist()]
     assert names == [i.name for i in f.infos]
-    back = dict(kv for b in batches for kv in modelio.tensors_from_batch(b))
+    back = dict(kv for b in batches for kv in modelfiles.tensors_from_batch(b))
     for name, x in tensors.items():
         y = back[name]
         assert y.dtype == x.dtype and y.shape == x.shape, name
@@ -105,7 +105,7 @@ def test_tensor_batches_layout_and_split(st_file):
 def test_npz_and_npy(tmp_path):
     arrays = {"w": np.ones((3, 4), np.float16), "ids": np.arange(5, dtype=np.int32)}
     np.savez(tmp_path / "m.npz", **arrays)
-    f = modelio.open_input(tmp_path / "m.npz")
+    f = modelfiles.open_input(tmp_path / "m.npz")
     assert [(i.name, i.shape, i.dtype) for i in f.infos] == [
         ("w", (3, 4), "float16"),
         ("ids", (5,), "int32"),
@@ -113,7 +113,7 @@ def test_npz_and_npy(tmp_path):
     for info, arr in f:
         np.testing.assert_array_equal(arr, arrays[info.name])
     np.save(tmp_path / "emb.npy", np.zeros((6, 2), np.float64))
-    g = modelio.open_input(tmp_path / "emb.npy")
+    g = modelfiles.open_input(tmp_path / "emb.npy")
     assert g.infos == [TensorInfo("emb", (6, 2), "float64")]
 
 
@@ -133,17 +133,17 @@ def test_corrupt_files(tmp_path, name, content, match):
     p = tmp_path / name
     p.write_bytes(content)
     with pytest.raises(ModelIOError, match=match):
-        modelio.open_input(p)
+        modelfiles.open_input(p)
 
 
 def test_unsupported_dtype_and_missing(tmp_path):
     np.savez(tmp_path / "c.npz", z=np.ones(2, np.complex128))
     with pytest.raises(ModelIOError, match="'z' has dtype complex128"):
-        modelio.open_input(tmp_path / "c.npz")
+        modelfiles.open_input(tmp_path / "c.npz")
     with pytest.raises(ModelIOError, match="no such file"):
-        modelio.open_input(tmp_path / "none.safetensors")
+        modelfiles.open_input(tmp_path / "none.safetensors")
     with pytest.raises(ModelIOError, match="unsupported output extension"):
-        modelio.output_format(tmp_path / "o.npz", ("arrow", "parquet"))
+        modelfiles.output_format(tmp_path / "o.npz", ("arrow", "parquet"))
 
 
 def test_safetensors_writer_streams_a_valid_file(tmp_path):
@@ -152,9 +152,9 @@ def test_safetensors_writer_streams_a_valid_file(tmp_path):
         "y": np.arange(3, dtype=np.int64),
         "z": np.ones((4, 1), np.float16),
     }
-    infos = [TensorInfo(k, v.shape, modelio.dtype_name(v.dtype)) for k, v in arrays.items()]
+    infos = [TensorInfo(k, v.shape, modelfiles.dtype_name(v.dtype)) for k, v in arrays.items()]
     path = tmp_path / "o.safetensors"
-    w = modelio.SafetensorsWriter(path, infos, {"format": "pt"})
+    w = modelfiles.SafetensorsWriter(path, infos, {"format": "pt"})
     for k, v in arrays.items():
         w.write(k, v)
     w.close()
@@ -166,7 +166,7 @@ def test_safetensors_writer_streams_a_valid_file(tmp_path):
             got = f.get_tensor(k)
             assert got.dtype == v.dtype
             np.testing.assert_array_equal(got, v)
-    w = modelio.SafetensorsWriter(tmp_path / "p.safetensors", infos)
+    w = modelfiles.SafetensorsWriter(tmp_path / "p.safetensors", infos)
     with pytest.raises(ModelIOError, match="expected tensor 'x'"):
         w.write("y", arrays["y"])
     with pytest.raises(ModelIOError, match="never written"):
@@ -174,7 +174,7 @@ def test_safetensors_writer_streams_a_valid_file(tmp_path):
 
 
 def test_npz_writer(tmp_path):
-    w = modelio.NpzWriter(tmp_path / "o.npz")
+    w = modelfiles.NpzWriter(tmp_path / "o.npz")
     w.write("a.weight", np.ones((2, 2), np.float16))
     w.write("ids", np.arange(3))
     w.close()
@@ -185,12 +185,12 @@ def test_npz_writer(tmp_path):
 def test_atomic_output_leaves_nothing_on_failure(tmp_path):
     target = tmp_path / "out.arrow"
     with pytest.raises(RuntimeError):
-        with modelio.atomic_output(target) as tmp:
+        with modelfiles.atomic_output(target) as tmp:
             assert tmp.parent == tmp_path and tmp.exists()
             tmp.write_bytes(b"half")
             raise RuntimeError("boom")
     assert list(tmp_path.iterdir()) == []
-    with modelio.atomic_output(target) as tmp:
+    with modelfiles.atomic_output(target) as tmp:
         tmp.write_bytes(b"done")
     assert [p.name for p in tmp_path.iterdir()] == ["out.arrow"]
     assert target.read_bytes() == b"done"
@@ -215,8 +215,8 @@ def test_table_files_rechunk_and_formats(tmp_path):
     paths["parquet"] = tmp_path / "c.parquet"
     pq.write_table(table, str(paths["parquet"]), row_group_size=20)
     for kind, p in paths.items():
-        f = modelio.open_input(p)
-        assert f.kind == "table" and modelio.is_tensor_layout(f.schema), kind
+        f = modelfiles.open_input(p)
+        assert f.kind == "table" and modelfiles.is_tensor_layout(f.schema), kind
         batches = list(f.iter_batches(max_batch_bytes=4096))
         assert len(batches) > 3 and all(b.num_rows >= 1 for b in batches), kind
         assert pa.Table.from_batches(batches).equals(table), kind
@@ -226,7 +226,7 @@ def test_table_files_rechunk_and_formats(tmp_path):
 def test_table_writer_refuses_mixed_field_metadata(tmp_path):
     s1 = pa.schema([pa.field("w", pa.binary(), metadata={"flightquant.bits": "4"})])
     s2 = pa.schema([pa.field("w", pa.binary(), metadata={"flightquant.bits": "8"})])
-    w = modelio.TableWriter(tmp_path / "o.arrow", "arrow", s1)
+    w = modelfiles.TableWriter(tmp_path / "o.arrow", "arrow", s1)
     w.write(pa.RecordBatch.from_pylist([{"w": b"x"}], schema=s1))
     with pytest.raises(ModelIOError, match="differs"):
         w.write(pa.RecordBatch.from_pylist([{"w": b"y"}], schema=s2))
@@ -234,9 +234,9 @@ def test_table_writer_refuses_mixed_field_metadata(tmp_path):
 
 
 def test_dtype_names():
-    assert modelio.dtype_name(np.dtype(ml_dtypes.bfloat16)) == "bfloat16"
-    assert modelio.dtype_name(np.dtype("<f2")) == "float16"
-    assert modelio.numpy_dtype("bfloat16") == np.dtype(ml_dtypes.bfloat16)
+    assert modelfiles.dtype_name(np.dtype(ml_dtypes.bfloat16)) == "bfloat16"
+    assert modelfiles.dtype_name(np.dtype("<f2")) == "float16"
+    assert modelfiles.numpy_dtype("bfloat16") == np.dtype(ml_dtypes.bfloat16)
     with pytest.raises(ModelIOError):
-        modelio.dtype_name(np.dtype("U3"))
-    assert json.dumps(modelio.ST_TO_DTYPE)  # a plain mapping
+        modelfiles.dtype_name(np.dtype("U3"))
+    assert json.dumps(modelfiles.ST_TO_DTYPE)  # a plain mapping

@@ -1,0 +1,393 @@
+"""What every CLI command shares: one-line errors, the runner, progress, common options.
+
+Every failure ends as ONE line on stderr (``flightquant: error: ...``) and a non-zero exit
+status; ``FLIGHTQUANT_DEBUG=1`` shows tracebacks instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+
+# --------------------------------------------------------------------------- options
+
+
+def add_quant_options(p: argparse.ArgumentParser) -> None:
+    # no argparse `choices`: QuantOptions validates, so a bad value is one clear line
+    p.add_argument("--bits", type=int, default=None, help="2, 4 or 8 (default 4; ternary: 2)")
+    p.add_argument(
+        "--group-size", type=int, default=128, metavar="N", help="elements per scale (default 128)"
+    )
+    p.add_argument(
+        "--scheme", default="asymmetric", help="asymmetric (default), symmetric or ternary"
+    )
+    p.add_argument("--method", default="rtn", help="rtn (default) or mse")
+    p.add_argument(
+        "--clip", type=float, default=None, metavar="X", help="clamp inputs to [-X, X] first"
+    )
+
+
+def add_remote_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--server",
+        action="append",
+        metavar="URL",
+        dest="servers",
+        help="stream through this flightquant server, e.g. grpc://host:8815 "
+        "(repeatable: spread and fail over)",
+    )
+    p.add_argument("--token-file", metavar="PATH", help="file holding the servers' bearer token")
+    p.add_argument(
+        "--threads",
+        type=positive_int,
+        default=None,
+        metavar="N",
+        help="kernel threads in-process (default: all cores)",
+    )
+
+
+def add_output_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar, no summary")
+    p.add_argument("-v", "--verbose", action="store_true", help="list every tensor in the summary")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def one_line_errors(parser: argparse.ArgumentParser) -> None:
+    """Make a usage error ONE line on stderr instead of usage + message."""
+
+    def error(message: str):
+        sys.stderr.write(f"flightquant: error: {parser.prog.split()[-1]}: {message}\n")
+        sys.exit(EXIT_USAGE)
+
+    parser.error = error  # type: ignore[method-assign]
+    # unknown arguments would reach the top-level parser, which prints usage too: refuse
+    # them here (argparse's sub-command action calls parse_known_args on this parser)
+    parse_known = parser.parse_known_args
+
+    def parse_known_args(args=None, namespace=None):
+        ns, extras = parse_known(args, namespace)
+        if extras:
+            error(f"unrecognized arguments: {' '.join(extras)}")
+        return ns, extras
+
+    parser.parse_known_args = parse_known_args  # type: ignore[method-assign]
+
+
+# --------------------------------------------------------------------------- errors
+
+
+class JobError(Exception):
+    """A failure whose message is already what the user should read."""
+
+
+def command(func: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    """Run a command; turn every failure into one line on stderr and an exit status."""
+
+    def run(args: argparse.Namespace) -> int:
+        if os.environ.get("FLIGHTQUANT_DEBUG"):
+            return func(args)
+        try:
+            with held_warnings(quiet=getattr(args, "quiet", False)):
+                return func(args)
+        except KeyboardInterrupt:
+            fail("interrupted")
+            return EXIT_INTERRUPTED
+        except BrokenPipeError:  # e.g. `flightquant inspect x | head`
+            try:
+                sys.stdout = open(os.devnull, "w")  # noqa: SIM115
+            except OSError:
+                pass
+            return EXIT_ERROR
+        except Exception as exc:  # noqa: BLE001 - the CLI's one place for that
+            fail(message(exc))
+            return EXIT_ERROR
+
+    run.__name__ = func.__name__
+    run.__doc__ = func.__doc__
+    return run
+
+
+class _Held(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(" ".join(record.getMessage().split()))
+
+
+@contextmanager
+def held_warnings(quiet: bool) -> Iterator[None]:
+    """Hold the package's log warnings (e.g. a client failing over) until the job ends.
+
+    On success they are printed (``flightquant: warning: ...``) unless ``--quiet``; on
+    failure they are dropped, so the error stays ONE line.
+    """
+    logger = logging.getLogger("flightquant")
+    held = _Held()
+    saved = logger.propagate
+    logger.addHandler(held)
+    logger.propagate = False
+    try:
+        yield
+    finally:
+        logger.removeHandler(held)
+        logger.propagate = saved
+    if not quiet:
+        for line in held.lines:
+            sys.stderr.write(f"flightquant: warning: {line}\n")
+
+
+def fail(message: str) -> None:
+    sys.stderr.write(f"flightquant: error: {message}\n")
+    sys.stderr.flush()
+
+
+def message(exc: BaseException) -> str:
+    """One line a person can act on, from any exception (Flight ones included)."""
+    text = str(exc).strip()
+    # Flight errors: "Flight returned ... error, with message: <msg>. gRPC client debug context: ..."
+    for marker in (
+        ". gRPC client debug context",
+        "gRPC client debug context",
+        ". Detail:",
+        "\nDetail:",
+    ):
+        if marker in text:
+            text = text.split(marker, 1)[0]
+    if "with message: " in text:
+        text = text.split("with message: ", 1)[1]
+    line = " ".join(text.split()) if text else ""
+    known = (ValueError, OSError, JobError, pa.ArrowException)
+    if not line:
+        line = type(exc).__name__
+    elif not isinstance(exc, known):
+        line = f"{type(exc).__name__}: {line}"
+    if isinstance(exc, FileNotFoundError) and exc.filename and str(exc.filename) not in line:
+        line = f"{exc.filename}: {line}"
+    return line
+
+
+# --------------------------------------------------------------------------- running a job
+
+
+class Runner:
+    """The in-process API (``quantize``/``dequantize``) or a ``Client`` over --server."""
+
+    def __init__(self, args: argparse.Namespace):
+        self.servers = list(args.servers or [])
+        self.threads = args.threads
+        self.client = None
+        token = None
+        if args.token_file:
+            token = read_token(args.token_file)
+            if not self.servers:
+                raise JobError("--token-file needs --server")
+        if self.servers:
+            from ..client import Client
+
+            self.client = Client(
+                self.servers if len(self.servers) > 1 else self.servers[0], token=token
+            )
+
+    @property
+    def where(self) -> str:
+        if not self.servers:
+            return "in-process"
+        return "via " + ", ".join(self.servers)
+
+    def quantize(
+        self, batches: Iterable[pa.RecordBatch], **options: Any
+    ) -> Iterator[pa.RecordBatch]:
+        if self.client is not None:
+            return iter(self.client.quantize(batches, **options))
+        from .. import api
+
+        return iter(api.quantize(batches, threads=self.threads, **options))
+
+    def dequantize(self, batches: Iterable[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+        if self.client is not None:
+            return iter(self.client.dequantize(batches))
+        from .. import api
+
+        return iter(api.dequantize(batches, threads=self.threads))
+
+    def close(self) -> None:
+        if self.client is not None and hasattr(self.client, "close"):
+            self.client.close()
+
+
+def read_token(path: str) -> str:
+    try:
+        token = Path(path).read_text().strip()
+    except OSError as exc:
+        raise JobError(f"--token-file {path}: {exc.strerror or exc}") from None
+    if not token:
+        raise JobError(f"--token-file {path}: the file is empty")
+    return token
+
+
+def quant_options(args: argparse.Namespace, columns: list[str] | None) -> dict[str, Any]:
+    from ..options import QuantOptions
+
+    mapping: dict[str, Any] = {
+        "bits": args.bits, "group_size": args.group_size, "scheme": args.scheme,
+        "method": args.method, "clip": args.clip,
+    }  # fmt: skip
+    if mapping["bits"] is None:
+        del mapping["bits"]  # ternary picks 2, the others 4
+    if columns:
+        mapping["columns"] = list(columns)
+    opts = QuantOptions.from_mapping(mapping)  # raises OptionsError with a clear message
+    out = {"bits": opts.bits, "group_size": opts.group_size, "scheme": opts.scheme,
+           "method": opts.method}  # fmt: skip
+    if opts.clip is not None:
+        out["clip"] = opts.clip
+    if opts.columns is not None:
+        out["columns"] = list(opts.columns)
+    return out
+
+
+def read_ahead(items: Iterable[Any], depth: int = 1) -> Iterator[Any]:
+    """Produce ``items`` in a background thread, ``depth`` ahead of the consumer.
+
+    Reading, widening and packing the next batch (NumPy and Arrow release the GIL) then
+    overlap with the kernels working on this one. Errors re-raise in the consumer, in order.
+    """
+    import queue
+    import threading
+
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+    done = object()
+
+    def put(item) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        try:
+            for item in items:
+                if not put((None, item)):
+                    return
+            put((None, done))
+        except BaseException as exc:  # noqa: BLE001 - handed to the consumer
+            put((exc, None))
+
+    thread = threading.Thread(target=produce, name="flightquant-read-ahead", daemon=True)
+    thread.start()
+    try:
+        while True:
+            exc, item = q.get()
+            if exc is not None:
+                raise exc
+            if item is done:
+                return
+            yield item
+    finally:
+        stop.set()
+        thread.join(timeout=5)
+
+
+def never_empty(
+    batches: Iterable[pa.RecordBatch], schema: pa.Schema, on_empty
+) -> Iterator[pa.RecordBatch]:
+    """Yield the batches; if there are none, one empty batch, so OUTPUT gets its schema."""
+    any_batch = False
+    for b in batches:
+        any_batch = True
+        yield b
+    if not any_batch:
+        if on_empty is not None:
+            on_empty()
+        yield pa.RecordBatch.from_pylist([], schema=schema)
+
+
+def check_not_same(src: str, dst: str) -> None:
+    try:
+        if Path(dst).exists() and os.path.samefile(src, dst):
+            raise JobError(f"OUTPUT {dst} is the INPUT file; choose another path")
+    except OSError:
+        pass
+
+
+def release(bar, writer, stream, runner, source) -> None:
+    """End a job's resources, whether it finished or failed: the progress bar, a writer
+    still open (modelfiles's atomic-output context removes its temporary file), the result
+    stream, the server connection and the input file."""
+    bar.close()
+    if writer is not None:
+        quietly(writer.close)
+    if hasattr(stream, "close"):
+        quietly(stream.close)
+    runner.close()
+    source.close()
+
+
+def quietly(fn) -> None:
+    try:
+        fn()
+    except Exception:  # noqa: BLE001 - cleanup after an error already being reported
+        pass
+
+
+class NoBar:
+    def update(self, n: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def progress(args: argparse.Namespace, total: int | None, desc: str):
+    if args.quiet or not sys.stderr.isatty():
+        return NoBar()
+    from tqdm import tqdm
+
+    if total is None:
+        return tqdm(desc=desc, unit=" rows", file=sys.stderr, leave=False, dynamic_ncols=True)
+    return tqdm(
+        total=total,
+        desc=desc,
+        unit="B",
+        unit_scale=True,
+        unit_divisor=1024,
+        file=sys.stderr,
+        leave=False,
+        dynamic_ncols=True,
+    )
+
+
+def is_quantized(schema: pa.Schema) -> bool:
+    """Whether a table's schema holds quantized columns (the codec's wire format)."""
+    from ..codec import is_quantized_schema
+
+    return is_quantized_schema(schema)

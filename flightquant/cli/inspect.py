@@ -1,0 +1,279 @@
+"""``flightquant inspect FILE``: list the tensors of a file, plain or quantized."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+import numpy as np
+
+from .. import modelfiles
+from .accounting import binary_lengths, float_list_columns, key_column, list_lengths, shape_text
+from .common import add_quant_options, command, is_quantized, one_line_errors, quant_options
+from .summary import MAX_TABLE_ROWS, estimate_stats, fmt_bytes, print_estimate, table
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    """Add ``inspect`` to the ``flightquant`` parser."""
+    i = subparsers.add_parser(
+        "inspect",
+        help="list the tensors of a file (plain or quantized)",
+        description=(
+            "List the tensors of FILE with shapes, dtypes and sizes; for quantized files also "
+            "bits, scheme and group size. With --estimate, the size quantizing would give."
+        ),
+    )
+    i.add_argument("file", metavar="FILE")
+    i.add_argument(
+        "--estimate",
+        action="store_true",
+        help="add the quantized size under --bits/--group-size/--scheme",
+    )
+    add_quant_options(i)
+    i.add_argument("-v", "--verbose", action="store_true", help="list every tensor")
+    i.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    i.set_defaults(func=run)
+    one_line_errors(i)
+
+
+# --------------------------------------------------------------------------- inspect
+
+
+@command
+def run(args: argparse.Namespace) -> int:
+    """``flightquant inspect FILE``."""
+    source = modelfiles.open_input(args.file)
+    try:
+        if args.estimate:
+            return print_estimate(source, quant_options(args, None), args)
+        if source.kind == "tensors":
+            return inspect_tensors(source, args)
+        if is_quantized(source.schema):
+            return inspect_quantized(source, args)
+        return inspect_table(source, args)
+    finally:
+        source.close()
+
+
+def inspect_tensors(source, args) -> int:
+    infos = source.infos
+    dtypes: dict[str, int] = {}
+    for i in infos:
+        dtypes[i.dtype] = dtypes.get(i.dtype, 0) + 1
+    numel = sum(i.numel for i in infos if i.is_float)
+    nbytes = sum(i.nbytes for i in infos)
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    "file": str(source.path),
+                    "format": source.format,
+                    "quantized": False,
+                    "tensors": len(infos),
+                    "parameters": numel,
+                    "bytes": nbytes,
+                    "dtypes": dtypes,
+                    "metadata": source.metadata,
+                    "per_tensor": [
+                        {
+                            "name": i.name,
+                            "shape": list(i.shape),
+                            "dtype": i.dtype,
+                            "bytes": i.nbytes,
+                        }
+                        for i in infos
+                    ],
+                },
+                indent=2,
+            )
+        )
+        return 0
+    shown = infos if len(infos) <= MAX_TABLE_ROWS or args.verbose else infos[:MAX_TABLE_ROWS]
+    print(
+        table(
+            ["tensor", "shape", "dtype", "size"],
+            [[i.name, shape_text(i.shape), i.dtype, fmt_bytes(i.nbytes)] for i in shown],
+            {3},
+        )
+    )
+    if len(shown) < len(infos):
+        print(f"... {len(infos) - len(shown)} more tensors (-v lists all)")
+    print()
+    print(f"{source.path}: {source.format}, not quantized")
+    print(f"tensors     {len(infos)} ({', '.join(f'{k} {v}' for k, v in sorted(dtypes.items()))})")
+    print(f"parameters  {numel:,} float weights")
+    print(f"size        {fmt_bytes(nbytes)} ({nbytes:,} bytes)")
+    return 0
+
+
+def inspect_table(source, args) -> int:
+    columns = float_list_columns(source.schema, None)
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    "file": str(source.path),
+                    "format": source.format,
+                    "quantized": False,
+                    "rows": source.num_rows,
+                    "float_list_columns": columns,
+                    "schema": [f"{f.name}: {f.type}" for f in source.schema],
+                },
+                indent=2,
+            )
+        )
+        return 0
+    if modelfiles.is_tensor_layout(source.schema):
+        stats = estimate_stats(
+            source,
+            {"bits": 8, "group_size": 1 << 30, "scheme": "symmetric", "columns": ["weights"]},
+        )
+        shown = stats if len(stats) <= MAX_TABLE_ROWS or args.verbose else stats[:MAX_TABLE_ROWS]
+        print(
+            table(
+                ["tensor", "numel", "dtype", "size"],
+                [[s.name, f"{s.numel:,}", s.dtype, fmt_bytes(s.bytes_in)] for s in shown],
+                {1, 3},
+            )
+        )
+        if len(shown) < len(stats):
+            print(f"... {len(stats) - len(shown)} more tensors (-v lists all)")
+        print()
+    print(f"{source.path}: {source.format}, not quantized, {source.num_rows} rows")
+    for f in source.schema:
+        mark = "  (float tensors: would be quantized)" if f.name in columns else ""
+        print(f"  {f.name}: {f.type}{mark}")
+    return 0
+
+
+def inspect_quantized(source, args) -> int:
+    schema = source.schema
+    qcols = [f.name for f in schema if (f.metadata or {}).get(b"flightquant.role") == b"codes"]
+    meta = {
+        c: {
+            k.decode()[len("flightquant.") :]: v.decode()
+            for k, v in (schema.field(c).metadata or {}).items()
+            if k.startswith(b"flightquant.")
+        }
+        for c in qcols
+    }
+    key = key_column(schema)
+    stats: list[dict[str, Any]] = []
+    for batch in source.iter_batches():
+        keys = batch.column(key).to_pylist() if key else [None] * batch.num_rows
+        shapes = batch.column("shape").to_pylist() if "shape" in batch.schema.names else None
+        dtypes = batch.column("dtype").to_pylist() if "dtype" in batch.schema.names else None
+        for c in qcols:
+            m = meta[c]
+            codes = binary_lengths(batch.column(c))
+            extra = list_lengths(batch.column(f"{c}_scales")) * 4
+            if f"{c}_zero_points" in batch.schema.names:
+                extra = extra + list_lengths(batch.column(f"{c}_zero_points")) * 4
+            valid = np.asarray(batch.column(c).is_valid())
+            if f"{c}_numel" in batch.schema.names:
+                numel = batch.column(f"{c}_numel").to_numpy(zero_copy_only=False)
+            else:
+                numel = np.full(batch.num_rows, int(m.get("list_size", 0)))
+            mse = (
+                batch.column(f"{c}_mse").to_numpy(zero_copy_only=False)
+                if f"{c}_mse" in batch.schema.names
+                else None
+            )
+            for r in range(batch.num_rows):
+                if c == "weights" and dtypes and not valid[r]:
+                    raw = batch.column("raw")[r] if "raw" in batch.schema.names else None
+                    size = len(raw.as_py()) if raw is not None and raw.is_valid else 0
+                    stats.append(
+                        {
+                            "name": keys[r],
+                            "shape": shapes[r] if shapes else None,
+                            "dtype": dtypes[r],
+                            "bits": None,
+                            "bytes": size,
+                            "original_bytes": size,
+                            "mse": None,
+                        }
+                    )
+                    continue
+                if not valid[r]:
+                    continue
+                dtype = (dtypes[r] if dtypes and c == "weights" else None) or m.get("dtype")
+                n = int(numel[r])
+                name = keys[r] if keys[r] is not None else f"row {len(stats)}"
+                if len(qcols) > 1:
+                    name = f"{name} [{c}]"
+                itemsize = modelfiles.ITEMSIZE.get(dtype, 4)
+                stats.append(
+                    {
+                        "name": name,
+                        "shape": shapes[r] if shapes and c == "weights" else [n],
+                        "dtype": dtype,
+                        "bits": int(m["bits"]),
+                        "numel": n,
+                        "bytes": int(codes[r] + extra[r]),
+                        "original_bytes": n * itemsize,
+                        "mse": None if mse is None or np.isnan(mse[r]) else float(mse[r]),
+                    }
+                )
+    total = sum(s["bytes"] for s in stats)
+    orig = sum(s["original_bytes"] for s in stats)
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    "file": str(source.path),
+                    "format": source.format,
+                    "quantized": True,
+                    "columns": meta,
+                    "tensors": len(stats),
+                    "bytes": total,
+                    "original_bytes": orig,
+                    "per_tensor": stats,
+                },
+                indent=2,
+            )
+        )
+        return 0
+    shown = stats if len(stats) <= MAX_TABLE_ROWS or args.verbose else stats[:MAX_TABLE_ROWS]
+    rows = [
+        [
+            str(s["name"]),
+            shape_text(tuple(s["shape"] or ())),
+            str(s["dtype"]),
+            "pass" if s["bits"] is None else str(s["bits"]),
+            fmt_bytes(s["original_bytes"]),
+            fmt_bytes(s["bytes"]),
+            "-" if s["mse"] is None else f"{s['mse']:.3g}",
+        ]
+        for s in shown
+    ]
+    print(
+        table(
+            ["tensor", "shape", "dtype", "bits", "original", "quantized", "mse"], rows, {3, 4, 5, 6}
+        )
+    )
+    if len(shown) < len(stats):
+        print(f"... {len(stats) - len(shown)} more tensors (-v lists all)")
+    print()
+    print(
+        f"{source.path}: {source.format}, quantized (format v{meta[qcols[0]].get('format_version', '?')})"
+    )
+    for c in qcols:
+        m = meta[c]
+        print(
+            f"  {c}: {m.get('bits')}-bit {m.get('scheme')} {m.get('method', '')}, group size "
+            f"{m.get('group_size')}, carried as {m.get('dtype')} {m.get('list_type', '')}".rstrip()
+            + (
+                " (original dtypes in the dtype column)"
+                if c == "weights" and "dtype" in schema.names
+                else ""
+            )
+        )
+    ratio = f"{orig / total:.2f}x" if total else "-"
+    print(f"tensors     {len(stats)}")
+    print(
+        f"size        {fmt_bytes(orig)} original -> {fmt_bytes(total)} quantized (ratio {ratio}); "
+        f"file {fmt_bytes(source.path.stat().st_size)}"
+    )
+    return 0

@@ -1,0 +1,146 @@
+"""``flightquant quantize INPUT -o OUTPUT``: quantize a model or table file.
+
+The command reads files (:mod:`flightquant.modelfiles`) and hands RecordBatches to the
+in-process API (the embedded default) or, with ``--server``, to a ``Client``; it knows
+nothing of kernels. Both paths see the same batches, so they write byte-identical files.
+Outputs are written to a temporary file beside OUTPUT and renamed at the end, so a failed
+or interrupted job leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections import deque
+from pathlib import Path
+
+from .. import modelfiles
+from ..modelfiles import TensorInfo
+from .accounting import Ledger, float_list_columns
+from .common import (
+    JobError,
+    Runner,
+    add_output_options,
+    add_quant_options,
+    add_remote_options,
+    check_not_same,
+    command,
+    is_quantized,
+    never_empty,
+    one_line_errors,
+    positive_int,
+    progress,
+    quant_options,
+    read_ahead,
+    release,
+)
+from .summary import print_estimate, print_summary
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    """Add ``quantize`` to the ``flightquant`` parser."""
+    q = subparsers.add_parser(
+        "quantize",
+        help="quantize the float tensors of a model or table file",
+        description=(
+            "Quantize the float tensors of INPUT (.safetensors, .npz, .npy, .arrow/.feather, "
+            ".parquet) into OUTPUT (.arrow or .parquet). Runs in-process unless --server is "
+            "given. Non-float tensors pass through untouched."
+        ),
+    )
+    q.add_argument("input", metavar="INPUT")
+    q.add_argument("-o", "--output", metavar="OUTPUT", help=".arrow (Arrow IPC file) or .parquet")
+    add_quant_options(q)
+    q.add_argument(
+        "--column",
+        action="append",
+        metavar="NAME",
+        dest="columns",
+        help="table inputs: quantize only this list column (repeatable; default: every float list column)",
+    )
+    q.add_argument(
+        "--estimate",
+        action="store_true",
+        help="print the quantized size without quantizing (no OUTPUT needed)",
+    )
+    add_remote_options(q)
+    q.add_argument(
+        "--max-batch-bytes",
+        type=positive_int,
+        default=modelfiles.DEFAULT_BATCH_BYTES,
+        metavar="N",
+        help="float payload per RecordBatch sent (default: 64 MiB)",
+    )
+    add_output_options(q)
+    q.set_defaults(func=run)
+    one_line_errors(q)
+
+
+# --------------------------------------------------------------------------- quantize
+
+
+@command
+def run(args: argparse.Namespace) -> int:
+    """``flightquant quantize INPUT -o OUTPUT``."""
+    options = quant_options(args, args.columns)
+    source = modelfiles.open_input(args.input)
+    if source.kind == "table" and is_quantized(source.schema):
+        raise JobError(f"{args.input} is already quantized; `flightquant dequantize` restores it")
+    if args.estimate:
+        return print_estimate(source, options, args)
+    if not args.output:
+        raise JobError("quantize needs -o OUTPUT (.arrow or .parquet), or --estimate")
+    fmt = modelfiles.output_format(args.output, ("arrow", "parquet"))
+    check_not_same(args.input, args.output)
+    runner = Runner(args)
+    t0 = time.perf_counter()
+    meta: dict[bytes, bytes] = {b"flightquant.source_format": source.format.encode()}
+    if source.kind == "tensors":
+        infos_q: deque[list[TensorInfo]] | None = deque()
+        batches = modelfiles.tensor_batches(
+            source, max_batch_bytes=args.max_batch_bytes, on_batch=infos_q.append
+        )
+        batches = never_empty(batches, modelfiles.TENSOR_SCHEMA, lambda: infos_q.append([]))
+        ledger = Ledger(True, ["weights"])
+        options = {**options, "columns": ["weights"]}
+        total = source.nbytes
+        if source.format == "safetensors" and source.metadata:
+            meta[modelfiles.META_SAFETENSORS] = json.dumps(source.metadata, sort_keys=True).encode()
+    else:
+        infos_q = None
+        columns = float_list_columns(source.schema, options.get("columns"))
+        missing = sorted(set(options.get("columns") or []) - set(columns))
+        if missing:
+            raise JobError(
+                f"{args.input}: column(s) {', '.join(map(repr, missing))} are not "
+                f"float list columns of the file (it has: {', '.join(source.schema.names)})"
+            )
+        ledger = Ledger(False, columns)
+        batches = never_empty(source.iter_batches(args.max_batch_bytes), source.schema, None)
+        total = None
+    bar = progress(args, total, "quantize")
+    writer = None
+    stream = runner.quantize(read_ahead(ledger.feed(batches, infos_q)), stats=True, **options)
+    try:
+        with modelfiles.atomic_output(args.output) as tmp:
+            for out in stream:
+                done = ledger.settle(out)
+                if writer is None:
+                    writer = modelfiles.TableWriter(
+                        tmp, fmt, out.schema.with_metadata({**(out.schema.metadata or {}), **meta})
+                    )
+                writer.write(out)
+                bar.update(done if total is not None else out.num_rows)
+            if writer is None:  # pragma: no cover - never_empty sends at least one batch
+                raise JobError("the job produced no output")
+            writer.close()
+            writer = None
+    finally:
+        release(bar, writer, stream, runner, source)
+    seconds = time.perf_counter() - t0
+    if not args.quiet:
+        print_summary(
+            args, ledger.stats, seconds, options, runner.where, Path(args.output).stat().st_size
+        )
+    return 0

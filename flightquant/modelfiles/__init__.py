@@ -1,0 +1,125 @@
+"""Model files in and out: safetensors, npz, npy, Arrow IPC and Parquet.
+
+This package only reads and writes, one module per file format; it knows nothing of kernels
+or of the network (the CLI hands the batches it builds here to the in-process API or to a
+``Client``).
+
+*Tensor files* (``.safetensors``, ``.npz``, ``.npy``) are read lazily, one tensor at a time,
+and turned into RecordBatches of the tensor layout (:mod:`.tensors`). *Table files*
+(``.arrow``/``.feather``/``.ipc`` and ``.parquet``) are streamed batch by batch as they are
+(:mod:`.arrow_files`).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+from .arrow_files import TableFile, TableWriter
+from .common import (
+    DEFAULT_BATCH_BYTES,
+    FLOAT_DTYPES,
+    ITEMSIZE,
+    MAX_TENSOR_ELEMENTS,
+    PASS_DTYPES,
+    ModelIOError,
+    TensorInfo,
+    atomic_output,
+    dtype_name,
+    from_float32,
+    numpy_dtype,
+    to_float32,
+)
+from .numpy_files import NpyFile, NpzFile, NpzWriter
+from .safetensors_files import DTYPE_TO_ST, ST_TO_DTYPE, SafetensorsFile, SafetensorsWriter
+from .tensors import (
+    ARROW_FLOAT,
+    META_SAFETENSORS,
+    META_SOURCE,
+    TENSOR_SCHEMA,
+    TensorSource,
+    is_tensor_layout,
+    list_parts,
+    tensor_batches,
+    tensors_from_batch,
+)
+
+__all__ = [
+    "ARROW_FLOAT",
+    "DEFAULT_BATCH_BYTES",
+    "DTYPE_TO_ST",
+    "FLOAT_DTYPES",
+    "ITEMSIZE",
+    "MAX_TENSOR_ELEMENTS",
+    "META_SAFETENSORS",
+    "META_SOURCE",
+    "PASS_DTYPES",
+    "ST_TO_DTYPE",
+    "TENSOR_SCHEMA",
+    "ModelIOError",
+    "NpyFile",
+    "NpzFile",
+    "NpzWriter",
+    "SafetensorsFile",
+    "SafetensorsWriter",
+    "TableFile",
+    "TableWriter",
+    "TensorInfo",
+    "TensorSource",
+    "atomic_output",
+    "dtype_name",
+    "from_float32",
+    "input_format",
+    "is_tensor_layout",
+    "list_parts",
+    "numpy_dtype",
+    "open_input",
+    "output_format",
+    "tensor_batches",
+    "tensors_from_batch",
+    "to_float32",
+]
+
+_TENSOR_FILES = {".safetensors": SafetensorsFile, ".npz": NpzFile, ".npy": NpyFile}
+TENSOR_FORMATS = {".safetensors": "safetensors", ".npz": "npz", ".npy": "npy"}
+TABLE_FORMATS = {".arrow": "arrow", ".feather": "arrow", ".ipc": "arrow", ".parquet": "parquet"}
+_EXTENSIONS = {"arrow": ".arrow", "parquet": ".parquet", "safetensors": ".safetensors",
+               "npz": ".npz", "npy": ".npy"}  # fmt: skip
+
+
+def input_format(path: str | os.PathLike) -> str:
+    """Format of an input file, from its extension."""
+    ext = Path(path).suffix.lower()
+    fmt = TENSOR_FORMATS.get(ext) or TABLE_FORMATS.get(ext)
+    if fmt is None:
+        raise ModelIOError(
+            f"{os.fspath(path)}: unsupported input extension {ext or '(none)'!r}; use "
+            ".safetensors, .npz, .npy, .arrow/.feather or .parquet"
+        )
+    return fmt
+
+
+def output_format(path: str | os.PathLike, allowed: Sequence[str]) -> str:
+    """Format of an output file, from its extension, if it is one of ``allowed``."""
+    ext = Path(path).suffix.lower()
+    fmt = TENSOR_FORMATS.get(ext) or TABLE_FORMATS.get(ext)
+    if fmt not in allowed:
+        raise ModelIOError(
+            f"{os.fspath(path)}: unsupported output extension {ext or '(none)'!r}; use "
+            + " or ".join(_EXTENSIONS[a] for a in allowed)
+        )
+    return fmt
+
+
+def open_input(path: str | os.PathLike) -> TensorSource | TableFile:
+    """Open an input file for reading (header only; data is read lazily)."""
+    fmt = input_format(path)
+    p = Path(path)
+    if not p.exists():
+        raise ModelIOError(f"{os.fspath(path)}: no such file")
+    if p.is_dir():
+        raise ModelIOError(f"{os.fspath(path)}: is a directory, not a file")
+    if fmt in ("arrow", "parquet"):
+        return TableFile(p, fmt)
+    return _TENSOR_FILES[p.suffix.lower()](p)
