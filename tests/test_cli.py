@@ -120,8 +120,8 @@ def test_round_trip_within_rtn_bound(models, tmp_path, dtype, capsys):
     for name, x in orig.items():
         y = rest[name]
         assert y.dtype == x.dtype and y.shape == x.shape, name
-        if x.dtype.kind in "bi":  # passes through untouched
-            np.testing.assert_array_equal(y, x)
+        if x.dtype.kind in "bi" or x.ndim < 2:  # ints, bools, norms, biases: kept as they are
+            assert y.tobytes() == x.tobytes(), name
             assert name not in scales
             continue
         x64 = x.astype(np.float64).ravel()
@@ -157,11 +157,12 @@ def test_summary_numbers(models, tmp_path, capsys):
     assert run_cli("quantize", models["float32"], "-o", q, "--json", "--bits", "8") == 0
     s = json.loads(capsys.readouterr().out)
     model = make_model("float32")
-    assert s["tensors"] == len(model) and s["passthrough"] == 2
+    kept = [k for k, a in model.items() if a.dtype.kind in "bi" or a.ndim < 2]
+    assert s["tensors"] == len(model) and s["passthrough"] == len(kept) == 5
     assert s["bytes_in"] == sum(a.nbytes for a in model.values())
     expected_out = sum(
-        a.nbytes if a.dtype.kind in "bi" else estimate_bytes(a.size, 8, 128, "asymmetric")
-        for a in model.values()
+        a.nbytes if k in kept else estimate_bytes(a.size, 8, 128, "asymmetric")
+        for k, a in model.items()
     )
     assert s["bytes_out"] == expected_out
     assert s["ratio"] == pytest.approx(s["bytes_in"] / s["bytes_out"])
@@ -189,8 +190,58 @@ def test_summary_table_text(models, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "model.layers.0.self_attn.q_proj.weight" in out
     assert "SNR dB" in out and "dB overall" in out
-    assert "11 (9 quantized, 2 passed through)" in out
+    assert "11 (6 quantized, 5 kept as they are)" in out
     assert "ratio" in out and "M weights/s" in out
+
+
+def _quantized_names(qfile: Path) -> set[str]:
+    t = ipc.open_file(str(qfile)).read_all().select(["layer_name", "weights"]).to_pylist()
+    return {r["layer_name"] for r in t if r["weights"] is not None}
+
+
+def test_only_and_keep_choose_tensors(models, tmp_path, capsys):
+    model = make_model("bfloat16")
+    matrices = {k for k, a in model.items() if a.dtype.kind not in "bi" and a.ndim >= 2}
+    q = tmp_path / "keep.arrow"
+    argv = ["quantize", models["bfloat16"], "-o", q, "--json"]
+    assert run_cli(*argv, "--keep", "lm_head.*", "--keep", "*.k_proj.*") == 0
+    s = json.loads(capsys.readouterr().out)
+    expected = matrices - {"lm_head.weight", "model.layers.0.self_attn.k_proj.weight"}
+    assert _quantized_names(q) == expected and s["quantized"] == len(expected)
+    back = tmp_path / "keep.safetensors"
+    assert run_cli("dequantize", q, "-o", back, "-q") == 0
+    rest = read_safetensors(back)
+    assert rest["lm_head.weight"].tobytes() == model["lm_head.weight"].tobytes()
+    # --only forces exactly its matches, 1-D tensors included; --keep still wins
+    q2 = tmp_path / "only.arrow"
+    assert run_cli(*argv[:3], q2, "-q", "--only", "*norm*", "--keep", "model.norm.*") == 0
+    assert _quantized_names(q2) == {"model.layers.0.input_layernorm.weight"}
+    # the estimate follows the same choice
+    assert (
+        run_cli("inspect", models["bfloat16"], "--estimate", "--json", "--keep", "lm_head.*") == 0
+    )
+    est = json.loads(capsys.readouterr().out)
+    assert est["quantized"] == len(matrices) - 1
+
+
+@pytest.mark.parametrize(
+    "extra, needle",
+    [
+        (["--only", "nope.*"], "--only 'nope.*' matches no tensor"),
+        (["--keep", "lm_head"], "--keep 'lm_head' matches no tensor"),
+    ],
+)
+def test_selection_pattern_errors(models, tmp_path, extra, needle, capsys):
+    assert run_cli("quantize", models["float16"], "-o", tmp_path / "o.arrow", *extra) == 1
+    assert needle in one_error_line(capsys)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_selection_needs_a_tensor_file(tmp_path, capsys):
+    src = tmp_path / "t.parquet"
+    pq.write_table(pa.table({"w": [[1.0, 2.0]]}), str(src))
+    assert run_cli("quantize", src, "-o", tmp_path / "o.arrow", "--only", "w") == 1
+    assert "--column" in one_error_line(capsys)
 
 
 # --------------------------------------------------------------------------- formats
@@ -233,9 +284,15 @@ def test_input_formats(tmp_path, fmt, capsys):
     qt = ipc.open_file(str(q)).read_all()
     assert fq.codec.is_quantized_schema(qt.schema)
     assert qt.column("layer_name").to_pylist() == list(model)
-    # the codes equal fq.quantize of each float32 tensor
+    # the codes equal fq.quantize of each float32 tensor: the matrices of a tensor file,
+    # every row of a table file's list column
+    tensor_file = fmt in ("npz", "npy")
     ref = fq.quantize_arrays(
-        {k: v.astype(np.float32) for k, v in model.items() if v.dtype.kind == "f"}
+        {
+            k: v.astype(np.float32)
+            for k, v in model.items()
+            if v.dtype.kind == "f" and (v.ndim >= 2 or not tensor_file)
+        }
     )
     codes = dict(
         zip(qt.column("layer_name").to_pylist(), qt.column("weights").to_pylist(), strict=True)

@@ -153,7 +153,9 @@ class Ledger:
     def _record(self, batch: pa.RecordBatch, infos: list[TensorInfo] | None):
         rows: list[TensorStat] = []
         if self.tensor_mode:
-            signal = row_signal(batch.column("weights"))
+            weights = batch.column("weights")
+            signal = row_signal(weights)
+            quantized = np.asarray(weights.is_valid())  # kept tensors travel as raw bytes
             for r, info in enumerate(infos or []):
                 rows.append(
                     TensorStat(
@@ -162,8 +164,8 @@ class Ledger:
                         info.dtype,
                         info.numel,
                         info.nbytes,
-                        signal=float(signal[r]) if info.is_float else None,
-                        passthrough=not info.is_float,
+                        signal=float(signal[r]) if quantized[r] else None,
+                        passthrough=not quantized[r],
                     )
                 )
             self.bytes_in += sum(s.bytes_in for s in rows)

@@ -17,6 +17,8 @@ from typing import Any
 
 import pyarrow as pa
 
+from .. import modelfiles
+
 EXIT_ERROR = 1
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
@@ -38,6 +40,35 @@ def add_quant_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--clip", type=float, default=None, metavar="X", help="clamp inputs to [-X, X] first"
     )
+
+
+def add_selection_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--only",
+        action="append",
+        metavar="GLOB",
+        help="quantize exactly the float tensors whose name matches (repeatable; default: "
+        "float tensors with two or more dimensions)",
+    )
+    p.add_argument(
+        "--keep",
+        action="append",
+        metavar="GLOB",
+        help="keep the tensors whose name matches as they are (repeatable)",
+    )
+
+
+def selection(args: argparse.Namespace, source) -> modelfiles.Selection:
+    """The tensors ``--only``/``--keep`` (or the default rule) pick from ``source``."""
+    sel = modelfiles.Selection(getattr(args, "only", None), getattr(args, "keep", None))
+    if sel.overridden:
+        if source.kind != "tensors":
+            raise JobError(
+                "--only/--keep pick tensors by name in tensor files (.safetensors, .npz, .npy); "
+                "a table file's list columns are chosen with --column"
+            )
+        sel.check((i.name for i in source.infos), str(source.path))
+    return sel
 
 
 def add_remote_options(p: argparse.ArgumentParser) -> None:

@@ -10,7 +10,15 @@ import numpy as np
 
 from .. import modelfiles
 from .accounting import binary_lengths, float_list_columns, key_column, list_lengths, shape_text
-from .common import add_quant_options, command, is_quantized, one_line_errors, quant_options
+from .common import (
+    add_quant_options,
+    add_selection_options,
+    command,
+    is_quantized,
+    one_line_errors,
+    quant_options,
+    selection,
+)
 from .summary import MAX_TABLE_ROWS, estimate_stats, fmt_bytes, print_estimate, table
 
 
@@ -31,6 +39,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="add the quantized size under --bits/--group-size/--scheme",
     )
     add_quant_options(i)
+    add_selection_options(i)
     i.add_argument("-v", "--verbose", action="store_true", help="list every tensor")
     i.add_argument("--json", action="store_true", help="print JSON instead of a table")
     i.set_defaults(func=run)
@@ -46,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
     source = modelfiles.open_input(args.file)
     try:
         if args.estimate:
-            return print_estimate(source, quant_options(args, None), args)
+            return print_estimate(source, quant_options(args, None), args, selection(args, source))
         if source.kind == "tensors":
             return inspect_tensors(source, args)
         if is_quantized(source.schema):

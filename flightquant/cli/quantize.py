@@ -24,6 +24,7 @@ from .common import (
     add_output_options,
     add_quant_options,
     add_remote_options,
+    add_selection_options,
     check_not_same,
     command,
     is_quantized,
@@ -34,6 +35,7 @@ from .common import (
     quant_options,
     read_ahead,
     release,
+    selection,
 )
 from .summary import print_estimate, print_summary
 
@@ -46,12 +48,14 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         description=(
             "Quantize the float tensors of INPUT (.safetensors, .npz, .npy, .arrow/.feather, "
             ".parquet) into OUTPUT (.arrow or .parquet). Runs in-process unless --server is "
-            "given. Non-float tensors pass through untouched."
+            "given. Float tensors with two or more dimensions are quantized (--only/--keep "
+            "choose others); 1-D tensors (norms, biases) and integer tensors are kept as they are."
         ),
     )
     q.add_argument("input", metavar="INPUT")
     q.add_argument("-o", "--output", metavar="OUTPUT", help=".arrow (Arrow IPC file) or .parquet")
     add_quant_options(q)
+    add_selection_options(q)
     q.add_argument(
         "--column",
         action="append",
@@ -87,8 +91,9 @@ def run(args: argparse.Namespace) -> int:
     source = modelfiles.open_input(args.input)
     if source.kind == "table" and is_quantized(source.schema):
         raise JobError(f"{args.input} is already quantized; `flightquant dequantize` restores it")
+    selected = selection(args, source)
     if args.estimate:
-        return print_estimate(source, options, args)
+        return print_estimate(source, options, args, selected)
     if not args.output:
         raise JobError("quantize needs -o OUTPUT (.arrow or .parquet), or --estimate")
     fmt = modelfiles.output_format(args.output, ("arrow", "parquet"))
@@ -99,7 +104,10 @@ def run(args: argparse.Namespace) -> int:
     if source.kind == "tensors":
         infos_q: deque[list[TensorInfo]] | None = deque()
         batches = modelfiles.tensor_batches(
-            source, max_batch_bytes=args.max_batch_bytes, on_batch=infos_q.append
+            source,
+            max_batch_bytes=args.max_batch_bytes,
+            on_batch=infos_q.append,
+            quantize=selected,
         )
         batches = never_empty(batches, modelfiles.TENSOR_SCHEMA, lambda: infos_q.append([]))
         ledger = Ledger(True, ["weights"])

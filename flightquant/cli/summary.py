@@ -122,7 +122,7 @@ def print_summary(
     s = summary
     print()
     print(
-        f"tensors     {s['tensors']} ({s['quantized']} quantized, {s['passthrough']} passed through)"
+        f"tensors     {s['tensors']} ({s['quantized']} quantized, {s['passthrough']} kept as they are)"
     )
     print(f"options     {desc} ({where})")
     ratio = f"{s['ratio']:.2f}x" if s["ratio"] else "-"
@@ -168,7 +168,9 @@ def estimate_bytes(numel: int, bits: int, group_size: int, scheme: str) -> int:
     return -(-numel * bits // 8) + groups * per_group
 
 
-def estimate_stats(source, options: dict) -> list[TensorStat]:
+def estimate_stats(source, options: dict, selected=None) -> list[TensorStat]:
+    """Per-tensor sizes quantizing would give; ``selected(info)`` says which tensors of a
+    tensor file are quantized (default: every float tensor)."""
     bits, gs, scheme = options["bits"], options["group_size"], options["scheme"]
     stats = []
     if source.kind == "tensors":
@@ -179,7 +181,7 @@ def estimate_stats(source, options: dict) -> list[TensorStat]:
                 info.dtype,
                 info.numel,
                 info.nbytes,
-                passthrough=not info.is_float,
+                passthrough=not (info.is_float if selected is None else selected(info)),
             )
             s.bytes_out = (
                 s.bytes_in if s.passthrough else estimate_bytes(info.numel, bits, gs, scheme)
@@ -220,10 +222,10 @@ def estimate_stats(source, options: dict) -> list[TensorStat]:
     return stats
 
 
-def print_estimate(source, options: dict, args) -> int:
+def print_estimate(source, options: dict, args, selected=None) -> int:
     if source.kind == "table" and is_quantized(source.schema):
         raise JobError(f"{source.path} is already quantized; --estimate needs a plain file")
-    stats = estimate_stats(source, options)
+    stats = estimate_stats(source, options, selected)
     quant = [s for s in stats if not s.passthrough]
     bytes_in = sum(s.bytes_in for s in stats)
     bytes_out = sum(s.bytes_out for s in stats)
@@ -274,7 +276,7 @@ def print_estimate(source, options: dict, args) -> int:
     print()
     print(
         f"estimate    {o['bits']}-bit {o['scheme']}, group size {o['group_size']}: "
-        f"{len(stats)} tensors ({len(quant)} quantized, {len(stats) - len(quant)} passed through), "
+        f"{len(stats)} tensors ({len(quant)} quantized, {len(stats) - len(quant)} kept), "
         f"{numel:,} weights"
     )
     ratio = f"{bytes_in / bytes_out:.2f}x" if bytes_out else "-"

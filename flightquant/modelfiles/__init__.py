@@ -33,6 +33,7 @@ from .common import (
 )
 from .numpy_files import NpyFile, NpzFile, NpzWriter
 from .safetensors_files import DTYPE_TO_ST, ST_TO_DTYPE, SafetensorsFile, SafetensorsWriter
+from .selection import Selection, matrix_dims
 from .tensors import (
     ARROW_FLOAT,
     META_SAFETENSORS,
@@ -63,6 +64,7 @@ __all__ = [
     "NpzWriter",
     "SafetensorsFile",
     "SafetensorsWriter",
+    "Selection",
     "TableFile",
     "TableWriter",
     "TensorInfo",
@@ -73,6 +75,7 @@ __all__ = [
     "input_format",
     "is_tensor_layout",
     "list_parts",
+    "matrix_dims",
     "numpy_dtype",
     "open_input",
     "output_format",

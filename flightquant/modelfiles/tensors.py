@@ -19,7 +19,7 @@ float32 exactly; float64 narrows (values beyond the float32 range are refused). 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -114,18 +114,19 @@ def tensor_batches(
     *,
     max_batch_bytes: int = DEFAULT_BATCH_BYTES,
     on_batch=None,
+    quantize: Callable[[TensorInfo], bool] | None = None,
 ) -> Iterator[pa.RecordBatch]:
     """Pack tensors into RecordBatches of :data:`TENSOR_SCHEMA`, in order.
 
-    Float tensors travel as float32 in ``weights``, the others as ``raw`` bytes. A batch
-    closes once its payload reaches ``max_batch_bytes``; a bigger tensor gets a batch of
-    its own. ``on_batch(infos)`` is called with the batch's tensors just before it is
-    yielded.
+    Tensors to quantize (``quantize(info)``; default: every float tensor) travel as float32
+    in ``weights``, the others as their ``raw`` bytes. A batch closes once its payload
+    reaches ``max_batch_bytes``; a bigger tensor gets a batch of its own.
+    ``on_batch(infos)`` is called with the batch's tensors just before it is yielded.
     """
     rows: list[tuple[TensorInfo, np.ndarray | None, bytes | None]] = []
     size = 0
     for info, array in tensors:
-        if info.is_float:
+        if info.is_float if quantize is None else quantize(info):
             if info.numel > MAX_TENSOR_ELEMENTS:
                 raise ModelIOError(
                     f"tensor {info.name!r} has {info.numel} elements; at most "
