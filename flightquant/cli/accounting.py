@@ -210,7 +210,9 @@ class Ledger:
         done = 0
         for ci, c in enumerate(columns):
             codes = binary_lengths(out.column(c))
-            extra = list_lengths(out.column(f"{c}_scales")) * 4
+            extra = np.zeros(n, np.int64)  # ggml formats keep their scales inside the blocks
+            if f"{c}_scales" in out.schema.names:
+                extra = extra + list_lengths(out.column(f"{c}_scales")) * 4
             if f"{c}_zero_points" in out.schema.names:
                 extra = extra + list_lengths(out.column(f"{c}_zero_points")) * 4
             mse = (

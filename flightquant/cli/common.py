@@ -17,7 +17,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from .. import modelfiles
+from .. import formats, modelfiles
 
 EXIT_ERROR = 1
 EXIT_USAGE = 2
@@ -29,16 +29,33 @@ EXIT_INTERRUPTED = 130
 
 def add_quant_options(p: argparse.ArgumentParser) -> None:
     # no argparse `choices`: QuantOptions validates, so a bad value is one clear line
+    p.add_argument(
+        "--format",
+        default=None,
+        metavar="F",
+        help="native (default: --bits/--group-size/--scheme apply) or a ggml type: "
+        + ", ".join(formats.GGML_TYPES),
+    )
     p.add_argument("--bits", type=int, default=None, help="2, 4 or 8 (default 4; ternary: 2)")
     p.add_argument(
-        "--group-size", type=int, default=128, metavar="N", help="elements per scale (default 128)"
+        "--group-size", type=int, default=None, metavar="N", help="elements per scale (default 128)"
     )
-    p.add_argument(
-        "--scheme", default="asymmetric", help="asymmetric (default), symmetric or ternary"
-    )
+    p.add_argument("--scheme", default=None, help="asymmetric (default), symmetric or ternary")
     p.add_argument("--method", default="rtn", help="rtn (default) or mse")
     p.add_argument(
         "--clip", type=float, default=None, metavar="X", help="clamp inputs to [-X, X] first"
+    )
+
+
+def format_name(args: argparse.Namespace) -> str:
+    """The ``--format`` asked for: ``"native"`` or a ggml type name (case as ggml spells it)."""
+    fmt = getattr(args, "format", None)
+    if fmt is None or fmt.lower() == formats.NATIVE:
+        return formats.NATIVE
+    if fmt.upper() in formats.GGML_TYPES:
+        return fmt.upper()
+    raise JobError(
+        f"--format {fmt!r} is not a format; valid formats are: {', '.join(formats.FORMAT_NAMES)}"
     )
 
 
@@ -55,6 +72,22 @@ def add_selection_options(p: argparse.ArgumentParser) -> None:
         action="append",
         metavar="GLOB",
         help="keep the tensors whose name matches as they are (repeatable)",
+    )
+
+
+def add_gguf_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--type",
+        action="append",
+        metavar="GLOB=TYPE",
+        dest="types",
+        help="GGUF: give the tensors whose name matches this ggml type or F32/F16/BF16 "
+        "(repeatable, first match wins), e.g. 'output.weight=Q6_K'",
+    )
+    p.add_argument(
+        "--allow-requantize",
+        action="store_true",
+        help="GGUF: re-quantize tensors that are already quantized (default: they pass through)",
     )
 
 
@@ -282,24 +315,47 @@ def read_token(path: str) -> str:
 
 
 def quant_options(args: argparse.Namespace, columns: list[str] | None) -> dict[str, Any]:
+    """The codec options of ``args``, validated, as a keyword mapping.
+
+    Options not given are left to the codec's defaults; with a ggml ``--format``, giving
+    ``--bits``/``--group-size``/``--scheme`` too is an error (the format implies them).
+    """
     from ..options import QuantOptions
 
-    mapping: dict[str, Any] = {
-        "bits": args.bits, "group_size": args.group_size, "scheme": args.scheme,
-        "method": args.method, "clip": args.clip,
-    }  # fmt: skip
-    if mapping["bits"] is None:
-        del mapping["bits"]  # ternary picks 2, the others 4
+    fmt = format_name(args)
+    given = {k: getattr(args, k) for k in ("bits", "group_size", "scheme")}
+    given = {k: v for k, v in given.items() if v is not None}
+    mapping: dict[str, Any] = {**given, "method": args.method, "clip": args.clip}
+    if fmt != formats.NATIVE:
+        if given:
+            flags = ", ".join("--" + k.replace("_", "-") for k in given)
+            raise JobError(f"{flags}: implied by --format {fmt}; give one or the other")
+        mapping["format"] = fmt
     if columns:
         mapping["columns"] = list(columns)
     opts = QuantOptions.from_mapping(mapping)  # raises OptionsError with a clear message
-    out = {"bits": opts.bits, "group_size": opts.group_size, "scheme": opts.scheme,
-           "method": opts.method}  # fmt: skip
+    if fmt != formats.NATIVE:
+        out: dict[str, Any] = {"format": fmt, "method": opts.method}
+    else:
+        out = {"bits": opts.bits, "group_size": opts.group_size, "scheme": opts.scheme,
+               "method": opts.method}  # fmt: skip
     if opts.clip is not None:
         out["clip"] = opts.clip
     if opts.columns is not None:
         out["columns"] = list(opts.columns)
     return out
+
+
+def describe(options: dict[str, Any]) -> str:
+    """``4-bit asymmetric rtn, group size 128`` or ``Q4_K rtn``."""
+    if "format" in options:
+        desc = f"{options['format']} {options['method']}"
+    else:
+        o = options
+        desc = f"{o['bits']}-bit {o['scheme']} {o['method']}, group size {o['group_size']}"
+    if options.get("clip") is not None:
+        desc += f", clip {options['clip']:g}"
+    return desc
 
 
 def read_ahead(items: Iterable[Any], depth: int = 1) -> Iterator[Any]:

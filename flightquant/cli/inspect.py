@@ -11,6 +11,7 @@ import numpy as np
 from .. import modelfiles
 from .accounting import binary_lengths, float_list_columns, key_column, list_lengths, shape_text
 from .common import (
+    add_gguf_options,
     add_quant_options,
     add_selection_options,
     command,
@@ -40,6 +41,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     add_quant_options(i)
     add_selection_options(i)
+    add_gguf_options(i)
     i.add_argument("-v", "--verbose", action="store_true", help="list every tensor")
     i.add_argument("--json", action="store_true", help="print JSON instead of a table")
     i.set_defaults(func=run)
@@ -54,6 +56,14 @@ def run(args: argparse.Namespace) -> int:
     """``flightquant inspect FILE``."""
     source = modelfiles.open_input(args.file)
     try:
+        if source.kind == "gguf":
+            from . import gguf_report, quantize_gguf
+
+            if args.estimate:
+                return gguf_report.print_gguf_estimate(
+                    source, quantize_gguf.plan(args, source), args
+                )
+            return gguf_report.inspect_gguf(source, args)
         if args.estimate:
             return print_estimate(source, quant_options(args, None), args, selection(args, source))
         if source.kind == "tensors":

@@ -21,6 +21,7 @@ from .accounting import Ledger, float_list_columns
 from .common import (
     JobError,
     Runner,
+    add_gguf_options,
     add_output_options,
     add_quant_options,
     add_remote_options,
@@ -37,7 +38,7 @@ from .common import (
     release,
     selection,
 )
-from .summary import print_estimate, print_summary
+from .summary import print_estimate, print_summary, quantized_bytes
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -46,16 +47,21 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "quantize",
         help="quantize the float tensors of a model or table file",
         description=(
-            "Quantize the float tensors of INPUT (.safetensors, .npz, .npy, .arrow/.feather, "
-            ".parquet) into OUTPUT (.arrow or .parquet). Runs in-process unless --server is "
-            "given. Float tensors with two or more dimensions are quantized (--only/--keep "
-            "choose others); 1-D tensors (norms, biases) and integer tensors are kept as they are."
+            "Quantize the float tensors of INPUT (.safetensors, .gguf, .npz, .npy, "
+            ".arrow/.feather, .parquet) into OUTPUT (.arrow or .parquet; .gguf from a .gguf "
+            "input with a ggml --format, as llama-quantize). Runs in-process unless --server "
+            "is given. Float tensors with two or more dimensions are quantized (for GGUF: the "
+            "ones llama.cpp quantizes); --only/--keep/--type choose others; 1-D tensors "
+            "(norms, biases) and integer tensors are kept as they are."
         ),
     )
     q.add_argument("input", metavar="INPUT")
-    q.add_argument("-o", "--output", metavar="OUTPUT", help=".arrow (Arrow IPC file) or .parquet")
+    q.add_argument(
+        "-o", "--output", metavar="OUTPUT", help=".arrow (Arrow IPC file), .parquet or .gguf"
+    )
     add_quant_options(q)
     add_selection_options(q)
+    add_gguf_options(q)
     q.add_argument(
         "--column",
         action="append",
@@ -87,11 +93,21 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 @command
 def run(args: argparse.Namespace) -> int:
     """``flightquant quantize INPUT -o OUTPUT``."""
-    options = quant_options(args, args.columns)
     source = modelfiles.open_input(args.input)
+    if source.kind == "gguf":
+        from . import quantize_gguf
+
+        return quantize_gguf.run(args, source)
+    if args.types or args.allow_requantize:
+        raise JobError("--type and --allow-requantize apply to GGUF inputs (.gguf)")
+    options = quant_options(args, args.columns)
     if source.kind == "table" and is_quantized(source.schema):
         raise JobError(f"{args.input} is already quantized; `flightquant dequantize` restores it")
     selected = selection(args, source)
+    if "format" in options and source.kind == "tensors":  # a ggml block must fit each tensor
+        for info in source.infos:
+            if selected(info):
+                quantized_bytes(info.numel, options, info.name)
     if args.estimate:
         return print_estimate(source, options, args, selected)
     if not args.output:

@@ -8,6 +8,7 @@ from typing import Any
 
 import numpy as np
 
+from .. import formats
 from .accounting import (
     ARROW_ITEMSIZE,
     TensorStat,
@@ -19,7 +20,7 @@ from .accounting import (
     snr,
     value_dtype,
 )
-from .common import JobError, is_quantized
+from .common import JobError, describe, is_quantized
 
 MAX_TABLE_ROWS = 25
 
@@ -115,10 +116,7 @@ def print_summary(
     print(table(["tensor", "shape", "dtype", "in", "out", "ratio", "SNR dB"], rows, {3, 4, 5, 6}))
     if note:
         print(note)
-    o = options
-    desc = f"{o['bits']}-bit {o['scheme']} {o['method']}, group size {o['group_size']}"
-    if o.get("clip") is not None:
-        desc += f", clip {o['clip']:g}"
+    desc = describe(options)
     s = summary
     print()
     print(
@@ -168,10 +166,29 @@ def estimate_bytes(numel: int, bits: int, group_size: int, scheme: str) -> int:
     return -(-numel * bits // 8) + groups * per_group
 
 
+def quantized_bytes(numel: int, options: dict, name: str = "") -> int:
+    """Bytes of one tensor of ``numel`` weights quantized with ``options`` (any format)."""
+    if "format" not in options:
+        return estimate_bytes(numel, options["bits"], options["group_size"], options["scheme"])
+    t = formats.get(options["format"])
+    if numel % t.block_size:
+        raise JobError(
+            f"tensor {name!r} has {numel} values, not a multiple of {t.name}'s block size "
+            f"{t.block_size}; --keep it or choose another --format"
+        )
+    return t.row_bytes(numel)
+
+
+def size_desc(options: dict) -> str:
+    """What decides the size: ``Q4_K`` or ``4-bit asymmetric, group size 128``."""
+    if "format" in options:
+        return options["format"]
+    return f"{options['bits']}-bit {options['scheme']}, group size {options['group_size']}"
+
+
 def estimate_stats(source, options: dict, selected=None) -> list[TensorStat]:
     """Per-tensor sizes quantizing would give; ``selected(info)`` says which tensors of a
     tensor file are quantized (default: every float tensor)."""
-    bits, gs, scheme = options["bits"], options["group_size"], options["scheme"]
     stats = []
     if source.kind == "tensors":
         for info in source.infos:
@@ -184,7 +201,7 @@ def estimate_stats(source, options: dict, selected=None) -> list[TensorStat]:
                 passthrough=not (info.is_float if selected is None else selected(info)),
             )
             s.bytes_out = (
-                s.bytes_in if s.passthrough else estimate_bytes(info.numel, bits, gs, scheme)
+                s.bytes_in if s.passthrough else quantized_bytes(info.numel, options, info.name)
             )
             stats.append(s)
         return stats
@@ -215,7 +232,7 @@ def estimate_stats(source, options: dict, selected=None) -> list[TensorStat]:
                         value_dtype(col.type),
                         n,
                         n * size,
-                        bytes_out=estimate_bytes(n, bits, gs, scheme),
+                        bytes_out=quantized_bytes(n, options, name),
                     )
                 )
         row += batch.num_rows
@@ -272,10 +289,9 @@ def print_estimate(source, options: dict, args, selected=None) -> int:
         print(
             f"... {len(stats) - len(shown)} more tensors (the 10 largest are shown; -v lists all)"
         )
-    o = options
     print()
     print(
-        f"estimate    {o['bits']}-bit {o['scheme']}, group size {o['group_size']}: "
+        f"estimate    {size_desc(options)}: "
         f"{len(stats)} tensors ({len(quant)} quantized, {len(stats) - len(quant)} kept), "
         f"{numel:,} weights"
     )

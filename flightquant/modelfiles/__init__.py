@@ -1,4 +1,4 @@
-"""Model files in and out: safetensors, npz, npy, Arrow IPC and Parquet.
+"""Model files in and out: safetensors, GGUF, npz, npy, Arrow IPC and Parquet.
 
 This package only reads and writes, one module per file format; it knows nothing of kernels
 or of the network (the CLI hands the batches it builds here to the in-process API or to a
@@ -7,7 +7,8 @@ or of the network (the CLI hands the batches it builds here to the in-process AP
 *Tensor files* (``.safetensors``, ``.npz``, ``.npy``) are read lazily, one tensor at a time,
 and turned into RecordBatches of the tensor layout (:mod:`.tensors`). *Table files*
 (``.arrow``/``.feather``/``.ipc`` and ``.parquet``) are streamed batch by batch as they are
-(:mod:`.arrow_files`).
+(:mod:`.arrow_files`). GGUF files (``.gguf``, :mod:`.gguf_files`) are read and written
+tensor by tensor in their own layout, with the tensor choice of :mod:`.gguf_policy`.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from .common import (
     numpy_dtype,
     to_float32,
 )
+from .gguf_files import GGUFFile, GGUFOutput, GGUFTensor, OutTensor
 from .numpy_files import NpyFile, NpzFile, NpzWriter
 from .safetensors_files import DTYPE_TO_ST, ST_TO_DTYPE, SafetensorsFile, SafetensorsWriter
 from .selection import Selection, matrix_dims
@@ -51,6 +53,9 @@ __all__ = [
     "DEFAULT_BATCH_BYTES",
     "DTYPE_TO_ST",
     "FLOAT_DTYPES",
+    "GGUFFile",
+    "GGUFOutput",
+    "GGUFTensor",
     "ITEMSIZE",
     "MAX_TENSOR_ELEMENTS",
     "META_SAFETENSORS",
@@ -62,6 +67,7 @@ __all__ = [
     "NpyFile",
     "NpzFile",
     "NpzWriter",
+    "OutTensor",
     "SafetensorsFile",
     "SafetensorsWriter",
     "Selection",
@@ -87,18 +93,24 @@ __all__ = [
 _TENSOR_FILES = {".safetensors": SafetensorsFile, ".npz": NpzFile, ".npy": NpyFile}
 TENSOR_FORMATS = {".safetensors": "safetensors", ".npz": "npz", ".npy": "npy"}
 TABLE_FORMATS = {".arrow": "arrow", ".feather": "arrow", ".ipc": "arrow", ".parquet": "parquet"}
+GGUF_FORMATS = {".gguf": "gguf"}
 _EXTENSIONS = {"arrow": ".arrow", "parquet": ".parquet", "safetensors": ".safetensors",
-               "npz": ".npz", "npy": ".npy"}  # fmt: skip
+               "npz": ".npz", "npy": ".npy", "gguf": ".gguf"}  # fmt: skip
+
+
+def _format_of(path: str | os.PathLike) -> str | None:
+    ext = Path(path).suffix.lower()
+    return TENSOR_FORMATS.get(ext) or TABLE_FORMATS.get(ext) or GGUF_FORMATS.get(ext)
 
 
 def input_format(path: str | os.PathLike) -> str:
     """Format of an input file, from its extension."""
     ext = Path(path).suffix.lower()
-    fmt = TENSOR_FORMATS.get(ext) or TABLE_FORMATS.get(ext)
+    fmt = _format_of(path)
     if fmt is None:
         raise ModelIOError(
             f"{os.fspath(path)}: unsupported input extension {ext or '(none)'!r}; use "
-            ".safetensors, .npz, .npy, .arrow/.feather or .parquet"
+            ".safetensors, .gguf, .npz, .npy, .arrow/.feather or .parquet"
         )
     return fmt
 
@@ -106,7 +118,7 @@ def input_format(path: str | os.PathLike) -> str:
 def output_format(path: str | os.PathLike, allowed: Sequence[str]) -> str:
     """Format of an output file, from its extension, if it is one of ``allowed``."""
     ext = Path(path).suffix.lower()
-    fmt = TENSOR_FORMATS.get(ext) or TABLE_FORMATS.get(ext)
+    fmt = _format_of(path)
     if fmt not in allowed:
         raise ModelIOError(
             f"{os.fspath(path)}: unsupported output extension {ext or '(none)'!r}; use "
@@ -115,7 +127,7 @@ def output_format(path: str | os.PathLike, allowed: Sequence[str]) -> str:
     return fmt
 
 
-def open_input(path: str | os.PathLike) -> TensorSource | TableFile:
+def open_input(path: str | os.PathLike) -> TensorSource | TableFile | GGUFFile:
     """Open an input file for reading (header only; data is read lazily)."""
     fmt = input_format(path)
     p = Path(path)
@@ -125,4 +137,6 @@ def open_input(path: str | os.PathLike) -> TensorSource | TableFile:
         raise ModelIOError(f"{os.fspath(path)}: is a directory, not a file")
     if fmt in ("arrow", "parquet"):
         return TableFile(p, fmt)
+    if fmt == "gguf":
+        return GGUFFile(p)
     return _TENSOR_FILES[p.suffix.lower()](p)

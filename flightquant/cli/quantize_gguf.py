@@ -1,0 +1,244 @@
+"""``flightquant quantize model.gguf -o out.gguf --format Q4_K``: the job of ``llama-quantize``.
+
+The tensors to quantize and their types come from :mod:`flightquant.modelfiles.gguf_policy`
+(llama.cpp's own choice, with ``--only``/``--keep``/``--type`` overrides). Each tensor to
+quantize travels as one row of float32 values (``ne[0]`` contiguous) through the codec with
+``format=<type>``, in-process or through ``--server``; the codes of that row are the tensor's
+GGUF data, so both paths write byte-identical files. Kept tensors are copied byte for byte,
+float-to-float conversions (``--type X=F16``, the F16 fallback) are done here. Tensors are
+read and written one at a time, so a model larger than memory works.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections import deque
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+from gguf import GGUFValueType
+
+from .. import formats, modelfiles
+from ..modelfiles import gguf_policy
+from ..modelfiles.gguf_files import GGUFFile, GGUFTensor
+from ..modelfiles.gguf_policy import Choice
+from .accounting import TensorStat, shape_text
+from .common import (
+    JobError,
+    Runner,
+    check_not_same,
+    format_name,
+    never_empty,
+    progress,
+    read_ahead,
+    release,
+)
+from .gguf_report import print_gguf_estimate, print_gguf_summary
+
+#: ``general.quantization_version`` llama-quantize writes (GGML_QNT_VERSION)
+QUANTIZATION_VERSION = 2
+
+
+def plan(args: argparse.Namespace, source: GGUFFile) -> list[Choice]:
+    """The type of every tensor of ``source`` for this job."""
+    target = format_name(args)
+    if target == formats.NATIVE:
+        raise JobError(
+            f"{source.path}: a GGUF input needs --format, the ggml type to write "
+            f"(as llama-quantize's TYPE): {', '.join(formats.GGML_TYPES)}"
+        )
+    for flag in ("bits", "group_size", "scheme"):
+        if getattr(args, flag, None) is not None:
+            raise JobError(f"--{flag.replace('_', '-')}: implied by --format {target}")
+    if source.value("split.count", 1) != 1:
+        raise JobError(
+            f"{source.path} is one shard of a split model; merge the shards first "
+            "(llama-gguf-split --merge)"
+        )
+    return gguf_policy.choose(
+        [(t.name, t.ne, t.type) for t in source.tensors],
+        target,
+        only=args.only or (),
+        keep=args.keep or (),
+        types=gguf_policy.parse_type_overrides(getattr(args, "types", None) or ()),
+        allow_requantize=getattr(args, "allow_requantize", False),
+    )
+
+
+def run(args: argparse.Namespace, source: GGUFFile) -> int:
+    """Quantize a GGUF file into a GGUF file (or print the estimate)."""
+    try:
+        choices = plan(args, source)
+        if args.estimate:
+            return print_gguf_estimate(source, choices, args)
+        if not args.output:
+            raise JobError("quantize needs -o OUTPUT.gguf, or --estimate")
+        modelfiles.output_format(args.output, ("gguf",))
+        check_not_same(args.input, args.output)
+        from ..options import QuantOptions
+
+        QuantOptions.from_mapping({"method": args.method, "clip": args.clip})  # validates
+    except BaseException:
+        source.close()
+        raise
+    return _Job(args, source, choices).run()
+
+
+class _Job:
+    def __init__(self, args: argparse.Namespace, source: GGUFFile, choices: list[Choice]):
+        self.args = args
+        self.source = source
+        self.choices = choices
+        self.by_name: dict[str, GGUFTensor] = {t.name: t for t in source.tensors}
+        self.stats: dict[str, TensorStat] = {}
+        self.target = format_name(args)
+
+    def run(self) -> int:
+        args, source = self.args, self.source
+        runner = Runner(args)
+        t0 = time.perf_counter()
+        bar = progress(args, source.nbytes, "quantize")
+        writer = None
+        try:
+            with modelfiles.atomic_output(args.output) as tmp:
+                writer = modelfiles.GGUFOutput(
+                    tmp,
+                    source,
+                    [modelfiles.OutTensor(c.name, c.ne, c.dst) for c in self.choices],
+                    {
+                        "general.quantization_version": (
+                            GGUFValueType.UINT32,
+                            QUANTIZATION_VERSION,
+                        ),
+                        "general.file_type": (
+                            GGUFValueType.UINT32,
+                            int(gguf_policy.FILE_TYPES[self.target]),
+                        ),
+                    },
+                )
+                self._write_all(writer, runner, bar)
+                writer.close()
+                writer = None
+        finally:
+            release(bar, writer, None, runner, source)
+        seconds = time.perf_counter() - t0
+        if not args.quiet:
+            stats = [self.stats[c.name] for c in self.choices]
+            size = Path(args.output).stat().st_size
+            print_gguf_summary(args, self.choices, stats, seconds, runner.where, size)
+        return 0
+
+    # ------------------------------------------------------------------ writing
+    def _write_all(self, writer, runner: Runner, bar) -> None:
+        """Write every tensor in order; the ones to quantize go through the codec in runs of
+        consecutive tensors of one type (tensors written directly may sit between them)."""
+        direct: deque[int] = deque(i for i, c in enumerate(self.choices) if not c.quantize)
+        for run in self._runs():
+            options = {"format": run[0][1].dst, "method": self.args.method}
+            if self.args.clip is not None:
+                options["clip"] = self.args.clip
+            pending: deque[tuple[int, Choice]] = deque(run)
+            batches = never_empty(self._batches(run), modelfiles.TENSOR_SCHEMA, None)
+            stream = runner.quantize(
+                read_ahead(batches), columns=["weights"], stats=True, **options
+            )
+            try:
+                for out in stream:
+                    self._settle(out, pending, direct, writer, bar)
+            finally:
+                if hasattr(stream, "close"):
+                    stream.close()
+            if pending:
+                raise JobError(f"the codec returned no output for {pending[0][1].name!r}")
+        while direct:
+            self._write_direct(direct.popleft(), writer, bar)
+
+    def _runs(self) -> Iterator[list[tuple[int, Choice]]]:
+        run: list[tuple[int, Choice]] = []
+        for i, c in enumerate(self.choices):
+            if not c.quantize:
+                continue
+            if run and run[-1][1].dst != c.dst:
+                yield run
+                run = []
+            run.append((i, c))
+        if run:
+            yield run
+
+    def _batches(self, run: list[tuple[int, Choice]]) -> Iterator[pa.RecordBatch]:
+        def tensors():
+            for _, c in run:
+                t = self.by_name[c.name]
+                values = self.source.floats(t)
+                info = modelfiles.TensorInfo(c.name, t.shape, "float32")
+                self.stats[c.name] = TensorStat(
+                    c.name,
+                    shape_text(t.ne),
+                    t.type,
+                    t.numel,
+                    t.nbytes,
+                    bytes_out=c.dst_bytes,
+                    signal=float(np.dot(values, values)),
+                )
+                yield info, values
+
+        return modelfiles.tensor_batches(tensors(), max_batch_bytes=self.args.max_batch_bytes)
+
+    def _settle(self, out: pa.RecordBatch, pending, direct, writer, bar) -> None:
+        codes = out.column("weights")
+        names = out.column("layer_name").to_pylist()
+        mse = out.column("weights_mse") if "weights_mse" in out.schema.names else None
+        for r, name in enumerate(names):
+            if not pending or pending[0][1].name != name:
+                raise JobError(f"the codec returned {name!r} out of order")
+            index, c = pending.popleft()
+            while direct and direct[0] < index:
+                self._write_direct(direct.popleft(), writer, bar)
+            buf = codes[r].as_buffer()
+            if buf is None or buf.size != c.dst_bytes:
+                raise JobError(
+                    f"tensor {name!r}: the codec returned {0 if buf is None else buf.size} "
+                    f"bytes, {c.dst} needs {c.dst_bytes}"
+                )
+            writer.write(name, buf)
+            s = self.stats[name]
+            if mse is not None and mse[r].is_valid:
+                s.sse = float(mse[r].as_py()) * s.numel
+            bar.update(s.bytes_in)
+
+    def _write_direct(self, index: int, writer, bar) -> None:
+        c = self.choices[index]
+        t = self.by_name[c.name]
+        s = TensorStat(c.name, shape_text(t.ne), t.type, t.numel, t.nbytes, bytes_out=c.dst_bytes)
+        if c.convert:
+            x = self.source.floats(t)
+            y = _to_float_type(x, c.dst)
+            writer.write(c.name, y)
+            d = x.astype(np.float64) - _widen(y, c.dst)
+            s.signal, s.sse = float(np.dot(x, x)), float(np.dot(d, d))
+        else:
+            writer.write(c.name, self.source.data(t))
+            s.passthrough = True
+        self.stats[c.name] = s
+        bar.update(s.bytes_in)
+
+
+def _to_float_type(x: np.ndarray, typ: str) -> np.ndarray:
+    """float32 values stored as F32, F16 or BF16 (round to nearest even, as ggml converts)."""
+    if typ == "F32":
+        return np.ascontiguousarray(x, "<f4")
+    if typ == "F16":
+        with np.errstate(over="ignore"):
+            return x.astype("<f2")
+    import ml_dtypes
+
+    return x.astype(ml_dtypes.bfloat16).view("<u2")
+
+
+def _widen(y: np.ndarray, typ: str) -> np.ndarray:
+    if typ == "BF16":
+        return (y.astype(np.uint32) << 16).view(np.float32).astype(np.float64)
+    return y.astype(np.float64)
