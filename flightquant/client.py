@@ -28,7 +28,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.flight as flight
 
-from . import api
+from .arrays import QuantizedTensor, arrays_to_batches, batches_to_results
 from .options import QuantOptions
 from .progress import Progress, Tracker
 
@@ -508,7 +508,7 @@ class Client:
 
     def quantize_arrays(
         self, arrays: Mapping[str, np.ndarray], progress: Progress | None = None, **options: Any
-    ) -> dict[str, api.QuantizedTensor]:
+    ) -> dict[str, QuantizedTensor]:
         """Quantize a dict of NumPy arrays on the servers; equals :func:`fq.quantize_arrays`.
 
         ``progress`` labels are the array names.
@@ -516,9 +516,9 @@ class Client:
         if "columns" in options or "op" in options:
             raise TypeError("quantize_arrays takes no 'columns' or 'op' option")
         opts = QuantOptions.from_mapping(options)
-        batches = api.arrays_to_batches(arrays)
+        batches = arrays_to_batches(arrays)
         job = _Job(self, batches, opts, progress, total_rows=len(arrays), total_batches=None)
-        return api.batches_to_results(job.run())
+        return batches_to_results(job.run())
 
     def _run(self, data: Any, options: QuantOptions, progress: Progress | None) -> Any:
         if isinstance(data, pa.RecordBatch):
