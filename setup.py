@@ -120,8 +120,8 @@ extensions = [
         include_dirs=["ext"],
     ),
     Extension(
-        "flightquant._fastpath",
-        ["ext/_fastpath.pyx"],
+        "flightquant._engine",
+        ["ext/_engine.pyx"],
         include_dirs=["ext"],
     ),
 ]

@@ -67,9 +67,11 @@ cdef inline int64_t row_of(const int64_t* bo, int64_t nrows, int64_t blk) noexce
     return lo
 
 
-cdef inline bint stage_block(const uint8_t* src, int itemsize, int64_t n, float* st) noexcept nogil:
+cdef inline bint stage_block(const uint8_t* src, int itemsize, int64_t n, float* st,
+                             bint has_clip, float lo, float hi) noexcept nogil:
     """Copy ``n`` values of width ``itemsize`` (2: float16, 4: float32, 8: float64) at any
-    address into the float32 stage; False if one is not finite."""
+    address into the float32 stage, clamped to [lo, hi] with ``has_clip``; False if one is
+    not finite (before clipping)."""
     cdef int64_t i
     cdef double d
     cdef uint16_t h
@@ -89,15 +91,19 @@ cdef inline bint stage_block(const uint8_t* src, int itemsize, int64_t n, float*
     for i in range(n):
         if not isfinite(st[i]):
             ok = False
+    if has_clip:
+        for i in range(n):
+            st[i] = lo if st[i] < lo else (hi if st[i] > hi else st[i])
     return ok
 
 
 cdef int64_t quantize_rows(const uint8_t* values, int itemsize, const int64_t* row_starts,
                            const int64_t* bo, const int64_t* out_starts, int64_t nrows,
                            int code, int block_size, int type_size, int method,
+                           bint has_clip, float lo, float hi,
                            uint8_t* out, double* block_sse, float* block_maxerr,
                            int n_threads) noexcept nogil:
-    """Quantize every block of every row. Row r's values start at element
+    """Quantize every block of every row (clamped to [lo, hi] first with ``has_clip``). Row r's values start at element
     ``row_starts[r]`` of ``values``; its blocks are the global blocks [bo[r], bo[r+1]) and
     its bytes start at ``out_starts[r]``. With ``block_sse`` (and ``block_maxerr``) each
     block's squared error and largest absolute error are stored too (decoded again from
@@ -135,7 +141,7 @@ cdef int64_t quantize_rows(const uint8_t* values, int itemsize, const int64_t* r
                 r = r + 1
             k = b - bo[r]
             if not stage_block(values + (row_starts[r] + k * block_size) * itemsize, itemsize,
-                               block_size, stage):
+                               block_size, stage, has_clip, lo, hi):
                 bad += 1
                 b = b + 1
                 continue
@@ -232,7 +238,7 @@ def quantize_blocks(const uint8_t[::1] values, int itemsize, int code, int block
         return out, 0, sse, mx
     with nogil:
         bad = quantize_rows(&values[0], itemsize, starts, bo, ostarts, 1, code, block_size,
-                            type_size, method, &o[0], &s[0] if stats else NULL,
+                            type_size, method, False, 0.0, 0.0, &o[0], &s[0] if stats else NULL,
                             &m[0] if stats else NULL, threads)
     if bad < 0:
         raise MemoryError("no memory for the ggml kernel's stages")

@@ -7,35 +7,54 @@ result is the same bit for bit wherever it was computed.
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass
 from typing import Any, TypeVar, Union
 
 import numpy as np
 import pyarrow as pa
 
 from . import codec, kernels
+from .arrays import (
+    DTYPE,
+    NAME,
+    SHAPE,
+    WEIGHTS,
+    QuantizedTensor,
+    arrays_to_batches,
+    batches_to_results,
+)
 from .errors import NonFiniteError
-from .layout import make_layout
 from .options import QuantOptions
+from .progress import Progress, Tracker
 
 Data = Union[pa.Table, pa.RecordBatch, Iterable[pa.RecordBatch]]  # noqa: UP007 (runtime alias, py3.10)
 T = TypeVar("T", pa.Table, pa.RecordBatch)
 
-#: columns of the seed layer schema used for dicts of arrays
-NAME, WEIGHTS, SHAPE, DTYPE = "layer_name", "weights", "shape", "dtype"
-_FLOATS = {"float16": pa.float16(), "float32": pa.float32(), "float64": pa.float64()}
+__all__ = ["DTYPE", "NAME", "SHAPE", "WEIGHTS", "QuantizedTensor", "apply", "arrays_to_batches",
+           "batches_to_results", "dequantize", "dequantize_arrays", "quantize", "quantize_arrays"]
 
 
-def apply(data: Data, options: QuantOptions, threads: int | None = None) -> Any:
+def apply(data: Data, options: QuantOptions, threads: int | None = None,
+          progress: Progress | None = None) -> Any:
     """Run the codec over a Table, a RecordBatch or an iterable of RecordBatches.
 
     Returns the same kind of container; an iterable gives a lazy iterator.
+    ``progress(label, fraction)`` is called after each batch (:mod:`flightquant.progress`).
     """
     if isinstance(data, pa.RecordBatch):
-        return codec.process_batch(data, options, threads=threads)[0]
+        tracker = Tracker(progress, data.num_rows, 1)
+        out = codec.process_batch(data, options, threads=threads)[0]
+        tracker.done(data)
+        tracker.finish()
+        return out
     if isinstance(data, pa.Table):
         schema = codec.output_schema(data.schema, options)
-        out = [codec.process_batch(b, options, threads=threads)[0] for b in data.to_batches()]
+        batches = data.to_batches()
+        tracker = Tracker(progress, data.num_rows, len(batches))
+        out = []
+        for b in batches:
+            out.append(codec.process_batch(b, options, threads=threads)[0])
+            tracker.done(b)
+        tracker.finish()
         return pa.Table.from_batches(out, schema=schema)
     if isinstance(data, (str, bytes, Mapping)) or not isinstance(data, Iterable):
         raise TypeError(
@@ -43,27 +62,36 @@ def apply(data: Data, options: QuantOptions, threads: int | None = None) -> Any:
             f"RecordBatches, got {type(data).__name__}"
             + ("; for a dict of NumPy arrays use quantize_arrays" if isinstance(data, Mapping) else "")
         )
-    return _apply_iter(iter(data), options, threads)
+    total_rows = total_batches = None
+    if isinstance(data, (list, tuple)) and all(isinstance(b, pa.RecordBatch) for b in data):
+        total_rows, total_batches = sum(b.num_rows for b in data), len(data)
+    return _apply_iter(iter(data), options, threads, Tracker(progress, total_rows, total_batches))
 
 
-def _apply_iter(batches: Iterator, options: QuantOptions, threads) -> Iterator[pa.RecordBatch]:
+def _apply_iter(batches: Iterator, options: QuantOptions, threads,
+                tracker: Tracker) -> Iterator[pa.RecordBatch]:
     for i, batch in enumerate(batches):
         if not isinstance(batch, pa.RecordBatch):
             raise TypeError(f"item {i} of the iterable is a {type(batch).__name__}, not a RecordBatch")
-        yield codec.process_batch(batch, options, threads=threads)[0]
+        out = codec.process_batch(batch, options, threads=threads)[0]
+        tracker.done(batch)
+        yield out
+    tracker.finish()
 
 
 def quantize(
     data: Data,
     *,
+    format: str = "native",
     bits: int | None = None,
-    group_size: int = 128,
-    scheme: str = "asymmetric",
+    group_size: int | None = None,
+    scheme: str | None = None,
     method: str = "rtn",
     clip: float | None = None,
     columns: list[str] | None = None,
     stats: bool = False,
     threads: int | None = None,
+    progress: Progress | None = None,
 ) -> Any:
     """Quantize the float tensor columns of Arrow data in-process.
 
@@ -72,10 +100,16 @@ def quantize(
     data : pyarrow.Table, pyarrow.RecordBatch or iterable of RecordBatch
         Columns of ``list``/``large_list``/``fixed_size_list`` of float16/32/64 are
         quantized (all of them, or those named in ``columns``); others pass through.
+    format : {"native", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "TQ1_0", "TQ2_0"}
+        ``native`` (wire format v1: ``bits``, ``scheme``, ``group_size`` apply) or one of
+        llama.cpp's ggml block types (the codes of a row are ggml's bytes for it; rows must
+        be whole blocks; ``bits``, ``scheme``, ``group_size`` are implied).
     bits : {2, 4, 8}, default 4 (2 for ``scheme="ternary"``)
     group_size : int, default 128
-    scheme : {"asymmetric", "symmetric", "ternary"}
+    scheme : {"asymmetric", "symmetric", "ternary"}, default "asymmetric"
     method : {"rtn", "mse"}
+        ``rtn``: round to nearest (for ggml types, ggml's reference quantizer, byte for
+        byte); ``mse``: flightquant's search for a lower squared error, same format.
     clip : float, optional
         Clamp inputs to ``[-clip, clip]`` first.
     columns : list of str, optional
@@ -83,10 +117,13 @@ def quantize(
         Add per-row ``<c>_mse`` and ``<c>_max_abs_error`` columns.
     threads : int, optional
         Kernel threads; None uses every allowed core.
+    progress : callable, optional
+        ``progress(label, fraction)`` after each batch: the row key (e.g. the layer name)
+        and the fraction done, rising to exactly 1.0; its exceptions are logged, ignored.
 
     Returns
     -------
-    The same kind of container with wire-format-v1 columns (``docs/wire-format.md``).
+    The same kind of container with wire-format columns (``docs/wire-format.md``).
 
     Examples
     --------
@@ -94,16 +131,20 @@ def quantize(
     >>> t = pa.table({"w": pa.array([[0.5, -1.0, 2.0]], pa.list_(pa.float32()))})
     >>> fq.quantize(t, bits=8).column_names
     ['w', 'w_scales', 'w_zero_points', 'w_numel']
+    >>> t32 = pa.table({"w": pa.array([[0.5] * 32], pa.list_(pa.float32()))})
+    >>> block = fq.quantize(t32, format="Q8_0").column("w")[0].as_py()  # ggml's block_q8_0
+    >>> len(block), block[2:] == bytes([127] * 32)                      # fp16 d, 32 int8 codes
+    (34, True)
     """
     opts = QuantOptions.from_mapping(
-        {"bits": bits, "group_size": group_size, "scheme": scheme, "method": method,
-         "clip": clip, "columns": columns, "stats": stats}
+        {"format": format, "bits": bits, "group_size": group_size, "scheme": scheme,
+         "method": method, "clip": clip, "columns": columns, "stats": stats}
     )
     kernels.resolve_threads(threads)
-    return apply(data, opts, threads)
+    return apply(data, opts, threads, progress)
 
 
-def dequantize(data: Data, *, threads: int | None = None) -> Any:
+def dequantize(data: Data, *, threads: int | None = None, progress: Progress | None = None) -> Any:
     """Restore quantized Arrow data to floats (original dtypes, list types, lengths, nulls).
 
     Examples
@@ -114,149 +155,18 @@ def dequantize(data: Data, *, threads: int | None = None) -> Any:
     [[0.0, 1.0, 2.0, 3.0]]
     """
     kernels.resolve_threads(threads)
-    return apply(data, QuantOptions.from_mapping({"op": "dequantize"}), threads)
-
-
-# ---------------------------------------------------------------------------------------
-# dicts of NumPy arrays
-
-
-@dataclass
-class QuantizedTensor:
-    """One quantized tensor: packed codes, per-group scales and what is needed to decode."""
-
-    name: str
-    codes: np.ndarray
-    scales: np.ndarray
-    zero_points: np.ndarray | None
-    shape: tuple[int, ...]
-    dtype: str
-    bits: int
-    scheme: str
-    group_size: int
-    numel: int
-
-    @property
-    def nbytes(self) -> int:
-        zp = 0 if self.zero_points is None else self.zero_points.nbytes
-        return self.codes.nbytes + self.scales.nbytes + zp
-
-    def dequantize(self, threads: int | None = None) -> np.ndarray:
-        """Reconstruct the tensor with its original shape and dtype."""
-        lay = make_layout(np.array([self.numel]), self.bits, self.group_size)
-        out = kernels.dequantize_rows(
-            self.codes, lay, self.scales, self.zero_points, scheme=self.scheme, threads=threads
-        )
-        return out.reshape(self.shape).astype(_numpy_dtype(self.dtype), copy=False)
-
-
-def _numpy_dtype(name: str) -> np.dtype:
-    if name == "bfloat16":
-        import ml_dtypes
-
-        return np.dtype(ml_dtypes.bfloat16)
-    return np.dtype(name)
-
-
-def _check_array(name: Any, value: Any) -> np.ndarray:
-    if not isinstance(name, str):
-        raise TypeError(f"array names must be strings, got {name!r} ({type(name).__name__})")
-    if isinstance(value, np.generic):
-        value = np.asarray(value)
-    if not isinstance(value, np.ndarray):
-        raise TypeError(
-            f"array {name!r} is a {type(value).__name__}, not a numpy.ndarray: "
-            "pass numpy.asarray(value, dtype=numpy.float32)"
-        )
-    if value.dtype.name == "bfloat16":
-        return value.astype(np.float32)  # exact: bfloat16 is the top half of a float32
-    if value.dtype.name not in _FLOATS:
-        raise TypeError(
-            f"array {name!r} has dtype {value.dtype}; quantize_arrays takes float16, bfloat16, "
-            f"float32 or float64 arrays: cast it with .astype(numpy.float32)"
-        )
-    # non-contiguous (sliced, transposed, Fortran-order) arrays are copied in C order
-    return np.ascontiguousarray(value).reshape(-1)
-
-
-def arrays_to_batches(
-    arrays: Mapping[str, np.ndarray], *, max_batch_bytes: int = 64 << 20
-) -> Iterator[pa.RecordBatch]:
-    """Pack a dict of arrays into RecordBatches of the seed layer schema.
-
-    Columns: ``layer_name: string, weights: list<float16|32|64>, shape: list<int64>,
-    dtype: string``; consecutive arrays of one value type share a batch of at most about
-    ``max_batch_bytes``. Each array is validated and named in every error.
-    """
-    if not isinstance(arrays, Mapping):
-        raise TypeError(f"arrays must be a dict of name -> numpy array, got {type(arrays).__name__}")
-    pending: list[tuple[str, np.ndarray, tuple, str]] = []
-    size = 0
-    for name, value in arrays.items():
-        flat = _check_array(name, value)
-        if pending and (flat.dtype != pending[0][1].dtype or size + flat.nbytes > max_batch_bytes):
-            yield _batch_of(pending)
-            pending, size = [], 0
-        pending.append((name, flat, tuple(value.shape), value.dtype.name))
-        size += flat.nbytes
-    if pending:
-        yield _batch_of(pending)
-
-
-def _batch_of(items) -> pa.RecordBatch:
-    dtype = items[0][1].dtype
-    lens = np.array([a.size for _, a, _, _ in items], np.int64)
-    offsets = np.zeros(len(items) + 1, np.int64)
-    np.cumsum(lens, out=offsets[1:])
-    big = offsets[-1] > np.iinfo(np.int32).max
-    values = pa.array(np.concatenate([a for _, a, _, _ in items]) if items else np.zeros(0, dtype))
-    lst = (pa.LargeListArray if big else pa.ListArray).from_arrays(
-        pa.array(offsets, pa.int64() if big else pa.int32()), values
-    )
-    shapes = pa.array([list(s) for _, _, s, _ in items], pa.list_(pa.int64()))
-    return pa.record_batch(
-        [pa.array([n for n, _, _, _ in items], pa.string()), lst, shapes,
-         pa.array([d for _, _, _, d in items], pa.string())],
-        names=[NAME, WEIGHTS, SHAPE, DTYPE],
-    )
-
-
-def batches_to_results(batches: Iterable[pa.RecordBatch]) -> dict[str, QuantizedTensor]:
-    """Turn quantized batches of the seed layer schema into :class:`QuantizedTensor` s."""
-    out: dict[str, QuantizedTensor] = {}
-    for batch in batches:
-        field = batch.schema.field(WEIGHTS)
-        meta = codec._meta_of(field)
-        names = batch.column(NAME).to_pylist()
-        shapes = batch.column(SHAPE).to_pylist()
-        dtypes = batch.column(DTYPE).to_pylist() if DTYPE in batch.schema.names else [meta.dtype] * len(names)
-        codes = batch.column(WEIGHTS)
-        scales = batch.column(f"{WEIGHTS}_scales")
-        zps = batch.column(f"{WEIGHTS}_zero_points") if meta.scheme == "asymmetric" else None
-        numel = batch.column(f"{WEIGHTS}_numel").to_numpy()
-        for i, name in enumerate(names):
-            out[name] = QuantizedTensor(
-                name=name,
-                codes=np.frombuffer(codes[i].as_buffer() or b"", np.uint8),
-                scales=scales[i].values.to_numpy(),
-                zero_points=None if zps is None else zps[i].values.to_numpy(),
-                shape=tuple(shapes[i]),
-                dtype=dtypes[i],
-                bits=meta.bits,
-                scheme=meta.scheme,
-                group_size=meta.group_size,
-                numel=int(numel[i]),
-            )
-    return out
+    return apply(data, QuantOptions.from_mapping({"op": "dequantize"}), threads, progress)
 
 
 def quantize_arrays(
-    arrays: Mapping[str, np.ndarray], *, threads: int | None = None, **options: Any
+    arrays: Mapping[str, np.ndarray], *, threads: int | None = None,
+    progress: Progress | None = None, **options: Any
 ) -> dict[str, QuantizedTensor]:
     """Quantize a dict of NumPy arrays (any shape; kept) in-process.
 
     Takes the options of :func:`quantize` (``columns`` excepted). Every error names the
-    array it is about.
+    array it is about. ``progress(label, fraction)`` is called per batch of arrays, the
+    label the name of the batch's first array.
 
     Examples
     --------
@@ -269,7 +179,16 @@ def quantize_arrays(
         raise TypeError("quantize_arrays takes no 'columns' option: every array is quantized")
     opts = QuantOptions.from_mapping(options)
     kernels.resolve_threads(threads)
-    return batches_to_results(_quantize_named(b, opts, threads) for b in arrays_to_batches(arrays))
+    tracker = Tracker(progress, len(arrays) if isinstance(arrays, Mapping) else None, None)
+
+    def batches():
+        for b in arrays_to_batches(arrays):
+            out = _quantize_named(b, opts, threads)
+            tracker.done(b)
+            yield out
+        tracker.finish()
+
+    return batches_to_results(batches())
 
 
 def _quantize_named(batch: pa.RecordBatch, opts: QuantOptions, threads) -> pa.RecordBatch:

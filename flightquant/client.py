@@ -21,24 +21,21 @@ import json
 import logging
 import os
 import threading
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.flight as flight
 
-from . import api
+from .arrays import QuantizedTensor, arrays_to_batches, batches_to_results
 from .options import QuantOptions
+from .progress import Progress, Tracker
 
 __all__ = ["Client", "Progress"]
 
 log = logging.getLogger("flightquant.client")
 
-#: progress(label, fraction): label is the row key of the batch (e.g. the layer name) or
-#: "batch <i>"; fraction rises to exactly 1.0 (None per batch when the total is unknown,
-#: then 1.0 once at the end)
-Progress = Callable[[str, "float | None"], Any]
 
 _CONNECTION_LOST = (
     "socket closed",
@@ -229,14 +226,7 @@ class _Job:
         self.pending: collections.deque[pa.RecordBatch] = collections.deque()
         self.cond = threading.Condition()
         self.max_in_flight = client.max_in_flight
-        self.progress = progress
-        self.total_rows = total_rows
-        self.total_batches = total_batches
-        self.rows_done = 0
-        self.batches_done = 0
-        self.last_label: str | None = None
-        self.last_fraction: float | None = None
-        self._progress_failed = False
+        self.tracker = Tracker(progress, total_rows, total_batches)
 
     def run(self) -> Iterator[pa.RecordBatch]:
         locations = self.client.locations
@@ -271,9 +261,7 @@ class _Job:
                         f"{detail}"
                     ) from None
                 at += 1
-        if self.progress is not None and self.last_fraction != 1.0:
-            # unknown total (or nothing to do): one last call says the job is complete
-            self._report(self.last_label or "done", 1.0)
+        self.tracker.finish()
 
     def _attempt(self, attempt: _Attempt) -> Iterator[pa.RecordBatch]:
         clean = False
@@ -298,7 +286,7 @@ class _Job:
                         self.pending.popleft()
                         self.cond.notify_all()
                     progressed = True
-                    self._on_result(out)
+                    self.tracker.done(out)
                     yield out
             except Exception as exc:
                 attempt.finish(cancel=True)
@@ -328,32 +316,6 @@ class _Job:
         finally:
             if not clean:  # the caller stopped reading, or an error above
                 attempt.finish(cancel=True)
-
-    def _on_result(self, batch: pa.RecordBatch) -> None:
-        index = self.batches_done
-        self.batches_done += 1
-        self.rows_done += batch.num_rows
-        if self.progress is None:
-            return
-        label = _label(batch, index)
-        self.last_label = label
-        if self.total_rows:
-            fraction = min(self.rows_done, self.total_rows) / self.total_rows
-        elif self.total_batches:
-            fraction = min(self.batches_done, self.total_batches) / self.total_batches
-        elif self.total_rows == 0 or self.total_batches == 0:
-            fraction = 1.0
-        else:
-            fraction = None
-        self._report(label, fraction)
-
-    def _report(self, label: str, fraction: float | None) -> None:
-        self.last_fraction = fraction
-        try:
-            self.progress(label, fraction)
-        except Exception:
-            log.warning("progress callback raised; ignored", exc_info=not self._progress_failed)
-            self._progress_failed = True
 
 
 #: tells the server this client keeps sending without waiting for each answer and ends
@@ -386,16 +348,6 @@ class _Failover(Exception):
         super().__init__(message)
         self.message = message
         self.progressed = progressed
-
-
-def _label(batch: pa.RecordBatch, index: int) -> str:
-    if batch.num_rows:
-        for i, field in enumerate(batch.schema):
-            if pa.types.is_string(field.type) or pa.types.is_large_string(field.type):
-                value = batch.column(i)[0].as_py()
-                if value is not None:
-                    return value
-    return f"batch {index}"
 
 
 def _empty_batch(schema: pa.Schema) -> pa.RecordBatch:
@@ -556,7 +508,7 @@ class Client:
 
     def quantize_arrays(
         self, arrays: Mapping[str, np.ndarray], progress: Progress | None = None, **options: Any
-    ) -> dict[str, api.QuantizedTensor]:
+    ) -> dict[str, QuantizedTensor]:
         """Quantize a dict of NumPy arrays on the servers; equals :func:`fq.quantize_arrays`.
 
         ``progress`` labels are the array names.
@@ -564,9 +516,9 @@ class Client:
         if "columns" in options or "op" in options:
             raise TypeError("quantize_arrays takes no 'columns' or 'op' option")
         opts = QuantOptions.from_mapping(options)
-        batches = api.arrays_to_batches(arrays)
+        batches = arrays_to_batches(arrays)
         job = _Job(self, batches, opts, progress, total_rows=len(arrays), total_batches=None)
-        return api.batches_to_results(job.run())
+        return batches_to_results(job.run())
 
     def _run(self, data: Any, options: QuantOptions, progress: Progress | None) -> Any:
         if isinstance(data, pa.RecordBatch):

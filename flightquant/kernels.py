@@ -91,7 +91,7 @@ def build_info() -> dict:
     'cython'
     """
     try:
-        from . import __version__ as version
+        from ._version import __version__ as version
     except ImportError:  # pragma: no cover
         version = "0.1.0"
     return {

@@ -13,6 +13,8 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from . import formats
+
 VALID_BITS = (2, 4, 8)
 SCHEMES = ("asymmetric", "symmetric", "ternary")
 METHODS = ("rtn", "mse")
@@ -30,10 +32,13 @@ class OptionsError(ValueError):
 
 @dataclass(frozen=True)
 class QuantOptions:
-    """Validated quantization options (see ``docs/options.md``).
+    """Validated quantization options (``docs/quantization.md``).
 
     Build one with :meth:`from_mapping` (keyword arguments) or :meth:`from_json` (a
-    Flight command); the constructor itself does not validate.
+    Flight command); the constructor itself does not validate. With a ggml ``format``,
+    ``bits``, ``scheme`` and ``group_size`` are implied by the type and stay None.
+    :meth:`get_config` / :meth:`from_config` round-trip the whole configuration through
+    a JSON-able dict (numcodecs' convention).
 
     Examples
     --------
@@ -41,16 +46,19 @@ class QuantOptions:
     8
     >>> QuantOptions.from_mapping({"scheme": "ternary"}).bits
     2
+    >>> QuantOptions.from_mapping({"format": "Q4_K"}).group_size is None
+    True
     """
 
     op: str = "quantize"
-    bits: int = 4
-    scheme: str = "asymmetric"
-    group_size: int = 128
+    bits: int | None = 4
+    scheme: str | None = "asymmetric"
+    group_size: int | None = 128
     method: str = "rtn"
     clip: float | None = None
     columns: tuple[str, ...] | None = None
     stats: bool = False
+    format: str = formats.NATIVE
 
     @classmethod
     def from_mapping(cls, mapping: Mapping[str, Any] | None = None) -> QuantOptions:
@@ -60,55 +68,51 @@ class QuantOptions:
         unknown = sorted(set(mapping) - known)
         if unknown:
             raise OptionsError(
-                f"unknown option(s) {', '.join(map(repr, unknown))}; "
+                f"unknown option(s) {_cut(', '.join(_short(k) for k in unknown), 200)}; "
                 f"valid options are: {', '.join(sorted(known))}"
             )
         op = _choice(mapping.get("op", "quantize"), "op", OPS)
-        scheme = _choice(mapping.get("scheme", "asymmetric"), "scheme", SCHEMES)
+        fmt = _choice(_given(mapping, "format", formats.NATIVE), "format", formats.FORMAT_NAMES)
         method = _choice(mapping.get("method", "rtn"), "method", METHODS)
-        bits = mapping.get("bits")
-        if scheme == "ternary":
-            if bits is not None and (_is_int(bits) and bits != 2 or not _is_int(bits)):
+        if fmt != formats.NATIVE:
+            implied = [k for k in ("bits", "scheme", "group_size") if mapping.get(k) is not None]
+            if implied:
+                t = formats.get(fmt)
                 raise OptionsError(
-                    f"bits={bits!r} does not fit scheme='ternary': ternary codes "
-                    "{-1, 0, +1} are always stored in 2 bits; pass bits=2 or leave bits unset"
+                    f"{', '.join(implied)} cannot be given with format={fmt!r}: a ggml type fixes "
+                    f"them ({t.name}: blocks of {t.block_size} weights, "
+                    f"{t.bits_per_weight:g} bits/weight); use format='native' to choose them"
                 )
-            bits = 2
-        elif bits is None:
-            bits = 4
-        if not _is_int(bits) or bits not in VALID_BITS:
-            raise OptionsError(
-                f"bits must be one of {', '.join(map(str, VALID_BITS))}, got {bits!r}"
-            )
-        group_size = mapping.get("group_size", 128)
-        if not _is_int(group_size) or not 1 <= group_size <= MAX_GROUP_SIZE:
-            raise OptionsError(
-                f"group_size must be an integer from 1 to {MAX_GROUP_SIZE} "
-                f"(common: 32, 64, 128, 256), got {group_size!r}"
-            )
+            bits = scheme = group_size = None
+        else:
+            scheme = _choice(_given(mapping, "scheme", "asymmetric"), "scheme", SCHEMES)
+            bits, group_size = _native_bits_group(mapping, scheme)
         clip = mapping.get("clip")
         if clip is not None:
             if isinstance(clip, bool) or not isinstance(clip, (int, float)):
-                raise OptionsError(f"clip must be null or a positive number, got {clip!r}")
-            clip = float(clip)
+                raise OptionsError(f"clip must be null or a positive number, got {_short(clip)}")
+            try:
+                clip = float(clip)
+            except OverflowError:
+                raise OptionsError(f"clip must be a positive finite number, got {_short(clip)}") from None
             if not (math.isfinite(clip) and clip > 0):
-                raise OptionsError(f"clip must be a positive finite number, got {clip!r}")
+                raise OptionsError(f"clip must be a positive finite number, got {_short(clip)}")
         columns = mapping.get("columns")
         if columns is not None:
             if isinstance(columns, str) or not isinstance(columns, (list, tuple)):
                 raise OptionsError(
-                    f"columns must be null or a list of column names, got {columns!r}"
+                    f"columns must be null or a list of column names, got {_short(columns)}"
                 )
             if not columns or not all(isinstance(c, str) for c in columns):
                 raise OptionsError(
                     "columns must be a non-empty list of column names (strings), "
-                    f"got {columns!r}; use null for every float list column"
+                    f"got {_short(columns)}; use null for every float list column"
                 )
             columns = tuple(columns)
         stats = mapping.get("stats", False)
         if not isinstance(stats, bool):
-            raise OptionsError(f"stats must be true or false, got {stats!r}")
-        return cls(op, int(bits), scheme, int(group_size), method, clip, columns, stats)
+            raise OptionsError(f"stats must be true or false, got {_short(stats)}")
+        return cls(op, bits, scheme, group_size, method, clip, columns, stats, fmt)
 
     @classmethod
     def from_json(cls, data: bytes | str | None) -> QuantOptions:
@@ -124,6 +128,9 @@ class QuantOptions:
             return cls.from_mapping({})
         try:
             obj = json.loads(data)
+        except RecursionError:
+            raise OptionsError("the command's JSON is nested too deeply: send a flat JSON object "
+                               'of options, e.g. {"bits": 4, "group_size": 128}') from None
         except json.JSONDecodeError as exc:
             raise OptionsError(
                 f"the command must be a JSON object of options, e.g. "
@@ -144,6 +151,19 @@ class QuantOptions:
     def to_json(self) -> bytes:
         return json.dumps(self.to_dict(), separators=(",", ":")).encode()
 
+    def get_config(self) -> dict[str, Any]:
+        """The whole configuration as a JSON-able dict; :meth:`from_config` restores it."""
+        return self.to_dict()
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any]) -> QuantOptions:
+        return cls.from_mapping(config)
+
+    @property
+    def ggml(self) -> formats.GgmlType | None:
+        """The ggml type of a ggml ``format``, None for native."""
+        return formats.GGML_TYPES.get(self.format)
+
     @property
     def scheme_code(self) -> int:
         return SCHEME_CODES[self.scheme]
@@ -153,6 +173,47 @@ class QuantOptions:
         return METHOD_CODES[self.method]
 
 
+def _native_bits_group(mapping: Mapping[str, Any], scheme: str) -> tuple[int, int]:
+    bits = mapping.get("bits")
+    if scheme == "ternary":
+        if bits is not None and (_is_int(bits) and bits != 2 or not _is_int(bits)):
+            raise OptionsError(
+                f"bits={_short(bits)} does not fit scheme='ternary': ternary codes "
+                "{-1, 0, +1} are always stored in 2 bits; pass bits=2 or leave bits unset"
+            )
+        bits = 2
+    elif bits is None:
+        bits = 4
+    if not _is_int(bits) or bits not in VALID_BITS:
+        raise OptionsError(f"bits must be one of {', '.join(map(str, VALID_BITS))}, got {_short(bits)}")
+    group_size = _given(mapping, "group_size", 128)
+    if not _is_int(group_size) or not 1 <= group_size <= MAX_GROUP_SIZE:
+        raise OptionsError(
+            f"group_size must be an integer from 1 to {MAX_GROUP_SIZE} "
+            f"(common: 32, 64, 128, 256), got {_short(group_size)}"
+        )
+    return int(bits), int(group_size)
+
+
+def _given(mapping: Mapping[str, Any], key: str, default: Any) -> Any:
+    """The value of ``key``; None (JSON null) or absent means the default."""
+    value = mapping.get(key)
+    return default if value is None else value
+
+
+def _short(value: Any, limit: int = 80) -> str:
+    """``repr(value)`` cut to ``limit`` characters: error messages never echo huge input."""
+    try:
+        text = repr(value)
+    except Exception:  # a huge int past Python's str-digits limit, a broken __repr__
+        text = f"<{type(value).__name__}>"
+    return _cut(text, limit)
+
+
+def _cut(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
@@ -160,6 +221,6 @@ def _is_int(value: Any) -> bool:
 def _choice(value: Any, name: str, valid: tuple[str, ...]) -> str:
     if value not in valid or not isinstance(value, str):
         raise OptionsError(
-            f"{name} must be one of {', '.join(map(repr, valid))}, got {value!r}"
+            f"{name} must be one of {', '.join(map(repr, valid))}, got {_short(value)}"
         )
     return value

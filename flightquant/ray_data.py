@@ -107,14 +107,12 @@ class FlightQuantizer:
             run = getattr(self._client, self._op)
             out = list(run(iter(batches), **self.options))
         else:
-            import flightquant
+            from . import api
 
             if self._op == "quantize":
-                out = list(
-                    flightquant.quantize(iter(batches), threads=self.threads, **self.options)
-                )
+                out = list(api.quantize(iter(batches), threads=self.threads, **self.options))
             else:
-                out = list(flightquant.dequantize(iter(batches), threads=self.threads))
+                out = list(api.dequantize(iter(batches), threads=self.threads))
         return pa.Table.from_batches(out)
 
     def close(self) -> None:

@@ -32,7 +32,8 @@ from urllib.parse import urlsplit
 import pyarrow as pa
 import pyarrow.flight as flight
 
-from . import __version__, codec
+from . import codec
+from ._version import __version__
 from .kernels import build_info, resolve_threads
 from .options import QuantOptions
 

@@ -13,14 +13,6 @@ import flightquant as fq
 from flightquant import codec, kernels, reference
 from flightquant.options import QuantOptions
 
-
-@pytest.fixture(autouse=True, params=[True, False], ids=["one-call", "general"])
-def fast(request, monkeypatch):
-    """Every codec test runs on both of its paths (``codec.use_fastpath``)."""
-    monkeypatch.setattr(codec, "use_fastpath", request.param)
-    return request.param
-
-
 SCHEMES_BITS = [("asymmetric", 2), ("asymmetric", 4), ("asymmetric", 8), ("symmetric", 2),
                 ("symmetric", 4), ("symmetric", 8), ("ternary", 2)]
 
@@ -320,14 +312,14 @@ def test_zero_copy_input(monkeypatch):
         return real(values, *args, **kwargs)
 
     monkeypatch.setattr(kernels, "quantize_rows", spy)
-    monkeypatch.setattr(codec, "_fast_trace", seen)
+    monkeypatch.setattr(codec, "_trace", seen)
     child = batch.column("weights").values
     fq.quantize(batch, bits=4)
     # one kernel call, on the Arrow buffer itself (the one-call path reports its address)
     assert seen == [child.buffers()[1].address]
 
     monkeypatch.setattr(kernels, "quantize_rows", real)
-    monkeypatch.setattr(codec, "_fast_trace", None)
+    monkeypatch.setattr(codec, "_trace", None)
     fq.quantize(batch, bits=4)  # warm up lazy imports and caches
     tracemalloc.start()
     try:

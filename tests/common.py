@@ -1,0 +1,175 @@
+"""Helpers shared by the test modules: one batch builder, one misalignment helper, and the
+expected output of the codec built independently of it from the NumPy reference."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+
+from flightquant import reference, wire
+from flightquant.options import QuantOptions
+from flightquant.reference import ggml as ggml_reference
+
+LIST_TYPES = {
+    "list": lambda t, n: pa.list_(t),
+    "large_list": lambda t, n: pa.large_list(t),
+    "fixed_size_list": lambda t, n: pa.list_(t, n),
+}
+
+
+def make_batch(kind="list", dtype=np.float32, lengths=(300, 0, 17, 1, 129, 64), nulls=(),
+               seed=0, scale=1.0):
+    """``layer_name``, ``weights`` (float tensors, rows in ``nulls`` null) and ``step``.
+
+    Fixed-size lists take ``max(lengths)`` elements per row."""
+    rng = np.random.default_rng(seed)
+    if kind == "fixed_size_list":
+        lengths = [max(lengths)] * len(lengths)
+    rows = [None if i in nulls else (scale * rng.standard_normal(n)).astype(dtype)
+            for i, n in enumerate(lengths)]
+    t = LIST_TYPES[kind](pa.from_numpy_dtype(dtype), max(lengths))
+    return pa.record_batch({
+        "layer_name": [f"layer.{i}" for i in range(len(lengths))],
+        "weights": pa.array(rows, t),
+        "step": pa.array(np.arange(len(lengths), dtype=np.int64)),
+    })
+
+
+def unaligned(batch: pa.RecordBatch) -> pa.RecordBatch:
+    """``batch`` read back from IPC bytes that start one byte past an aligned address, so
+    every buffer sits at an odd address (as a Flight message body may)."""
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, batch.schema) as w:
+        w.write_batch(batch)
+    data = sink.getvalue()
+    shifted = pa.py_buffer(b"\0" + data.to_pybytes())[1:]
+    return pa.ipc.open_stream(shifted).read_next_batch()
+
+
+def _rows(col: pa.Array) -> list[np.ndarray | None]:
+    """Each row as a float32/float64 array (float16 widened to float32), None if null."""
+    out = []
+    for i in range(len(col)):
+        if not col[i].is_valid:
+            out.append(None)
+            continue
+        v = col[i].values.to_numpy(zero_copy_only=False)
+        out.append(v.astype(np.float32) if v.dtype == np.float16 else v)
+    return out
+
+
+def expected_quantize(batch: pa.RecordBatch, options: QuantOptions) -> pa.RecordBatch:
+    """What ``codec.quantize_batch`` must give, built row by row from the NumPy reference
+    (``flightquant.reference``) with plain pyarrow constructors."""
+    fields, arrays = [], []
+    picked = options.columns
+    for f, col in zip(batch.schema, batch.columns):
+        if not wire.is_float_list(f.type) or (picked is not None and f.name not in picked):
+            fields.append(f)
+            arrays.append(col)
+            continue
+        new = wire.codes_fields(f, options)
+        fields.extend(new)
+        rows = _rows(col)
+        mask = np.array([r is None for r in rows], bool)
+        t = options.ggml
+        codes, scales, zps, numel, mse, mx = [], [], [], [], [], []
+        for r in rows:
+            x = np.zeros(0, np.float32) if r is None else r
+            if t is not None:
+                x32 = x.astype(np.float32)
+                if options.clip is not None:
+                    c = np.float32(options.clip)
+                    x32 = np.clip(x32, -c, c)
+                blocks = x32.reshape(-1, t.block_size)
+                data = ggml_reference.quantize_blocks(blocks, t.name, options.method)
+                codes.append(data.tobytes())
+                back = ggml_reference.dequantize_blocks(data, t.name).reshape(-1)
+                err = x32.astype(np.float64) - back.astype(np.float64)
+                sse = _seq_block_sse(err, t.block_size)
+                mse.append(sse / x.size if x.size else 0.0)
+                mx.append(float(np.abs(x32 - back).max(initial=0.0)))
+                continue
+            q = reference.quantize_rows(
+                x, np.zeros(1, np.int64), np.array([x.size], np.int64), bits=options.bits,
+                scheme=options.scheme, group_size=options.group_size, method=options.method,
+                clip=options.clip, stats=True,
+            )
+            codes.append(q.codes.tobytes())
+            scales.append(q.scales)
+            zps.append(q.zero_points)
+            numel.append(x.size)
+            sse = float(q.row_sse()[0]) if x.size else 0.0
+            mse.append(sse / x.size if x.size else 0.0)
+            mx.append(float(q.row_max_abs_error()[0]) if x.size else 0.0)
+        by_name = dict(zip(ROLE_ORDER, (scales, zps, numel, mse, mx)))
+        for nf in new:
+            role = (nf.metadata or {}).get(wire.K_ROLE, b"").decode()
+            if role == "codes":
+                arrays.append(pa.array([None if m else c for c, m in zip(codes, mask)], nf.type))
+            elif role in ("scales", "zero_points"):
+                arrays.append(pa.array([None if m else v for v, m in zip(by_name[role], mask)],
+                                       nf.type))
+            else:
+                arrays.append(pa.array(np.array(by_name[role], nf.type.to_pandas_dtype()), nf.type, mask=mask))
+    return pa.RecordBatch.from_arrays(arrays, schema=pa.schema(fields, metadata=batch.schema.metadata))
+
+
+ROLE_ORDER = ("scales", "zero_points", "numel", "mse", "max_abs_error")
+
+
+def _seq_block_sse(err: np.ndarray, block: int) -> float:
+    """Sum of squares per block in element order, then blocks in order (the engine's)."""
+    total = 0.0
+    for b in range(0, err.size, block):
+        s = 0.0
+        for e in err[b : b + block].tolist():
+            s += e * e
+        total += s
+    return total
+
+
+def expected_dequantize(q: pa.RecordBatch) -> pa.RecordBatch:
+    """What ``codec.dequantize_batch`` must give for ``q``, from the NumPy reference."""
+    fields, arrays = [], []
+    derived = {f.name for f in q.schema if wire.role_of(f) is not None}
+    for f, col in zip(q.schema, q.columns):
+        if f.name in derived:
+            continue
+        if not wire.is_quantized_field(f):
+            fields.append(f)
+            arrays.append(col)
+            continue
+        m = wire.parse_codes_field(f)
+        out_type = m.decoded_type()
+        fields.append(pa.field(f.name, out_type, f.nullable, wire.stripped_metadata(f)))
+        rows = []
+        for i in range(len(col)):
+            if not col[i].is_valid:
+                rows.append(None)
+                continue
+            data = np.frombuffer(col[i].as_py(), np.uint8)
+            if m.ggml is not None:
+                x = ggml_reference.dequantize_blocks(data.reshape(-1, m.ggml.type_size),
+                                                     m.format).reshape(-1)
+            else:
+                n = m.list_size if m.kind == "fixed_size_list" else q.column(f"{f.name}_numel")[i].as_py()
+                sc = np.asarray(q.column(f"{f.name}_scales")[i].values, np.float32)
+                zp = (np.asarray(q.column(f"{f.name}_zero_points")[i].values, np.float32)
+                      if m.scheme == "asymmetric" else None)
+                from flightquant.layout import make_layout
+
+                lay = make_layout(np.array([n]), m.bits, m.group_size)
+                x = reference.dequantize_rows(data[: lay.n_code_bytes], lay, sc[: lay.n_groups],
+                                              None if zp is None else zp[: lay.n_groups],
+                                              scheme=m.scheme)
+            rows.append(x.astype(m.dtype))
+        arrays.append(pa.array(rows, out_type))
+    return pa.RecordBatch.from_arrays(arrays, schema=pa.schema(fields, metadata=q.schema.metadata))
+
+
+def assert_same(a: pa.RecordBatch, b: pa.RecordBatch):
+    a.validate(full=True)
+    assert a.schema.equals(b.schema, check_metadata=True), (a.schema, b.schema)
+    assert a.equals(b)
+
