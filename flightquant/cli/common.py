@@ -474,7 +474,7 @@ def progress(args: argparse.Namespace, total: int | None, desc: str):
 
 
 def is_quantized(schema: pa.Schema) -> bool:
-    """Whether a table's schema holds quantized columns (the codec's wire format)."""
-    from ..codec import is_quantized_schema
+    """Whether a table's schema holds quantized columns (the wire format says)."""
+    from ..wire import is_quantized_schema
 
     return is_quantized_schema(schema)

@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from .. import modelfiles
+from .. import modelfiles, wire
 from .accounting import binary_lengths, float_list_columns, key_column, list_lengths, shape_text
 from .common import (
     add_gguf_options,
@@ -168,7 +168,8 @@ def inspect_table(source, args) -> int:
 
 def inspect_quantized(source, args) -> int:
     schema = source.schema
-    qcols = [f.name for f in schema if (f.metadata or {}).get(b"flightquant.role") == b"codes"]
+    qcols = [f.name for f in schema if wire.is_quantized_field(f)]
+    codes_meta = {c: wire.parse_codes_field(schema.field(c)) for c in qcols}
     meta = {
         c: {
             k.decode()[len("flightquant.") :]: v.decode()
@@ -184,16 +185,19 @@ def inspect_quantized(source, args) -> int:
         shapes = batch.column("shape").to_pylist() if "shape" in batch.schema.names else None
         dtypes = batch.column("dtype").to_pylist() if "dtype" in batch.schema.names else None
         for c in qcols:
-            m = meta[c]
+            cm = codes_meta[c]
             codes = binary_lengths(batch.column(c))
-            extra = list_lengths(batch.column(f"{c}_scales")) * 4
-            if f"{c}_zero_points" in batch.schema.names:
-                extra = extra + list_lengths(batch.column(f"{c}_zero_points")) * 4
+            extra = np.zeros(batch.num_rows, np.int64)  # ggml types keep scales in the blocks
+            for role in ("scales", "zero_points"):
+                if wire.derived_name(c, role) in batch.schema.names:
+                    extra = extra + list_lengths(batch.column(wire.derived_name(c, role))) * 4
             valid = np.asarray(batch.column(c).is_valid())
-            if f"{c}_numel" in batch.schema.names:
-                numel = batch.column(f"{c}_numel").to_numpy(zero_copy_only=False)
+            if wire.derived_name(c, "numel") in batch.schema.names:
+                numel = batch.column(wire.derived_name(c, "numel")).to_numpy(zero_copy_only=False)
+            elif cm.ggml is not None:
+                numel = codes // cm.ggml.type_size * cm.ggml.block_size
             else:
-                numel = np.full(batch.num_rows, int(m.get("list_size", 0)))
+                numel = np.full(batch.num_rows, cm.list_size or 0)
             mse = (
                 batch.column(f"{c}_mse").to_numpy(zero_copy_only=False)
                 if f"{c}_mse" in batch.schema.names
@@ -217,7 +221,7 @@ def inspect_quantized(source, args) -> int:
                     continue
                 if not valid[r]:
                     continue
-                dtype = (dtypes[r] if dtypes and c == "weights" else None) or m.get("dtype")
+                dtype = (dtypes[r] if dtypes and c == "weights" else None) or cm.dtype
                 n = int(numel[r])
                 name = keys[r] if keys[r] is not None else f"row {len(stats)}"
                 if len(qcols) > 1:
@@ -228,7 +232,8 @@ def inspect_quantized(source, args) -> int:
                         "name": name,
                         "shape": shapes[r] if shapes and c == "weights" else [n],
                         "dtype": dtype,
-                        "bits": int(m["bits"]),
+                        "bits": cm.bits,
+                        "format": cm.format,
                         "numel": n,
                         "bytes": int(codes[r] + extra[r]),
                         "original_bytes": n * itemsize,
@@ -260,7 +265,7 @@ def inspect_quantized(source, args) -> int:
             str(s["name"]),
             shape_text(tuple(s["shape"] or ())),
             str(s["dtype"]),
-            "pass" if s["bits"] is None else str(s["bits"]),
+            "pass" if s.get("format") is None else str(s["bits"] or s["format"]),
             fmt_bytes(s["original_bytes"]),
             fmt_bytes(s["bytes"]),
             "-" if s["mse"] is None else f"{s['mse']:.3g}",
@@ -279,10 +284,13 @@ def inspect_quantized(source, args) -> int:
         f"{source.path}: {source.format}, quantized (format v{meta[qcols[0]].get('format_version', '?')})"
     )
     for c in qcols:
-        m = meta[c]
+        m, cm = meta[c], codes_meta[c]
+        if cm.ggml is not None:
+            how = f"{cm.format} {m.get('method', '')}"
+        else:
+            how = f"{cm.bits}-bit {cm.scheme} {m.get('method', '')}, group size {cm.group_size}"
         print(
-            f"  {c}: {m.get('bits')}-bit {m.get('scheme')} {m.get('method', '')}, group size "
-            f"{m.get('group_size')}, carried as {m.get('dtype')} {m.get('list_type', '')}".rstrip()
+            f"  {c}: {how}, carried as {cm.dtype} {cm.kind}".rstrip()
             + (
                 " (original dtypes in the dtype column)"
                 if c == "weights" and "dtype" in schema.names
