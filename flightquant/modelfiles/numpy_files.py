@@ -19,14 +19,29 @@ class NpzFile(TensorSource):
     def _open(self) -> list[TensorInfo]:
         infos = []
         self._members = {}
+        archive = self.path.stat().st_size
         with zipfile.ZipFile(self.path) as zf:
-            for member in zf.namelist():
+            for zi in zf.infolist():
+                member = zi.filename
                 if not member.endswith(".npy"):
                     continue
                 name = member[: -len(".npy")]
-                with zf.open(member) as fh:
+                with zf.open(zi) as fh:
                     shape, dtype = _npy_header(fh, f"{self.path}:{member}")
-                infos.append(TensorInfo(name, shape, _checked_dtype(dtype, name, self.path)))
+                    header = fh.tell()
+                info = TensorInfo(name, shape, _checked_dtype(dtype, name, self.path))
+                # numpy allocates what the header claims before reading: hold the claim to
+                # the bytes the member holds (a stored member its size, a deflated one at
+                # most deflate's ~1032:1)
+                ratio = 1 if zi.compress_type == zipfile.ZIP_STORED else 1100
+                if zi.compress_size > archive or (
+                    header + info.nbytes > min(zi.file_size, zi.compress_size * ratio)
+                ):
+                    raise ModelIOError(
+                        f"{self.path}: member {member!r} claims {info.nbytes} bytes of data, "
+                        f"more than it holds (truncated or corrupt)"
+                    )
+                infos.append(info)
                 self._members[name] = member
         return infos
 
@@ -43,8 +58,15 @@ class NpyFile(TensorSource):
     def _open(self) -> list[TensorInfo]:
         with open(self.path, "rb") as fh:
             shape, dtype = _npy_header(fh, str(self.path))
+            header = fh.tell()
         name = self.path.stem
-        return [TensorInfo(name, shape, _checked_dtype(dtype, name, self.path))]
+        info = TensorInfo(name, shape, _checked_dtype(dtype, name, self.path))
+        if header + info.nbytes > self.path.stat().st_size:
+            raise ModelIOError(
+                f"{self.path}: the header claims {info.nbytes} bytes of data, more than the "
+                "file holds (truncated or corrupt)"
+            )
+        return [info]
 
     def _read(self, info: TensorInfo) -> np.ndarray:
         return np.load(self.path, mmap_mode="r", allow_pickle=False)

@@ -22,53 +22,107 @@ ST_TO_DTYPE = {
 DTYPE_TO_ST = {v: k for k, v in ST_TO_DTYPE.items()}
 
 
+#: the largest header the reader accepts (the safetensors library's own limit)
+MAX_HEADER_BYTES = 100 << 20
+#: most dimensions one tensor may have
+MAX_DIMS = 64
+
+
 class SafetensorsFile(TensorSource):
-    """A ``.safetensors`` file: the header up front, tensors read one at a time."""
+    """A ``.safetensors`` file: the header up front, tensors memory-mapped one at a time.
+
+    The header is checked before anything else is read: its length against the file, every
+    tensor's dtype, shape and byte range against the data the file holds (in bounds, the
+    size its shape needs, no two tensors overlapping). A hostile or truncated file is one
+    clear error, never an allocation the size of its claim.
+    """
 
     format = "safetensors"
 
     def _open(self) -> list[TensorInfo]:
-        from safetensors import safe_open
-
-        self._st = safe_open(str(self.path), framework="numpy")
-        self.metadata = dict(self._st.metadata() or {})
-        infos = []
-        for name in self._st.keys():
-            sl = self._st.get_slice(name)
-            st_dtype = sl.get_dtype()
-            if st_dtype not in ST_TO_DTYPE:
+        size = self.path.stat().st_size
+        with open(self.path, "rb") as fh:
+            head = fh.read(8)
+            if len(head) < 8:
+                raise ModelIOError(f"{self.path}: not a valid safetensors file ({size} bytes)")
+            (n,) = struct.unpack("<Q", head)
+            if n > size - 8 or n > MAX_HEADER_BYTES:
                 raise ModelIOError(
-                    f"{self.path}: tensor {name!r} has dtype {st_dtype}, which is not supported"
+                    f"{self.path}: not a valid safetensors file (the header claims {n} bytes; "
+                    f"the file holds {size - 8} after the length"
+                    + (f", and at most {MAX_HEADER_BYTES} are accepted)" if n <= size - 8 else ")")
                 )
-            infos.append(
-                TensorInfo(name, tuple(int(d) for d in sl.get_shape()), ST_TO_DTYPE[st_dtype])
-            )
+            header = json.loads(fh.read(n))
+        if not isinstance(header, dict):
+            raise ModelIOError(f"{self.path}: not a valid safetensors file (header is not a map)")
+        self._base = 8 + n
+        meta = header.pop("__metadata__", None) or {}
+        if not isinstance(meta, dict):
+            raise ModelIOError(f"{self.path}: not a valid safetensors file (bad __metadata__)")
+        self.metadata = {str(k): str(v) for k, v in meta.items()}
+        data_bytes = size - self._base
+        infos, ranges = [], []
+        for name, entry in header.items():
+            info, start, end = self._entry(name, entry, data_bytes)
+            infos.append(info)
+            ranges.append((start, end, name))
+        self._ranges = {name: (start, end) for start, end, name in ranges}
+        ranges.sort()
+        for (_, end_a, a), (start_b, end_b, b) in zip(ranges, ranges[1:], strict=False):
+            if start_b < end_a and end_b > start_b:
+                raise ModelIOError(f"{self.path}: tensors {a!r} and {b!r} overlap in the file")
+        # the file's order is the data's (as safe_open lists them by offset)
+        infos.sort(key=lambda i: self._ranges[i.name])
         return infos
 
-    def _read(self, info: TensorInfo) -> np.ndarray:
-        if info.dtype in ML_DTYPES:  # bfloat16/float8: read the bytes, whatever numpy supports
-            return self._read_raw(info)
-        return self._st.get_tensor(info.name)
+    def _entry(self, name: str, entry, data_bytes: int) -> tuple[TensorInfo, int, int]:
+        def bad(why: str) -> ModelIOError:
+            return ModelIOError(
+                f"{self.path}: not a valid safetensors file (tensor {name!r}: {why})"
+            )
 
-    def _read_raw(self, info: TensorInfo) -> np.ndarray:
-        if not hasattr(self, "_st_header"):
-            with open(self.path, "rb") as fh:
-                (n,) = struct.unpack("<Q", fh.read(8))
-                self._st_header = (8 + n, json.loads(fh.read(n)))
-        base, header = self._st_header
-        start, end = header[info.name]["data_offsets"]
+        if not isinstance(entry, dict):
+            raise bad("its entry is not a map")
+        st_dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+        if not isinstance(st_dtype, str):
+            raise bad("no dtype")
+        if st_dtype not in ST_TO_DTYPE:
+            raise ModelIOError(
+                f"{self.path}: tensor {name!r} has dtype {st_dtype[:40]}, which is not supported"
+            )
+        if not (
+            isinstance(shape, list)
+            and len(shape) <= MAX_DIMS
+            and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)
+        ):
+            raise bad("its shape is not a list of non-negative integers")
+        if not (
+            isinstance(offsets, list)
+            and len(offsets) == 2
+            and all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)
+            and 0 <= offsets[0] <= offsets[1]
+        ):
+            raise bad("its data_offsets are not [start, end]")
+        info = TensorInfo(name, tuple(shape), ST_TO_DTYPE[st_dtype])
+        start, end = offsets
+        if end > data_bytes:
+            raise bad(
+                f"it claims bytes {start} to {end}, but the file holds {data_bytes} bytes of "
+                "data (truncated or corrupt)"
+            )
         if end - start != info.nbytes:
-            raise ModelIOError(f"{self.path}: tensor {info.name!r} has a wrong byte range")
-        with open(self.path, "rb") as fh:
-            fh.seek(base + start)
-            data = np.frombuffer(fh.read(end - start), np.uint8)
-        if data.size != info.nbytes:
-            raise ModelIOError(f"{self.path}: tensor {info.name!r} is truncated")
-        storage = ML_DTYPES.get(info.dtype) or np.dtype(f"<u{ITEMSIZE[info.dtype]}")
-        return data.view(storage).reshape(info.shape)
+            raise bad(f"{end - start} bytes do not hold shape {list(shape)} of {info.dtype}")
+        return info, start, end
 
-    def close(self) -> None:
-        self._st = None
+    def _read(self, info: TensorInfo) -> np.ndarray:
+        start, end = self._ranges[info.name]
+        storage = ML_DTYPES.get(info.dtype) or numpy_dtype(info.dtype)
+        if end == start:
+            return np.zeros(info.shape, storage)
+        raw = np.memmap(self.path, np.uint8, "r", offset=self._base + start, shape=(end - start,))
+        if info.dtype in ML_DTYPES:  # bfloat16/float8: through their integer storage
+            return raw.view(f"<u{ITEMSIZE[info.dtype]}").view(storage).reshape(info.shape)
+        return raw.view(storage).reshape(info.shape)
 
 
 class SafetensorsWriter:
