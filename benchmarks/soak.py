@@ -11,8 +11,7 @@ Full run (about a minute on 2 cores)::
 
     python benchmarks/soak.py --batches 20000
 
-The CI version (tests/test_robustness.py::test_soak) calls :func:`run_soak` with ~2400
-batches. Exit status 0 when every check passed and growth stayed under ``--max-growth``.
+CI runs it with ``--batches 2400 --json`` as a slow test (tests/test_faults.py). Exit status 0 when every check passed and growth stayed under ``--max-growth``.
 """
 
 from __future__ import annotations
@@ -20,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import threading
 import time
@@ -34,48 +32,7 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 import flightquant as fq  # noqa: E402
-
-SERVER_SCRIPT = """
-import json, sys
-from flightquant.server import Server
-kwargs = json.loads(sys.argv[1])
-server = Server("grpc://127.0.0.1:0", **kwargs)
-print(json.dumps({"port": server.port, "pid": __import__("os").getpid()}), flush=True)
-server.serve()
-"""
-
-
-def start_server_process(**kwargs) -> tuple[subprocess.Popen, int]:
-    """Start ``flightquant.server.Server`` in a child process; return (process, port)."""
-    env = dict(os.environ)
-    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
-    proc = subprocess.Popen(
-        [sys.executable, "-c", SERVER_SCRIPT, json.dumps(kwargs)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        env=env,
-        text=True,
-    )
-    line = proc.stdout.readline()
-    if not line:
-        proc.kill()
-        proc.wait()
-        raise RuntimeError("the server process exited before reporting its port")
-    return proc, int(json.loads(line)["port"])
-
-
-def proc_usage(pid: int) -> dict[str, int]:
-    """RSS (KiB), open fds and threads of a process, read from /proc."""
-    out = {}
-    with open(f"/proc/{pid}/status") as fh:
-        for line in fh:
-            key, _, value = line.partition(":")
-            if key == "VmRSS":
-                out["rss_kib"] = int(value.split()[0])
-            elif key == "Threads":
-                out["threads"] = int(value.strip())
-    out["fds"] = len(os.listdir(f"/proc/{pid}/fd"))
-    return out
+from flightquant.testing import proc_usage, start_server_process  # noqa: E402,F401
 
 
 def make_batch(stream: int, index: int, rows: int, elements: int, rng) -> pa.RecordBatch:

@@ -49,7 +49,7 @@ cdef void release_node(ArrowArray* a) noexcept nogil:
 
 cdef void release_owned(ArrowArray* a) noexcept nogil:
     """Release a node that owns its buffers (allocated with PyMem_RawMalloc, as
-    flightquant._fastpath does): its children, then every buffer. No GIL needed."""
+    flightquant._engine does): its children, then every buffer. No GIL needed."""
     cdef int64_t i
     if a.release == NULL:
         return

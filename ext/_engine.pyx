@@ -61,6 +61,7 @@ cdef enum:
 cdef int64_t INT32_MAX = 2147483647
 cdef int64_t STAGE_MAX = 1 << 20    # kernels.STAGE_MAX
 cdef int64_t MAX_NUMEL = 1LL << 40  # more is a corrupt count, not a tensor
+cdef int64_t HUGE_MIN = 8 << 20     # outputs this large ask for transparent huge pages
 
 STATUS_NAMES = {OK: "ok", E_NONFINITE: "nonfinite", E_NULL_IN_TENSOR: "null_in_tensor",
                 E_ROW_OUTSIDE: "row_outside", E_CODES_INT32: "codes_int32",
@@ -143,11 +144,39 @@ cdef inline const uint8_t* data_at(const ArrowArray* a, int64_t itemsize) noexce
     return <const uint8_t*>a.buffers[1] + a.offset * itemsize
 
 
+cdef extern from *:
+    """
+    #include <stdint.h>
+    #if defined(__linux__)
+    #include <sys/mman.h>
+    #endif
+    /* Ask for transparent huge pages over the 2 MiB-aligned interior of a large output
+       buffer: a fresh buffer is otherwise filled through one page fault per 4 KiB, and
+       page faults of several threads serialise on the process's memory map (measured:
+       dequantize into fresh memory ran at 0.43x a memory copy with 2 threads). */
+    static void fq_advise_huge(void* p, size_t n) {
+    #if defined(__linux__) && defined(MADV_HUGEPAGE)
+        const uintptr_t huge = (uintptr_t)2 << 20;
+        uintptr_t a = ((uintptr_t)p + huge - 1) & ~(huge - 1);
+        uintptr_t b = ((uintptr_t)p + n) & ~(huge - 1);
+        if (b > a) madvise((void*)a, b - a, MADV_HUGEPAGE);
+    #else
+        (void)p; (void)n;
+    #endif
+    }
+    """
+    void fq_advise_huge(void* p, size_t n) noexcept nogil
+
+
 cdef void* alloc(int64_t nbytes, bint zeroed) noexcept nogil:
     """Output memory (freed by release_owned); never NULL for a request of 0 bytes."""
+    cdef void* p
     if nbytes < 1:
         nbytes = 1
-    return PyMem_RawCalloc(<size_t>nbytes, 1) if zeroed else PyMem_RawMalloc(<size_t>nbytes)
+    p = PyMem_RawCalloc(<size_t>nbytes, 1) if zeroed else PyMem_RawMalloc(<size_t>nbytes)
+    if p != NULL and nbytes >= HUGE_MIN:
+        fq_advise_huge(p, <size_t>nbytes)
+    return p
 
 
 cdef float* aligned_copy(const float* src, int64_t n) except NULL:

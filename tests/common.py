@@ -3,12 +3,47 @@ expected output of the codec built independently of it from the NumPy reference.
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
+
+import grpc
 import numpy as np
 import pyarrow as pa
+import pyarrow.flight as flight
 
 from flightquant import reference, wire
 from flightquant.options import QuantOptions
 from flightquant.reference import ggml as ggml_reference
+
+SEED_SCHEMA = pa.schema(
+    [
+        ("layer_name", pa.string()),
+        ("weights", pa.list_(pa.float32())),
+        ("shape", pa.list_(pa.int64())),
+    ]
+)
+
+
+def make_layer_batch(
+    start: int = 0, rows: int = 3, elements: int = 300, seed: int | None = None
+) -> pa.RecordBatch:
+    """A batch of the seed layer schema: rows named ``layer.<i>``, float32 weights."""
+    rng = np.random.default_rng(start if seed is None else seed)
+    names, lists, shapes = [], [], []
+    for i in range(start, start + rows):
+        n = elements + (i % 5) * 7  # ragged rows, tail groups
+        names.append(f"layer.{i}")
+        lists.append(rng.standard_normal(n).astype(np.float32))
+        shapes.append([n])
+    offsets = np.zeros(rows + 1, np.int32)
+    np.cumsum([len(x) for x in lists], out=offsets[1:])
+    values = np.concatenate(lists) if lists else np.zeros(0, np.float32)
+    weights = pa.ListArray.from_arrays(pa.array(offsets), pa.array(values, pa.float32()))
+    return pa.RecordBatch.from_arrays(
+        [pa.array(names, pa.string()), weights, pa.array(shapes, pa.list_(pa.int64()))],
+        schema=SEED_SCHEMA,
+    )
+
 
 LIST_TYPES = {
     "list": lambda t, n: pa.list_(t),
@@ -173,3 +208,81 @@ def assert_same(a: pa.RecordBatch, b: pa.RecordBatch):
     assert a.schema.equals(b.schema, check_metadata=True), (a.schema, b.schema)
     assert a.equals(b)
 
+
+def wait_for(condition: Callable[[], bool], timeout: float = 10.0, what: str = "condition"):
+    """Poll ``condition`` until true or fail after ``timeout`` seconds (no bare sleeps)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if condition():
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.01)
+
+
+# The statuses a client may see for hostile input, as the pyarrow client raises them.
+CLEAN = (
+    pa.ArrowInvalid,  # INVALID_ARGUMENT
+    flight.FlightUnavailableError,  # UNAVAILABLE
+    flight.FlightCancelledError,  # CANCELLED
+    pa.ArrowNotImplementedError,  # UNIMPLEMENTED
+)
+CLEAN_CODES = {
+    grpc.StatusCode.INVALID_ARGUMENT,
+    grpc.StatusCode.UNAVAILABLE,
+    grpc.StatusCode.CANCELLED,
+    grpc.StatusCode.UNIMPLEMENTED,
+}
+# Statuses pyarrow's C++ Flight layer returns by itself before any Python handler runs
+# (the server cannot change them): an empty stream or a first message that is not a
+# schema. Checked by message so that nothing else slips through as UNKNOWN.
+PYARROW_PRE_HANDLER = (
+    "Stream finished before first message sent",
+    "Expected IPC message of type schema",
+    "Invalid flatbuffers message",
+    "Old metadata version not supported",
+    "Message not large enough",
+)
+
+
+def no_traceback(text: str) -> None:
+    assert "Traceback (most recent call last)" not in text, text
+    assert 'File "' not in text, text
+
+
+def assert_clean(exc: BaseException) -> None:
+    """A status a person can act on: one of CLEAN, without a traceback."""
+    assert isinstance(exc, CLEAN), f"{type(exc).__name__}: {exc}"
+    no_traceback(str(exc))
+
+
+def exchange(client, command: bytes, schema: pa.Schema, batches, timeout: float = 30):
+    """Send batches through DoExchange; return the answer chunks, or raise the status."""
+    writer, reader = client.do_exchange(
+        flight.FlightDescriptor.for_command(command),
+        options=flight.FlightCallOptions(timeout=timeout),
+    )
+    chunks = []
+    try:
+        try:
+            writer.begin(schema)
+            for b in batches:
+                writer.write_batch(b)
+            writer.done_writing()
+        except (pa.ArrowException, OSError):
+            # a failed call shows on the write side too; the reader has the status
+            try:
+                writer.done_writing()
+            except (pa.ArrowException, OSError):
+                pass
+        while True:
+            try:
+                chunks.append(reader.read_chunk())
+            except StopIteration:
+                break
+    finally:
+        try:
+            writer.close()
+        except (pa.ArrowException, OSError):
+            pass
+    return chunks

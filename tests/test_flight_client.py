@@ -14,7 +14,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.flight as flight
 import pytest
-from conftest import SEED_SCHEMA, make_layer_batch, wait_for
+from common import SEED_SCHEMA, make_layer_batch, wait_for
 
 import flightquant as fq
 from flightquant.client import Client

@@ -12,7 +12,7 @@ import threading
 import grpc
 import pyarrow.flight as flight
 import pytest
-from conftest import make_layer_batch, wait_for
+from common import make_layer_batch, wait_for
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 import flightquant as fq

@@ -12,6 +12,8 @@ import pytest
 import flightquant as fq
 from flightquant.ray_data import FlightDequantizer, FlightQuantizer
 
+pytestmark = pytest.mark.slow
+
 REPO = Path(__file__).resolve().parents[1]
 N_TENSORS = 240
 

@@ -4,15 +4,14 @@ Every hostile case must end in a clear status (INVALID_ARGUMENT, UNAVAILABLE, CA
 UNIMPLEMENTED; never UNKNOWN or INTERNAL, never a Python traceback in the message), the
 server must stay up, and a valid stream right after must be answered correctly.
 
-The hostile cases are counted; ``test_zz_report_case_count`` prints the count (see it with
-``-s`` or ``-rA``) and writes it as JSON to ``$FQ_ROBUSTNESS_REPORT`` when that is set.
-CI-fast; the long soak is ``python benchmarks/soak.py --batches 20000``.
+The hostile cases are counted; after the module the count is printed (see it with ``-s``)
+and written as JSON to ``$FQ_ROBUSTNESS_REPORT`` when that is set. The soak, SIGKILL
+failover and SIGTERM draining are in tests/test_faults.py (slow).
 """
 
 from __future__ import annotations
 
 import collections
-import importlib.util
 import json
 import os
 import signal
@@ -20,11 +19,13 @@ import subprocess
 import sys
 import time
 
+import common
 import grpc
 import numpy as np
 import pyarrow as pa
 import pyarrow.flight as flight
 import pytest
+from common import CLEAN_CODES, PYARROW_PRE_HANDLER, exchange
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -42,40 +43,9 @@ FUZZ = settings(
     database=None,
 )
 
-# The statuses a client may see for hostile input, as the pyarrow client raises them.
-CLEAN = (
-    pa.ArrowInvalid,  # INVALID_ARGUMENT
-    flight.FlightUnavailableError,  # UNAVAILABLE
-    flight.FlightCancelledError,  # CANCELLED
-    pa.ArrowNotImplementedError,  # UNIMPLEMENTED
-)
-CLEAN_CODES = {
-    grpc.StatusCode.INVALID_ARGUMENT,
-    grpc.StatusCode.UNAVAILABLE,
-    grpc.StatusCode.CANCELLED,
-    grpc.StatusCode.UNIMPLEMENTED,
-}
-# Statuses pyarrow's C++ Flight layer returns by itself before any Python handler runs
-# (the server cannot change them): an empty stream or a first message that is not a
-# schema. Checked by message so that nothing else slips through as UNKNOWN.
-PYARROW_PRE_HANDLER = (
-    "Stream finished before first message sent",
-    "Expected IPC message of type schema",
-    "Invalid flatbuffers message",
-    "Old metadata version not supported",
-    "Message not large enough",
-)
-
-
-def _no_traceback(text: str) -> None:
-    assert "Traceback (most recent call last)" not in text, text
-    assert 'File "' not in text, text
-
-
 def assert_clean(exc: BaseException) -> None:
-    """A status a person can act on: one of CLEAN, without a traceback."""
-    assert isinstance(exc, CLEAN), f"{type(exc).__name__}: {exc}"
-    _no_traceback(str(exc))
+    """A status a person can act on (common.assert_clean), counted."""
+    common.assert_clean(exc)
     CASES["status:" + type(exc).__name__] += 1
 
 
@@ -105,38 +75,6 @@ def _valid_batch(seed: int = 0) -> pa.RecordBatch:
             ),
         }
     )
-
-
-def exchange(client, command: bytes, schema: pa.Schema, batches, timeout: float = 30):
-    """Send batches through DoExchange; return the answer chunks, or raise the status."""
-    writer, reader = client.do_exchange(
-        flight.FlightDescriptor.for_command(command),
-        options=flight.FlightCallOptions(timeout=timeout),
-    )
-    chunks = []
-    try:
-        try:
-            writer.begin(schema)
-            for b in batches:
-                writer.write_batch(b)
-            writer.done_writing()
-        except (pa.ArrowException, OSError):
-            # a failed call shows on the write side too; the reader has the status
-            try:
-                writer.done_writing()
-            except (pa.ArrowException, OSError):
-                pass
-        while True:
-            try:
-                chunks.append(reader.read_chunk())
-            except StopIteration:
-                break
-    finally:
-        try:
-            writer.close()
-        except (pa.ArrowException, OSError):
-            pass
-    return chunks
 
 
 def assert_alive(client, seed: int = 0) -> None:
@@ -638,7 +576,7 @@ def _check_raw(server, client, messages) -> str:
         outcome = "ok"
     except grpc.RpcError as exc:
         code, details = exc.code(), exc.details() or ""
-        _no_traceback(details)
+        common.no_traceback(details)
         if code == grpc.StatusCode.UNKNOWN and details.startswith(PYARROW_PRE_HANDLER):
             outcome = "pyarrow_pre_handler"
         else:
@@ -723,222 +661,6 @@ def exchange_raw(port: int, messages, timeout: float = 10) -> list[bytes]:
         return list(call(iter(messages), timeout=timeout))
 
 
-# --------------------------------------------------------------------------- soak
-def _load_soak():
-    spec = importlib.util.spec_from_file_location(
-        "fq_soak", os.path.join(ROOT, "benchmarks", "soak.py")
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_soak_ci():
-    """~2400 batches over many streams (1 in 5 poisoned); RSS/fd/threads grow < 10%."""
-    soak = _load_soak()
-    out = soak.run_soak(
-        int(os.environ.get("FQ_SOAK_BATCHES", "2400")), warmup=2000, print_fn=lambda s: print(s)
-    )
-    assert out["problems"] == []
-    assert out["server_alive"]
-    assert out["batches_answered"] == out["batches_sent_valid"]
-    assert out["rows_seen"] == out["batches_answered"] * 4  # every row exactly once
-    for key, growth in out["growth"].items():
-        assert growth < 0.10, (key, out["before"], out["after"])
-    CASES["soak:batches"] += out["batches_answered"]
-    CASES["soak:poisoned_streams"] += out["streams_poisoned"]
-    CASES["soak_growth:" + ",".join(f"{k}={v:+.2%}" for k, v in out["growth"].items())] += 1
-
-
-# --------------------------------------------------------------------------- fault
-def test_failover_after_sigkill():
-    """Two servers in child processes, one SIGKILLed mid-job: every row once, in order."""
-    try:
-        from flightquant.client import Client
-    except ImportError:
-        pytest.skip("flightquant.client not available yet")
-    soak = _load_soak()
-    procs = [soak.start_server_process(max_streams=16) for _ in range(2)]
-    ports = [p for _, p in procs]
-    rng = np.random.default_rng(7)
-    batches = [soak.make_batch(0, i, 4, 2048, rng) for i in range(120)]
-    want = fq.quantize(pa.Table.from_batches(batches), bits=4, group_size=64)
-    killed = {}
-
-    def victim() -> int:
-        """The server with a stream open now (else the first one)."""
-        for i, port in enumerate(ports):
-            with flight.connect(f"grpc://127.0.0.1:{port}") as c:
-                stats = json.loads(
-                    next(iter(c.do_action(flight.Action("stats", b"")))).body.to_pybytes()
-                )
-            if stats["streams_active"]:
-                return i
-        return 0
-
-    def source():
-        for i, b in enumerate(batches):
-            if i == 40 and not killed:
-                idx = victim()
-                killed["index"] = idx
-                procs[idx][0].send_signal(signal.SIGKILL)
-                procs[idx][0].wait()
-            yield b
-
-    try:
-        with Client([f"grpc://127.0.0.1:{p}" for p in ports]) as client:
-            got = client.quantize(source(), bits=4, group_size=64)
-            got = pa.Table.from_batches(list(got)) if not isinstance(got, pa.Table) else got
-        assert killed, "the job ended before the kill"
-        assert got.num_rows == want.num_rows
-        keys = got.column("layer_name").to_pylist()
-        assert keys == want.column("layer_name").to_pylist()  # every row once, in order
-        assert len(set(keys)) == len(keys)
-        assert got.combine_chunks().equals(want.combine_chunks())
-        CASES["fault:sigkill_survived"] += 1
-    finally:
-        for proc, _ in procs:
-            if proc.poll() is None:
-                proc.kill()
-            proc.wait()
-
-
-# --------------------------------------------------------------------------- SIGTERM
-def _serve_cmd_ports(proc, timeout: float = 60) -> dict:
-    """Read the bound ports that ``flightquant serve`` prints (flight + health)."""
-    import re
-    import selectors
-
-    found: dict = {}
-    sel = selectors.DefaultSelector()
-    sel.register(proc.stdout, selectors.EVENT_READ)
-    deadline = time.monotonic() + timeout
-    lines = []
-    while time.monotonic() < deadline and not ("flight" in found and "health" in found):
-        if not sel.select(timeout=max(0.0, deadline - time.monotonic())):
-            break
-        line = proc.stdout.readline()
-        if not line:
-            break
-        lines.append(line)
-        try:
-            obj = json.loads(line)
-            if isinstance(obj, dict):
-                for k, v in obj.items():
-                    if "health" in k and isinstance(v, int):
-                        found["health"] = v
-                    elif k in ("port", "flight_port") and isinstance(v, int):
-                        found["flight"] = v
-                    elif k == "location" and isinstance(v, str):
-                        found.setdefault("flight", int(v.rsplit(":", 1)[1]))
-                continue
-        except ValueError:
-            pass
-        m = re.search(r"health\D*(\d{2,5})", line)
-        if m:
-            found["health"] = int(m.group(1))
-        m = re.search(r"grpc(?:\+tls)?://[^\s:]+:(\d+)", line)
-        if m:
-            found.setdefault("flight", int(m.group(1)))
-    found["lines"] = lines
-    return found
-
-
-@pytest.mark.parametrize("stall", [False, True], ids=["clean", "stalled-client"])
-def test_sigterm_drains(stall):
-    """SIGTERM: the open stream finishes, new streams get UNAVAILABLE, health goes
-    NOT_SERVING, and the process exits 0 in bounded time even while a client stalls."""
-    from grpc_health.v1 import health_pb2, health_pb2_grpc
-
-    env = dict(
-        os.environ,
-        PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
-        PYTHONUNBUFFERED="1",
-    )
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "flightquant",
-            "serve",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            "0",
-            "--health-port",
-            "0",
-            "--drain-timeout",
-            "3",
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env=env,
-    )
-    try:
-        ports = _serve_cmd_ports(proc)
-        if "flight" not in ports or "health" not in ports:
-            pytest.fail(
-                f"flightquant serve did not print its flight and health ports: {ports['lines']}"
-            )
-        loc = f"grpc://127.0.0.1:{ports['flight']}"
-        health = grpc.insecure_channel(f"127.0.0.1:{ports['health']}")
-        stub = health_pb2_grpc.HealthStub(health)
-
-        def check():
-            return stub.Check(
-                health_pb2.HealthCheckRequest(service="flightquant"), timeout=5
-            ).status  # noqa: E731
-
-        assert check() == health_pb2.HealthCheckResponse.SERVING
-
-        c1 = flight.connect(loc)
-        w1, r1 = c1.do_exchange(flight.FlightDescriptor.for_command(b"{}"))
-        b = _valid_batch(3)
-        w1.begin(b.schema)
-        w1.write_batch(b)
-        assert r1.read_chunk().data.num_rows == 3  # stream 1 is in flight
-        c2 = flight.connect(loc)
-        if stall:  # stream 2 stalls: it sends one batch, then nothing (no done_writing)
-            w2, r2 = c2.do_exchange(flight.FlightDescriptor.for_command(b"{}"))
-            w2.begin(b.schema)
-            w2.write_batch(b)
-            r2.read_chunk()
-
-        t0 = time.monotonic()
-        proc.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + 10
-        while check() != health_pb2.HealthCheckResponse.NOT_SERVING and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert check() == health_pb2.HealthCheckResponse.NOT_SERVING
-
-        with flight.connect(loc) as c3:
-            with pytest.raises(flight.FlightUnavailableError) as info:
-                exchange(c3, b"{}", b.schema, [b], timeout=10)
-            assert_clean(info.value)
-
-        # the in-flight stream 1 still gets its answer and ends cleanly
-        w1.write_batch(b)
-        assert r1.read_chunk().data.num_rows == 3
-        w1.done_writing()
-        with pytest.raises(StopIteration):
-            r1.read_chunk()
-        w1.close()
-
-        rc = proc.wait(timeout=30)  # a stalled stream 2 must be ended by the drain deadline
-        elapsed = time.monotonic() - t0
-        assert elapsed < 20, elapsed
-        assert rc == 0, proc.stdout.read()[-3000:]
-        CASES["sigterm:drained" + (":stalled" if stall else "")] += 1
-        for c in (c1, c2):
-            c.close()
-        health.close()
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait()
-
-
 # --------------------------------------------------------------------------- decoder fuzz
 def test_fuzz_decoder_in_subprocess():
     """Hostile quantized batches into codec.dequantize_batch / fq.dequantize: only
@@ -980,8 +702,10 @@ def test_missing_format_version_is_an_error():
 
 
 # --------------------------------------------------------------------------- report
-def test_zz_report_case_count():
-    """Print (and optionally write) how many hostile cases ran in this module."""
+@pytest.fixture(scope="module", autouse=True)
+def report_case_count():
+    """After the module: print (and optionally write) how many hostile cases ran."""
+    yield
     hostile = sum(
         v
         for k, v in CASES.items()
@@ -993,7 +717,6 @@ def test_zz_report_case_count():
     if path:
         with open(path, "w") as fh:
             json.dump(report, fh, indent=1)
-    assert hostile > 0
 
 
 # --------------------------------------------------------------------------- decoder fuzz

@@ -1,5 +1,5 @@
 # The Arrow C data interface struct and the node helpers of _arrow.pyx, shared with
-# flightquant._fastpath. https://arrow.apache.org/docs/format/CDataInterface.html
+# flightquant._engine. https://arrow.apache.org/docs/format/CDataInterface.html
 
 from libc.stdint cimport int64_t
 

@@ -1,5 +1,5 @@
-# C-level kernel entry points, shared with flightquant._fastpath (the codec's one-call
-# path). Same contract as the def wrappers in _kernels.pyx: the caller has validated the
+# C-level kernel entry points, shared with flightquant._engine (the codec
+# engine). Same contract as the def wrappers in _kernels.pyx: the caller has validated the
 # layout and allocated every output; these only compute (nogil, OpenMP over blocks).
 
 from libc.stdint cimport int64_t, uint8_t

@@ -1,4 +1,4 @@
-# C-level row bookkeeping, shared with flightquant._fastpath (the codec's one-call path).
+# C-level row bookkeeping, shared with flightquant._engine (the codec engine).
 # Pointers, no sizes: the caller guarantees every buffer is long enough for ``n`` rows
 # (the def wrappers in _rows.pyx check the sizes of NumPy views first). A NULL validity
 # bitmap means "no nulls". Offsets and counts are read with memcpy (any alignment).
