@@ -704,3 +704,67 @@ def test_usage_errors_are_one_line(argv, capsys):
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("flightquant: error:"), err
+
+
+# --------------------------------------------------------------------------- compressed-tensors
+
+
+def _hf_folder(tmp_path: Path) -> Path:
+    folder = tmp_path / "tiny-llama"
+    folder.mkdir()
+    rng = np.random.default_rng(5)
+    tensors = {
+        "model.embed_tokens.weight": rng.standard_normal((100, 64)),
+        "model.layers.0.self_attn.q_proj.weight": rng.standard_normal((64, 64)) * 0.02,
+        "model.layers.0.mlp.down_proj.weight": rng.standard_normal((64, 128)) * 0.02,
+        "model.layers.0.input_layernorm.weight": np.ones(64),
+        "lm_head.weight": rng.standard_normal((100, 64)) * 0.02,
+    }
+    save_file(
+        {k: v.astype(ml_dtypes.bfloat16) for k, v in tensors.items()},
+        str(folder / "model.safetensors"),
+        metadata={"format": "pt"},
+    )
+    (folder / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 64}))
+    (folder / "tokenizer.json").write_text("{}")
+    return folder
+
+
+def test_compressed_tensors_output(tmp_path, capsys):
+    from flightquant.modelfiles.compressed_tensors import write_compressed_tensors
+
+    src = _hf_folder(tmp_path)
+    out = tmp_path / "w4"
+    argv = ["--bits", "4", "--group-size", "32", "--scheme", "asymmetric"]
+    assert (
+        run_cli("quantize", src, "-o", out, "--format", "compressed-tensors", "--json", *argv) == 0
+    )
+    s = json.loads(capsys.readouterr().out)
+    assert s["quantized"] == 2 and "lm_head" in s["ignore"]
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert qc["quant_method"] == "compressed-tensors" and qc["format"] == "pack-quantized"
+    group = next(iter(qc["config_groups"].values()))["weights"]
+    assert (group["num_bits"], group["group_size"], group["symmetric"]) == (4, 32, False)
+    assert (out / "tokenizer.json").exists()
+    # the CLI only wires the writer: the same call gives the same bytes
+    ref = tmp_path / "ref"
+    write_compressed_tensors(src, ref, bits=4, group_size=32, scheme="asymmetric")
+    for name in ("model.safetensors", "config.json"):
+        assert (out / name).read_bytes() == (ref / name).read_bytes(), name
+    # --keep reaches the writer; the output folder must be new
+    kept = tmp_path / "kept"
+    assert (
+        run_cli(
+            "quantize", src / "model.safetensors", "-o", kept, "--format", "compressed-tensors",
+            "-q", "--keep", "*.down_proj.*", "--group-size", "64",
+        )
+        == 0
+    )  # fmt: skip
+    ignore = json.loads((kept / "config.json").read_text())["quantization_config"]["ignore"]
+    assert "model.layers.0.mlp.down_proj" in ignore
+    assert run_cli("quantize", src, "-o", kept, "--format", "compressed-tensors") == 1
+    assert "not an empty folder" in one_error_line(capsys)
+    assert run_cli("quantize", src, "-o", tmp_path / "x", "--format", "compressed-tensors",
+                   "--server", "grpc://127.0.0.1:1") == 1  # fmt: skip
+    assert "--server does not apply" in one_error_line(capsys)
+    assert not (tmp_path / "x").exists()

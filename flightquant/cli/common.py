@@ -33,8 +33,9 @@ def add_quant_options(p: argparse.ArgumentParser) -> None:
         "--format",
         default=None,
         metavar="F",
-        help="native (default: --bits/--group-size/--scheme apply) or a ggml type: "
-        + ", ".join(formats.GGML_TYPES),
+        help="native (default: --bits/--group-size/--scheme apply), a ggml type ("
+        + ", ".join(formats.GGML_TYPES)
+        + ") or compressed-tensors (quantize only: a model folder for transformers/vLLM)",
     )
     p.add_argument("--bits", type=int, default=None, help="2, 4 or 8 (default 4; ternary: 2)")
     p.add_argument(
@@ -55,7 +56,8 @@ def format_name(args: argparse.Namespace) -> str:
     if fmt.upper() in formats.GGML_TYPES:
         return fmt.upper()
     raise JobError(
-        f"--format {fmt!r} is not a format; valid formats are: {', '.join(formats.FORMAT_NAMES)}"
+        f"--format {fmt!r} is not a format; valid formats are: "
+        f"{', '.join(formats.FORMAT_NAMES)}, compressed-tensors"
     )
 
 

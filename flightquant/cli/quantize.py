@@ -93,6 +93,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 @command
 def run(args: argparse.Namespace) -> int:
     """``flightquant quantize INPUT -o OUTPUT``."""
+    if (args.format or "").lower() == "compressed-tensors":
+        from . import quantize_ct
+
+        return quantize_ct.run(args)
     source = modelfiles.open_input(args.input)
     if source.kind == "gguf":
         from . import quantize_gguf
