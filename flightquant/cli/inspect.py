@@ -265,7 +265,7 @@ def inspect_quantized(source, args) -> int:
             str(s["name"]),
             shape_text(tuple(s["shape"] or ())),
             str(s["dtype"]),
-            "pass" if s.get("format") is None else str(s["bits"] or s["format"]),
+            "kept" if s.get("format") is None else str(s["bits"] or s["format"]),
             fmt_bytes(s["original_bytes"]),
             fmt_bytes(s["bytes"]),
             "-" if s["mse"] is None else f"{s['mse']:.3g}",

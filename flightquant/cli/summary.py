@@ -109,7 +109,7 @@ def print_summary(
             fmt_bytes(s.bytes_in),
             fmt_bytes(s.bytes_out),
             f"{s.bytes_in / s.bytes_out:.2f}x" if s.bytes_out else "-",
-            "pass" if s.passthrough else fmt_db(s.snr_db),
+            "kept" if s.passthrough else fmt_db(s.snr_db),
         ]
         for s in shown
     ]
@@ -280,7 +280,7 @@ def print_estimate(source, options: dict, args, selected=None) -> int:
             s.shape,
             s.dtype,
             fmt_bytes(s.bytes_in),
-            "pass" if s.passthrough else fmt_bytes(s.bytes_out),
+            "kept" if s.passthrough else fmt_bytes(s.bytes_out),
         ]
         for s in shown
     ]
