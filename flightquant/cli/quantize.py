@@ -102,6 +102,11 @@ def run(args: argparse.Namespace) -> int:
         from . import quantize_gguf
 
         return quantize_gguf.run(args, source)
+    if args.output and str(args.output).lower().endswith(".gguf"):
+        raise JobError(
+            f"a .gguf OUTPUT needs a .gguf INPUT; convert {args.input} to GGUF first "
+            "(llama.cpp's convert_hf_to_gguf.py), then quantize that"
+        )
     if args.types or args.allow_requantize:
         raise JobError("--type and --allow-requantize apply to GGUF inputs (.gguf)")
     options = quant_options(args, args.columns)
