@@ -768,3 +768,29 @@ def test_compressed_tensors_output(tmp_path, capsys):
                    "--server", "grpc://127.0.0.1:1") == 1  # fmt: skip
     assert "--server does not apply" in one_error_line(capsys)
     assert not (tmp_path / "x").exists()
+
+
+def test_ggml_format_to_arrow(models, tmp_path, capsys):
+    q = tmp_path / "q8.arrow"
+    assert run_cli("quantize", models["bfloat16"], "-o", q, "--format", "q8_0", "--json") == 0
+    s = json.loads(capsys.readouterr().out)
+    assert s["options"]["format"] == "Q8_0" and s["bits_per_weight"] == pytest.approx(8.5)
+    assert run_cli("quantize", models["bfloat16"], "--estimate", "--json", "--format", "Q8_0") == 0
+    est = json.loads(capsys.readouterr().out)
+    assert est["bytes_out"] == s["bytes_out"]
+    t = ipc.open_file(str(q)).read_all()
+    assert t.schema.field("weights").metadata[b"flightquant.format"] == b"Q8_0"
+    assert "weights_scales" not in t.schema.names  # the scales live inside ggml's blocks
+    assert run_cli("inspect", q, "--json") == 0
+    info = json.loads(capsys.readouterr().out)
+    per = {p["name"]: p for p in info["per_tensor"]}
+    assert per["lm_head.weight"]["format"] == "Q8_0"
+    assert per["lm_head.weight"]["bytes"] == 1000 * 64 // 32 * 34
+    assert run_cli("inspect", q) == 0
+    assert "Q8_0" in capsys.readouterr().out
+    # a ggml block must fit every tensor quantized, named up front
+    argv = ["quantize", models["bfloat16"], "-o", tmp_path / "x.arrow", "--format", "Q8_0"]
+    assert run_cli(*argv, "--only", "*.bias") == 1
+    assert "'model.layers.1.mlp.up_proj.bias' has 333 values" in one_error_line(capsys)
+    assert run_cli(*argv, "--group-size", "64") == 1
+    assert "implied by --format Q8_0" in one_error_line(capsys)
