@@ -44,6 +44,11 @@ def nint(v: np.ndarray) -> np.ndarray:
     return (b & np.int32(0x007FFFFF)) - np.int32(0x00400000)
 
 
+def nintc(v: np.ndarray, lo: int, hi: int) -> np.ndarray:
+    """nint clamped to [lo, hi], as float32."""
+    return _clamp(nint(v), lo, hi).astype(F32)
+
+
 def _f16_round(v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(float16 bits as uint16, the value they decode to as float32)."""
     with np.errstate(over="ignore"):
@@ -132,9 +137,9 @@ def _q2_subblocks_rtn(x: np.ndarray):
 def _q2_codes(x: np.ndarray, L: np.ndarray, sc: np.ndarray, d: np.ndarray, dmin: np.ndarray):
     """Codes against the stored scales (x: (n, 16, 16), sc: (n, 16) uint8, d/dmin (n,));
     a sub-block whose scale decodes to zero keeps the codes in L."""
-    dd = d[:, None] * (sc & 15).astype(F32)
-    dm = dmin[:, None] * (sc >> 4).astype(F32)
-    with np.errstate(divide="ignore", invalid="ignore"):
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        dd = d[:, None] * (sc & 15).astype(F32)
+        dm = dmin[:, None] * (sc >> 4).astype(F32)
         new = _clamp(nint((x + dm[..., None]) / dd[..., None]), 0, 3).astype(np.uint8)
     return np.where((dd != 0)[..., None], new, L)
 
@@ -188,10 +193,11 @@ def _q2_decode_parts(data: np.ndarray):
 
 def _q2_decode(data: np.ndarray) -> np.ndarray:
     sc, L, d, dmin = _q2_decode_parts(data)
-    dl = d[:, None] * (sc & 15).astype(F32)
-    ml = dmin[:, None] * (sc >> 4).astype(F32)
     q = L.reshape(-1, NSUB, 16).astype(F32)
-    return (dl[..., None] * q - ml[..., None]).reshape(-1, QK)
+    with np.errstate(invalid="ignore", over="ignore"):
+        dl = d[:, None] * (sc & 15).astype(F32)
+        ml = dmin[:, None] * (sc >> 4).astype(F32)
+        return (dl[..., None] * q - ml[..., None]).reshape(-1, QK)
 
 
 # ---------------------------------------------------------------------------------------
@@ -269,8 +275,8 @@ def _q3_unpack_scales(s: np.ndarray) -> np.ndarray:
 
 def _q3_codes(x: np.ndarray, L: np.ndarray, ls: np.ndarray, d: np.ndarray) -> np.ndarray:
     """Codes 0..7 against the stored scales; a zero sub-block scale keeps L."""
-    dd = d[:, None] * (ls - 32).astype(F32)
-    with np.errstate(divide="ignore", invalid="ignore"):
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        dd = d[:, None] * (ls - 32).astype(F32)
         new = _clamp(nint(x / dd[..., None]), -4, 3) + 4
     return np.where((dd != 0)[..., None], new, L)
 
@@ -324,9 +330,260 @@ def _q3_decode_parts(data: np.ndarray):
 
 def _q3_decode(data: np.ndarray) -> np.ndarray:
     ls, L, d = _q3_decode_parts(data)
-    dl = d[:, None] * (ls - 32).astype(F32)
     q = (L - 4).reshape(-1, NSUB, 16).astype(F32)
-    return (dl[..., None] * q).reshape(-1, QK)
+    with np.errstate(invalid="ignore", over="ignore"):
+        dl = d[:, None] * (ls - 32).astype(F32)
+        return (dl[..., None] * q).reshape(-1, QK)
+
+
+# ---------------------------------------------------------------------------------------
+# mse: flightquant's search (same bytes)
+
+F64 = np.float64
+Q2_STEPS = 4  # sub-block fits tried per sub-block, iscale (2.6 + 0.3 k) / (max - min)
+Q3_STEPS = 4  # iscale -(3.2 + 0.4 k) / max
+
+
+def _sse16(x: np.ndarray, xh: np.ndarray) -> np.ndarray:
+    """Squared error of (..., 16) float32 sub-blocks: float64 terms summed in order."""
+    e = x.astype(F64) - xh.astype(F64)
+    e = e * e
+    acc = np.zeros(e.shape[:-1], F64)
+    for i in range(e.shape[-1]):
+        acc = acc + e[..., i]
+    return acc
+
+
+def _seq_sum64(a: np.ndarray) -> np.ndarray:
+    acc = np.zeros(a.shape[:-1], F64)
+    for i in range(a.shape[-1]):
+        acc = acc + a[..., i]
+    return acc
+
+
+def _keep(mask: np.ndarray, new, old):
+    """Per-block select between candidate tuples (mask over the leading axis)."""
+    out = []
+    for a, b in zip(new, old, strict=True):
+        m = mask.reshape(mask.shape + (1,) * (a.ndim - mask.ndim))
+        out.append(np.where(m, a, b))
+    return tuple(out)
+
+
+def _q2_fit(x: np.ndarray):
+    """Per (n, 16) sub-block, the scale and min (x ~ s*L - m, L in 0..3) of the grid step
+    whose least-squares refit has the smallest squared error (float32 throughout)."""
+    n = x.shape[0]
+    mn = x[:, 0].copy()
+    mx = x[:, 0].copy()
+    for i in range(1, 16):
+        mn = np.where(x[:, i] < mn, x[:, i], mn)
+        mx = np.where(x[:, i] > mx, x[:, i], mx)
+    mn = np.where(mn > 0, F32(0), mn)
+    rng = mx - mn
+    sum_x = _seq_sum(x)
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        s = rng / F32(3)
+        m = -mn
+        best = np.full(n, np.inf, F32)
+        k = np.arange(Q2_STEPS, dtype=F32)
+        iscale = (F32(2.6) + F32(0.3) * k)[None, :] / rng[:, None]  # (n, steps)
+        u = x - mn[:, None]
+        Lf = nintc(iscale[:, None, :] * u[:, :, None], 0, 3)  # (n, 16, steps)
+        L = Lf.astype(np.int32)
+        sl = L.sum(axis=1)
+        sl2 = (L * L).sum(axis=1)
+        sxl = _seq_sum(np.moveaxis(x[:, :, None] * Lf, 1, -1))
+        D = 16 * sl2 - sl * sl
+        Df = D.astype(F32)
+        slf = sl.astype(F32)
+        sl2f = sl2.astype(F32)
+        ts = (F32(16) * sxl - sum_x[:, None] * slf) / Df
+        tm = (sl2f * sum_x[:, None] - slf * sxl) / Df
+        pos = tm > 0
+        ts = np.where(pos, sxl / sl2f, ts)
+        tm = np.where(pos, F32(0), tm)
+        diff = ts[:, None, :] * Lf + tm[:, None, :] - x[:, :, None]
+        err = _seq_sum(np.moveaxis(diff * diff, 1, -1))
+        for j in range(Q2_STEPS):
+            win = (D[:, j] > 0) & (err[:, j] < best)
+            best = np.where(win, err[:, j], best)
+            s = np.where(win, ts[:, j], s)
+            m = np.where(win, -tm[:, j], m)
+    flat = ~(rng > 0)
+    return np.where(flat, F32(0), s), np.where(flat, -mn, m)
+
+
+def _q2_eval(xs: np.ndarray, s: np.ndarray, m: np.ndarray, d: np.ndarray, dmin: np.ndarray):
+    """Best (scale, min) nibbles of every sub-block against the stored d, dmin: of the
+    four pairs around (s/d, m/dmin), codes to nearest, the one with the smallest float32
+    squared error (the first on ties). Returns (sum of the sub-block errors, sc, mc, L)."""
+
+    def floor_nibble(v):
+        v = np.where(v >= 0, v, F32(0))
+        return np.where(v > 15, F32(15), v).astype(np.int32)
+
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        fs = floor_nibble(s / d[:, None])
+        fm = floor_nibble(m / dmin[:, None])
+    best = None
+    for c in range(4):
+        sc = np.minimum(fs + (c >> 1), 15)
+        mc = np.minimum(fm + (c & 1), 15)
+        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+            dl = d[:, None] * sc.astype(F32)
+            ml = dmin[:, None] * mc.astype(F32)
+            inv = F32(1) / dl
+            q = nintc((xs + ml[..., None]) * inv[..., None], 0, 3).astype(np.int32)
+            q = np.where((dl > 0)[..., None], q, 0)
+            t = xs - (dl[..., None] * q.astype(F32) - ml[..., None])
+            e = _seq_sum(t * t)
+        best = (e, sc, mc, q) if best is None else _keep(e < best[0], (e, sc, mc, q), best)
+    e, sc, mc, q = best
+    return _seq_sum64(e.astype(F64)), sc, mc, q
+
+
+def _q2_refit(x: np.ndarray, sc: np.ndarray, mc: np.ndarray, q: np.ndarray):
+    """Least squares of x ~ d * sc*q - dmin * mc over the block (float64), rounded to
+    fp16 through float32. Returns (ok, d, dmin, hd, hm)."""
+    n = x.shape[0]
+    a = (sc[..., None] * q).reshape(n, QK).astype(np.int64)
+    b = np.repeat(mc, 16, axis=1).astype(np.int64)
+    saa = (a * a).sum(axis=1)
+    sab = (a * b).sum(axis=1)
+    sbb = (b * b).sum(axis=1)
+    xd = x.astype(F64)
+    sax = _seq_sum64(a.astype(F64) * xd)
+    sbx = _seq_sum64(b.astype(F64) * xd)
+    det = saa * sbb - sab * sab
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        dd = (sax * sbb.astype(F64) - sab.astype(F64) * sbx) / det.astype(F64)
+        dm = (sab.astype(F64) * sax - saa.astype(F64) * sbx) / det.astype(F64)
+        single = ~(det > 0) | (dm < 0)
+        dd = np.where(single, sax / saa.astype(F64), dd)
+        dm = np.where(single, F64(0), dm)
+    ok = (saa > 0) & (dd > 0)
+    with np.errstate(over="ignore", invalid="ignore"):
+        hd, d = _f16_round(dd.astype(F32))
+        hm, dmin = _f16_round(dm.astype(F32))
+    return ok, d, dmin, hd, hm
+
+
+def _q2_mse(x: np.ndarray) -> np.ndarray:
+    """Q2_K search: per sub-block an unweighted least-squares fit (s, m) (``_q2_fit``);
+    d, dmin = fp16(max s / 15), fp16(max m / 15); every sub-block's nibbles chosen jointly
+    with its codes against those (``_q2_eval``); d, dmin refit by least squares to the
+    chosen nibbles and codes, the nibbles and codes chosen again against the refit; of
+    the two and rtn's own bytes, the one with the smallest squared error (rtn on ties)."""
+    n = x.shape[0]
+    xs = x.reshape(n, NSUB, 16)
+    rtn = _q2_rtn(x)
+    rtn_err = _seq_sum64(_sse16(xs, _q2_decode(rtn).reshape(n, NSUB, 16)))
+    s, m = _q2_fit(xs.reshape(-1, 16))
+    s = s.reshape(n, NSUB)
+    m = m.reshape(n, NSUB)
+    maxs = np.zeros(n, F32)
+    maxm = np.zeros(n, F32)
+    for j in range(NSUB):
+        maxs = np.where(s[:, j] > maxs, s[:, j], maxs)
+        maxm = np.where(m[:, j] > maxm, m[:, j], maxm)
+    with np.errstate(over="ignore"):
+        hd, d = _f16_round(maxs / F32(15))
+        hm, dmin = _f16_round(maxm / F32(15))
+    e1, sc, mc, q = _q2_eval(xs, s, m, d, dmin)
+    ok, d2, dmin2, hd2, hm2 = _q2_refit(x, sc, mc, q)
+    e2, sc2, mc2, q2 = _q2_eval(xs, s, m, d2, dmin2)
+    take2 = ok & (e2 < e1)
+    e, sc, mc, q, hd, hm = _keep(take2, (e2, sc2, mc2, q2, hd2, hm2), (e1, sc, mc, q, hd, hm))
+    packed = _q2_assemble((sc | (mc << 4)).astype(np.uint8), q.astype(np.uint8), hd, hm)
+    err = _seq_sum64(_sse16(xs, _q2_decode(packed).reshape(n, NSUB, 16)))
+    return np.where((err < rtn_err)[:, None], packed, rtn)
+
+
+def _q3_fit(x: np.ndarray) -> np.ndarray:
+    """Per (n, 16) sub-block the signed scale (x ~ s*L, L in -4..3) of the grid step with
+    the largest sxl**2 / sl2 (the smallest least-squares error), float32."""
+    n = x.shape[0]
+    ax = np.abs(x)
+    amax = np.zeros(n, F32)
+    mx = np.zeros(n, F32)
+    for i in range(16):
+        gt = ax[:, i] > amax
+        amax = np.where(gt, ax[:, i], amax)
+        mx = np.where(gt, x[:, i], mx)
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        s = mx / F32(-4)
+        best = np.full(n, F32(-1))
+        k = np.arange(Q3_STEPS, dtype=F32)
+        iscale = -(F32(3.2) + F32(0.4) * k)[None, :] / mx[:, None]
+        L = nintc(iscale[:, None, :] * x[:, :, None], -4, 3).astype(np.int32)
+        sl2 = (L * L).sum(axis=1).astype(F32)
+        sxl = _seq_sum(np.moveaxis(x[:, :, None] * L.astype(F32), 1, -1))
+        v = sxl * sxl / sl2
+        for j in range(Q3_STEPS):
+            win = v[:, j] > best
+            best = np.where(win, v[:, j], best)
+            s = np.where(win, sxl[:, j] / sl2[:, j], s)
+    return np.where(amax > 0, s, F32(0))
+
+
+def _q3_eval(xs: np.ndarray, s: np.ndarray, d: np.ndarray):
+    """Best 6-bit scale of every sub-block against the stored d: of floor(s/d) - 1 .. + 2,
+    codes to nearest, the one with the smallest float32 squared error (the first on ties).
+    Returns (sum of the sub-block errors, k = scale - 32, L in -4..3)."""
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        r = s / d[:, None]
+    r = np.where(r >= -32, r, F32(-32))
+    r = np.where(r > 31, F32(31), r)
+    f = np.floor(r).astype(np.int32)
+    best = None
+    for c in range(4):
+        k = _clamp(f - 1 + c, -32, 31)
+        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+            dl = d[:, None] * k.astype(F32)
+            inv = F32(1) / dl
+            q = nintc(xs * inv[..., None], -4, 3).astype(np.int32)
+            q = np.where((dl != 0)[..., None], q, 0)
+            t = xs - dl[..., None] * q.astype(F32)
+            e = _seq_sum(t * t)
+        best = (e, k, q) if best is None else _keep(e < best[0], (e, k, q), best)
+    e, k, q = best
+    return _seq_sum64(e.astype(F64)), k, q
+
+
+def _q3_mse(x: np.ndarray) -> np.ndarray:
+    """Q3_K search: per sub-block an unweighted least-squares scale (``_q3_fit``); d =
+    fp16(s_max / -32) with s_max the scale of largest magnitude; every sub-block's 6-bit
+    scale chosen with its codes against d (``_q3_eval``); d refit by least squares to the
+    chosen scales and codes, scales and codes chosen again; of the two and rtn's own
+    bytes, the one with the smallest squared error (rtn on ties)."""
+    n = x.shape[0]
+    xs = x.reshape(n, NSUB, 16)
+    rtn = _q3_rtn(x)
+    rtn_err = _seq_sum64(_sse16(xs, _q3_decode(rtn).reshape(n, NSUB, 16)))
+    s = _q3_fit(xs.reshape(-1, 16)).reshape(n, NSUB)
+    amax = np.zeros(n, F32)
+    smax = np.zeros(n, F32)
+    for j in range(NSUB):
+        a = np.abs(s[:, j])
+        gt = a > amax
+        amax = np.where(gt, a, amax)
+        smax = np.where(gt, s[:, j], smax)
+    with np.errstate(over="ignore"):
+        hd, d = _f16_round(smax / F32(-32))
+    e1, k1, q1 = _q3_eval(xs, s, d)
+    a = (k1[..., None] * q1).reshape(n, QK).astype(np.int64)
+    saa = (a * a).sum(axis=1)
+    sax = _seq_sum64(a.astype(F64) * x.astype(F64))
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        hd2, d2 = _f16_round((sax / saa.astype(F64)).astype(F32))
+    e2, k2, q2 = _q3_eval(xs, s, d2)
+    take2 = (saa > 0) & (e2 < e1)
+    e, k, q, hd = _keep(take2, (e2, k2, q2, hd2), (e1, k1, q1, hd))
+    packed = _q3_assemble(k + 32, q + 4, hd)
+    err = _seq_sum64(_sse16(xs, _q3_decode(packed).reshape(n, NSUB, 16)))
+    better = (err < rtn_err) & (smax != 0)
+    return np.where(better[:, None], packed, rtn)
 
 
 # ---------------------------------------------------------------------------------------
