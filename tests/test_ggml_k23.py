@@ -112,7 +112,11 @@ def test_rtn_bytes_match_llama_cpp(name, dist):
     ours = quantize_ggml(x, name, "rtn").reshape(-1, size)
     theirs = llama_quantize(x, name).reshape(-1, size)
     same = (ours == theirs).all(axis=1)
-    assert same.mean() >= 0.99, f"{name} {dist}: blocks {np.flatnonzero(~same)[:10]} differ"
+    # the kernels do ggml's float32 operations in its order; libggml-base is built without
+    # FMA contraction, so every block matches (the issue asks for >= 99%)
+    assert same.all(), (
+        f"{name} {dist}: {same.mean():.2%} equal; blocks {np.flatnonzero(~same)[:10]}"
+    )
 
 
 # ---------------------------------------------------------------------------------------
