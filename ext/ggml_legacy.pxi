@@ -115,13 +115,19 @@ cdef extern from *:
         return r;
     }
 
-    /* ggml's signed absmax: the first element of largest magnitude (+0.0 when all are 0) */
+    static inline void leg_minmax32(const float* x, float* pmin, float* pmax);
+
+    /* ggml's signed absmax: the first element of largest magnitude (+0.0 when all are 0);
+       from the min and max, scanning only when -min == max */
     static inline float leg_signed_absmax(const float* x, int n) {
-        float amax = leg_absmax(x, n);
-        if (amax == 0.0f) return 0.0f;
+        float mn, mx;
+        leg_minmax32(x, &mn, &mx);
+        if (mx > -mn) return mx;
+        if (-mn > mx) return mn;
+        if (mx == 0.0f) return 0.0f;
         for (int j = 0; j < n; j++)
-            if (fabsf(x[j]) == amax) return x[j];
-        return 0.0f;
+            if (fabsf(x[j]) == mx) return x[j];
+        return mx;
     }
 
     /* the first zero of x (its sign), for a min or max that came out zero: ggml keeps the
@@ -396,15 +402,15 @@ cdef extern from *:
     }
 
     /* thresholds (times amax) of the ternary scan, dyadic so C and NumPy agree exactly */
-    static const float LEG_TERN_G[12] = {
-        45.f / 64, 32.f / 64, 23.f / 64, 16.f / 64, 11.f / 64, 8.f / 64,
-        6.f / 64, 4.f / 64, 3.f / 64, 2.f / 64, 1.5f / 64, 1.f / 64};
+    #define LEG_TERN_NG 6
+    static const float LEG_TERN_G[LEG_TERN_NG] = {
+        32.f / 64, 16.f / 64, 8.f / 64, 4.f / 64, 2.f / 64, 1.f / 64};
 
     /* Best set {|x| > t} over the thresholds (largest sum^2/count: the error of its
        optimal scale sum/count), then up to 3 Lloyd steps d <- mean{|x| > d/2}. */
     static float leg_tern_search(const float* x, float amax, float* err) {
         float bk = 0.0f, bs = 0.0f, bg = -1.0f, k, s;
-        for (int i = 0; i < 12; i++) {
+        for (int i = 0; i < LEG_TERN_NG; i++) {
             leg_tern_scan(x, amax * LEG_TERN_G[i], &k, &s);
             if (k > 0.0f) {
                 float g = s * s / k;
@@ -466,9 +472,17 @@ cdef extern from *:
         for (int j = 0; j < 16; j++) qs[j] = (uint8_t)((c[j] & 15) | ((c[j + 16] & 15) << 4));
     }
 
+    /* bit j of qh = bit 4 of c[j] */
     static inline void leg_pack_qh(const int32_t* c, uint8_t* qh) {
         uint32_t h = 0;
+    #if defined(__SSE2__)
+        for (int j = 0; j < 32; j += 4) {
+            __m128i v = _mm_slli_epi32(_mm_loadu_si128((const __m128i*)(c + j)), 27);
+            h |= (uint32_t)_mm_movemask_ps(_mm_castsi128_ps(v)) << j;
+        }
+    #else
         for (int j = 0; j < 32; j++) h |= (uint32_t)((c[j] >> 4) & 1) << j;
+    #endif
         memcpy(qh, &h, 4);
     }
 
@@ -503,10 +517,8 @@ cdef extern from *:
 
     /* ---- the block functions ---- */
 
-    static const float LEG_F_Q4_0[6] = {64.f / 64, 61.f / 64, 58.f / 64, 55.f / 64,
-                                        52.f / 64, 49.f / 64};
-    static const float LEG_F_Q5_0[8] = {66.f / 64, 64.f / 64, 61.f / 64, 58.f / 64,
-                                        55.f / 64, 52.f / 64, 49.f / 64, 46.f / 64};
+    static const float LEG_F_Q4_0[3] = {65.f / 64, 62.f / 64, 58.f / 64};
+    static const float LEG_F_Q5_0[4] = {68.f / 64, 66.f / 64, 64.f / 64, 62.f / 64};
 
     /* Q4_0 / Q5_0: levels -nmax .. nmax-1 times d; mse also tries the flipped orientation
        d1 = max/(nmax-1) that puts the largest magnitude on the short side */
@@ -539,26 +551,24 @@ cdef extern from *:
 
     static int leg_q4_0_quant(const float* x, uint8_t* y, int method) {
         int32_t c[32];
-        leg_sym_block(x, y, method, 8.0f, LEG_F_Q4_0, 6, c);
+        leg_sym_block(x, y, method, 8.0f, LEG_F_Q4_0, 3, c);
         leg_pack_nibbles(c, y + 2);
         return 0;
     }
 
     static int leg_q5_0_quant(const float* x, uint8_t* y, int method) {
         int32_t c[32];
-        leg_sym_block(x, y, method, 16.0f, LEG_F_Q5_0, 8, c);
+        leg_sym_block(x, y, method, 16.0f, LEG_F_Q5_0, 4, c);
         leg_pack_qh(c, y + 2);
         leg_pack_nibbles(c, y + 6);
         return 0;
     }
 
     /* (min, top) clip fractions of the range tried by Q4_1's / Q5_1's search */
-    static const float LEG_GA_Q4_1[16] = {0, 0, 0, 0, .03125f, .03125f, .03125f, .03125f,
-        .0625f, .0625f, .0625f, .0625f, .09375f, .09375f, .09375f, .09375f};
-    static const float LEG_GB_Q4_1[16] = {0, .03125f, .0625f, .09375f, 0, .03125f, .0625f,
-        .09375f, 0, .03125f, .0625f, .09375f, 0, .03125f, .0625f, .09375f};
-    static const float LEG_GA_Q5_1[4] = {0, .03125f, 0, .03125f};
-    static const float LEG_GB_Q5_1[4] = {0, 0, .03125f, .03125f};
+    static const float LEG_GA_Q4_1[4] = {0, 1.f / 32, 0, 1.f / 32};
+    static const float LEG_GB_Q4_1[4] = {0, 0, 1.f / 32, 1.f / 32};
+    static const float LEG_GA_Q5_1[4] = {0, 1.f / 64, 0, 1.f / 64};
+    static const float LEG_GB_Q5_1[4] = {0, 0, 1.f / 64, 1.f / 64};
 
     static inline void leg_asym_block(const float* x, uint8_t* y, int method, float qmax,
                                       const float* ga, const float* gb, int ng, int32_t* c) {
@@ -593,7 +603,7 @@ cdef extern from *:
 
     static int leg_q4_1_quant(const float* x, uint8_t* y, int method) {
         int32_t c[32];
-        leg_asym_block(x, y, method, 15.0f, LEG_GA_Q4_1, LEG_GB_Q4_1, 16, c);
+        leg_asym_block(x, y, method, 15.0f, LEG_GA_Q4_1, LEG_GB_Q4_1, 4, c);
         leg_pack_nibbles(c, y + 4);
         return 0;
     }
@@ -606,12 +616,10 @@ cdef extern from *:
         return 0;
     }
 
-    /* Q8_0's search: scales d*(256+k)/256, k = -20..3, then the refits; codes -128..127 */
-    static const float LEG_F_Q8_0[24] = {
-        236.f / 256, 237.f / 256, 238.f / 256, 239.f / 256, 240.f / 256, 241.f / 256,
-        242.f / 256, 243.f / 256, 244.f / 256, 245.f / 256, 246.f / 256, 247.f / 256,
-        248.f / 256, 249.f / 256, 250.f / 256, 251.f / 256, 252.f / 256, 253.f / 256,
-        254.f / 256, 255.f / 256, 256.f / 256, 257.f / 256, 258.f / 256, 259.f / 256};
+    /* Q8_0's search: scales d*(256+k)/256, k = 0, 2, .., 10 (then the refits), codes
+       -128..127; a slightly coarser grid often rounds the 32 values better */
+    static const float LEG_F_Q8_0[6] = {256.f / 256, 258.f / 256, 260.f / 256,
+                                        262.f / 256, 264.f / 256, 266.f / 256};
 
     static int leg_q8_0_quant(const float* x, uint8_t* y, int method) {
         int32_t c[32];
@@ -619,7 +627,7 @@ cdef extern from *:
         uint16_t dh = fq_fp32_to_fp16(d);
         if (method == 1) {
             float e, xr[32], xb[32];
-            float b = leg_sym_search(x, d, 0.0f, LEG_F_Q8_0, 24, -128.0f, 127.0f, &e);
+            float b = leg_sym_search(x, d, 0.0f, LEG_F_Q8_0, 6, -128.0f, 127.0f, &e);
             if (b != 0.0f) {
                 const float d16 = fq_fp16_to_fp32(dh);
                 int32_t q[32];
@@ -697,27 +705,37 @@ cdef extern from *:
         }
     }
 
+    /* bit 4 of code j of a Q5 block: bit j of qh as 16 or 0 (a table, not a per-lane
+       shift, which SSE2 lacks) */
+    static const uint32_t LEG_BIT[32] = {
+        1u << 0, 1u << 1, 1u << 2, 1u << 3, 1u << 4, 1u << 5, 1u << 6, 1u << 7,
+        1u << 8, 1u << 9, 1u << 10, 1u << 11, 1u << 12, 1u << 13, 1u << 14, 1u << 15,
+        1u << 16, 1u << 17, 1u << 18, 1u << 19, 1u << 20, 1u << 21, 1u << 22, 1u << 23,
+        1u << 24, 1u << 25, 1u << 26, 1u << 27, 1u << 28, 1u << 29, 1u << 30, 1u << 31};
+
+    static inline void leg_q5_high(const uint8_t* qh, int32_t* hb) {
+        uint32_t h;
+        memcpy(&h, qh, 4);
+        for (int j = 0; j < 32; j++) hb[j] = (h & LEG_BIT[j]) ? 16 : 0;
+    }
+
     static void leg_q5_0_dequant(const uint8_t* y, float* x) {
         const float d = fq_load_f16(y);
-        uint32_t h;
-        memcpy(&h, y + 2, 4);
+        int32_t hb[32];
+        leg_q5_high(y + 2, hb);
         for (int j = 0; j < 16; j++) {
-            int32_t lo = (y[6 + j] & 15) | (int32_t)(((h >> j) & 1) << 4);
-            int32_t hi = (y[6 + j] >> 4) | (int32_t)(((h >> (j + 16)) & 1) << 4);
-            x[j] = d * (float)(lo - 16);
-            x[j + 16] = d * (float)(hi - 16);
+            x[j] = d * (float)(((y[6 + j] & 15) | hb[j]) - 16);
+            x[j + 16] = d * (float)(((y[6 + j] >> 4) | hb[j + 16]) - 16);
         }
     }
 
     static void leg_q5_1_dequant(const uint8_t* y, float* x) {
         const float d = fq_load_f16(y), m = fq_load_f16(y + 2);
-        uint32_t h;
-        memcpy(&h, y + 4, 4);
+        int32_t hb[32];
+        leg_q5_high(y + 4, hb);
         for (int j = 0; j < 16; j++) {
-            int32_t lo = (y[8 + j] & 15) | (int32_t)(((h >> j) & 1) << 4);
-            int32_t hi = (y[8 + j] >> 4) | (int32_t)(((h >> (j + 16)) & 1) << 4);
-            x[j] = d * (float)lo + m;
-            x[j + 16] = d * (float)hi + m;
+            x[j] = d * (float)((y[8 + j] & 15) | hb[j]) + m;
+            x[j + 16] = d * (float)((y[8 + j] >> 4) | hb[j + 16]) + m;
         }
     }
 

@@ -75,17 +75,18 @@ TYPES = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "TQ1_0", "TQ2_0")
 
 #: scale factors of the symmetric searches (dyadic, so C and NumPy read the same floats)
 SYM_FACTORS = {
-    "Q4_0": tuple(k / 64 for k in (64, 61, 58, 55, 52, 49)),
-    "Q5_0": tuple(k / 64 for k in (66, 64, 61, 58, 55, 52, 49, 46)),
-    "Q8_0": tuple(k / 256 for k in range(236, 260)),
+    "Q4_0": tuple(k / 64 for k in (65, 62, 58)),
+    "Q5_0": tuple(k / 64 for k in (68, 66, 64, 62)),
+    "Q8_0": tuple(k / 256 for k in (256, 258, 260, 262, 264, 266)),
 }
-#: (a, b) clip fractions of the range at the bottom and the top, Q4_1 / Q5_1
+#: (a, b) clip fractions of the range at the bottom and the top, Q4_1 / Q5_1: about half
+#: a step (r / qmax) at one end, the other, or both
 ASYM_GRID = {
-    "Q4_1": tuple((a / 32, b / 32) for a in range(4) for b in range(4)),
-    "Q5_1": ((0.0, 0.0), (1 / 32, 0.0), (0.0, 1 / 32), (1 / 32, 1 / 32)),
+    "Q4_1": ((0.0, 0.0), (1 / 32, 0.0), (0.0, 1 / 32), (1 / 32, 1 / 32)),
+    "Q5_1": ((0.0, 0.0), (1 / 64, 0.0), (0.0, 1 / 64), (1 / 64, 1 / 64)),
 }
 #: thresholds (times amax) of the ternary scan
-TERN_THRESHOLDS = tuple(k / 64 for k in (45, 32, 23, 16, 11, 8, 6, 4, 3, 2, 1.5, 1))
+TERN_THRESHOLDS = tuple(k / 64 for k in (32, 16, 8, 4, 2, 1))
 _SYM = {"Q4_0": 8, "Q5_0": 16}
 _ASYM = {"Q4_1": 15, "Q5_1": 31}
 
