@@ -504,14 +504,16 @@ def quantize_blocks(x: np.ndarray, name: str, method: str = "rtn") -> np.ndarray
     if x.shape[0] == 0:
         return np.zeros((0, t.type_size), np.uint8)
     mse = method == "mse"
-    if name in _SYM:
-        out = _quant_sym(x, name, mse)
-    elif name in _ASYM:
-        out = _quant_asym(x, name, mse)
-    elif name == "Q8_0":
-        out = _quant_q8(x, mse)
-    else:
-        out = _quant_tern(x, name, mse)
+    # a scale past the float16 range stores inf (as ggml does) and decodes to inf/NaN
+    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+        if name in _SYM:
+            out = _quant_sym(x, name, mse)
+        elif name in _ASYM:
+            out = _quant_asym(x, name, mse)
+        elif name == "Q8_0":
+            out = _quant_q8(x, mse)
+        else:
+            out = _quant_tern(x, name, mse)
     assert out.shape == (x.shape[0], t.type_size)
     return np.ascontiguousarray(out, np.uint8)
 
