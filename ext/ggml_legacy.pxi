@@ -23,8 +23,9 @@ cdef extern from *:
        then lane 0 + lane 1 + ... + lane 7 in order: the reference sums the same way. gcc
        and clang get vector extensions (SSE2 / NEON; gcc's auto-vectorizer turns the
        clamps of a scalar loop into branches under its default -ftrapping-math); other
-       compilers get the same arithmetic lane by lane. */
-    #if defined(__GNUC__)
+       compilers get the same arithmetic lane by lane (LEG_SCALAR forces that path, for
+       testing it). */
+    #if defined(__GNUC__) && !defined(LEG_SCALAR)
     #if defined(__SSE2__)
     #include <emmintrin.h>
     #endif
@@ -475,7 +476,7 @@ cdef extern from *:
     /* bit j of qh = bit 4 of c[j] */
     static inline void leg_pack_qh(const int32_t* c, uint8_t* qh) {
         uint32_t h = 0;
-    #if defined(__SSE2__)
+    #if defined(__SSE2__) && !defined(LEG_SCALAR)
         for (int j = 0; j < 32; j += 4) {
             __m128i v = _mm_slli_epi32(_mm_loadu_si128((const __m128i*)(c + j)), 27);
             h |= (uint32_t)_mm_movemask_ps(_mm_castsi128_ps(v)) << j;
