@@ -275,10 +275,14 @@ def test_edge_blocks(name):
 
 @pytest.mark.parametrize("name", TYPES)
 def test_non_finite_input_is_an_error(name):
-    x = _data("gauss", formats.get(name).block_size * 3)
-    x[40] = np.inf
-    with pytest.raises(NonFiniteError):
-        kernels.quantize_ggml(x, name, method="mse")
+    n = formats.get(name).block_size * 3
+    for pos, bad in ((0, -np.inf), (40, np.inf), (n - 1, np.nan)):
+        for dtype in (F32, np.float64, np.float16):
+            x = _data("gauss", n).astype(dtype)
+            x[pos] = bad
+            with pytest.raises(NonFiniteError) as err:
+                kernels.quantize_ggml(x, name, method="mse")
+            assert err.value.element == pos
 
 
 # --------------------------------------------------------------------------- driver paths
