@@ -19,7 +19,7 @@
 
 from cython.parallel cimport prange
 from libc.math cimport fabsf, isfinite
-from libc.stdint cimport int64_t, uint8_t, uint16_t
+from libc.stdint cimport int64_t, uint8_t, uint16_t, uint32_t
 from libc.stdlib cimport free, malloc
 from libc.string cimport memcpy
 
@@ -76,8 +76,15 @@ cdef inline bint stage_block(const uint8_t* src, int itemsize, int64_t n, float*
     cdef double d
     cdef uint16_t h
     cdef bint ok = True
+    cdef uint32_t u, acc = 0
     if itemsize == 4:
-        memcpy(st, src, n * 4)
+        # copy and check in one pass that vectorizes: non-finite <=> all exponent bits set
+        # <=> adding one exponent unit carries into the sign bit
+        for i in range(n):
+            memcpy(&u, src + 4 * i, 4)
+            acc = acc | ((u & <uint32_t>0x7F800000) + <uint32_t>0x00800000)
+            memcpy(&st[i], &u, 4)
+        return (acc & <uint32_t>0x80000000) == 0
     elif itemsize == 8:
         for i in range(n):
             memcpy(&d, src + 8 * i, 8)
