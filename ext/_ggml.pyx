@@ -84,20 +84,21 @@ cdef inline bint stage_block(const uint8_t* src, int itemsize, int64_t n, float*
             memcpy(&u, src + 4 * i, 4)
             acc = acc | ((u & <uint32_t>0x7F800000) + <uint32_t>0x00800000)
             memcpy(&st[i], &u, 4)
-        return (acc & <uint32_t>0x80000000) == 0
-    elif itemsize == 8:
-        for i in range(n):
-            memcpy(&d, src + 8 * i, 8)
-            st[i] = <float>d
-            if not isfinite(d):
-                ok = False
+        ok = (acc & <uint32_t>0x80000000) == 0
     else:
+        if itemsize == 8:
+            for i in range(n):
+                memcpy(&d, src + 8 * i, 8)
+                st[i] = <float>d
+                if not isfinite(d):
+                    ok = False
+        else:
+            for i in range(n):
+                memcpy(&h, src + 2 * i, 2)
+                st[i] = fq_fp16_to_fp32(h)
         for i in range(n):
-            memcpy(&h, src + 2 * i, 2)
-            st[i] = fq_fp16_to_fp32(h)
-    for i in range(n):
-        if not isfinite(st[i]):
-            ok = False
+            if not isfinite(st[i]):
+                ok = False
     if has_clip:
         for i in range(n):
             st[i] = lo if st[i] < lo else (hi if st[i] > hi else st[i])
