@@ -19,7 +19,7 @@
 
 from cython.parallel cimport prange
 from libc.math cimport fabsf, isfinite
-from libc.stdint cimport int64_t, uint8_t, uint16_t
+from libc.stdint cimport int64_t, uint8_t, uint16_t, uint32_t
 from libc.stdlib cimport free, malloc
 from libc.string cimport memcpy
 
@@ -76,21 +76,29 @@ cdef inline bint stage_block(const uint8_t* src, int itemsize, int64_t n, float*
     cdef double d
     cdef uint16_t h
     cdef bint ok = True
+    cdef uint32_t u, acc = 0
     if itemsize == 4:
-        memcpy(st, src, n * 4)
-    elif itemsize == 8:
+        # copy and check in one pass that vectorizes: non-finite <=> all exponent bits set
+        # <=> adding one exponent unit carries into the sign bit
         for i in range(n):
-            memcpy(&d, src + 8 * i, 8)
-            st[i] = <float>d
-            if not isfinite(d):
-                ok = False
+            memcpy(&u, src + 4 * i, 4)
+            acc = acc | ((u & <uint32_t>0x7F800000) + <uint32_t>0x00800000)
+            memcpy(&st[i], &u, 4)
+        ok = (acc & <uint32_t>0x80000000) == 0
     else:
+        if itemsize == 8:
+            for i in range(n):
+                memcpy(&d, src + 8 * i, 8)
+                st[i] = <float>d
+                if not isfinite(d):
+                    ok = False
+        else:
+            for i in range(n):
+                memcpy(&h, src + 2 * i, 2)
+                st[i] = fq_fp16_to_fp32(h)
         for i in range(n):
-            memcpy(&h, src + 2 * i, 2)
-            st[i] = fq_fp16_to_fp32(h)
-    for i in range(n):
-        if not isfinite(st[i]):
-            ok = False
+            if not isfinite(st[i]):
+                ok = False
     if has_clip:
         for i in range(n):
             st[i] = lo if st[i] < lo else (hi if st[i] > hi else st[i])
