@@ -62,21 +62,38 @@ def _round_f16(v: np.ndarray) -> np.ndarray:
 
 
 def _seq_sum(terms: np.ndarray) -> np.ndarray:
-    """Sum float32 terms over the last axis strictly in index order (C's for loop)."""
-    acc = terms[..., 0].copy()
-    for i in range(1, terms.shape[-1]):
+    """Sum float32 terms over the last axis strictly in index order, from 0 (C's loop)."""
+    acc = np.zeros(terms.shape[:-1], F32)
+    for i in range(terms.shape[-1]):
         acc = acc + terms[..., i]
     return acc
+
+
+def _fits(v: np.ndarray) -> np.ndarray:
+    """|v| <= 4e6 (False for NaN): where the kernels' float rounding equals nearest_int."""
+    lim = F32(4.0e6)
+    return (v <= lim) & (-lim <= v)
 
 
 # ---------------------------------------------------------------------------------------
 # ggml's helpers, over many sub-blocks at once (rows of a 2-D array)
 
 
-def make_qkx2_quants(x: np.ndarray, w: np.ndarray, nmax: int, rmin: float, rdelta: float,
-                     nstep: int):
-    """ggml's make_qkx2_quants (use_mad=false) on every row of ``x`` (N, n) with weights
-    ``w``: ``(L uint8 (N, n), scale (N,), the_min (N,))``, the_min = minus the offset."""
+def make_qkx2_quants(
+    x: np.ndarray,
+    w: np.ndarray,
+    nmax: int,
+    rmin: float,
+    rdelta: float,
+    nstep: int,
+    track: bool = False,
+):
+    """ggml's make_qkx2_quants (use_mad=false) on every row of ``x`` (N, 32) with weights
+    ``w``: ``(L uint8 (N, 32), scale (N,), the_min (N,))``, the_min = minus the offset.
+
+    ``track`` (mse) adds ``(u_s, u_m, lanes_ok)``: the best unweighted least-squares fit
+    ``x ~ u_s*l - u_m`` over every set of codes the search tries (:func:`_k45_ucand`), and
+    whether the kernels' lanes could run the row (else the kernel's mse keeps rtn)."""
     n = x.shape[1]
     nmax_f = F32(nmax)
     mn = x[:, 0].copy()
@@ -89,18 +106,36 @@ def make_qkx2_quants(x: np.ndarray, w: np.ndarray, nmax: int, rmin: float, rdelt
         mx = np.where(xi > mx, xi, mx)
         sum_w = sum_w + w[:, i]
         sum_x = sum_x + w[:, i] * xi
+    xlo = mn
     mn = np.where(mn > 0, F32(0), mn)
     flat = mx == mn
+    ux = _seq_sum(x)
+    ux2 = _seq_sum(x * x)
+    ok = np.ones(x.shape[0], bool)
+    ubest = np.full(x.shape[0], np.inf, F32)
+    us = np.zeros(x.shape[0], F32)
+    um = np.zeros(x.shape[0], F32)
+
+    def guard(isc):
+        den = np.where(flat, F32(1), mx - mn)
+        return ok & (flat | (_fits(isc * (xlo - mn)) & _fits(isc * den)))
+
     with np.errstate(all="ignore"):
         iscale = nmax_f / (mx - mn)
         scale = F32(1) / iscale
+        ok = guard(nmax_f / np.where(flat, F32(1), mx - mn))
         L = np.clip(nearest_int(iscale[:, None] * (x - mn[:, None])), 0, nmax)
         lf = L.astype(F32)
         diff = (scale[:, None] * lf + mn[:, None]) - x
         best = _seq_sum(w * (diff * diff))
+        if track:
+            ubest, us, um = _k45_ucand(lf, x, ux, ux2, ubest, us, um)
         for step in range(nstep + 1):
             # the C steps from the min of the best fit so far, not from min(x)
             isc = (F32(rmin) + F32(rdelta) * F32(step) + nmax_f) / (mx - mn)
+            ok = guard(
+                (F32(rmin) + F32(rdelta) * F32(step) + nmax_f) / np.where(flat, F32(1), mx - mn)
+            )
             la = np.clip(nearest_int(isc[:, None] * (x - mn[:, None])), 0, nmax)
             laf = la.astype(F32)
             wl = w * laf
@@ -120,14 +155,57 @@ def make_qkx2_quants(x: np.ndarray, w: np.ndarray, nmax: int, rmin: float, rdelt
             best = np.where(take, cur, best)
             scale = np.where(take, this_scale, scale)
             mn = np.where(take, this_min, mn)
+            if track:
+                ubest, us, um = _k45_ucand(laf, x, ux, ux2, ubest, us, um)
     L = np.where(flat[:, None], 0, L).astype(np.uint8)
     scale = np.where(flat, F32(0), scale).astype(F32)
+    if track:
+        return L, scale, (-mn).astype(F32), us, um, ok
     return L, scale, (-mn).astype(F32)
 
 
-def make_qx_quants_rmse1(x: np.ndarray, nmax: int):
+def _k45_lsfit(sq, sq2, sqx, sx):
+    """The least-squares fit x ~ s*q + b, b <= 0, of 32 codes from their sums: (s, b)."""
+    n = F32(32)
+    with np.errstate(all="ignore"):
+        D = n * sq2 - sq * sq
+        s = (n * sqx - sq * sx) / D
+        b = (sx - s * sq) / n
+        good = D > 0
+        s = np.where(good, s, F32(0))
+        b = np.where(good, b, sx / n)
+        pos = b > 0
+        s = np.where(pos, np.where(sq2 > 0, sqx / sq2, F32(0)), s)
+        b = np.where(pos, F32(0), b)
+    return s.astype(F32), b.astype(F32)
+
+
+def _k45_ucand(lf, x, ux, ux2, ubest, us, um):
+    """Keep the unweighted fit of codes ``lf`` (as floats) where its closed-form squared
+    error E is below ``ubest``; E = sum(x^2) - 2s sum(lx) - 2b sum(x) + s^2 sum(l^2)
+    + 2sb sum(l) + 32 b^2, evaluated left to right in float32."""
+    ul = _seq_sum(lf)
+    ul2 = _seq_sum(lf * lf)
+    uxl = _seq_sum(lf * x)
+    s, b = _k45_lsfit(ul, ul2, uxl, ux)
+    two = F32(2)
+    with np.errstate(all="ignore"):
+        E = (
+            ux2
+            - (two * s) * uxl
+            - (two * b) * ux
+            + (s * s) * ul2
+            + ((two * s) * b) * ul
+            + F32(32) * (b * b)
+        )
+    t = E < ubest
+    return np.where(t, E, ubest), np.where(t, s, us), np.where(t, -b, um)
+
+
+def make_qx_quants_rmse1(x: np.ndarray, nmax: int, track: bool = False):
     """ggml's make_qx_quants(n, nmax, x, L, rmse_type=1, qw=NULL) on every row of ``x``:
-    ``(L uint8 (N, n) holding l + nmax, scale (N,))``."""
+    ``(L uint8 (N, n) holding l + nmax, scale (N,))``; ``track`` (mse) adds the best
+    unweighted least-squares scale over every set of codes it tries."""
     ax = np.abs(x)
     imax = np.argmax(ax, axis=1)  # the first largest |x|, as the C's strict '>' keeps
     rows = np.arange(x.shape[0])
@@ -136,13 +214,25 @@ def make_qx_quants_rmse1(x: np.ndarray, nmax: int):
     zero = amax < GROUP_MAX_EPS
     w = x * x
     wx = w * x
+    ux2 = _seq_sum(x * x)
+    ubest = np.full(x.shape[0], np.inf, F32)
+    us = np.zeros(x.shape[0], F32)
     with np.errstate(all="ignore"):
 
         def codes(iscale):
             return np.clip(nearest_int(iscale[:, None] * x), -nmax, nmax - 1)
 
-        def sums(l):
-            lf = l.astype(F32)
+        def sums(codes_):
+            lf = codes_.astype(F32)
+            if track:
+                nonlocal ubest, us
+                ul2 = _seq_sum(lf * lf)
+                uxl = _seq_sum(lf * x)
+                s = np.where(ul2 > 0, uxl / ul2, F32(0))
+                E = ux2 - s * uxl
+                t = E < ubest
+                ubest = np.where(t, E, ubest)
+                us = np.where(t, s, us)
             return _seq_sum(wx * lf), _seq_sum((w * lf) * lf)
 
         iscale = F32(-nmax) / xmax
@@ -162,6 +252,8 @@ def make_qx_quants_rmse1(x: np.ndarray, nmax: int):
             best = np.where(take, scale * slx, best)
     L = np.where(zero[:, None], 0, L + nmax).astype(np.uint8)
     scale = np.where(zero, F32(0), scale).astype(F32)
+    if track:
+        return L, scale, np.where(zero, F32(0), us).astype(F32)
     return L, scale
 
 
@@ -274,7 +366,9 @@ def _requant_k45(x3, d16, dmin16, sc, m, L, nmax):
     return np.where((d != 0)[..., None], q, L.reshape(x3.shape)).astype(np.uint8)
 
 
-def _rtn_k45(x: np.ndarray, name: str) -> np.ndarray:
+def _rtn_k45(x: np.ndarray, name: str, track: bool = False):
+    """ggml's quantize_row_q4_K_ref / quantize_row_q5_K_ref: the bytes, and with ``track``
+    also what the mse search starts from (see :func:`_mse_k45`)."""
     nmax, rmin, rdelta, nstep = QKX2_GRID[name]
     nb = x.shape[0]
     x3 = x.reshape(nb, 8, 32)
@@ -282,7 +376,8 @@ def _rtn_k45(x: np.ndarray, name: str) -> np.ndarray:
     sum_x2 = _seq_sum(xs * xs)
     av_x = np.sqrt(sum_x2 / F32(32))
     w = av_x[:, None] + np.abs(xs)
-    L, scales, mins = make_qkx2_quants(xs, w, nmax, rmin, rdelta, nstep)
+    res = make_qkx2_quants(xs, w, nmax, rmin, rdelta, nstep, track)
+    L, scales, mins = res[:3]
     scales = scales.reshape(nb, 8)
     mins = mins.reshape(nb, 8)
     max_scale = np.zeros(nb, F32)
@@ -298,7 +393,105 @@ def _rtn_k45(x: np.ndarray, name: str) -> np.ndarray:
         d = _round_f16(max_scale / F32(63))
         dmin = _round_f16(max_min / F32(63))
     q = _requant_k45(x3, d, dmin, sc, m, L, nmax)
-    return _assemble_k45(name, d, dmin, sc, m, q.reshape(nb, 256))
+    out = _assemble_k45(name, d, dmin, sc, m, q.reshape(nb, 256))
+    if not track:
+        return out
+    u_s, u_m, ok = (a.reshape(nb, 8) for a in res[3:])
+    ds = d[:, None] * sc.astype(F32)
+    dm = dmin[:, None] * m.astype(F32)
+    return out, q, ds, dm, u_s, u_m, ok.all(axis=1)
+
+
+def _k_grid(v, step, hi):
+    """floor(v / step) clamped to [0, hi]; 0 where step is not > 0 or the ratio is NaN."""
+    with np.errstate(all="ignore"):
+        t = np.floor(v / step[:, None])
+    t = np.where(t > F32(hi), F32(hi), np.where(t > 0, t, F32(0)))
+    return np.where((step > 0)[:, None], t, F32(0)).astype(F32)
+
+
+def _k45_eval(x3, nmax, ds, dm):
+    """Codes against stored scales ``ds`` (> 0, else codes 0) and mins ``dm``, per
+    sub-block: q = clamp(round((x + dm) * (1/ds)), 0, nmax), round(v) = (v + 1.5*2**23)
+    - 1.5*2**23 (float32); returns (squared error of ds*q - dm, sum q, sum q*q, sum q*x,
+    q), every sum sequential over the 32 elements from 0."""
+    nm = F32(nmax)
+    with np.errstate(all="ignore"):
+        ids = np.where(ds > 0, F32(1) / ds, F32(0))
+        v = (x3 + dm[..., None]) * ids[..., None]
+    r = (v + _MAGIC) - _MAGIC
+    r = np.where(r > 0, r, F32(0))
+    r = np.where(r < nm, r, nm)
+    e = (ds[..., None] * r - dm[..., None]) - x3
+    return _seq_sum(e * e), _seq_sum(r), _seq_sum(r * r), _seq_sum(r * x3), r
+
+
+def _block_err(err):
+    """A block's squared error: the float32 sub-block errors added in float64, in order."""
+    tot = np.zeros(err.shape[0], F64)
+    for j in range(err.shape[1]):
+        tot = tot + err[:, j].astype(F64)
+    return tot
+
+
+#: mse keeps its block only when its error is below rtn's by this factor: the float32
+#: sub-block sums are exact to ~2e-6, so the true error is lower too
+MSE_MARGIN = 1.0 - 1.0 / 65536
+K45_ROUNDS = 4
+Q6_ROUNDS = 4
+
+
+def _mse_k45(x: np.ndarray, name: str) -> np.ndarray:
+    nmax = QKX2_GRID[name][0]
+    nb = x.shape[0]
+    x3 = x.reshape(nb, 8, 32)
+    out, q, ds, dm, u_s, u_m, ok = _rtn_k45(x, name, track=True)
+    e = (ds[..., None] * q.astype(F32) - dm[..., None]) - x3
+    e_rtn = _block_err(_seq_sum(e * e))
+    sx = _seq_sum(x3)
+    max_scale = np.zeros(nb, F32)
+    max_min = np.zeros(nb, F32)
+    for j in range(8):
+        max_scale = np.where(u_s[:, j] > max_scale, u_s[:, j], max_scale)
+        max_min = np.where(u_m[:, j] > max_min, u_m[:, j], max_min)
+    d = _round_f16(max_scale / F32(63))
+    dmin = _round_f16(max_min / F32(63))
+    be = np.full((nb, 8), np.inf, F32)
+    psc = np.zeros((nb, 8), F32)
+    pm = np.zeros((nb, 8), F32)
+    bq = np.zeros((nb, 8), F32)
+    bq2 = np.zeros((nb, 8), F32)
+    bqx = np.zeros((nb, 8), F32)
+    for _ in range(K45_ROUNDS):
+        sc0 = _k_grid(u_s, d, 62)
+        m0 = _k_grid(u_m, dmin, 62)
+        for a in (0, 1):
+            for b in (0, 1):
+                sc = sc0 + F32(a)
+                m = m0 + F32(b)
+                err, sq, sq2, sqx, _ = _k45_eval(x3, nmax, d[:, None] * sc, dmin[:, None] * m)
+                t = err < be
+                be = np.where(t, err, be)
+                psc = np.where(t, sc, psc)
+                pm = np.where(t, m, pm)
+                bq = np.where(t, sq, bq)
+                bq2 = np.where(t, sq2, bq2)
+                bqx = np.where(t, sqx, bqx)
+        u_s, b_ = _k45_lsfit(bq, bq2, bqx, sx)
+        u_m = -b_
+    pick = ok & (_block_err(be) < e_rtn * MSE_MARGIN)
+    if pick.any():
+        *_, r = _k45_eval(x3, nmax, d[:, None] * psc, dmin[:, None] * pm)
+        mine = _assemble_k45(
+            name,
+            d,
+            dmin,
+            psc.astype(np.uint8),
+            pm.astype(np.uint8),
+            r.astype(np.uint8).reshape(nb, 256),
+        )
+        out[pick] = mine[pick]
+    return out
 
 
 def _assemble_q6(d, sc, L) -> np.ndarray:
@@ -317,10 +510,13 @@ def _requant_q6(x3, d16, sc, L):
     return np.where((d != 0)[..., None], q, L.reshape(x3.shape)).astype(np.uint8)
 
 
-def _rtn_q6(x: np.ndarray) -> np.ndarray:
+def _rtn_q6(x: np.ndarray, track: bool = False):
+    """ggml's quantize_row_q6_K_ref: the bytes, and with ``track`` also what the mse
+    search starts from (see :func:`_mse_q6`)."""
     nb = x.shape[0]
     x3 = x.reshape(nb, 16, 16)
-    L, scales = make_qx_quants_rmse1(x3.reshape(nb * 16, 16), 32)
+    res = make_qx_quants_rmse1(x3.reshape(nb * 16, 16), 32, track)
+    L, scales = res[:2]
     scales = scales.reshape(nb, 16)
     max_scale = np.zeros(nb, F32)
     max_abs = np.zeros(nb, F32)
@@ -337,6 +533,67 @@ def _rtn_q6(x: np.ndarray) -> np.ndarray:
     q = _requant_q6(x3, d, sc, L)
     out = _assemble_q6(d, sc, q.reshape(nb, 256))
     out[zero] = 0
+    if not track:
+        return out
+    return out, q, d[:, None] * sc.astype(F32), res[2].reshape(nb, 16), zero
+
+
+def _q6_grid(v, step):
+    """floor(v / step) clamped to [-128, 126]; 0 where step is 0 or the ratio is NaN."""
+    with np.errstate(all="ignore"):
+        t = np.floor(v / step[:, None])
+    t = np.where(t > F32(126), F32(126), np.where(t > F32(-128), t, F32(-128)))
+    return np.where((step == 0)[:, None], F32(0), t).astype(F32)
+
+
+def _q6_eval(x3, ds):
+    """Codes against stored scales ``ds`` (0: codes 0) per sub-block: q = clamp(round(x *
+    (1/ds)), -32, 31); returns (squared error of ds*q, sum q*q, sum q*x, q)."""
+    with np.errstate(all="ignore"):
+        ids = np.where(ds != 0, F32(1) / ds, F32(0))
+        v = x3 * ids[..., None]
+    r = (v + _MAGIC) - _MAGIC
+    r = np.where(r > F32(-32), r, F32(-32))
+    r = np.where(r < F32(31), r, F32(31))
+    e = ds[..., None] * r - x3
+    return _seq_sum(e * e), _seq_sum(r * r), _seq_sum(r * x3), r
+
+
+def _mse_q6(x: np.ndarray) -> np.ndarray:
+    nb = x.shape[0]
+    x3 = x.reshape(nb, 16, 16)
+    out, q, ds, u_s, zero = _rtn_q6(x, track=True)
+    e = ds[..., None] * (q.astype(F32) - F32(32)) - x3
+    e_rtn = _block_err(_seq_sum(e * e))
+    max_scale = np.zeros(nb, F32)
+    max_abs = np.zeros(nb, F32)
+    for j in range(16):
+        a = np.abs(u_s[:, j])
+        big = a > max_abs
+        max_abs = np.where(big, a, max_abs)
+        max_scale = np.where(big, u_s[:, j], max_scale)
+    d = _round_f16(max_scale / F32(-128))
+    be = np.full((nb, 16), np.inf, F32)
+    psc = np.zeros((nb, 16), F32)
+    bq2 = np.zeros((nb, 16), F32)
+    bqx = np.zeros((nb, 16), F32)
+    for _ in range(Q6_ROUNDS):
+        c0 = _q6_grid(u_s, d)
+        for a in (0, 1):
+            sc = c0 + F32(a)
+            err, sq2, sqx, _ = _q6_eval(x3, d[:, None] * sc)
+            t = err < be
+            be = np.where(t, err, be)
+            psc = np.where(t, sc, psc)
+            bq2 = np.where(t, sq2, bq2)
+            bqx = np.where(t, sqx, bqx)
+        with np.errstate(all="ignore"):
+            u_s = np.where(bq2 > 0, bqx / bq2, u_s).astype(F32)
+    pick = ~zero & (_block_err(be) < e_rtn * MSE_MARGIN)
+    if pick.any():
+        *_, r = _q6_eval(x3, d[:, None] * psc)
+        mine = _assemble_q6(d, psc.astype(np.int8), (r + F32(32)).astype(np.uint8).reshape(nb, 256))
+        out[pick] = mine[pick]
     return out
 
 
@@ -393,11 +650,3 @@ def dequantize_blocks(data: np.ndarray, name: str) -> np.ndarray:
     ds = (d * sc.astype(F32))[..., None]
     dm = (dmin * m.astype(F32))[..., None]
     return (ds * L.reshape(nb, 8, 32).astype(F32) - dm).reshape(nb, QK)
-
-
-def _mse_k45(x, name):
-    raise NotImplementedError
-
-
-def _mse_q6(x):
-    raise NotImplementedError
