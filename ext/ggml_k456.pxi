@@ -12,7 +12,6 @@
 # The reference (the definition these must match bit for bit) is
 # flightquant/reference/ggml_k456.py; its docstring describes the formats and the mse search.
 
-from libc.math cimport INFINITY, floorf
 from libc.string cimport memset
 
 cdef extern from *:
@@ -21,6 +20,7 @@ cdef extern from *:
     #include <stdint.h>
     #include <string.h>
     #define K_MAGIC 12582912.0f
+    #define K45_USTEP 2     /* mse: fits of every second step's codes */
     #define K_GROUP_MAX_EPS 1e-15f
 
     #if defined(__GNUC__) || defined(__clang__)
@@ -79,12 +79,10 @@ cdef extern from *:
     #if !K456_HAVE_W8
     #define k45_lanes_w8 k45_lanes_w4
     #define k45_requant_w8 k45_requant_w4
-    #define k45_eval_w8 k45_eval_w4
-    #define k45_err_w8 k45_err_w4
+    #define k45_pairs_w8 k45_pairs_w4
     #define q6_lanes_w8 q6_lanes_w4
     #define q6_requant_w8 q6_requant_w4
-    #define q6_eval_w8 q6_eval_w4
-    #define q6_err_w8 q6_err_w4
+    #define q6_pairs_w8 q6_pairs_w4
     #endif
     #else
     /* other compilers: the same code one lane at a time */
@@ -102,12 +100,10 @@ cdef extern from *:
 
     #define k45_lanes K456_PICK(k45_lanes)
     #define k45_requant K456_PICK(k45_requant)
-    #define k45_eval K456_PICK(k45_eval)
-    #define k45_err K456_PICK(k45_err)
+    #define k45_pairs K456_PICK(k45_pairs)
     #define q6_lanes K456_PICK(q6_lanes)
     #define q6_requant K456_PICK(q6_requant)
-    #define q6_eval K456_PICK(q6_eval)
-    #define q6_err K456_PICK(q6_err)
+    #define q6_pairs K456_PICK(q6_pairs)
 
     /* Q4_K/Q5_K: transpose a block (xt[i*8 + s] = x[32*s + i]) and ggml's weights
        av_x + |x|, av_x = sqrtf(sum(x*x)/32) per sub-block (a sequential sum). */
@@ -132,16 +128,15 @@ cdef extern from *:
                   int nstep, float* scales, float* mins, float* l_isc, float* l_mn,
                   float* u_s, float* u_m, float* u_x) noexcept nogil
     void k45_requant(const float* xt, int nmax, const float* d, const float* dm,
-                     const float* isc, const float* mn, float* qt) noexcept nogil
-    void k45_eval(const float* xt, int nmax, const float* ds, const float* dm, float* err,
-                  float* sq, float* sq2, float* sqx, float* qt) noexcept nogil
-    void k45_err(const float* xt, const float* qt, const float* ds, const float* dm,
-                 float* err) noexcept nogil
+                     const float* isc, const float* mn, float* qt, float* err) noexcept nogil
+    void k45_pairs(const float* xt, int nmax, float d16, float dmin16, const float* u_s,
+                   const float* u_m, const float* u_x, int lloyd, int rounds, float* psc,
+                   float* pm, float* be, float* qt) noexcept nogil
     void q6_lanes(const float* xt, float* scales, float* l_isc, float* u_s) noexcept nogil
-    void q6_requant(const float* xt, const float* d, const float* isc, float* qt) noexcept nogil
-    void q6_eval(const float* xt, const float* ds, float* err, float* sq2, float* sqx,
-                 float* qt) noexcept nogil
-    void q6_err(const float* xt, const float* qt, const float* ds, float* err) noexcept nogil
+    void q6_requant(const float* xt, const float* d, const float* isc, float* qt,
+                    float* err) noexcept nogil
+    void q6_pairs(const float* xt, float d16, const float* u_s, int rounds, float* psc,
+                  float* be, float* qt) noexcept nogil
     void k45_prep(const float* x, float* xt, float* wt) noexcept nogil
 
 
@@ -155,8 +150,13 @@ def _k456_lane_width(int w=0):
 
 
 cdef enum:
-    K45_ROUNDS = 4      # mse: pair searches (the first from the search's fit, then refits)
+    K45_LLOYD = 1       # mse: code / refit passes on the search's fits before the pairs
+    K45_ROUNDS = 4      # mse: rounds of the pair search (it stops early once settled)
     Q6_ROUNDS = 4
+
+# mse keeps its block only when its error is below rtn's by this factor: the float32
+# sub-block sums are exact to ~2e-6, so the true error is lower too
+cdef double MSE_MARGIN = 1.0 - 1.0 / 65536
 
 
 cdef inline float k_f16(float v) noexcept nogil:
@@ -174,7 +174,7 @@ cdef float k45_qkx2_scalar(const float* x, const float* w, int nmax, float rmin,
     cdef uint8_t Laux[32]
     cdef float mn = x[0], mx = x[0], sum_w = w[0], sum_x = w[0] * x[0]
     cdef float iscale, scale, best, diff, sum_l, sum_l2, sum_xl, D, ts, tm, cur
-    cdef int i, k, l
+    cdef int i, k, lv
     for i in range(1, 32):
         if x[i] < mn:
             mn = x[i]
@@ -193,8 +193,8 @@ cdef float k45_qkx2_scalar(const float* x, const float* w, int nmax, float rmin,
     scale = <float>1 / iscale
     best = 0
     for i in range(32):
-        l = fq_nearest_int(iscale * (x[i] - mn))
-        L[i] = max(0, min(nmax, l))
+        lv = fq_nearest_int(iscale * (x[i] - mn))
+        L[i] = max(0, min(nmax, lv))
         diff = (scale * <float>L[i] + mn) - x[i]
         best = best + w[i] * (diff * diff)
     for k in range(nstep + 1):
@@ -203,11 +203,11 @@ cdef float k45_qkx2_scalar(const float* x, const float* w, int nmax, float rmin,
         sum_l2 = 0
         sum_xl = 0
         for i in range(32):
-            l = max(0, min(nmax, fq_nearest_int(iscale * (x[i] - mn))))
-            Laux[i] = l
-            sum_l = sum_l + w[i] * <float>l
-            sum_l2 = sum_l2 + w[i] * <float>l * <float>l
-            sum_xl = sum_xl + w[i] * <float>l * x[i]
+            lv = max(0, min(nmax, fq_nearest_int(iscale * (x[i] - mn))))
+            Laux[i] = lv
+            sum_l = sum_l + w[i] * <float>lv
+            sum_l2 = sum_l2 + w[i] * <float>lv * <float>lv
+            sum_xl = sum_xl + w[i] * <float>lv * x[i]
         D = sum_w * sum_l2 - sum_l * sum_l
         if D > 0:
             ts = (sum_w * sum_xl - sum_x * sum_l) / D
@@ -233,7 +233,7 @@ cdef void k45_pack(const float* d, const float* dmin, const uint8_t* sc, const u
                    const float* qt, uint8_t* y, int nmax) noexcept nogil:
     """A Q4_K (nmax 15) or Q5_K (nmax 31) block from d, dmin (float16-exact values), the
     6-bit scales and mins and the codes ``qt`` ([i*8 + s])."""
-    cdef int c, l, k, q0, q1
+    cdef int c, j, k, q0, q1
     cdef uint8_t* qs = y + 16 if nmax == 15 else y + 48
     fq_store_f16(y, d[0])
     fq_store_f16(y + 2, dmin[0])
@@ -242,46 +242,16 @@ cdef void k45_pack(const float* d, const float* dmin, const uint8_t* sc, const u
         y[8 + k] = m[k] | ((m[k + 4] >> 4) << 6)
         y[12 + k] = (sc[k + 4] & 0xF) | ((m[k + 4] & 0xF) << 4)
     for c in range(4):
-        for l in range(32):
-            q0 = <int>qt[8 * l + 2 * c]
-            q1 = <int>qt[8 * l + 2 * c + 1]
-            qs[32 * c + l] = <uint8_t>((q0 & 0xF) | ((q1 & 0xF) << 4))
+        for j in range(32):
+            q0 = <int>qt[8 * j + 2 * c]
+            q1 = <int>qt[8 * j + 2 * c + 1]
+            qs[32 * c + j] = <uint8_t>((q0 & 0xF) | ((q1 & 0xF) << 4))
     if nmax == 31:
-        for l in range(32):
+        for j in range(32):
             c = 0
             for k in range(8):
-                c = c | (((<int>qt[8 * l + k]) >> 4) << k)
-            y[16 + l] = <uint8_t>c
-
-
-cdef inline void k45_lsfit(float sq, float sq2, float sqx, float sx, float* s,
-                           float* b) noexcept nogil:
-    """The least-squares fit x ~ s*q + b, b <= 0, of a sub-block's 32 codes from their
-    sums (the same operations as k45_ucand in the C block)."""
-    cdef float D = <float>32 * sq2 - sq * sq
-    cdef float ss, bb
-    if D > 0:
-        ss = (<float>32 * sqx - sq * sx) / D
-        bb = (sx - ss * sq) / <float>32
-    else:
-        ss = 0
-        bb = sx / <float>32
-    if bb > 0:
-        bb = 0
-        ss = sqx / sq2 if sq2 > 0 else <float>0
-    s[0] = ss
-    b[0] = bb
-
-
-cdef inline float k_grid(float v, float step, float hi) noexcept nogil:
-    """floor(v / step) clamped to [0, hi] (0 when step is 0 or the ratio is not a number)."""
-    cdef float t
-    if not step > 0:
-        return 0
-    t = floorf(v / step)
-    if t > hi:
-        return hi
-    return t if t > 0 else <float>0
+                c = c | (((<int>qt[8 * j + k]) >> 4) << k)
+            y[16 + j] = <uint8_t>c
 
 
 cdef int k45_quantize(const float* x, uint8_t* y, int method, int nmax, float rmin,
@@ -290,6 +260,7 @@ cdef int k45_quantize(const float* x, uint8_t* y, int method, int nmax, float rm
     cdef float xt[256]
     cdef float wt[256]
     cdef float qt[256]
+    cdef float qm[256]
     cdef float wrow[32]
     cdef float scales[8]
     cdef float mins[8]
@@ -297,31 +268,22 @@ cdef int k45_quantize(const float* x, uint8_t* y, int method, int nmax, float rm
     cdef float l_mn[8]
     cdef float u_s[8]
     cdef float u_m[8]
+    cdef float u_x[8]
     cdef float dd[8]
     cdef float dm[8]
     cdef float err[8]
-    cdef float sq[8]
-    cdef float sq2[8]
-    cdef float sqx[8]
-    cdef float sx[8]
-    cdef float be[8]
-    cdef float bq[8]
-    cdef float bq2[8]
-    cdef float bqx[8]
+    cdef float psc[8]
+    cdef float pm[8]
     cdef uint8_t L[256]
     cdef uint8_t sc[8]
     cdef uint8_t m[8]
-    cdef uint8_t psc[8]
-    cdef uint8_t pm[8]
-    cdef float sc0[8]
-    cdef float m0[8]
-    cdef int i, s, h, l, rnd, a, b
-    cdef bint lanes = True, same, mse = method == METHOD_MSE
-    cdef float max_scale = 0, max_min = 0, inv_scale, inv_min, d16, dmin16, fs, fb
+    cdef int i, s, lv
+    cdef bint lanes, mse = method == METHOD_MSE
+    cdef float max_scale = 0, max_min = 0, inv_scale, inv_min, d16, dmin16, md16, mdmin16
     cdef double e_rtn = 0, e_mse = 0
     k45_prep(x, xt, wt)
     lanes = k45_lanes(xt, wt, nmax, rmin, rdelta, nstep, scales, mins, l_isc, l_mn,
-                      u_s if mse else NULL, u_m, sx) != 0
+                      u_s if mse else NULL, u_m, u_x) != 0
     if not lanes:
         for s in range(8):
             for i in range(32):
@@ -345,74 +307,38 @@ cdef int k45_quantize(const float* x, uint8_t* y, int method, int nmax, float rm
         dd[s] = d16 * <float>sc[s]
         dm[s] = dmin16 * <float>m[s]
     if lanes:
-        k45_requant(xt, nmax, dd, dm, l_isc, l_mn, qt)
+        k45_requant(xt, nmax, dd, dm, l_isc, l_mn, qt, err)
     else:
         for s in range(8):
             for i in range(32):
                 if dd[s] == 0:
-                    l = L[32 * s + i]
+                    lv = L[32 * s + i]
                 else:
-                    l = max(0, min(nmax, fq_nearest_int((x[32 * s + i] + dm[s]) / dd[s])))
-                qt[8 * i + s] = <float>l
+                    lv = max(0, min(nmax, fq_nearest_int((x[32 * s + i] + dm[s]) / dd[s])))
+                qt[8 * i + s] = <float>lv
+    if mse and lanes:
+        # the search from the unweighted fits; kept only when clearly better than rtn's
+        max_scale = 0
+        max_min = 0
+        for s in range(8):
+            e_rtn = e_rtn + err[s]
+            if u_s[s] > max_scale:
+                max_scale = u_s[s]
+            if u_m[s] > max_min:
+                max_min = u_m[s]
+        md16 = k_f16(max_scale / <float>63)
+        mdmin16 = k_f16(max_min / <float>63)
+        k45_pairs(xt, nmax, md16, mdmin16, u_s, u_m, u_x, K45_LLOYD, K45_ROUNDS, psc, pm,
+                  err, qm)
+        for s in range(8):
+            e_mse = e_mse + err[s]
+        if e_mse < e_rtn * MSE_MARGIN:
+            for s in range(8):
+                sc[s] = <uint8_t>psc[s]
+                m[s] = <uint8_t>pm[s]
+            k45_pack(&md16, &mdmin16, sc, m, qm, y, nmax)
+            return 0
     k45_pack(&d16, &dmin16, sc, m, qt, y, nmax)
-    if not (mse and lanes):
-        return 0
-
-    # mse: the rtn block's true error, then the search (see the reference's docstring)
-    k45_err(xt, qt, dd, dm, err)
-    for s in range(8):
-        e_rtn = e_rtn + err[s]
-        be[s] = INFINITY
-        psc[s] = 0
-        pm[s] = 0
-        bq[s] = 0
-        bq2[s] = 0
-        bqx[s] = 0
-    max_scale = 0
-    max_min = 0
-    for s in range(8):
-        if u_s[s] > max_scale:
-            max_scale = u_s[s]
-        if u_m[s] > max_min:
-            max_min = u_m[s]
-    d16 = k_f16(max_scale / <float>63)
-    dmin16 = k_f16(max_min / <float>63)
-    for rnd in range(K45_ROUNDS):
-        same = rnd > 0
-        for s in range(8):
-            fs = k_grid(u_s[s], d16, 62)
-            fb = k_grid(u_m[s], dmin16, 62)
-            same = same and fs == sc0[s] and fb == m0[s]
-            sc0[s] = fs
-            m0[s] = fb
-        if same:
-            break   # the same pairs again: nothing can change any more
-        for a in range(2):
-            for b in range(2):
-                for s in range(8):
-                    dd[s] = d16 * (sc0[s] + <float>a)
-                    dm[s] = dmin16 * (m0[s] + <float>b)
-                k45_eval(xt, nmax, dd, dm, err, sq, sq2, sqx, NULL)
-                for s in range(8):
-                    if err[s] < be[s]:
-                        be[s] = err[s]
-                        psc[s] = <uint8_t>(<int>sc0[s] + a)
-                        pm[s] = <uint8_t>(<int>m0[s] + b)
-                        bq[s] = sq[s]
-                        bq2[s] = sq2[s]
-                        bqx[s] = sqx[s]
-        for s in range(8):
-            k45_lsfit(bq[s], bq2[s], bqx[s], sx[s], &fs, &fb)
-            u_s[s] = fs
-            u_m[s] = -fb
-    for s in range(8):
-        e_mse = e_mse + be[s]
-        dd[s] = d16 * <float>psc[s]
-        dm[s] = dmin16 * <float>pm[s]
-    if not e_mse < e_rtn * (1.0 - 1.0 / 65536):
-        return 0
-    k45_eval(xt, nmax, dd, dm, err, sq, sq2, sqx, qt)
-    k45_pack(&d16, &dmin16, psc, pm, qt, y, nmax)
     return 0
 
 
@@ -421,7 +347,7 @@ cdef void k45_dequantize(const uint8_t* y, float* x, int nmax) noexcept nogil:
     cdef uint8_t m[8]
     cdef float d = fq_load_f16(y), dmin = fq_load_f16(y + 2), ds, dm
     cdef const uint8_t* qs = y + 16 if nmax == 15 else y + 48
-    cdef int s, l, q
+    cdef int s, jj, q
     for s in range(4):
         sc[s] = y[4 + s] & 63
         m[s] = y[8 + s] & 63
@@ -430,11 +356,11 @@ cdef void k45_dequantize(const uint8_t* y, float* x, int nmax) noexcept nogil:
     for s in range(8):
         ds = d * <float>sc[s]
         dm = dmin * <float>m[s]
-        for l in range(32):
-            q = (qs[32 * (s >> 1) + l] >> (4 * (s & 1))) & 0xF
+        for jj in range(32):
+            q = (qs[32 * (s >> 1) + jj] >> (4 * (s & 1))) & 0xF
             if nmax == 31:
-                q = q | (((y[16 + l] >> s) & 1) << 4)
-            x[32 * s + l] = ds * <float>q - dm
+                q = q | (((y[16 + jj] >> s) & 1) << 4)
+            x[32 * s + jj] = ds * <float>q - dm
 
 
 # ---------------------------------------------------------------------------------------
@@ -443,52 +369,36 @@ cdef void k45_dequantize(const uint8_t* y, float* x, int nmax) noexcept nogil:
 cdef void q6_pack(float d, const int8_t* sc, const float* qt, uint8_t* y) noexcept nogil:
     """A Q6_K block from d (float16-exact), the int8 scales and the codes 0..63 ``qt``
     ([i*16 + s], element 16*s + i)."""
-    cdef int hf, l, k, e
+    cdef int hf, jj, k, e
     cdef int q[4]
     for hf in range(2):
-        for l in range(32):
+        for jj in range(32):
             for k in range(4):
-                e = 128 * hf + 32 * k + l
+                e = 128 * hf + 32 * k + jj
                 q[k] = <int>qt[16 * (e & 15) + (e >> 4)]
-            y[64 * hf + l] = <uint8_t>((q[0] & 0xF) | ((q[2] & 0xF) << 4))
-            y[64 * hf + 32 + l] = <uint8_t>((q[1] & 0xF) | ((q[3] & 0xF) << 4))
-            y[128 + 32 * hf + l] = <uint8_t>((q[0] >> 4) | ((q[1] >> 4) << 2)
-                                             | ((q[2] >> 4) << 4) | ((q[3] >> 4) << 6))
+            y[64 * hf + jj] = <uint8_t>((q[0] & 0xF) | ((q[2] & 0xF) << 4))
+            y[64 * hf + 32 + jj] = <uint8_t>((q[1] & 0xF) | ((q[3] & 0xF) << 4))
+            y[128 + 32 * hf + jj] = <uint8_t>((q[0] >> 4) | ((q[1] >> 4) << 2)
+                                              | ((q[2] >> 4) << 4) | ((q[3] >> 4) << 6))
     memcpy(y + 192, sc, 16)
     fq_store_f16(y + 208, d)
-
-
-cdef inline float q6_grid(float v, float step) noexcept nogil:
-    """floor(v / step) clamped to [-128, 126] (0 when step is 0 or the ratio is not a number)."""
-    cdef float t
-    if step == 0:
-        return 0
-    t = floorf(v / step)
-    if t > <float>126:
-        return 126
-    return t if t > <float>-128 else <float>-128
 
 
 cdef int q6_quantize(const float* x, uint8_t* y, int method) noexcept nogil:
     """One Q6_K block; see the reference for ``method``."""
     cdef float xt[256]
     cdef float qt[256]
+    cdef float qm[256]
     cdef float scales[16]
     cdef float l_isc[16]
     cdef float u_s[16]
     cdef float dd[16]
     cdef float err[16]
-    cdef float sq2[16]
-    cdef float sqx[16]
-    cdef float be[16]
-    cdef float bq2[16]
-    cdef float bqx[16]
-    cdef float c0[16]
+    cdef float psc[16]
     cdef int8_t sc[16]
-    cdef int8_t psc[16]
-    cdef int i, s, h, rnd, a
-    cdef bint same, mse = method == METHOD_MSE
-    cdef float max_scale = 0, max_abs = 0, iscale, d16
+    cdef int i, s
+    cdef bint mse = method == METHOD_MSE
+    cdef float max_scale = 0, max_abs = 0, iscale, d16, md16
     cdef double e_rtn = 0, e_mse = 0
     for i in range(16):
         for s in range(16):
@@ -506,70 +416,39 @@ cdef int q6_quantize(const float* x, uint8_t* y, int method) noexcept nogil:
     for s in range(16):
         sc[s] = <int8_t>min(127, fq_nearest_int(iscale * scales[s]))
         dd[s] = d16 * <float>sc[s]
-    q6_requant(xt, dd, l_isc, qt)
+    q6_requant(xt, dd, l_isc, qt, err)
+    if mse:
+        # the search from the unweighted fits; kept only when clearly better than rtn's
+        max_scale = 0
+        max_abs = 0
+        for s in range(16):
+            e_rtn = e_rtn + err[s]
+            if fabsf(u_s[s]) > max_abs:
+                max_abs = fabsf(u_s[s])
+                max_scale = u_s[s]
+        md16 = k_f16(max_scale / <float>-128)
+        q6_pairs(xt, md16, u_s, Q6_ROUNDS, psc, err, qm)
+        for s in range(16):
+            e_mse = e_mse + err[s]
+        if e_mse < e_rtn * MSE_MARGIN:
+            for s in range(16):
+                sc[s] = <int8_t>(<int>psc[s])
+            q6_pack(md16, sc, qm, y)
+            return 0
     q6_pack(d16, sc, qt, y)
-    if not mse:
-        return 0
-
-    # mse: the rtn block's true error, then the search (see the reference's docstring)
-    for i in range(256):
-        qt[i] = qt[i] - <float>32
-    q6_err(xt, qt, dd, err)
-    max_scale = 0
-    max_abs = 0
-    for s in range(16):
-        e_rtn = e_rtn + err[s]
-        be[s] = INFINITY
-        psc[s] = 0
-        bq2[s] = 0
-        bqx[s] = 0
-        if fabsf(u_s[s]) > max_abs:
-            max_abs = fabsf(u_s[s])
-            max_scale = u_s[s]
-    d16 = k_f16(max_scale / <float>-128)
-    for rnd in range(Q6_ROUNDS):
-        same = rnd > 0
-        for s in range(16):
-            iscale = q6_grid(u_s[s], d16)
-            same = same and iscale == c0[s]
-            c0[s] = iscale
-        if same:
-            break   # the same scales again: nothing can change any more
-        for a in range(2):
-            for s in range(16):
-                dd[s] = d16 * (c0[s] + <float>a)
-            q6_eval(xt, dd, err, sq2, sqx, NULL)
-            for s in range(16):
-                if err[s] < be[s]:
-                    be[s] = err[s]
-                    psc[s] = <int8_t>(<int>c0[s] + a)
-                    bq2[s] = sq2[s]
-                    bqx[s] = sqx[s]
-        for s in range(16):
-            if bq2[s] > 0:
-                u_s[s] = bqx[s] / bq2[s]
-    for s in range(16):
-        e_mse = e_mse + be[s]
-        dd[s] = d16 * <float>psc[s]
-    if not e_mse < e_rtn * (1.0 - 1.0 / 65536):
-        return 0
-    q6_eval(xt, dd, err, sq2, sqx, qt)
-    for i in range(256):
-        qt[i] = qt[i] + <float>32
-    q6_pack(d16, psc, qt, y)
     return 0
 
 
 cdef void q6_dequantize(const uint8_t* y, float* x) noexcept nogil:
     cdef float d = fq_load_f16(y + 208), ds
     cdef int8_t sc
-    cdef int hf, k, l, q, j
+    cdef int hf, k, jj, q, j
     for hf in range(2):
         for k in range(4):
-            for l in range(32):
-                j = 128 * hf + 32 * k + l
-                q = ((y[64 * hf + 32 * (k & 1) + l] >> (4 * (k >> 1))) & 0xF) | (
-                    ((y[128 + 32 * hf + l] >> (2 * k)) & 3) << 4)
+            for jj in range(32):
+                j = 128 * hf + 32 * k + jj
+                q = ((y[64 * hf + 32 * (k & 1) + jj] >> (4 * (k >> 1))) & 0xF) | (
+                    ((y[128 + 32 * hf + jj] >> (2 * k)) & 3) << 4)
                 memcpy(&sc, y + 192 + (j >> 4), 1)
                 ds = d * <float>sc
                 x[j] = ds * <float>(q - 32)

@@ -96,15 +96,16 @@ static inline K_TGT void K_FN(k45_ucand)(k_v ul, k_v ul2, k_v uxl, k_v ux, k_v u
 /* ggml's make_qkx2_quants(32, nmax, x, w, L, &the_min, Laux, rmin, rdelta, nstep, false)
    on all 8 sub-blocks: scale, the_min and the (iscale, min) their codes L came from
    (L = clamp(round(iscale*(x - min)), 0, nmax)). With u_s (mse), also the best unweighted
-   fit over every set of codes it tries and the sums of x. 0 when a lane could leave
-   K_FN(rnd)'s exact range (the caller then takes the scalar path). */
+   fit over the codes of the first try and of every K45_USTEP-th step, and the sums of x.
+   0 when a lane could leave K_FN(rnd)'s exact range (the caller then takes the scalar
+   path). */
 static K_TGT int K_FN(k45_lanes)(const float* xt, const float* wt, int nmax, float rmin,
                                  float rdelta, int nstep, float* scales, float* mins,
                                  float* l_isc, float* l_mn, float* u_s, float* u_m,
                                  float* u_x) {
     float la[32 * K_W];
     const k_v zero = K_FN(set)(0.f), one = K_FN(set)(1.f), nm = K_FN(set)((float)nmax);
-    int i, k, h, u = u_s != NULL;
+    int i, k, h, u, track = u_s != NULL;
     for (h = 0; h < 8; h += K_W) {
         k_v mn = K_FN(ld)(xt + h), mx = mn, sw = K_FN(ld)(wt + h), sx = sw * mn;
         k_v ux = mn, ux2 = mn * mn;
@@ -126,6 +127,7 @@ static K_TGT int K_FN(k45_lanes)(const float* xt, const float* wt, int nmax, flo
         k_v ubest = K_FN(set)(INFINITY);
         if (!K_FN(all)(flat | (K_FN(fits)(isc * (xlo - mn)) & K_FN(fits)(isc * den))))
             return 0;
+        u = track;
         for (i = 0; i < 32; i++) {
             k_v x = K_FN(ld)(xt + 8 * i + h), w = K_FN(ld)(wt + 8 * i + h);
             k_v r = K_MIN(K_MAX(K_FN(rnd)(isc * (x - mn)), zero), nm);
@@ -142,6 +144,7 @@ static K_TGT int K_FN(k45_lanes)(const float* xt, const float* wt, int nmax, flo
             isc = K_FN(set)(rmin + rdelta * (float)k + (float)nmax) / den;
             if (!K_FN(all)(flat | (K_FN(fits)(isc * (xlo - mn)) & K_FN(fits)(isc * den))))
                 return 0;
+            u = track && k % K45_USTEP == 0;
             k_v sl = zero, sl2 = zero, sxl = zero, cur = zero;
             ul = zero;
             ul2 = zero;
@@ -183,7 +186,7 @@ static K_TGT int K_FN(k45_lanes)(const float* xt, const float* wt, int nmax, flo
         K_FN(st)(mins + h, -mn);
         K_FN(st)(l_isc + h, K_SEL(flat, zero, bisc));
         K_FN(st)(l_mn + h, bmn);
-        if (u) {
+        if (track) {
             K_FN(st)(u_s + h, us);
             K_FN(st)(u_m + h, um);
             K_FN(st)(u_x + h, ux);
@@ -193,61 +196,119 @@ static K_TGT int K_FN(k45_lanes)(const float* xt, const float* wt, int nmax, flo
 }
 
 /* ggml's last Q4_K/Q5_K pass: codes clamp(nearest_int((x + dm)/d), 0, nmax) where
-   d = d16*sc != 0, else the search's codes clamp(round(isc*(x - mn))). */
+   d = d16*sc != 0, else the search's codes clamp(round(isc*(x - mn))); and the squared
+   error of the decoded d*q - dm per sub-block. */
 static K_TGT void K_FN(k45_requant)(const float* xt, int nmax, const float* d_,
                                     const float* dm_, const float* isc_, const float* mn_,
-                                    float* qt) {
+                                    float* qt, float* err) {
     const k_v zero = K_FN(set)(0.f), nm = K_FN(set)((float)nmax);
     for (int h = 0; h < 8; h += K_W) {
         k_v d = K_FN(ld)(d_ + h), dm = K_FN(ld)(dm_ + h);
-        k_v isc = K_FN(ld)(isc_ + h), mn = K_FN(ld)(mn_ + h);
+        k_v isc = K_FN(ld)(isc_ + h), mn = K_FN(ld)(mn_ + h), e2 = zero;
         k_m keep = d == zero;
         for (int i = 0; i < 32; i++) {
             k_v x = K_FN(ld)(xt + 8 * i + h);
             k_v r = K_SEL(keep, K_FN(rnd)(isc * (x - mn)), K_FN(nearest)((x + dm) / d));
-            K_FN(st)(qt + 8 * i + h, K_MIN(K_MAX(r, zero), nm));
+            r = K_MIN(K_MAX(r, zero), nm);
+            K_FN(st)(qt + 8 * i + h, r);
+            k_v e = (d * r - dm) - x;
+            e2 = e2 + e * e;
         }
+        K_FN(st)(err + h, e2);
     }
 }
 
-/* Codes of the 8 sub-blocks against stored scales ds > 0 and mins dm (ds <= 0: codes 0):
-   q = clamp(round((x + dm) * (1/ds)), 0, nmax); the squared error of the decoded ds*q - dm
-   and the sums of q, q*q, q*x (a refit); the codes too when qt != NULL. */
-static K_TGT void K_FN(k45_eval)(const float* xt, int nmax, const float* ds_,
-                                 const float* dm_, float* err, float* sq, float* sq2,
-                                 float* sqx, float* qt) {
+/* floor(v / step) clamped to [0, hi], 0 where step is not > 0 or the ratio is NaN (floor
+   as round-then-fix, exact for |t| <= 2**22; past that the clamp decides alike) */
+static inline K_TGT k_v K_FN(k45_grid)(k_v v, k_v step, float hi) {
+    const k_v zero = K_FN(set)(0.f), top = K_FN(set)(hi);
+    k_v t = v / step, r = K_FN(rnd)(t);
+    r = K_SEL(r > t, r - K_FN(set)(1.f), r);
+    r = K_SEL(r > top, top, K_SEL(r > zero, r, zero));
+    return K_SEL(step > zero, r, zero);
+}
+
+/* Codes of K_W sub-blocks against stored scales ds > 0 and mins dm (ds <= 0: codes 0),
+   q = clamp(round((x + dm) * (1/ds)), 0, nmax): the squared error of the decoded
+   ds*q - dm and the sums of q, q*q, q*x; the codes too when qt != NULL. */
+static inline K_TGT void K_FN(k45_eval)(const float* xt, int h, k_v nm, k_v ds, k_v dm,
+                                        k_v* e2, k_v* s1, k_v* s2, k_v* s3, float* qt) {
+    const k_v zero = K_FN(set)(0.f);
+    k_v ids = K_SEL(ds > zero, K_FN(set)(1.f) / ds, zero);
+    k_v a = zero, b = zero, c = zero, d = zero;
+    for (int i = 0; i < 32; i++) {
+        k_v x = K_FN(ld)(xt + 8 * i + h);
+        k_v r = K_MIN(K_MAX(K_FN(rnd)((x + dm) * ids), zero), nm);
+        k_v e = (ds * r - dm) - x;
+        a = a + e * e;
+        b = b + r;
+        c = c + r * r;
+        d = d + r * x;
+        if (qt) K_FN(st)(qt + 8 * i + h, r);
+    }
+    *e2 = a;
+    *s1 = b;
+    *s2 = c;
+    *s3 = d;
+}
+
+/* The least-squares fit x ~ s*q + b, b <= 0, of 32 codes from their sums: (s, -b). */
+static inline K_TGT void K_FN(k45_lsfit)(k_v sq, k_v sq2, k_v sqx, k_v sx, k_v* us, k_v* um) {
+    const k_v zero = K_FN(set)(0.f), n = K_FN(set)(32.f);
+    k_v D = n * sq2 - sq * sq;
+    k_v s = (n * sqx - sq * sx) / D;
+    k_v b = (sx - s * sq) / n;
+    k_m ok = D > zero;
+    s = K_SEL(ok, s, zero);
+    b = K_SEL(ok, b, sx / n);
+    k_m pos = b > zero;
+    *us = K_SEL(pos, K_SEL(sq2 > zero, sqx / sq2, zero), s);
+    *um = -K_SEL(pos, zero, b);
+}
+
+/* mse's search of the 8 sub-blocks' 6-bit (scale, min) pairs given the block's d and dmin:
+   from the fits (u_s, u_m) (first refined by `lloyd` code / refit passes), each round tries
+   the 4 pairs (floor(u_s/d) + a, floor(u_m/dmin) + b), a, b in {0, 1}, by true error, keeps
+   the best so far and refits (u_s, u_m) to its codes; a round whose pairs are all those of
+   the round before would change nothing, so the search stops there. Gives the best pairs
+   (psc, pm), their error be and (qt != NULL) their codes. */
+static K_TGT void K_FN(k45_pairs)(const float* xt, int nmax, float d16, float dmin16,
+                                  const float* us_, const float* um_, const float* ux_,
+                                  int lloyd, int rounds, float* psc_, float* pm_, float* be_,
+                                  float* qt) {
     const k_v zero = K_FN(set)(0.f), nm = K_FN(set)((float)nmax);
+    const k_v d = K_FN(set)(d16), dmn = K_FN(set)(dmin16);
     for (int h = 0; h < 8; h += K_W) {
-        k_v ds = K_FN(ld)(ds_ + h), dm = K_FN(ld)(dm_ + h);
-        k_v ids = K_SEL(ds > zero, K_FN(set)(1.f) / ds, zero);
-        k_v e2 = zero, s1 = zero, s2 = zero, s3 = zero;
-        for (int i = 0; i < 32; i++) {
-            k_v x = K_FN(ld)(xt + 8 * i + h);
-            k_v r = K_MIN(K_MAX(K_FN(rnd)((x + dm) * ids), zero), nm);
-            k_v e = (ds * r - dm) - x;
-            e2 = e2 + e * e;
-            s1 = s1 + r;
-            s2 = s2 + r * r;
-            s3 = s3 + r * x;
-            if (qt) K_FN(st)(qt + 8 * i + h, r);
+        k_v us = K_FN(ld)(us_ + h), um = K_FN(ld)(um_ + h), sx = K_FN(ld)(ux_ + h);
+        k_v be = K_FN(set)(INFINITY), psc = zero, pm = zero, bq = zero, bq2 = zero;
+        k_v bqx = zero, sc0 = zero, m0 = zero, e2, s1, s2, s3;
+        for (int r = 0; r < lloyd; r++) {
+            K_FN(k45_eval)(xt, h, nm, us, um, &e2, &s1, &s2, &s3, NULL);
+            K_FN(k45_lsfit)(s1, s2, s3, sx, &us, &um);
         }
-        K_FN(st)(err + h, e2);
-        K_FN(st)(sq + h, s1);
-        K_FN(st)(sq2 + h, s2);
-        K_FN(st)(sqx + h, s3);
-    }
-}
-
-/* The squared error of the 8 decoded sub-blocks ds*q - dm (codes qt). */
-static K_TGT void K_FN(k45_err)(const float* xt, const float* qt, const float* ds_,
-                                const float* dm_, float* err) {
-    for (int h = 0; h < 8; h += K_W) {
-        k_v ds = K_FN(ld)(ds_ + h), dm = K_FN(ld)(dm_ + h), e2 = K_FN(set)(0.f);
-        for (int i = 0; i < 32; i++) {
-            k_v e = (ds * K_FN(ld)(qt + 8 * i + h) - dm) - K_FN(ld)(xt + 8 * i + h);
-            e2 = e2 + e * e;
+        for (int r = 0; r < rounds; r++) {
+            k_v nsc = K_FN(k45_grid)(us, d, 62.f), nm0 = K_FN(k45_grid)(um, dmn, 62.f);
+            if (r > 0 && K_FN(all)((nsc == sc0) & (nm0 == m0))) break;
+            sc0 = nsc;
+            m0 = nm0;
+            for (int a = 0; a < 2; a++)
+                for (int b = 0; b < 2; b++) {
+                    k_v sc = sc0 + K_FN(set)((float)a), m = m0 + K_FN(set)((float)b);
+                    K_FN(k45_eval)(xt, h, nm, d * sc, dmn * m, &e2, &s1, &s2, &s3, NULL);
+                    k_m t = e2 < be;
+                    be = K_SEL(t, e2, be);
+                    psc = K_SEL(t, sc, psc);
+                    pm = K_SEL(t, m, pm);
+                    bq = K_SEL(t, s1, bq);
+                    bq2 = K_SEL(t, s2, bq2);
+                    bqx = K_SEL(t, s3, bqx);
+                }
+            K_FN(k45_lsfit)(bq, bq2, bqx, sx, &us, &um);
         }
-        K_FN(st)(err + h, e2);
+        K_FN(st)(psc_ + h, psc);
+        K_FN(st)(pm_ + h, pm);
+        K_FN(st)(be_ + h, be);
+        if (qt) K_FN(k45_eval)(xt, h, nm, d * psc, dmn * pm, &e2, &s1, &s2, &s3, qt);
     }
 }
 
@@ -317,57 +378,84 @@ static K_TGT void K_FN(q6_lanes)(const float* xt, float* scales, float* l_isc, f
 }
 
 /* ggml's last Q6_K pass: codes clamp(nearest_int(x/d), -32, 31) + 32 where d = d16*sc != 0,
-   else the search's codes (iscale 0: all-zero sub-block, code 0). */
+   else the search's codes (iscale 0: all-zero sub-block, code 0); and the squared error of
+   the decoded d*(q - 32) per sub-block. */
 static K_TGT void K_FN(q6_requant)(const float* xt, const float* d_, const float* isc_,
-                                   float* qt) {
+                                   float* qt, float* err) {
     const k_v zero = K_FN(set)(0.f), lo = K_FN(set)(-32.f), hi = K_FN(set)(31.f);
     const k_v off = K_FN(set)(32.f);
     for (int h = 0; h < 16; h += K_W) {
-        k_v d = K_FN(ld)(d_ + h), isc = K_FN(ld)(isc_ + h);
+        k_v d = K_FN(ld)(d_ + h), isc = K_FN(ld)(isc_ + h), e2 = zero;
         k_m keep = d == zero, none = isc == zero;
         for (int i = 0; i < 16; i++) {
             k_v x = K_FN(ld)(xt + 16 * i + h);
             k_v r = K_SEL(keep, K_FN(rnd)(isc * x), K_FN(nearest)(x / d));
-            r = K_MIN(K_MAX(r, lo), hi);
-            K_FN(st)(qt + 16 * i + h, K_SEL(keep & none, zero, r + off));
+            r = K_SEL(keep & none, zero, K_MIN(K_MAX(r, lo), hi) + off);
+            K_FN(st)(qt + 16 * i + h, r);
+            k_v e = d * (r - off) - x;
+            e2 = e2 + e * e;
         }
+        K_FN(st)(err + h, e2);
     }
 }
 
-/* Codes of the 16 sub-blocks against stored scales ds (0: codes 0):
-   q = clamp(round(x * (1/ds)), -32, 31); the squared error of ds*q and the sums of q*q and
-   q*x (a refit); the codes too when qt != NULL. */
-static K_TGT void K_FN(q6_eval)(const float* xt, const float* ds_, float* err, float* sq2,
-                                float* sqx, float* qt) {
+/* floor(v / step) clamped to [-128, 126], 0 where step is 0 (-128 where the ratio is NaN) */
+static inline K_TGT k_v K_FN(q6_grid)(k_v v, k_v step) {
+    const k_v lo = K_FN(set)(-128.f), top = K_FN(set)(126.f);
+    k_v t = v / step, r = K_FN(rnd)(t);
+    r = K_SEL(r > t, r - K_FN(set)(1.f), r);
+    r = K_SEL(r > top, top, K_SEL(r > lo, r, lo));
+    return K_SEL(step == K_FN(set)(0.f), K_FN(set)(0.f), r);
+}
+
+/* mse's search of the 16 sub-blocks' int8 scales given the block's d: each round tries
+   floor(u_s/d) + a, a in {0, 1}, by true error (codes q = clamp(round(x * (1/ds)), -32, 31),
+   ds = d*sc, 0 codes where ds is 0), keeps the best and refits u_s = sum(qx)/sum(qq) to its
+   codes, stopping when a round would try the scales of the round before. Gives the best
+   scales psc, their error be and (qt != NULL) their codes + 32. */
+static K_TGT void K_FN(q6_pairs)(const float* xt, float d16, const float* us_, int rounds,
+                                 float* psc_, float* be_, float* qt) {
     const k_v zero = K_FN(set)(0.f), lo = K_FN(set)(-32.f), hi = K_FN(set)(31.f);
+    const k_v d = K_FN(set)(d16);
     for (int h = 0; h < 16; h += K_W) {
-        k_v ds = K_FN(ld)(ds_ + h);
-        k_v ids = K_SEL(ds != zero, K_FN(set)(1.f) / ds, zero);
-        k_v e2 = zero, s2 = zero, s3 = zero;
-        for (int i = 0; i < 16; i++) {
-            k_v x = K_FN(ld)(xt + 16 * i + h);
-            k_v r = K_MIN(K_MAX(K_FN(rnd)(x * ids), lo), hi);
-            k_v e = ds * r - x;
-            e2 = e2 + e * e;
-            s2 = s2 + r * r;
-            s3 = s3 + r * x;
-            if (qt) K_FN(st)(qt + 16 * i + h, r);
+        k_v us = K_FN(ld)(us_ + h), be = K_FN(set)(INFINITY), psc = zero, bq2 = zero;
+        k_v bqx = zero, c0 = zero;
+        for (int r = 0; r <= rounds; r++) {
+            k_v nc = K_FN(q6_grid)(us, d);
+            if (r == rounds || (r > 0 && K_FN(all)(nc == c0))) {
+                if (!qt) break;
+                /* the codes of the best scales */
+                k_v ds = d * psc, ids = K_SEL(ds != zero, K_FN(set)(1.f) / ds, zero);
+                for (int i = 0; i < 16; i++) {
+                    k_v x = K_FN(ld)(xt + 16 * i + h);
+                    k_v q = K_MIN(K_MAX(K_FN(rnd)(x * ids), lo), hi);
+                    K_FN(st)(qt + 16 * i + h, q + K_FN(set)(32.f));
+                }
+                break;
+            }
+            c0 = nc;
+            for (int a = 0; a < 2; a++) {
+                k_v sc = c0 + K_FN(set)((float)a), ds = d * sc;
+                k_v ids = K_SEL(ds != zero, K_FN(set)(1.f) / ds, zero);
+                k_v e2 = zero, s2 = zero, s3 = zero;
+                for (int i = 0; i < 16; i++) {
+                    k_v x = K_FN(ld)(xt + 16 * i + h);
+                    k_v q = K_MIN(K_MAX(K_FN(rnd)(x * ids), lo), hi);
+                    k_v e = ds * q - x;
+                    e2 = e2 + e * e;
+                    s2 = s2 + q * q;
+                    s3 = s3 + q * x;
+                }
+                k_m t = e2 < be;
+                be = K_SEL(t, e2, be);
+                psc = K_SEL(t, sc, psc);
+                bq2 = K_SEL(t, s2, bq2);
+                bqx = K_SEL(t, s3, bqx);
+            }
+            us = K_SEL(bq2 > zero, bqx / bq2, us);
         }
-        K_FN(st)(err + h, e2);
-        K_FN(st)(sq2 + h, s2);
-        K_FN(st)(sqx + h, s3);
-    }
-}
-
-/* The squared error of the 16 decoded sub-blocks ds*q (codes qt). */
-static K_TGT void K_FN(q6_err)(const float* xt, const float* qt, const float* ds_, float* err) {
-    for (int h = 0; h < 16; h += K_W) {
-        k_v ds = K_FN(ld)(ds_ + h), e2 = K_FN(set)(0.f);
-        for (int i = 0; i < 16; i++) {
-            k_v e = ds * K_FN(ld)(qt + 16 * i + h) - K_FN(ld)(xt + 16 * i + h);
-            e2 = e2 + e * e;
-        }
-        K_FN(st)(err + h, e2);
+        K_FN(st)(psc_ + h, psc);
+        K_FN(st)(be_ + h, be);
     }
 }
 

@@ -92,8 +92,9 @@ def make_qkx2_quants(
     ``w``: ``(L uint8 (N, 32), scale (N,), the_min (N,))``, the_min = minus the offset.
 
     ``track`` (mse) adds ``(u_s, u_m, lanes_ok)``: the best unweighted least-squares fit
-    ``x ~ u_s*l - u_m`` over every set of codes the search tries (:func:`_k45_ucand`), and
-    whether the kernels' lanes could run the row (else the kernel's mse keeps rtn)."""
+    ``x ~ u_s*l - u_m`` over the codes of the first try and of every ``K45_USTEP``-th step
+    (:func:`_k45_ucand`), and whether the kernels' lanes could run the row (else the
+    kernel's mse keeps rtn)."""
     n = x.shape[1]
     nmax_f = F32(nmax)
     mn = x[:, 0].copy()
@@ -138,6 +139,7 @@ def make_qkx2_quants(
             )
             la = np.clip(nearest_int(isc[:, None] * (x - mn[:, None])), 0, nmax)
             laf = la.astype(F32)
+            fit = track and step % K45_USTEP == 0
             wl = w * laf
             sum_l = _seq_sum(wl)
             sum_l2 = _seq_sum(wl * laf)
@@ -155,7 +157,7 @@ def make_qkx2_quants(
             best = np.where(take, cur, best)
             scale = np.where(take, this_scale, scale)
             mn = np.where(take, this_min, mn)
-            if track:
+            if fit:
                 ubest, us, um = _k45_ucand(laf, x, ux, ux2, ubest, us, um)
     L = np.where(flat[:, None], 0, L).astype(np.uint8)
     scale = np.where(flat, F32(0), scale).astype(F32)
@@ -437,6 +439,8 @@ def _block_err(err):
 #: mse keeps its block only when its error is below rtn's by this factor: the float32
 #: sub-block sums are exact to ~2e-6, so the true error is lower too
 MSE_MARGIN = 1.0 - 1.0 / 65536
+K45_USTEP = 2
+K45_LLOYD = 1
 K45_ROUNDS = 4
 Q6_ROUNDS = 4
 
@@ -462,6 +466,10 @@ def _mse_k45(x: np.ndarray, name: str) -> np.ndarray:
     bq = np.zeros((nb, 8), F32)
     bq2 = np.zeros((nb, 8), F32)
     bqx = np.zeros((nb, 8), F32)
+    for _ in range(K45_LLOYD):
+        _, sq, sq2, sqx, _ = _k45_eval(x3, nmax, u_s, u_m)
+        u_s, b_ = _k45_lsfit(sq, sq2, sqx, sx)
+        u_m = -b_
     for _ in range(K45_ROUNDS):
         sc0 = _k_grid(u_s, d, 62)
         m0 = _k_grid(u_m, dmin, 62)
