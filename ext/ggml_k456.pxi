@@ -21,9 +21,10 @@ cdef extern from *:
     #include <string.h>
     #define K_MAGIC 12582912.0f
     #define K45_USTEP 2     /* mse: fits of every second step's codes */
+    #define K45_NSC 3       /* mse: scales tried per round */
     #define K_GROUP_MAX_EPS 1e-15f
 
-    #if defined(__GNUC__) || defined(__clang__)
+    #if (defined(__GNUC__) || defined(__clang__)) && !defined(K456_SCALAR)
     /* vector extensions: 4 lanes (SSE2 on x86-64, NEON on aarch64), and 8 lanes (AVX2,
        chosen at run time) on x86 */
     #if defined(__x86_64__) || defined(__i386__)

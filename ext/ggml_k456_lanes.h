@@ -266,34 +266,46 @@ static inline K_TGT void K_FN(k45_lsfit)(k_v sq, k_v sq2, k_v sqx, k_v sx, k_v* 
     *um = -K_SEL(pos, zero, b);
 }
 
-/* mse's search of the 8 sub-blocks' 6-bit (scale, min) pairs given the block's d and dmin:
-   from the fits (u_s, u_m) (first refined by `lloyd` code / refit passes), each round tries
-   the 4 pairs (floor(u_s/d) + a, floor(u_m/dmin) + b), a, b in {0, 1}, by true error, keeps
-   the best so far and refits (u_s, u_m) to its codes; a round whose pairs are all those of
-   the round before would change nothing, so the search stops there. Gives the best pairs
-   (psc, pm), their error be and (qt != NULL) their codes. */
+/* mse's search of the 8 sub-blocks' 6-bit (scale, min) pairs given the block's d and dmin.
+   From the fits (u_s, u_m), first refined by `lloyd` code / refit passes, each round tries
+   the scales sc = floor(u_s/d) - 1, + 0, + 1 (clamped to 0..63), each with the two mins
+   m = floor(M/dmin) + 0, + 1, where M = (d*sc*sum(q) - sum(x))/32 is the best min for that
+   scale on the codes q the fit came from; every pair by true error. It keeps the best pair
+   so far and refits (u_s, u_m) to its codes. A round that would try the pairs of the round
+   before changes nothing, so the search stops there. Gives the best pairs (psc, pm), their
+   error be and (qt != NULL) their codes. */
 static K_TGT void K_FN(k45_pairs)(const float* xt, int nmax, float d16, float dmin16,
                                   const float* us_, const float* um_, const float* ux_,
                                   int lloyd, int rounds, float* psc_, float* pm_, float* be_,
                                   float* qt) {
-    const k_v zero = K_FN(set)(0.f), nm = K_FN(set)((float)nmax);
-    const k_v d = K_FN(set)(d16), dmn = K_FN(set)(dmin16);
+    const k_v zero = K_FN(set)(0.f), nm = K_FN(set)((float)nmax), top = K_FN(set)(63.f);
+    const k_v d = K_FN(set)(d16), dmn = K_FN(set)(dmin16), n32 = K_FN(set)(32.f);
     for (int h = 0; h < 8; h += K_W) {
         k_v us = K_FN(ld)(us_ + h), um = K_FN(ld)(um_ + h), sx = K_FN(ld)(ux_ + h);
         k_v be = K_FN(set)(INFINITY), psc = zero, pm = zero, bq = zero, bq2 = zero;
-        k_v bqx = zero, sc0 = zero, m0 = zero, e2, s1, s2, s3;
+        k_v bqx = zero, sc0 = zero, e2, s1, s2, s3;
+        k_v cq = zero, mc[K45_NSC], nmc[K45_NSC];
+        for (int j = 0; j < K45_NSC; j++) mc[j] = zero;
         for (int r = 0; r < lloyd; r++) {
             K_FN(k45_eval)(xt, h, nm, us, um, &e2, &s1, &s2, &s3, NULL);
             K_FN(k45_lsfit)(s1, s2, s3, sx, &us, &um);
+            cq = s1;
         }
         for (int r = 0; r < rounds; r++) {
-            k_v nsc = K_FN(k45_grid)(us, d, 62.f), nm0 = K_FN(k45_grid)(um, dmn, 62.f);
-            if (r > 0 && K_FN(all)((nsc == sc0) & (nm0 == m0))) break;
+            k_v nsc = K_FN(k45_grid)(us, d, 62.f);
+            k_m same = nsc == sc0;
+            for (int j = 0; j < K45_NSC; j++) {
+                k_v sc = K_MIN(K_MAX(nsc + K_FN(set)((float)(j - 1)), zero), top);
+                nmc[j] = K_FN(k45_grid)((d * sc * cq - sx) / n32, dmn, 62.f);
+                same = same & (nmc[j] == mc[j]);
+            }
+            if (r > 0 && K_FN(all)(same)) break;
             sc0 = nsc;
-            m0 = nm0;
-            for (int a = 0; a < 2; a++)
+            for (int j = 0; j < K45_NSC; j++) {
+                mc[j] = nmc[j];
+                k_v sc = K_MIN(K_MAX(sc0 + K_FN(set)((float)(j - 1)), zero), top);
                 for (int b = 0; b < 2; b++) {
-                    k_v sc = sc0 + K_FN(set)((float)a), m = m0 + K_FN(set)((float)b);
+                    k_v m = mc[j] + K_FN(set)((float)b);
                     K_FN(k45_eval)(xt, h, nm, d * sc, dmn * m, &e2, &s1, &s2, &s3, NULL);
                     k_m t = e2 < be;
                     be = K_SEL(t, e2, be);
@@ -303,7 +315,9 @@ static K_TGT void K_FN(k45_pairs)(const float* xt, int nmax, float d16, float dm
                     bq2 = K_SEL(t, s2, bq2);
                     bqx = K_SEL(t, s3, bqx);
                 }
+            }
             K_FN(k45_lsfit)(bq, bq2, bqx, sx, &us, &um);
+            cq = bq;
         }
         K_FN(st)(psc_ + h, psc);
         K_FN(st)(pm_ + h, pm);

@@ -441,6 +441,7 @@ def _block_err(err):
 MSE_MARGIN = 1.0 - 1.0 / 65536
 K45_USTEP = 2
 K45_LLOYD = 1
+K45_NSC = 3
 K45_ROUNDS = 4
 Q6_ROUNDS = 4
 
@@ -466,16 +467,19 @@ def _mse_k45(x: np.ndarray, name: str) -> np.ndarray:
     bq = np.zeros((nb, 8), F32)
     bq2 = np.zeros((nb, 8), F32)
     bqx = np.zeros((nb, 8), F32)
+    cq = np.zeros((nb, 8), F32)
     for _ in range(K45_LLOYD):
-        _, sq, sq2, sqx, _ = _k45_eval(x3, nmax, u_s, u_m)
-        u_s, b_ = _k45_lsfit(sq, sq2, sqx, sx)
+        _, cq, sq2, sqx, _ = _k45_eval(x3, nmax, u_s, u_m)
+        u_s, b_ = _k45_lsfit(cq, sq2, sqx, sx)
         u_m = -b_
     for _ in range(K45_ROUNDS):
         sc0 = _k_grid(u_s, d, 62)
-        m0 = _k_grid(u_m, dmin, 62)
-        for a in (0, 1):
+        for j in range(K45_NSC):
+            sc = np.minimum(np.maximum(sc0 + F32(j - 1), F32(0)), F32(63))
+            with np.errstate(all="ignore"):
+                mbest = (d[:, None] * sc * cq - sx) / F32(32)
+            m0 = _k_grid(mbest, dmin, 62)
             for b in (0, 1):
-                sc = sc0 + F32(a)
                 m = m0 + F32(b)
                 err, sq, sq2, sqx, _ = _k45_eval(x3, nmax, d[:, None] * sc, dmin[:, None] * m)
                 t = err < be
@@ -487,6 +491,7 @@ def _mse_k45(x: np.ndarray, name: str) -> np.ndarray:
                 bqx = np.where(t, sqx, bqx)
         u_s, b_ = _k45_lsfit(bq, bq2, bqx, sx)
         u_m = -b_
+        cq = bq
     pick = ok & (_block_err(be) < e_rtn * MSE_MARGIN)
     if pick.any():
         *_, r = _k45_eval(x3, nmax, d[:, None] * psc, dmin[:, None] * pm)
