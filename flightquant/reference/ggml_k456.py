@@ -652,7 +652,8 @@ def dequantize_blocks(data: np.ndarray, name: str) -> np.ndarray:
         sc = data[:, 192:208].view(np.int8).astype(F32)
         d = _f16_to_f32(data[:, 208:210]).reshape(nb, 1)
         q = (L.astype(np.int8) - np.int8(32)).astype(F32)
-        return ((d * sc)[..., None] * q).reshape(nb, QK)
+        with np.errstate(all="ignore"):
+            return ((d * sc)[..., None] * q).reshape(nb, QK)
     d = _f16_to_f32(data[:, 0:2]).reshape(nb, 1)
     dmin = _f16_to_f32(data[:, 2:4]).reshape(nb, 1)
     sc, m = unpack_scale_min_k4(data[:, 4:16])
@@ -660,6 +661,7 @@ def dequantize_blocks(data: np.ndarray, name: str) -> np.ndarray:
         L = _unpack_q4(data[:, 16:144])
     else:
         L = _unpack_q5(data[:, 16:48], data[:, 48:176])
-    ds = (d * sc.astype(F32))[..., None]
-    dm = (dmin * m.astype(F32))[..., None]
-    return (ds * L.reshape(nb, 8, 32).astype(F32) - dm).reshape(nb, QK)
+    with np.errstate(all="ignore"):
+        ds = (d * sc.astype(F32))[..., None]
+        dm = (dmin * m.astype(F32))[..., None]
+        return (ds * L.reshape(nb, 8, 32).astype(F32) - dm).reshape(nb, QK)
