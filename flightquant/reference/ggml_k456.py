@@ -13,8 +13,31 @@ Layouts (little-endian, ``f16`` = IEEE binary16)::
 Q4_K/Q5_K have 8 sub-blocks of 32 weights, each with a 6-bit scale ``sc`` and a 6-bit min
 ``m`` packed in 12 bytes; Q6_K has 16 sub-blocks of 16 with an int8 scale each.
 
-``method="rtn"`` is ggml's ``quantize_row_q{4,5,6}_K_ref`` (no importance matrix).
-``method="mse"`` is flightquant's search, described in :func:`quantize_blocks`.
+``method="rtn"`` is ggml's ``quantize_row_q{4,5,6}_K_ref`` (no importance matrix): per
+sub-block a weighted search of codes (``make_qkx2_quants`` / ``make_qx_quants``), then the
+sub-block scales quantized against the block's largest and the codes recomputed.
+
+``method="mse"`` is flightquant's search, in the same bytes, for the plain squared error:
+
+1. rtn's search runs as usual and also fits every candidate code set it tries (Q4_K/Q5_K:
+   the first and every ``K45_USTEP``-th step; Q6_K: all 19) by unweighted least squares,
+   ``x ~ s*q - m`` (m >= 0) or ``x ~ s*q``, in closed form from running sums; each
+   sub-block keeps its best fit.
+2. The block's ``d`` (and ``dmin``) is the largest fitted scale (min) over 63 (Q6_K: the
+   scale of largest magnitude over -128), rounded to float16.
+3. Q4_K/Q5_K: one pass of codes for the fit and a refit; then rounds that try, per
+   sub-block, the 6-bit scales ``floor(s/d) - 1 .. + 1`` each with the mins ``floor(M/dmin)
+   + 0, + 1``, M the least-squares min for that scale on the fit's codes, codes
+   ``clamp(round((x + dmin*m) / (d*sc)))``; every pair is scored by the true squared error
+   of its decoded sub-block, the best so far is kept and refit (s, m) to its codes, which
+   starts the next round (``K45_ROUNDS`` at most; a round that would repeat the pairs of
+   the one before changes nothing and the kernels stop there). Q6_K does the same with the
+   int8 scales ``floor(s/d) + 0, + 1`` (``Q6_ROUNDS``).
+4. The block is kept only when its squared error is below rtn's by ``MSE_MARGIN`` (both
+   measured the same way), else rtn's block is the result: mse is never worse than rtn.
+
+Rounding in the search is ``(v + 1.5*2**23) - 1.5*2**23`` (half to even) in float32; sums
+run from 0 in element order; block errors add the float32 sub-block errors in float64.
 """
 
 from __future__ import annotations
