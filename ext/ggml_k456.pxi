@@ -1,16 +1,19 @@
 # ggml's Q4_K, Q5_K and Q6_K super-blocks (256 weights): block functions for _ggml.pyx.
 #
 # rtn is ggml's quantize_row_q{4,5,6}_K_ref, byte for byte: the same float32 operations
-# in the same order. Its searches (make_qkx2_quants, make_qx_quants) run sequential float
-# sums per sub-block; here the 8 (Q6_K: 16) sub-blocks of a block run side by side as
-# lanes of one loop (arrays indexed [element * lanes + lane]), which the compiler turns
-# into SIMD code without changing any lane's order of operations. Inside the lanes a code
-# is rounded as (v + 1.5*2**23) - 1.5*2**23, which is ggml's nearest_int for |v| <= 2**22;
-# a block whose search could leave that range (ranges near 0 or past float32) takes the
-# scalar path, a plain transcription with nearest_int itself.
+# in the same order. Its searches (make_qkx2_quants, make_qx_quants) are chains of
+# sequential float sums per sub-block, so the sub-blocks of a block run side by side as
+# the lanes of SIMD vectors (C vector extensions in ggml_k456_lanes.h, compiled at 4 lanes
+# and, on x86, at 8 lanes with AVX2 chosen at run time; one lane at a time elsewhere):
+# each lane still does its sub-block's operations in the C's order, so every width gives
+# the same bytes. In the lanes a code is rounded as (v + 1.5*2**23) - 1.5*2**23, ggml's
+# nearest_int for |v| <= 2**22; a block whose search could leave that range (ranges near
+# 0 or past float32) takes the scalar path, a transcription with nearest_int itself.
 #
+# mse reuses that search's codes for unweighted fits, then searches each sub-block's
+# quantized scale (and min) by true error; it keeps rtn's block unless clearly better.
 # The reference (the definition these must match bit for bit) is
-# flightquant/reference/ggml_k456.py; its docstring describes the formats and the mse search.
+# flightquant/reference/ggml_k456.py; its docstring describes the formats and the search.
 
 from libc.string cimport memset
 
@@ -27,7 +30,7 @@ cdef extern from *:
     #if (defined(__GNUC__) || defined(__clang__)) && !defined(K456_SCALAR)
     /* vector extensions: 4 lanes (SSE2 on x86-64, NEON on aarch64), and 8 lanes (AVX2,
        chosen at run time) on x86 */
-    #if defined(__x86_64__) || defined(__i386__)
+    #if (defined(__x86_64__) || defined(__i386__)) && !defined(K456_NO_AVX2)
     #include <immintrin.h>
     #define K456_HAVE_W8 1
     #else
