@@ -14,7 +14,15 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.flight as flight
 import pytest
-from common import LIST_TYPES, assert_same, expected_dequantize, expected_quantize, unaligned
+from common import (
+    LIST_TYPES,
+    assert_clean,
+    assert_same,
+    exchange,
+    expected_dequantize,
+    expected_quantize,
+    unaligned,
+)
 
 import flightquant as fq
 from flightquant import codec, formats, kernels
@@ -192,10 +200,7 @@ def test_server_speaks_the_same_bytes_to_a_plain_flight_client(server, name):
         back = c.dequantize(pa.Table.from_batches(got))
     assert back.equals(fq.dequantize(pa.Table.from_batches(got)))
     with flight.connect(s.location) as client:
-        writer, reader = client.do_exchange(flight.FlightDescriptor.for_command(
-            json.dumps({"format": name, "bits": 4}).encode()))
-        with pytest.raises(pa.ArrowInvalid, match="cannot be given with format"):
-            writer.begin(batches[0].schema)
-            writer.write_batch(batches[0])
-            reader.read_chunk()
-        writer.close()
+        with pytest.raises(pa.ArrowInvalid, match="cannot be given with format") as info:
+            exchange(client, json.dumps({"format": name, "bits": 4}).encode(), batches[0].schema,
+                     batches[:1])
+        assert_clean(info.value)
