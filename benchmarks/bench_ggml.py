@@ -6,7 +6,7 @@ beside gguf-py's NumPy quantizer and llama.cpp's C quantizer (ctypes, when insta
 
 (a) Rate-distortion on Gaussian and Student-t(3) data: bits per weight (every scale and
     zero-point byte counted: a ggml type's block bytes; for native, the same count as
-    ``flightquant quantize`` reports, jobs_cmd.estimate_bytes) and SNR dB =
+    ``flightquant quantize`` reports, wire.tensor_bytes) and SNR dB =
     10 log10(sum x^2 / sum (x - x_hat)^2) of rtn and mse, gguf-py and llama.cpp, and how
     many rtn blocks are byte-identical to llama.cpp's ("=C").
 (b) Speed in M weights/s: ours 1 thread and all threads, rtn and mse, beside gguf-py and
@@ -36,7 +36,7 @@ import time  # noqa: E402
 import numpy as np  # noqa: E402
 
 from flightquant import formats, kernels  # noqa: E402
-from flightquant.jobs_cmd import estimate_bytes  # noqa: E402
+from flightquant.wire import tensor_bytes  # noqa: E402
 
 try:
     from gguf import GGMLQuantizationType as _GT
@@ -194,7 +194,7 @@ def rate_distortion(names, natives, data, llama, have):
             per[dist] = {
                 m: snr_db(x, native_dequant(native_quant(x, bits, gs, m))) for m in ("rtn", "mse")
             }
-        bpw = 8 * estimate_bytes(x.size, bits, gs, "asymmetric") / x.size
+        bpw = 8 * tensor_bytes(x.size, bits=bits, group_size=gs, scheme="asymmetric") / x.size
         rows.append((label, bpw, per))
     return rows
 

@@ -144,6 +144,27 @@ def codes_fields(field: pa.Field, options: QuantOptions) -> list[pa.Field]:
     return fields
 
 
+def tensor_bytes(numel: int, *, format: str = formats.NATIVE, bits: int | None = None,
+                 group_size: int | None = None, scheme: str | None = None) -> int:
+    """Bytes one quantized tensor of ``numel`` weights holds: its codes and every scale and
+    zero-point byte (the count behind "bits per weight"; Arrow offsets and the int64
+    ``numel`` are not counted). A ggml tensor must be whole blocks (``ValueError``).
+
+    >>> tensor_bytes(4096, bits=4, group_size=128, scheme="asymmetric") * 8 / 4096
+    4.5
+    >>> tensor_bytes(4096, format="Q4_K") * 8 / 4096
+    4.5
+    """
+    if format != formats.NATIVE:
+        t = formats.get(format)
+        if numel % t.block_size:
+            raise ValueError(f"{numel} values is not a multiple of {t.name}'s block size {t.block_size}")
+        return t.row_bytes(numel)
+    groups = -(-numel // group_size)
+    per_group = 8 if scheme == "asymmetric" else 4
+    return -(-numel * bits // 8) + groups * per_group
+
+
 def fixed_codes_bytes(n: int, ggml: formats.GgmlType | None, bits: int | None) -> int:
     """Bytes of the codes of one fixed-size row of ``n`` elements."""
     if ggml:

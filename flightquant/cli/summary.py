@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from .. import formats
+from .. import formats, wire
 from .accounting import (
     ARROW_ITEMSIZE,
     TensorStat,
@@ -156,14 +156,8 @@ def worst(stats: list[TensorStat]) -> str:
 
 
 def estimate_bytes(numel: int, bits: int, group_size: int, scheme: str) -> int:
-    """Bytes of one quantized tensor: packed codes, float32 scales (+ zero points).
-
-    The same count ``quantize`` reports as "out" (the per-row ``*_numel`` int64 and the
-    Arrow offsets are not counted).
-    """
-    groups = -(-numel // group_size)
-    per_group = 8 if scheme == "asymmetric" else 4
-    return -(-numel * bits // 8) + groups * per_group
+    """Bytes of one native quantized tensor (:func:`flightquant.wire.tensor_bytes`)."""
+    return wire.tensor_bytes(numel, bits=bits, group_size=group_size, scheme=scheme)
 
 
 def quantized_bytes(numel: int, options: dict, name: str = "") -> int:
@@ -176,7 +170,7 @@ def quantized_bytes(numel: int, options: dict, name: str = "") -> int:
             f"tensor {name!r} has {numel} values, not a multiple of {t.name}'s block size "
             f"{t.block_size}; --keep it or choose another --format"
         )
-    return t.row_bytes(numel)
+    return wire.tensor_bytes(numel, format=t.name)
 
 
 def size_desc(options: dict) -> str:
