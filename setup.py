@@ -1,5 +1,6 @@
 """Build flightquant's Cython extensions: the kernels (``flightquant._kernels`` from
-``ext/_kernels.pyx``), the row bookkeeping (``flightquant._rows``) and the one-step
+``ext/_kernels.pyx``), the row bookkeeping (``flightquant._rows``), the widening of model files' values
+(``flightquant._widen``) and the one-step
 RecordBatch assembly through the Arrow C data interface (``flightquant._arrow``).
 
 OpenMP is used when a tiny test program compiles and links with ``-fopenmp`` (the
@@ -107,6 +108,11 @@ extensions = [
     Extension(
         "flightquant._rows",
         ["ext/_rows.pyx"],
+        include_dirs=["ext"],
+    ),
+    Extension(
+        "flightquant._widen",
+        ["ext/_widen.pyx"],
         include_dirs=["ext"],
     ),
     Extension(

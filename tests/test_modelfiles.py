@@ -80,7 +80,7 @@ def test_tensor_batches_layout_and_split(st_file):
     seen: list[list[str]] = []
     batches = list(
         modelfiles.tensor_batches(
-            f, max_batch_bytes=200, on_batch=lambda infos: seen.append([i.name for i in infos])
+            f, max_batch_bytes=200, on_batch=lambda infos, _: seen.append([i.name for i in infos])
         )
     )
     assert len(batches) > 1

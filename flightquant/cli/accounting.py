@@ -17,7 +17,6 @@ import numpy as np
 import pyarrow as pa
 
 from .. import modelfiles
-from ..modelfiles import TensorInfo
 from .common import JobError
 
 # --------------------------------------------------------------------------- accounting
@@ -90,19 +89,48 @@ def row_signal(col: pa.Array) -> np.ndarray:
     return out
 
 
-def binary_lengths(col: pa.Array) -> np.ndarray:
-    import pyarrow.compute as pc
+def valid_rows(col: pa.Array) -> np.ndarray:
+    """Which rows of an array are not null, as a bool array, from its validity bitmap
+    (``is_valid()`` through NumPy would import pandas: a quarter of a second per job)."""
+    n = len(col)
+    if col.null_count == 0:
+        return np.ones(n, bool)
+    bitmap = col.buffers()[0]
+    if bitmap is None:  # e.g. a null-type array
+        return np.zeros(n, bool)
+    bits = np.unpackbits(np.frombuffer(bitmap, np.uint8), bitorder="little")
+    return bits[col.offset : col.offset + n].astype(bool)
 
-    return pc.binary_length(col).fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64)
+
+def float_rows(col: pa.Array) -> np.ndarray:
+    """A float32/float64 column as float64, NaN for null rows, read from its buffers."""
+    n = len(col)
+    dtype = {pa.float32(): np.float32, pa.float64(): np.float64}.get(col.type)
+    if dtype is None or n == 0:
+        return np.asarray(col.to_numpy(zero_copy_only=False), np.float64)
+    values = np.frombuffer(col.buffers()[1], dtype)[col.offset : col.offset + n]
+    out = values.astype(np.float64)
+    out[~valid_rows(col)] = np.nan
+    return out
+
+
+def binary_lengths(col: pa.Array) -> np.ndarray:
+    """Bytes per row of a binary column (0 for null rows), from its offsets."""
+    n = len(col)
+    if n == 0:
+        return np.zeros(0, np.int64)
+    lens = np.diff(modelfiles.list_offsets(col))
+    lens[~valid_rows(col)] = 0
+    return lens
 
 
 def list_lengths(col: pa.Array) -> np.ndarray:
     if pa.types.is_fixed_size_list(col.type):
         lens = np.full(len(col), col.type.list_size, np.int64)
     else:
-        lens = np.diff(np.asarray(col.offsets, dtype=np.int64))
+        lens = np.diff(modelfiles.list_offsets(col))
     if col.null_count:
-        lens[~np.asarray(col.is_valid())] = 0
+        lens[~valid_rows(col)] = 0
     return lens
 
 
@@ -146,16 +174,21 @@ class Ledger:
     def feed(
         self, batches: Iterable[pa.RecordBatch], infos: deque | None
     ) -> Iterator[pa.RecordBatch]:
+        """Record each batch as it passes; ``infos`` holds, per batch, its tensors and their
+        sums of squares (``tensor_batches``'s ``on_batch(infos, signal)``; signal None: computed
+        here from the batch)."""
         for batch in batches:
             self.pending.append(self._record(batch, infos.popleft() if infos is not None else None))
             yield batch
 
-    def _record(self, batch: pa.RecordBatch, infos: list[TensorInfo] | None):
+    def _record(self, batch: pa.RecordBatch, infos: tuple | None):
         rows: list[TensorStat] = []
         if self.tensor_mode:
             weights = batch.column("weights")
-            signal = row_signal(weights)
-            quantized = np.asarray(weights.is_valid())  # kept tensors travel as raw bytes
+            infos, signal = infos if infos is not None else ([], None)
+            if signal is None:
+                signal = row_signal(weights)
+            quantized = valid_rows(weights)  # kept tensors travel as raw bytes
             for r, info in enumerate(infos or []):
                 rows.append(
                     TensorStat(
@@ -177,7 +210,7 @@ class Ledger:
             signal = row_signal(col)
             lens = list_lengths(col)
             size = ARROW_ITEMSIZE.get(col.type.value_type, 4)
-            valid = np.asarray(col.is_valid())
+            valid = valid_rows(col)
             for r in range(batch.num_rows):
                 if not valid[r]:
                     rows.append(None)  # type: ignore[arg-type]
@@ -215,11 +248,7 @@ class Ledger:
                 extra = extra + list_lengths(out.column(f"{c}_scales")) * 4
             if f"{c}_zero_points" in out.schema.names:
                 extra = extra + list_lengths(out.column(f"{c}_zero_points")) * 4
-            mse = (
-                out.column(f"{c}_mse").to_numpy(zero_copy_only=False)
-                if f"{c}_mse" in out.schema.names
-                else None
-            )
+            mse = float_rows(out.column(f"{c}_mse")) if f"{c}_mse" in out.schema.names else None
             for r in range(n):
                 s = rows[ci * n + r] if not self.tensor_mode else rows[r]
                 if s is None:

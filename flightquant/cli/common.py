@@ -363,44 +363,52 @@ def describe(options: dict[str, Any]) -> str:
 def read_ahead(items: Iterable[Any], depth: int = 1) -> Iterator[Any]:
     """Produce ``items`` in a background thread, ``depth`` ahead of the consumer.
 
-    Reading, widening and packing the next batch (NumPy and Arrow release the GIL) then
-    overlap with the kernels working on this one. Errors re-raise in the consumer, in order.
+    Reading, widening and packing the next batch (the widening kernel, NumPy and Arrow
+    release the GIL) then overlap with the kernels working on this one. The producer starts
+    an item only when fewer than ``depth`` are ahead of the one the consumer holds (asking
+    for the next item means being done with the last), so at most ``depth + 1`` items are
+    alive at once: the memory bound of a job. Errors re-raise in the consumer, in order.
     """
     import queue
     import threading
 
-    q: queue.Queue = queue.Queue(maxsize=depth)
+    q: queue.SimpleQueue = queue.SimpleQueue()
+    slots = threading.Semaphore(depth)
     stop = threading.Event()
     done = object()
 
-    def put(item) -> bool:
+    def take_slot() -> bool:
         while not stop.is_set():
-            try:
-                q.put(item, timeout=0.1)
+            if slots.acquire(timeout=0.1):
                 return True
-            except queue.Full:
-                continue
         return False
 
     def produce() -> None:
         try:
-            for item in items:
-                if not put((None, item)):
+            it = iter(items)
+            while take_slot():
+                try:
+                    item = next(it)
+                except StopIteration:
+                    q.put((None, done))
                     return
-            put((None, done))
+                q.put((None, item))
+                del item
         except BaseException as exc:  # noqa: BLE001 - handed to the consumer
-            put((exc, None))
+            q.put((exc, None))
 
     thread = threading.Thread(target=produce, name="flightquant-read-ahead", daemon=True)
     thread.start()
     try:
         while True:
+            slots.release()  # done with the item before: the producer may start another
             exc, item = q.get()
             if exc is not None:
                 raise exc
             if item is done:
                 return
             yield item
+            del item
     finally:
         stop.set()
         thread.join(timeout=5)

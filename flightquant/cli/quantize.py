@@ -15,6 +15,8 @@ import time
 from collections import deque
 from pathlib import Path
 
+import numpy as np
+
 from .. import modelfiles
 from ..modelfiles import TensorInfo
 from .accounting import Ledger, float_list_columns
@@ -127,14 +129,16 @@ def run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     meta: dict[bytes, bytes] = {b"flightquant.source_format": source.format.encode()}
     if source.kind == "tensors":
-        infos_q: deque[list[TensorInfo]] | None = deque()
+        # per batch: its tensors and their sums of squares, from the widening pass itself
+        infos_q: deque[tuple[list[TensorInfo], np.ndarray | None]] | None = deque()
         batches = modelfiles.tensor_batches(
             source,
             max_batch_bytes=args.max_batch_bytes,
-            on_batch=infos_q.append,
+            on_batch=lambda infos, signal: infos_q.append((infos, signal)),
             quantize=selected,
+            threads=None if args.threads is None else max(1, args.threads // 2),
         )
-        batches = never_empty(batches, modelfiles.TENSOR_SCHEMA, lambda: infos_q.append([]))
+        batches = never_empty(batches, modelfiles.TENSOR_SCHEMA, lambda: infos_q.append(([], None)))
         ledger = Ledger(True, ["weights"])
         options = {**options, "columns": ["weights"]}
         total = source.nbytes

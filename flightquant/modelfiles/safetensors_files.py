@@ -114,6 +114,10 @@ class SafetensorsFile(TensorSource):
             raise bad(f"{end - start} bytes do not hold shape {list(shape)} of {info.dtype}")
         return info, start, end
 
+    def span(self, info: TensorInfo) -> tuple[int, int] | None:
+        start, end = self._ranges[info.name]  # checked against the file in _open
+        return self._base + start, end - start
+
     def _read(self, info: TensorInfo) -> np.ndarray:
         start, end = self._ranges[info.name]
         storage = ML_DTYPES.get(info.dtype) or numpy_dtype(info.dtype)

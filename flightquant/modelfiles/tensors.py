@@ -19,6 +19,10 @@ float32 exactly; float64 narrows (values beyond the float32 range are refused). 
 from __future__ import annotations
 
 import math
+import mmap
+import os
+import sys
+import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
@@ -27,6 +31,7 @@ import pyarrow as pa
 
 from .common import (
     DEFAULT_BATCH_BYTES,
+    ITEMSIZE,
     MAX_TENSOR_ELEMENTS,
     ML_DTYPES,
     ModelIOError,
@@ -97,6 +102,12 @@ class TensorSource:
             raise ModelIOError(f"{self.path}: tensor {info.name!r} does not match its header")
         return arr
 
+    def span(self, info: TensorInfo) -> tuple[int, int] | None:
+        """Where the tensor's little-endian C-order bytes lie in :attr:`path`: (offset,
+        nbytes), for reading them straight into a batch; None when they do not lie there
+        as such (compressed, another byte order). The header has been checked already."""
+        return None
+
     def __iter__(self) -> Iterator[tuple[TensorInfo, np.ndarray]]:
         for info in self.infos:
             yield info, self.read(info)
@@ -110,71 +121,357 @@ class TensorSource:
 
 
 def tensor_batches(
-    tensors: Iterable[tuple[TensorInfo, np.ndarray]],
+    tensors: Iterable[tuple[TensorInfo, np.ndarray | FileSpan]],
     *,
     max_batch_bytes: int = DEFAULT_BATCH_BYTES,
     on_batch=None,
     quantize: Callable[[TensorInfo], bool] | None = None,
+    threads: int | None = None,
 ) -> Iterator[pa.RecordBatch]:
     """Pack tensors into RecordBatches of :data:`TENSOR_SCHEMA`, in order.
 
     Tensors to quantize (``quantize(info)``; default: every float tensor) travel as float32
-    in ``weights``, the others as their ``raw`` bytes. A batch closes once its payload
-    reaches ``max_batch_bytes``; a bigger tensor gets a batch of its own.
-    ``on_batch(infos)`` is called with the batch's tensors just before it is yielded.
+    in ``weights``, the others as their ``raw`` bytes. A batch holds at most
+    ``max_batch_bytes`` of payload, except that a bigger tensor gets a batch of its own.
+
+    ``tensors`` gives (info, data) pairs, data an array or a :class:`FileSpan` (a
+    :class:`TensorSource` gives spans where it can, :meth:`TensorSource.span`). Data is
+    only read when its batch is built: each float tensor is widened straight into the
+    batch's one value buffer (spans read in pieces, so a tensor's file bytes never sit in
+    memory whole), and the same pass sums its squares (:func:`widen_into`), in ``threads``
+    threads (default: half the cores this process may use, as the kernels quantize the
+    batch before meanwhile). ``on_batch(infos, signal)`` is called just before a batch is
+    yielded, with its tensors and their float64 sums of squares (NaN for kept tensors).
     """
-    rows: list[tuple[TensorInfo, np.ndarray | None, bytes | None]] = []
+    if threads is None:
+        threads = max(1, _cores() // 2)
+    pending: list[tuple[TensorInfo, np.ndarray | FileSpan, bool]] = []
     size = 0
-    for info, array in tensors:
-        if info.is_float if quantize is None else quantize(info):
-            if info.numel > MAX_TENSOR_ELEMENTS:
+    pool = BufferPool()
+    reader = _SpanReader()
+    try:
+        for info, data in _entries(tensors, quantize):
+            quantized = info.is_float if quantize is None else quantize(info)
+            if quantized and info.numel > MAX_TENSOR_ELEMENTS:
                 raise ModelIOError(
                     f"tensor {info.name!r} has {info.numel} elements; at most "
                     f"{MAX_TENSOR_ELEMENTS} per tensor are supported"
                 )
-            flat = to_float32(array, info.dtype, info.name)
-            row_bytes = flat.nbytes
-            rows.append((info, flat, None))
+            row_bytes = 4 * info.numel if quantized else info.nbytes
+            if pending and size + row_bytes > max_batch_bytes:
+                yield _flush(pending, on_batch, threads, pool, reader)
+                pending, size = [], 0
+            pending.append((info, data, quantized))
+            size += row_bytes
+            del data
+        if pending:
+            yield _flush(pending, on_batch, threads, pool, reader)
+    finally:
+        reader.close()
+
+
+def _cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
+
+
+class FileSpan:
+    """Where a tensor's little-endian C-order bytes lie in a file: read when needed."""
+
+    __slots__ = ("nbytes", "offset", "path")
+
+    def __init__(self, path: str | os.PathLike, offset: int, nbytes: int):
+        self.path, self.offset, self.nbytes = path, offset, nbytes
+
+
+def _entries(tensors, quantize) -> Iterator[tuple[TensorInfo, np.ndarray | FileSpan]]:
+    """(info, data) of each tensor; a source's float tensors to quantize as spans."""
+    if not isinstance(tensors, TensorSource):
+        yield from tensors
+        return
+    for info in tensors.infos:
+        quantized = info.is_float if quantize is None else quantize(info)
+        where = tensors.span(info) if quantized and info.dtype in _WIDEN_KINDS else None
+        if where is not None:
+            yield info, FileSpan(tensors.path, *where)
         else:
-            raw = np.ascontiguousarray(array, dtype=numpy_dtype(info.dtype)).tobytes()
-            row_bytes = len(raw)
-            rows.append((info, None, raw))
-        size += row_bytes
-        if size >= max_batch_bytes:
-            batch = _tensor_batch(rows)
-            if on_batch is not None:
-                on_batch([r[0] for r in rows])
-            yield batch
-            rows, size = [], 0
-    if rows:
-        batch = _tensor_batch(rows)
-        if on_batch is not None:
-            on_batch([r[0] for r in rows])
-        yield batch
+            yield info, tensors.read(info)
 
 
-def _tensor_batch(rows) -> pa.RecordBatch:
-    lens = np.array([0 if f is None else f.size for _, f, _ in rows], np.int64)
+class _SpanReader:
+    """Reads :class:`FileSpan` s in pieces through one staging buffer, widening each piece
+    into its place in the batch (a memory map would count a tensor's pages in the
+    process's RSS while it is read)."""
+
+    PIECE = 4 << 20  # bytes per read; a whole number of the widening's chunks
+
+    def __init__(self):
+        self._path = None
+        self._fh = None
+        self._staging: np.ndarray | None = None
+
+    def _file(self, span: FileSpan):
+        if self._fh is None or self._path != span.path:
+            self.close()
+            self._fh = open(span.path, "rb", buffering=0)  # noqa: SIM115 - close()
+            self._path = span.path
+        return self._fh
+
+    def _read(self, fh, into: np.ndarray, span: FileSpan, info: TensorInfo) -> None:
+        if fh.readinto(memoryview(into)) != into.size:
+            raise ModelIOError(
+                f"{span.path}: cannot read tensor {info.name!r} (the file ends before its "
+                "data: truncated since it was opened?)"
+            )
+
+    def read_bytes(self, span: FileSpan, info: TensorInfo) -> np.ndarray:
+        fh = self._file(span)
+        fh.seek(span.offset)
+        out = np.empty(span.nbytes, np.uint8)
+        self._read(fh, out, span, info)
+        return out
+
+    def widen(self, span: FileSpan, info: TensorInfo, dst: np.ndarray, threads: int) -> float:
+        from .. import _widen
+
+        if span.nbytes != info.nbytes:
+            raise ModelIOError(f"tensor {info.name!r}: {span.nbytes} bytes do not hold it")
+        kind = _WIDEN_KINDS.get(info.dtype)
+        if kind is None:  # float64, float8: through NumPy
+            arr = self.read_bytes(span, info).view(numpy_dtype(info.dtype))
+            return widen_into(arr, info.dtype, dst, info.name, threads)
+        code, item = kind[1], ITEMSIZE[info.dtype]
+        if self._staging is None:
+            self._staging = np.empty(self.PIECE, np.uint8)
+        fh = self._file(span)
+        fh.seek(span.offset)
+        signal, pos = 0.0, 0
+        while pos < span.nbytes:
+            n = min(self.PIECE, span.nbytes - pos)
+            out = dst[pos // item * 4 : (pos + n) // item * 4]
+            into = out[:n] if code == 0 else self._staging[:n]  # float32: read in place
+            self._read(fh, into, span, info)
+            signal = _widen.widen(into, code, out, threads, signal)
+            pos += n
+        return signal
+
+    def close(self) -> None:
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None
+
+
+class BufferPool:
+    """Value buffers for the batches of one :func:`tensor_batches` call, recycled.
+
+    Fresh memory costs a page fault per page and the kernel zeroing it (measured: a third
+    of the job's system time); a job's batches are alike in size and at most two are alive
+    at once (the one being quantized, the one being read: ``read_ahead``), so two buffers
+    serve them all. A buffer is handed out again only once nothing references it any more
+    (its reference count is back to what it was when the pool alone held it; a batch
+    built on it holds it through its Arrow buffer). When every kept buffer is busy, the
+    pool waits ``wait`` seconds for one (the consumer drops its last batch a moment after
+    asking for the next), then gives out a buffer it does not keep (and waits no more).
+    Buffers are anonymous memory maps, with transparent huge pages asked for.
+    """
+
+    def __init__(self, keep: int = 2, wait: float = 0.05):
+        self.keep = keep
+        self.wait = wait
+        self._bufs: list[np.ndarray] = []  # kept buffers (uint8, owning their memory map)
+        self._free_refs: list[tuple[int, int]] = []  # their reference counts when free
+
+    @staticmethod
+    def _new(nbytes: int) -> np.ndarray:
+        m = mmap.mmap(-1, max(nbytes, 1), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        if nbytes >= 4 << 20 and hasattr(mmap, "MADV_HUGEPAGE"):
+            try:
+                m.madvise(mmap.MADV_HUGEPAGE)
+            except OSError:  # pragma: no cover - kernels without THP
+                pass
+        return np.frombuffer(m, np.uint8)
+
+    def _refs(self, i: int) -> tuple[int, int]:
+        # a view of a buffer holds either the array or (NumPy collapsing bases) its map
+        return sys.getrefcount(self._bufs[i]), sys.getrefcount(self._bufs[i].base)
+
+    def take(self, nbytes: int) -> np.ndarray:
+        """A writable uint8 array of ``nbytes`` (contents undefined)."""
+        deadline = None
+        while True:
+            free = [i for i in range(len(self._bufs)) if self._refs(i) == self._free_refs[i]]
+            fit = [i for i in free if self._bufs[i].size >= nbytes]
+            if fit:
+                return self._bufs[min(fit, key=lambda i: self._bufs[i].size)][:nbytes]
+            if free or len(self._bufs) < self.keep:
+                if free:  # every free buffer is too small: replace the largest of them
+                    i = max(free, key=lambda i: self._bufs[i].size)
+                    del self._bufs[i], self._free_refs[i]
+                self._bufs.append(self._new(nbytes))
+                self._free_refs.append((0, 0))
+                self._free_refs[-1] = self._refs(len(self._bufs) - 1)
+                return self._bufs[-1][:nbytes]
+            if self.wait <= 0:
+                return self._new(nbytes)
+            now = time.monotonic()
+            if deadline is None:
+                deadline = now + self.wait
+            elif now >= deadline:
+                self.wait = 0.0  # the consumer holds more batches: stop waiting for it
+                return self._new(nbytes)
+            time.sleep(0.001)
+
+
+def _flush(pending: list, on_batch, threads, pool: BufferPool, reader) -> pa.RecordBatch:
+    infos = [info for info, _, _ in pending]
+    batch, signal = _tensor_batch(pending, threads, pool, reader)
+    pending.clear()  # the batch holds the values now: let the memory maps go
+    if on_batch is not None:
+        on_batch(infos, signal)
+    return batch
+
+
+def _tensor_batch(
+    rows: list, threads: int, pool: BufferPool, reader: _SpanReader
+) -> tuple[pa.RecordBatch, np.ndarray]:
+    lens = np.array([info.numel if q else 0 for info, _, q in rows], np.int64)
     offsets = np.zeros(len(rows) + 1, np.int64)
     np.cumsum(lens, out=offsets[1:])
-    if offsets[-1] > MAX_TENSOR_ELEMENTS:  # cannot happen with sane max_batch_bytes
+    total = int(offsets[-1])
+    if total > MAX_TENSOR_ELEMENTS:  # cannot happen with sane max_batch_bytes
         raise ModelIOError("a batch of tensors exceeds 2**31-1 elements; lower max_batch_bytes")
-    floats = [f for _, f, _ in rows if f is not None]
-    values = np.concatenate(floats) if floats else np.zeros(0, np.float32)
-    mask = pa.array([f is None for _, f, _ in rows], pa.bool_())
-    weights = pa.ListArray.from_arrays(
-        pa.array(offsets.astype(np.int32)), pa.array(values, pa.float32()), mask=mask
+    # one value buffer (recycled from the batches before), filled in place, wrapped zero-copy
+    dst = pool.take(4 * total)
+    buf = pa.py_buffer(dst)
+    signal = np.full(len(rows), np.nan)
+    raws: list[bytes | None] = []
+    for r, (info, array, quantized) in enumerate(rows):
+        if quantized:
+            lo, hi = 4 * int(offsets[r]), 4 * int(offsets[r + 1])
+            if isinstance(array, FileSpan):
+                signal[r] = reader.widen(array, info, dst[lo:hi], threads)
+            else:
+                signal[r] = widen_into(array, info.dtype, dst[lo:hi], info.name, threads)
+            raws.append(None)
+        elif isinstance(array, FileSpan):
+            raws.append(reader.read_bytes(array, info).tobytes())
+        else:
+            raws.append(np.ascontiguousarray(array, dtype=numpy_dtype(info.dtype)).tobytes())
+        rows[r] = (info, None, quantized)  # drop the source array (and its memory map)
+    # every column from buffers: pa.array() on Python lists would also import pandas
+    # (a quarter of a second, in the middle of the job) to check for its objects
+    n = len(rows)
+    values = pa.Array.from_buffers(pa.float32(), total, [None, buf])
+    valid = np.array([q for _, _, q in rows], bool)
+    list_offsets32 = pa.py_buffer(offsets.astype(np.int32))
+    weights = pa.Array.from_buffers(
+        pa.list_(pa.float32()),
+        n,
+        [_bitmap(valid), list_offsets32],
+        null_count=n - int(valid.sum()),
+        children=[values],
     )
-    return pa.RecordBatch.from_arrays(
-        [
-            pa.array([i.name for i, _, _ in rows], pa.string()),
-            weights,
-            pa.array([list(i.shape) for i, _, _ in rows], pa.list_(pa.int64())),
-            pa.array([i.dtype for i, _, _ in rows], pa.string()),
-            pa.array([r for _, _, r in rows], pa.large_binary()),
-        ],
-        schema=TENSOR_SCHEMA,
+    shapes = [i.shape for i, _, _ in rows]
+    dims = np.zeros(n + 1, np.int32)
+    np.cumsum([len(sh) for sh in shapes], out=dims[1:])
+    flat = np.array([d for sh in shapes for d in sh], np.int64)
+    dim_values = pa.Array.from_buffers(pa.int64(), len(flat), [None, pa.py_buffer(flat)])
+    shape = pa.Array.from_buffers(
+        pa.list_(pa.int64()), n, [None, pa.py_buffer(dims)], children=[dim_values]
     )
+    raw_offsets = np.zeros(n + 1, np.int64)
+    np.cumsum([0 if r is None else len(r) for r in raws], out=raw_offsets[1:])
+    has_raw = ~valid
+    raw_data = pa.py_buffer(b"".join(r for r in raws if r is not None))
+    raw = pa.Array.from_buffers(
+        pa.large_binary(),
+        n,
+        [_bitmap(has_raw), pa.py_buffer(raw_offsets), raw_data],
+        null_count=n - int(has_raw.sum()),
+    )
+    names = _strings([i.name for i, _, _ in rows])
+    dtypes = _strings([i.dtype for i, _, _ in rows])
+    batch = pa.RecordBatch.from_arrays([names, weights, shape, dtypes, raw], schema=TENSOR_SCHEMA)
+    return batch, signal
+
+
+def _bitmap(bits: np.ndarray) -> pa.Buffer | None:
+    """An Arrow validity bitmap of a bool array (None when every bit is set)."""
+    if bits.all():
+        return None
+    return pa.py_buffer(np.packbits(bits, bitorder="little"))
+
+
+def _strings(texts: list[str]) -> pa.Array:
+    """A string array of ``texts``, from its buffers."""
+    data = [t.encode() for t in texts]
+    offsets = np.zeros(len(data) + 1, np.int64)
+    np.cumsum([len(d) for d in data], out=offsets[1:])
+    if offsets[-1] > 2**31 - 1:
+        raise ModelIOError("the tensor names of one batch exceed 2 GiB")
+    buffers = [None, pa.py_buffer(offsets.astype(np.int32)), pa.py_buffer(b"".join(data))]
+    return pa.Array.from_buffers(pa.string(), len(data), buffers)
+
+
+#: dtypes the widening kernel reads as stored (little-endian), and its code for each
+_WIDEN_KINDS = {
+    "float32": (np.dtype("<f4"), 0),
+    "bfloat16": (None, 1),
+    "float16": (np.dtype("<f2"), 2),
+}
+
+
+def widen_into(
+    array: np.ndarray, dtype: str, dst: np.ndarray, name: str = "", threads: int | None = None
+) -> float:
+    """Write ``array`` (a float tensor of ``dtype``) as float32 into ``dst`` (bytes, C
+    order) and return its sum of squares (float64, as :func:`signal_reference` defines).
+
+    float32, bfloat16 and float16 stored little-endian go through one pass of the
+    widening kernel; other dtypes (float64, float8, byte-swapped) through
+    :func:`to_float32` first. Exact, like :func:`to_float32`.
+    """
+    from .. import _widen
+
+    kind = _WIDEN_KINDS.get(dtype)
+    if kind is not None:
+        want = kind[0] if kind[0] is not None else ML_DTYPES.get("bfloat16")
+        if want is None or array.dtype != want:
+            kind = None
+    if kind is None:
+        array, code = to_float32(array, dtype, name), 0
+    else:
+        code = kind[1]
+    src = np.ascontiguousarray(array).reshape(-1).view(np.uint8)
+    return _widen.widen(src, code, dst, 0 if threads is None else threads)
+
+
+def signal_reference(values: np.ndarray) -> float:
+    """The definition of the sum of squares :func:`widen_into` returns, in NumPy.
+
+    float64 squares of the float32 values, cut into chunks of ``_widen.chunk_elements()``;
+    in a chunk, lane j sums the squares of elements 8k+j in order (cumsum is sequential),
+    the lanes are added in order, then the chunk's last n % 8 squares one by one; the
+    chunk sums are added in order. Slow (a Python loop per chunk): for tests.
+    """
+    from .. import _widen
+
+    x = np.asarray(values, np.float32).reshape(-1).astype(np.float64)
+    chunk = _widen.chunk_elements()
+    total = 0.0
+    for c in range(0, x.size, chunk):
+        v = x[c : c + chunk]
+        m = v.size - v.size % 8
+        lanes = np.cumsum(np.square(v[:m]).reshape(-1, 8), axis=0)[-1] if m else np.zeros(8)
+        s = float(lanes[0])
+        for j in range(1, 8):
+            s += float(lanes[j])
+        for t in v[m:]:
+            s += float(t) * float(t)
+        total += s
+    return total
 
 
 def is_tensor_layout(schema: pa.Schema) -> bool:
@@ -229,5 +526,18 @@ def list_parts(arr: pa.Array) -> tuple[np.ndarray, np.ndarray]:
         size = arr.type.list_size
         values = arr.values.to_numpy(zero_copy_only=False)[arr.offset * size :]
         return np.arange(len(arr) + 1, dtype=np.int64) * size, values
-    offsets = np.asarray(arr.offsets, dtype=np.int64)
-    return offsets, arr.values.to_numpy(zero_copy_only=False)
+    return list_offsets(arr), arr.values.to_numpy(zero_copy_only=False)
+
+
+def list_offsets(arr: pa.Array) -> np.ndarray:
+    """The n+1 offsets of a list/large_list (or binary/string) array as int64, read from its
+    buffer (``np.asarray(arr.offsets)`` goes through pandas-aware conversion: slower, and
+    it imports pandas)."""
+    t = arr.type
+    wide = pa.types.is_large_list(t) or pa.types.is_large_binary(t) or pa.types.is_large_string(t)
+    n = len(arr)
+    buf = arr.buffers()[1]
+    if buf is None or buf.size == 0:  # an empty array may have no offsets buffer
+        return np.zeros(n + 1, np.int64)
+    raw = np.frombuffer(buf, np.int64 if wide else np.int32)
+    return raw[arr.offset : arr.offset + n + 1].astype(np.int64)
