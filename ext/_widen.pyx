@@ -203,3 +203,55 @@ def widen(const uint8_t[::1] src, int kind, uint8_t[::1] dst, int n_threads=0,
     if rc != 0:
         raise MemoryError()
     return signal
+
+
+# ---------------------------------------------------------------------------------------
+# Narrowing: float32 -> bfloat16, rounded to nearest even (as ml_dtypes casts: a NaN
+# becomes the quiet NaN 0x7fc0 with its sign), for writing dequantized tensors back.
+
+cdef inline uint16_t bf16_bits(uint32_t b) noexcept nogil:
+    """Branch-free (so that loops over it vectorise)."""
+    cdef uint32_t rounded = (b + 0x7fff + ((b >> 16) & 1)) >> 16
+    cdef uint32_t nan = ((b >> 16) & 0x8000) | 0x7fc0
+    return <uint16_t>(nan if (b & 0x7fffffff) > 0x7f800000 else rounded)
+
+
+cdef void narrow_chunk(const uint8_t* src, uint8_t* dst, int64_t n) noexcept nogil:
+    cdef uint32_t b[8]
+    cdef uint16_t h[8]
+    cdef int64_t i, m = n - n % 8
+    cdef int j
+    for i in range(0, m, 8):
+        memcpy(b, src + 4 * i, 32)
+        for j in range(8):
+            h[j] = bf16_bits(b[j])
+        memcpy(dst + 2 * i, h, 16)
+    for i in range(m, n):
+        memcpy(b, src + 4 * i, 4)
+        h[0] = bf16_bits(b[0])
+        memcpy(dst + 2 * i, h, 2)
+
+
+def narrow_bf16(const uint8_t[::1] src, uint8_t[::1] dst, int n_threads=0):
+    """Narrow the float32 values in ``src`` (bytes, any address) to bfloat16 in ``dst``
+    (bytes of as many bfloat16, any address), rounding to nearest even; bit-identical to
+    ``astype(ml_dtypes.bfloat16)``. ``n_threads`` 0: all of OpenMP's threads."""
+    cdef int64_t n, nchunks, c
+    if src.shape[0] % 4:
+        raise ValueError(f"{src.shape[0]} source bytes are not whole float32 values")
+    n = src.shape[0] // 4
+    if dst.shape[0] != 2 * n:
+        raise ValueError(f"dst holds {dst.shape[0]} bytes; {n} bfloat16 values need {2 * n}")
+    if n == 0:
+        return
+    if n_threads < 1:
+        n_threads = omp_get_max_threads()
+    nchunks = (n + CHUNK - 1) // CHUNK
+    cdef const uint8_t* s = &src[0]
+    cdef uint8_t* d = &dst[0]
+    with nogil:
+        if n_threads == 1 or nchunks == 1:
+            narrow_chunk(s, d, n)
+        else:
+            for c in prange(nchunks, num_threads=n_threads, schedule="static"):
+                narrow_chunk(s + c * CHUNK * 4, d + c * CHUNK * 2, min(CHUNK, n - c * CHUNK))

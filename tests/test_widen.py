@@ -253,3 +253,44 @@ def test_read_ahead_keeps_at_most_depth_plus_one_alive():
         del item
     assert made == list(range(20))
     assert alive["max"] <= 2
+
+
+# --------------------------------------------------------------------------- narrowing
+
+
+@pytest.mark.parametrize("threads", THREADS)
+def test_narrow_bf16_equals_ml_dtypes_on_any_bits_and_alignment(threads):
+    rng = np.random.default_rng(threads)
+    bits = rng.integers(0, 1 << 32, 3 * CHUNK + 11, dtype=np.uint64).astype(np.uint32)
+    bits[:6] = [0x7F800000, 0xFF800000, 0x7F800001, 0xFFC12345, 0x7F7FFFFF, 0x00008000]
+    x = bits.view(np.float32)
+    with np.errstate(invalid="ignore"):
+        want = x.astype(ml_dtypes.bfloat16).view(np.uint16)
+    for shift in (0, 1, 3):
+        out = _at(np.zeros(x.size, np.uint16), shift)
+        _widen.narrow_bf16(_at(x, shift + 1), out, threads)
+        np.testing.assert_array_equal(out.view(np.uint16), want)
+
+
+def test_narrow_bf16_refuses_bad_sizes():
+    with pytest.raises(ValueError, match="whole float32"):
+        _widen.narrow_bf16(np.zeros(6, np.uint8), np.zeros(3, np.uint8))
+    with pytest.raises(ValueError, match="dst holds"):
+        _widen.narrow_bf16(np.zeros(8, np.uint8), np.zeros(3, np.uint8))
+
+
+def test_safetensors_writer_narrows_float32_as_astype(tmp_path, monkeypatch):
+    monkeypatch.setattr(modelfiles.SafetensorsWriter, "PIECE", 1000)  # several pieces
+    rng = np.random.default_rng(8)
+    x = rng.standard_normal((7, 1001)).astype(np.float32)
+    info = modelfiles.TensorInfo("w", x.shape, "bfloat16")
+    path = tmp_path / "o.safetensors"
+    path.write_bytes(b"")  # as atomic_output leaves it: appended to, not truncated
+    assert modelfiles.write_mode(path) == "ab"
+    w = modelfiles.SafetensorsWriter(path, [info])
+    w.write("w", x)
+    w.close()
+    src = modelfiles.open_input(path)
+    got = src.read(src.infos[0])
+    np.testing.assert_array_equal(got.view(np.uint16), x.astype(ml_dtypes.bfloat16).view(np.uint16))
+    assert modelfiles.write_mode(path) == "wb"  # a file with contents is truncated

@@ -89,19 +89,6 @@ def row_signal(col: pa.Array) -> np.ndarray:
     return out
 
 
-def valid_rows(col: pa.Array) -> np.ndarray:
-    """Which rows of an array are not null, as a bool array, from its validity bitmap
-    (``is_valid()`` through NumPy would import pandas: a quarter of a second per job)."""
-    n = len(col)
-    if col.null_count == 0:
-        return np.ones(n, bool)
-    bitmap = col.buffers()[0]
-    if bitmap is None:  # e.g. a null-type array
-        return np.zeros(n, bool)
-    bits = np.unpackbits(np.frombuffer(bitmap, np.uint8), bitorder="little")
-    return bits[col.offset : col.offset + n].astype(bool)
-
-
 def float_rows(col: pa.Array) -> np.ndarray:
     """A float32/float64 column as float64, NaN for null rows, read from its buffers."""
     n = len(col)
@@ -110,7 +97,7 @@ def float_rows(col: pa.Array) -> np.ndarray:
         return np.asarray(col.to_numpy(zero_copy_only=False), np.float64)
     values = np.frombuffer(col.buffers()[1], dtype)[col.offset : col.offset + n]
     out = values.astype(np.float64)
-    out[~valid_rows(col)] = np.nan
+    out[~modelfiles.valid_rows(col)] = np.nan
     return out
 
 
@@ -120,7 +107,7 @@ def binary_lengths(col: pa.Array) -> np.ndarray:
     if n == 0:
         return np.zeros(0, np.int64)
     lens = np.diff(modelfiles.list_offsets(col))
-    lens[~valid_rows(col)] = 0
+    lens[~modelfiles.valid_rows(col)] = 0
     return lens
 
 
@@ -130,7 +117,7 @@ def list_lengths(col: pa.Array) -> np.ndarray:
     else:
         lens = np.diff(modelfiles.list_offsets(col))
     if col.null_count:
-        lens[~valid_rows(col)] = 0
+        lens[~modelfiles.valid_rows(col)] = 0
     return lens
 
 
@@ -188,7 +175,7 @@ class Ledger:
             infos, signal = infos if infos is not None else ([], None)
             if signal is None:
                 signal = row_signal(weights)
-            quantized = valid_rows(weights)  # kept tensors travel as raw bytes
+            quantized = modelfiles.valid_rows(weights)  # kept tensors travel as raw bytes
             for r, info in enumerate(infos or []):
                 rows.append(
                     TensorStat(
@@ -210,7 +197,7 @@ class Ledger:
             signal = row_signal(col)
             lens = list_lengths(col)
             size = ARROW_ITEMSIZE.get(col.type.value_type, 4)
-            valid = valid_rows(col)
+            valid = modelfiles.valid_rows(col)
             for r in range(batch.num_rows):
                 if not valid[r]:
                     rows.append(None)  # type: ignore[arg-type]

@@ -89,7 +89,10 @@ def run(args: argparse.Namespace) -> int:
                 writer = modelfiles.NpzWriter(tmp)
             for out in stream:
                 if tensor_out:
-                    for name, arr in modelfiles.tensors_from_batch(out, npz_safe=fmt == "npz"):
+                    rows = modelfiles.tensors_from_batch(
+                        out, npz_safe=fmt == "npz", float32=fmt == "safetensors"
+                    )  # the safetensors writer narrows float32 itself, through one buffer
+                    for name, arr in rows:
                         writer.write(name, arr)
                         tensors += 1
                 else:

@@ -31,6 +31,7 @@ from .common import (
     from_float32,
     numpy_dtype,
     to_float32,
+    write_mode,
 )
 from .gguf_files import GGUFFile, GGUFOutput, GGUFTensor, OutTensor
 from .numpy_files import NpyFile, NpzFile, NpzWriter
@@ -48,6 +49,7 @@ from .tensors import (
     list_parts,
     tensor_batches,
     tensors_from_batch,
+    valid_rows,
 )
 
 __all__ = [
@@ -92,6 +94,8 @@ __all__ = [
     "tensor_batches",
     "tensors_from_batch",
     "to_float32",
+    "valid_rows",
+    "write_mode",
 ]
 
 _TENSOR_FILES = {".safetensors": SafetensorsFile, ".npz": NpzFile, ".npy": NpyFile}

@@ -12,7 +12,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.ipc as ipc
 
-from .common import ModelIOError, first_line
+from .common import ModelIOError, first_line, write_mode
 
 
 class TableFile:
@@ -86,10 +86,16 @@ class TableFile:
             for rg in range(self._pq.num_row_groups):
                 table = self._pq.read_row_group(rg, columns=columns)
                 yield from table.combine_chunks().to_batches() or []
-        elif self._ipc_file is not None:
+        elif self._ipc_file is not None and columns:  # a few columns: from the memory map
             for i in range(self._ipc_file.num_record_batches):
-                batch = self._ipc_file.get_batch(i)
-                yield batch.select(columns) if columns else batch
+                yield self._ipc_file.get_batch(i).select(columns)
+        elif self._ipc_file is not None:
+            # a whole pass reads each batch into memory that is freed (and reused) after it:
+            # through the memory map, every page read would stay in the process's RSS
+            with pa.OSFile(str(self.path), "rb") as fh:
+                reader = ipc.open_file(fh)
+                for i in range(reader.num_record_batches):
+                    yield reader.get_batch(i)
         elif self._ipc_stream_path:
             with ipc.open_stream(pa.memory_map(str(self.path), "r")) as reader:
                 for batch in reader:
@@ -131,12 +137,12 @@ class TableWriter:
     def __init__(self, path: Path, fmt: str, schema: pa.Schema):
         self.schema = schema
         self.format = fmt
+        self._sink = pa.OSFile(str(path), write_mode(path))
         if fmt == "parquet":
             import pyarrow.parquet as pq
 
-            self._writer = pq.ParquetWriter(str(path), schema)
+            self._writer = pq.ParquetWriter(self._sink, schema)
         else:
-            self._sink = pa.OSFile(str(path), "wb")
             self._writer = ipc.new_file(self._sink, schema)
 
     def write(self, batch: pa.RecordBatch) -> None:
@@ -149,8 +155,7 @@ class TableWriter:
 
     def close(self) -> None:
         self._writer.close()
-        if self.format != "parquet":
-            self._sink.close()
+        self._sink.close()
 
 
 def _same_fields(a: pa.Schema, b: pa.Schema) -> bool:

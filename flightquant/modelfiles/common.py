@@ -125,10 +125,33 @@ def from_float32(values: np.ndarray, dtype: str) -> np.ndarray:
     """Cast dequantized float32 values back to their original dtype (round to nearest)."""
     if dtype == "float32":
         return values.astype(np.float32, copy=False)
+    if dtype == "bfloat16" and values.dtype == np.float32 and "bfloat16" in ML_DTYPES:
+        from .. import _widen  # the same bits as ml_dtypes' cast, in parallel
+
+        out = np.empty(values.shape, ML_DTYPES["bfloat16"])
+        src = np.ascontiguousarray(values).reshape(-1).view(np.uint8)
+        _widen.narrow_bf16(src, out.reshape(-1).view(np.uint8))
+        return out
     return values.astype(numpy_dtype(dtype))
 
 
 # --------------------------------------------------------------------------- output
+
+
+def write_mode(path: str | os.PathLike) -> str:
+    """The mode to open an output file in: ``"ab"`` for an existing empty file (the
+    temporary :func:`atomic_output` made), else ``"wb"``.
+
+    Opening with truncation (``"wb"``) marks the file on ext4 for writing back in full
+    when it is closed (``auto_da_alloc``): measured 0.15-0.2 s per 0.5 GB, in the job's
+    time. Appending to the empty file writes the same bytes without that.
+    """
+    try:
+        if os.stat(path).st_size == 0:
+            return "ab"
+    except OSError:
+        pass
+    return "wb"
 
 
 @contextmanager

@@ -30,9 +30,9 @@ from gguf import (
     GGUFValueType,
     GGUFWriter,
 )
-from gguf.gguf_writer import GGUFValue
+from gguf.gguf_writer import GGUFValue, WriterState
 
-from .common import MAX_TENSOR_ELEMENTS, ModelIOError, first_line
+from .common import MAX_TENSOR_ELEMENTS, ModelIOError, first_line, write_mode
 from .gguf_policy import FLOAT_TYPES, tensor_bytes
 
 #: GGML_MAX_DIMS
@@ -326,6 +326,16 @@ class _Raw:
 
 
 class _Writer(GGUFWriter):
+    def open_output_file(self, path: Path | None = None) -> None:
+        # gguf-py's, opening without truncation (common.write_mode says why)
+        if self.state is WriterState.NO_FILE and (path or self.path) is not None:
+            self.path = path or self.path
+            filenames = self.print_plan()
+            self.fout = [open(f, write_mode(f)) for f in filenames]  # noqa: SIM115
+            self.state = WriterState.EMPTY
+            return
+        super().open_output_file(path)
+
     def _pack_val(self, val, vtype, add_vtype, sub_type=None) -> bytes:
         if isinstance(val, _Raw):
             return (self._pack("I", vtype) if add_vtype else b"") + val.payload

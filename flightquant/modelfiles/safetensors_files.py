@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from .common import ITEMSIZE, ML_DTYPES, ModelIOError, TensorInfo, numpy_dtype
+from .common import ITEMSIZE, ML_DTYPES, ModelIOError, TensorInfo, numpy_dtype, write_mode
 from .tensors import TensorSource
 
 ST_TO_DTYPE = {
@@ -158,7 +158,8 @@ class SafetensorsWriter:
         raw += b" " * (-len(raw) % 8)
         self._infos = list(infos)
         self._next = 0
-        self._fh = open(path, "wb")  # noqa: SIM115 - closed in close()
+        self._staging: np.ndarray | None = None
+        self._fh = open(path, write_mode(path))  # noqa: SIM115 - closed in close()
         self._fh.write(struct.pack("<Q", len(raw)))
         self._fh.write(raw)
 
@@ -170,9 +171,27 @@ class SafetensorsWriter:
             raise ModelIOError(
                 f"expected tensor {info.name!r} {list(info.shape)}, got {name!r} {list(array.shape)}"
             )
-        arr = np.ascontiguousarray(array, dtype=numpy_dtype(info.dtype))
-        self._fh.write(memoryview(arr.reshape(-1).view(np.uint8)))
+        if array.dtype == np.float32 and info.dtype == "bfloat16":
+            self._write_bf16(np.ascontiguousarray(array).reshape(-1))
+        else:
+            arr = np.ascontiguousarray(array, dtype=numpy_dtype(info.dtype))
+            self._fh.write(memoryview(arr.reshape(-1).view(np.uint8)))
         self._next += 1
+
+    PIECE = 1 << 20  # float32 values narrowed at a time
+
+    def _write_bf16(self, values: np.ndarray) -> None:
+        """float32 -> bfloat16 (round to nearest even, as ``astype``) through one reused
+        buffer: no fresh memory per tensor (page faults cost more than the rounding)."""
+        from .. import _widen
+
+        if self._staging is None:
+            self._staging = np.empty(2 * self.PIECE, np.uint8)
+        for lo in range(0, values.size, self.PIECE):
+            piece = values[lo : lo + self.PIECE].view(np.uint8)
+            out = self._staging[: piece.size // 2]
+            _widen.narrow_bf16(piece, out, 1)  # a piece is too small to share out
+            self._fh.write(memoryview(out))
 
     def close(self) -> None:
         missing = len(self._infos) - self._next
