@@ -172,20 +172,27 @@ class _Job:
         def tensors():
             for _, c in run:
                 t = self.by_name[c.name]
-                values = self.source.floats(t)
-                info = modelfiles.TensorInfo(c.name, t.shape, "float32")
                 self.stats[c.name] = TensorStat(
-                    c.name,
-                    shape_text(t.ne),
-                    t.type,
-                    t.numel,
-                    t.nbytes,
-                    bytes_out=c.dst_bytes,
-                    signal=float(np.dot(values, values)),
+                    c.name, shape_text(t.ne), t.type, t.numel, t.nbytes, bytes_out=c.dst_bytes
                 )
-                yield info, values
+                dtype = _STORED.get(t.type)
+                if dtype is not None:  # read from the file and widened into the batch
+                    info = modelfiles.TensorInfo(c.name, t.shape, dtype)
+                    yield info, modelfiles.FileSpan(self.source.path, t.offset, t.nbytes)
+                else:  # a quantized type (--allow-requantize): decoded first
+                    yield modelfiles.TensorInfo(c.name, t.shape, "float32"), self.source.floats(t)
 
-        return modelfiles.tensor_batches(tensors(), max_batch_bytes=self.args.max_batch_bytes)
+        def signals(infos, signal) -> None:  # from the widening pass itself
+            for info, s in zip(infos, signal, strict=True):
+                self.stats[info.name].signal = float(s)
+
+        threads = self.args.threads
+        return modelfiles.tensor_batches(
+            tensors(),
+            max_batch_bytes=self.args.max_batch_bytes,
+            on_batch=signals,
+            threads=None if threads is None else max(1, threads // 2),
+        )
 
     def _settle(self, out: pa.RecordBatch, pending, direct, writer, bar) -> None:
         codes = out.column("weights")
@@ -224,6 +231,10 @@ class _Job:
             s.passthrough = True
         self.stats[c.name] = s
         bar.update(s.bytes_in)
+
+
+#: GGUF float types read as stored, and their dtype names
+_STORED = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
 
 
 def _to_float_type(x: np.ndarray, typ: str) -> np.ndarray:
