@@ -25,7 +25,21 @@ FTYPES = {"Q4_0": 2, "Q4_1": 3, "Q5_0": 8, "Q5_1": 9, "Q8_0": 7, "Q2_K": 10, "Q3
           "Q4_K": 15, "Q5_K": 17, "Q6_K": 18}  # fmt: skip
 
 
-def build(path: Path, d: int, n_ff: int, layers: int, vocab: int) -> None:
+def llama_matrices(d: int, n_ff: int, layers: int, vocab: int) -> list[tuple[str, int, int]]:
+    """(name, rows, cols) of the matrices of the llama-shaped model :func:`build` writes."""
+    out = [("token_embd.weight", vocab, d)]
+    for i in range(layers):
+        for n, r in (("attn_q", d), ("attn_k", d // 2), ("attn_v", d // 2), ("attn_output", d)):
+            out.append((f"blk.{i}.{n}.weight", r, d))
+        out += [(f"blk.{i}.ffn_gate.weight", n_ff, d), (f"blk.{i}.ffn_up.weight", n_ff, d),
+                (f"blk.{i}.ffn_down.weight", d, n_ff)]  # fmt: skip
+    return out + [("output.weight", vocab, d)]
+
+
+def build(path: Path, d: int, n_ff: int, layers: int, vocab: int, matrix=None,
+          file_type: int = 1) -> None:  # fmt: skip
+    """A llama-shaped GGUF with a vocabulary. ``matrix(name, rows, cols)`` gives each
+    matrix as (array, raw ggml type or None); default: heavy-tailed random F16."""
     rng = np.random.default_rng(0)
     w = GGUFWriter(str(path), "llama")
     w.add_context_length(512)
@@ -36,28 +50,29 @@ def build(path: Path, d: int, n_ff: int, layers: int, vocab: int) -> None:
     w.add_head_count_kv(d // 128)
     w.add_rope_dimension_count(64)
     w.add_layer_norm_rms_eps(1e-5)
-    w.add_file_type(1)
+    w.add_file_type(file_type)
     w.add_tokenizer_model("llama")
     tokens = ["<unk>", "<s>", "</s>"] + [f"\u2581t{i}" for i in range(vocab - 3)]
     w.add_token_list(tokens)
     w.add_token_scores([0.0] * vocab)
     w.add_token_types([2, 3, 3] + [1] * (vocab - 3))
 
-    def m(name, rows, cols):  # heavy-tailed like trained weights
-        x = rng.standard_t(5, (rows, cols)) * 0.02
+    def m(name, rows, cols):
+        if matrix is not None:
+            arr, raw_dtype = matrix(name, rows, cols)
+            w.add_tensor(name, arr, raw_dtype=raw_dtype)
+            return
+        x = rng.standard_t(5, (rows, cols)) * 0.02  # heavy-tailed like trained weights
         w.add_tensor(name, x.astype(np.float16))
 
-    m("token_embd.weight", vocab, d)
-    for i in range(layers):
-        w.add_tensor(f"blk.{i}.attn_norm.weight", np.ones(d, np.float32))
-        for n, r in (("attn_q", d), ("attn_k", d // 2), ("attn_v", d // 2), ("attn_output", d)):
-            m(f"blk.{i}.{n}.weight", r, d)
-        w.add_tensor(f"blk.{i}.ffn_norm.weight", np.ones(d, np.float32))
-        m(f"blk.{i}.ffn_gate.weight", n_ff, d)
-        m(f"blk.{i}.ffn_up.weight", n_ff, d)
-        m(f"blk.{i}.ffn_down.weight", d, n_ff)
-    w.add_tensor("output_norm.weight", np.ones(d, np.float32))
-    m("output.weight", vocab, d)
+    for name, rows, cols in llama_matrices(d, n_ff, layers, vocab):  # norms in their places
+        if name.endswith("attn_q.weight"):
+            w.add_tensor(name.replace("attn_q", "attn_norm"), np.ones(d, np.float32))
+        elif name == "output.weight":
+            w.add_tensor("output_norm.weight", np.ones(d, np.float32))
+        m(name, rows, cols)
+        if name.endswith("attn_output.weight"):
+            w.add_tensor(name.replace("attn_output", "ffn_norm"), np.ones(d, np.float32))
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()

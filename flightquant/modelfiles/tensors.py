@@ -201,37 +201,49 @@ def _entries(tensors, quantize) -> Iterator[tuple[TensorInfo, np.ndarray | FileS
 
 
 class _SpanReader:
-    """Reads :class:`FileSpan` s in pieces through one staging buffer, widening each piece
-    into its place in the batch (a memory map would count a tensor's pages in the
-    process's RSS while it is read)."""
+    """Reads :class:`FileSpan` s piece by piece, widening each piece straight from the page
+    cache into its place in the batch: each piece is memory-mapped (pre-faulted) and
+    unmapped right after, so no copy is made (a read() would copy every byte once more)
+    and a tensor's file pages never count in the process's RSS all at once."""
 
-    PIECE = 4 << 20  # bytes per read; a whole number of the widening's chunks
+    PIECE = 4 << 20  # bytes per mapping; a whole number of the widening's chunks
 
     def __init__(self):
         self._path = None
-        self._fh = None
-        self._staging: np.ndarray | None = None
+        self._fd = -1
 
-    def _file(self, span: FileSpan):
-        if self._fh is None or self._path != span.path:
+    def _open(self, span: FileSpan) -> int:
+        if self._fd < 0 or self._path != span.path:
             self.close()
-            self._fh = open(span.path, "rb", buffering=0)  # noqa: SIM115 - close()
+            self._fd = os.open(span.path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
             self._path = span.path
-        return self._fh
+        return self._fd
 
-    def _read(self, fh, into: np.ndarray, span: FileSpan, info: TensorInfo) -> None:
-        if fh.readinto(memoryview(into)) != into.size:
+    def _map(self, span: FileSpan, info: TensorInfo, start: int, n: int) -> tuple[mmap.mmap, int]:
+        """A read-only map of the file's bytes [start, start + n) and where they begin in it."""
+        fd = self._open(span)
+        if os.fstat(fd).st_size < start + n:  # touching a map past the end would be SIGBUS
             raise ModelIOError(
                 f"{span.path}: cannot read tensor {info.name!r} (the file ends before its "
                 "data: truncated since it was opened?)"
             )
+        base = start - start % mmap.ALLOCATIONGRANULARITY
+        length = start + n - base
+        if os.name == "posix":
+            flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
+            return mmap.mmap(
+                fd, length, flags=flags, prot=mmap.PROT_READ, offset=base
+            ), start - base
+        return mmap.mmap(fd, length, access=mmap.ACCESS_READ, offset=base), start - base
 
-    def read_bytes(self, span: FileSpan, info: TensorInfo) -> np.ndarray:
-        fh = self._file(span)
-        fh.seek(span.offset)
-        out = np.empty(span.nbytes, np.uint8)
-        self._read(fh, out, span, info)
-        return out
+    def read_bytes(self, span: FileSpan, info: TensorInfo) -> bytes:
+        if span.nbytes == 0:
+            return b""
+        m, at = self._map(span, info, span.offset, span.nbytes)
+        try:
+            return m[at : at + span.nbytes]
+        finally:
+            m.close()
 
     def widen(self, span: FileSpan, info: TensorInfo, dst: np.ndarray, threads: int) -> float:
         from .. import _widen
@@ -240,27 +252,27 @@ class _SpanReader:
             raise ModelIOError(f"tensor {info.name!r}: {span.nbytes} bytes do not hold it")
         kind = _WIDEN_KINDS.get(info.dtype)
         if kind is None:  # float64, float8: through NumPy
-            arr = self.read_bytes(span, info).view(numpy_dtype(info.dtype))
-            return widen_into(arr, info.dtype, dst, info.name, threads)
+            raw = np.frombuffer(self.read_bytes(span, info), numpy_dtype(info.dtype))
+            return widen_into(raw, info.dtype, dst, info.name, threads)
         code, item = kind[1], ITEMSIZE[info.dtype]
-        if self._staging is None:
-            self._staging = np.empty(self.PIECE, np.uint8)
-        fh = self._file(span)
-        fh.seek(span.offset)
         signal, pos = 0.0, 0
         while pos < span.nbytes:
             n = min(self.PIECE, span.nbytes - pos)
-            out = dst[pos // item * 4 : (pos + n) // item * 4]
-            into = out[:n] if code == 0 else self._staging[:n]  # float32: read in place
-            self._read(fh, into, span, info)
-            signal = _widen.widen(into, code, out, threads, signal)
+            m, at = self._map(span, info, span.offset + pos, n)
+            try:
+                src = np.frombuffer(m, np.uint8, n, at)
+                out = dst[pos // item * 4 : (pos + n) // item * 4]
+                signal = _widen.widen(src, code, out, threads, signal)
+                del src
+            finally:
+                m.close()
             pos += n
         return signal
 
     def close(self) -> None:
-        if self._fh is not None:
-            self._fh.close()
-            self._fh = None
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
 
 
 class BufferPool:
@@ -356,7 +368,7 @@ def _tensor_batch(
                 signal[r] = widen_into(array, info.dtype, dst[lo:hi], info.name, threads)
             raws.append(None)
         elif isinstance(array, FileSpan):
-            raws.append(reader.read_bytes(array, info).tobytes())
+            raws.append(reader.read_bytes(array, info))
         else:
             raws.append(np.ascontiguousarray(array, dtype=numpy_dtype(info.dtype)).tobytes())
         rows[r] = (info, None, quantized)  # drop the source array (and its memory map)
