@@ -119,7 +119,9 @@ def run_timed(cmd: list[str], env=None) -> dict:
         out_file = tempfile.NamedTemporaryFile("r", suffix=".time", delete=False)  # noqa: SIM115
         cmd = [TIME, "-f", "%e %U %S %M", "-o", out_file.name, *cmd]
     t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )  # cwd: `python -m` imports from the current directory first
     peak = 0.0
     if out_file is None:
         while proc.poll() is None:
