@@ -94,9 +94,7 @@ class QuantOptions:
             try:
                 clip = float(clip)
             except OverflowError:
-                raise OptionsError(
-                    f"clip must be a positive finite number, got {_short(clip)}"
-                ) from None
+                raise OptionsError(f"clip must be a positive finite number, got {_short(clip)}") from None
             if not (math.isfinite(clip) and clip > 0):
                 raise OptionsError(f"clip must be a positive finite number, got {_short(clip)}")
         columns = mapping.get("columns")
@@ -131,10 +129,8 @@ class QuantOptions:
         try:
             obj = json.loads(data)
         except RecursionError:
-            raise OptionsError(
-                "the command's JSON is nested too deeply: send a flat JSON object "
-                'of options, e.g. {"bits": 4, "group_size": 128}'
-            ) from None
+            raise OptionsError("the command's JSON is nested too deeply: send a flat JSON object "
+                               'of options, e.g. {"bits": 4, "group_size": 128}') from None
         except json.JSONDecodeError as exc:
             raise OptionsError(
                 f"the command must be a JSON object of options, e.g. "
@@ -189,9 +185,7 @@ def _native_bits_group(mapping: Mapping[str, Any], scheme: str) -> tuple[int, in
     elif bits is None:
         bits = 4
     if not _is_int(bits) or bits not in VALID_BITS:
-        raise OptionsError(
-            f"bits must be one of {', '.join(map(str, VALID_BITS))}, got {_short(bits)}"
-        )
+        raise OptionsError(f"bits must be one of {', '.join(map(str, VALID_BITS))}, got {_short(bits)}")
     group_size = _given(mapping, "group_size", 128)
     if not _is_int(group_size) or not 1 <= group_size <= MAX_GROUP_SIZE:
         raise OptionsError(

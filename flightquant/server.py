@@ -279,8 +279,7 @@ class Server(flight.FlightServerBase):
             "max_batch_bytes": self.max_batch_bytes,
             "threads": self.threads,
             "kernel_threads": (
-                self.threads
-                if self.threads is not None
+                self.threads if self.threads is not None
                 else f"auto: {max(1, self._cores - 1)} shared by the running streams"
             ),
             "default_options": QuantOptions.from_mapping({}).to_dict(),
@@ -360,8 +359,7 @@ class Server(flight.FlightServerBase):
         if not clean:
             self.log.warning(
                 "drain deadline (%.1fs) passed with %d stream(s) still running; ending them",
-                timeout,
-                st.streams_active,
+                timeout, st.streams_active,
             )
             self._aborting = True
         with self._shutdown_lock:
@@ -457,9 +455,7 @@ class Server(flight.FlightServerBase):
             if kind == "invalid_argument":
                 raise InvalidArgument(message) from None
             self.log.exception(
-                "internal error in stream peer=%s op=%s batch=%d",
-                _peer(context),
-                run.op,
+                "internal error in stream peer=%s op=%s batch=%d", _peer(context), run.op,
                 run.batches,
             )
             raise flight.FlightInternalError(message) from None
@@ -473,13 +469,8 @@ class Server(flight.FlightServerBase):
                 st.changed.notify_all()
             self.log.info(
                 "stream peer=%s op=%s batches=%d bytes_in=%d bytes_out=%d seconds=%.3f outcome=%s",
-                _peer(context),
-                run.op,
-                run.batches,
-                run.bytes_in,
-                run.bytes_out,
-                time.perf_counter() - t0,
-                outcome,
+                _peer(context), run.op, run.batches, run.bytes_in, run.bytes_out,
+                time.perf_counter() - t0, outcome,
             )
 
     def _exchange(self, context, descriptor, reader, writer, run: _StreamRun) -> None:

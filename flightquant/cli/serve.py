@@ -63,57 +63,28 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
             "(DoExchange; the command is the options JSON). SIGTERM drains and exits."
         ),
     )
-    p.add_argument(
-        "--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1; 0.0.0.0 for all)"
-    )
+    p.add_argument("--host", default="127.0.0.1",
+                   help="interface to bind (default 127.0.0.1; 0.0.0.0 for all)")
     p.add_argument("--port", type=_port, default=8815, help="port (default 8815; 0 = any free)")
-    p.add_argument(
-        "--threads",
-        type=_positive_int,
-        default=None,
-        help="kernel threads per batch (default: auto, the cores less one shared by the streams)",
-    )
-    p.add_argument(
-        "--max-streams",
-        type=_positive_int,
-        default=64,
-        help="concurrent streams; more are refused with UNAVAILABLE (default 64)",
-    )
-    p.add_argument(
-        "--max-batch-bytes",
-        type=_size,
-        default=256 << 20,
-        help="largest input batch, e.g. 268435456 or 256MiB (default 256MiB)",
-    )
+    p.add_argument("--threads", type=_positive_int, default=None,
+                   help="kernel threads per batch (default: auto, the cores less one shared by the streams)")
+    p.add_argument("--max-streams", type=_positive_int, default=64,
+                   help="concurrent streams; more are refused with UNAVAILABLE (default 64)")
+    p.add_argument("--max-batch-bytes", type=_size, default=256 << 20,
+                   help="largest input batch, e.g. 268435456 or 256MiB (default 256MiB)")
     p.add_argument("--tls-cert", help="PEM certificate chain; serves grpc+tls://")
     p.add_argument("--tls-key", help="PEM private key for --tls-cert")
-    p.add_argument(
-        "--tls-client-ca",
-        help="PEM CA bundle: require client certificates signed by it (mutual TLS)",
-    )
-    p.add_argument(
-        "--token-file",
-        help="file holding the bearer token clients must send "
-        "(default: $FLIGHTQUANT_TOKEN when set, else no authentication)",
-    )
-    p.add_argument(
-        "--health-port",
-        type=_port,
-        default=None,
-        help="serve grpc.health.v1 on this port (0 = any free)",
-    )
-    p.add_argument(
-        "--drain-timeout",
-        type=float,
-        default=30.0,
-        help="seconds running streams get to finish on SIGTERM (default 30)",
-    )
-    p.add_argument(
-        "--log-level",
-        default="INFO",
-        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
-        help="default INFO",
-    )
+    p.add_argument("--tls-client-ca",
+                   help="PEM CA bundle: require client certificates signed by it (mutual TLS)")
+    p.add_argument("--token-file",
+                   help="file holding the bearer token clients must send "
+                        "(default: $FLIGHTQUANT_TOKEN when set, else no authentication)")
+    p.add_argument("--health-port", type=_port, default=None,
+                   help="serve grpc.health.v1 on this port (0 = any free)")
+    p.add_argument("--drain-timeout", type=float, default=30.0,
+                   help="seconds running streams get to finish on SIGTERM (default 30)")
+    p.add_argument("--log-level", default="INFO",
+                   choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="default INFO")
     p.set_defaults(func=run)
     return p
 
@@ -164,11 +135,9 @@ def run(args: argparse.Namespace) -> int:
     except (ValueError, OSError) as exc:
         return _fail(f"cannot start the server on {scheme}://{host}:{args.port}: {exc}")
     except Exception as exc:  # pyarrow reports a busy port as ArrowException/FlightError
-        return _fail(
-            f"cannot start the server on {scheme}://{host}:{args.port}: "
-            f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__} "
-            "(is the port already in use?)"
-        )
+        return _fail(f"cannot start the server on {scheme}://{host}:{args.port}: "
+                     f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__} "
+                     "(is the port already in use?)")
 
     stop = threading.Event()
 
@@ -181,15 +150,9 @@ def run(args: argparse.Namespace) -> int:
     if server.health_port is not None:
         line += f" (health on port {server.health_port})"
     print(line, flush=True)
-    log.info(
-        "%s; max_streams=%d max_batch_bytes=%d threads=%s tls=%s auth=%s",
-        line,
-        args.max_streams,
-        args.max_batch_bytes,
-        args.threads or "auto (cores - 1, shared by streams)",
-        bool(certs),
-        token is not None,
-    )
+    log.info("%s; max_streams=%d max_batch_bytes=%d threads=%s tls=%s auth=%s", line,
+             args.max_streams, args.max_batch_bytes, args.threads or "auto (cores - 1, shared by streams)", bool(certs),
+             token is not None)
     try:
         while not stop.wait(0.5):
             pass
