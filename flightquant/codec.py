@@ -19,16 +19,18 @@ from __future__ import annotations
 import math
 import os
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass
 
 import numpy as np
 import pyarrow as pa
 
 from . import _arrow, _fastpath, _rows, kernels
-from .errors import NonFiniteError
+from .errors import CodecError, NonFiniteError
 from .layout import RowLayout, groups_per_block
 from .options import METHOD_CODES, SCHEME_CODES, SCHEMES, VALID_BITS, OptionsError, QuantOptions
 from .reference import qparams
+from .validate import validate_batch, validate_schema
 
 FORMAT_VERSION = 1
 PREFIX = "flightquant."
@@ -60,10 +62,6 @@ _ITEMSIZE = {"float32": 4, "float64": 8}  # value types the one-call path takes
 use_fastpath = os.environ.get("FLIGHTQUANT_FASTPATH", "1").strip() != "0"
 #: tests: a list that gets the address each one-call kernel read its values from
 _fast_trace: list | None = None
-
-
-class CodecError(ValueError):
-    """A batch that cannot be quantized or decoded; the message says why and what to do."""
 
 
 @dataclass
@@ -119,8 +117,9 @@ def _columns_to_quantize(schema: pa.Schema, options: QuantOptions) -> list[int]:
     if options.columns is None:
         return [i for i, f in enumerate(schema) if _is_float_list(f.type)]
     picked = []
+    index_of = {name: i for i, name in enumerate(schema.names)}  # unique: validate_schema
     for name in options.columns:
-        idx = schema.get_all_field_indices(name)
+        idx = [index_of[name]] if name in index_of else []
         if not idx:
             raise CodecError(
                 f"column {name!r} named in 'columns' is not in the batch; "
@@ -221,12 +220,13 @@ def _quantize_plan(schema: pa.Schema, options: QuantOptions):
 
 
 def _build_quantize_plan(schema: pa.Schema, options: QuantOptions):
+    validate_schema(schema)
     picked = _columns_to_quantize(schema, options)
+    chosen = set(picked)
     fields: list[pa.Field] = []
     for i, f in enumerate(schema):
-        fields.extend(_derived_fields(f, options) if i in picked else [f])
-    names = [f.name for f in fields]
-    dupes = sorted({n for n in names if names.count(n) > 1})
+        fields.extend(_derived_fields(f, options) if i in chosen else [f])
+    dupes = sorted(n for n, count in Counter(f.name for f in fields).items() if count > 1)
     if dupes:
         raise CodecError(
             f"the quantized batch would have duplicate column(s) {', '.join(map(repr, dupes))}: "
@@ -418,6 +418,7 @@ def quantize_batch(
     """
     if options.op != "quantize":
         raise OptionsError("quantize_batch needs op='quantize'")
+    validate_batch(batch)
     schema, columns, fast = _quantize_plan(batch.schema, options)
     done = _fast_batch(fast, batch, threads, _fast_trace)
     if done is not None:
@@ -591,6 +592,7 @@ def _dequantize_plan(schema: pa.Schema):
 
 
 def _build_dequantize_plan(schema: pa.Schema):
+    validate_schema(schema)
     derived = set()
     fields = []
     metas = {}
@@ -619,14 +621,15 @@ def _build_dequantize_plan(schema: pa.Schema):
                 )
             derived.add(f.name)
     out_fields = [f for f in fields if f.name not in derived]
+    index_of = {name: i for i, name in enumerate(schema.names)}  # names are unique
     columns = []
     for f in out_fields:
-        index = schema.get_field_index(f.name)
+        index = index_of[f.name]
         m = metas.get(f.name)
         if m is None:
             columns.append(_DColumn(index, f.name, None))
             continue
-        roles = {role: schema.get_field_index(f"{f.name}_{role}")
+        roles = {role: index_of.get(f"{f.name}_{role}", -1)
                  for role in ("scales", "zero_points", "numel")}
         k = groups_per_block(m.group_size, m.bits)
         columns.append(_DColumn(index, f.name, m, f.type, roles, k))
@@ -699,6 +702,7 @@ def _validate(arr: pa.Array, name: str) -> None:
 
 def dequantize_batch(batch: pa.RecordBatch, *, threads: int | None = None) -> tuple[pa.RecordBatch, BatchInfo]:
     """Restore the float columns of a quantized batch (original value type, lengths, nulls)."""
+    validate_batch(batch)
     schema, columns, fast = _dequantize_plan(batch.schema)
     done = _fast_batch(fast, batch, threads)
     if done is not None:

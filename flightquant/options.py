@@ -13,6 +13,8 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from .errors import echo, shorten
+
 VALID_BITS = (2, 4, 8)
 SCHEMES = ("asymmetric", "symmetric", "ternary")
 METHODS = ("rtn", "mse")
@@ -60,7 +62,7 @@ class QuantOptions:
         unknown = sorted(set(mapping) - known)
         if unknown:
             raise OptionsError(
-                f"unknown option(s) {', '.join(map(repr, unknown))}; "
+                f"unknown option(s) {echo(unknown)}; "
                 f"valid options are: {', '.join(sorted(known))}"
             )
         op = _choice(mapping.get("op", "quantize"), "op", OPS)
@@ -70,7 +72,7 @@ class QuantOptions:
         if scheme == "ternary":
             if bits is not None and (_is_int(bits) and bits != 2 or not _is_int(bits)):
                 raise OptionsError(
-                    f"bits={bits!r} does not fit scheme='ternary': ternary codes "
+                    f"bits={echo(bits)} does not fit scheme='ternary': ternary codes "
                     "{-1, 0, +1} are always stored in 2 bits; pass bits=2 or leave bits unset"
                 )
             bits = 2
@@ -78,36 +80,40 @@ class QuantOptions:
             bits = 4
         if not _is_int(bits) or bits not in VALID_BITS:
             raise OptionsError(
-                f"bits must be one of {', '.join(map(str, VALID_BITS))}, got {bits!r}"
+                f"bits must be one of {', '.join(map(str, VALID_BITS))}, got {echo(bits)}"
             )
         group_size = mapping.get("group_size", 128)
         if not _is_int(group_size) or not 1 <= group_size <= MAX_GROUP_SIZE:
             raise OptionsError(
                 f"group_size must be an integer from 1 to {MAX_GROUP_SIZE} "
-                f"(common: 32, 64, 128, 256), got {group_size!r}"
+                f"(common: 32, 64, 128, 256), got {echo(group_size)}"
             )
         clip = mapping.get("clip")
         if clip is not None:
             if isinstance(clip, bool) or not isinstance(clip, (int, float)):
-                raise OptionsError(f"clip must be null or a positive number, got {clip!r}")
-            clip = float(clip)
-            if not (math.isfinite(clip) and clip > 0):
-                raise OptionsError(f"clip must be a positive finite number, got {clip!r}")
+                raise OptionsError(f"clip must be null or a positive number, got {echo(clip)}")
+            try:
+                as_float = float(clip)
+            except OverflowError:  # an integer beyond float's range
+                as_float = math.inf
+            if not (math.isfinite(as_float) and as_float > 0):
+                raise OptionsError(f"clip must be a positive finite number, got {echo(clip)}")
+            clip = as_float
         columns = mapping.get("columns")
         if columns is not None:
             if isinstance(columns, str) or not isinstance(columns, (list, tuple)):
                 raise OptionsError(
-                    f"columns must be null or a list of column names, got {columns!r}"
+                    f"columns must be null or a list of column names, got {echo(columns)}"
                 )
             if not columns or not all(isinstance(c, str) for c in columns):
                 raise OptionsError(
                     "columns must be a non-empty list of column names (strings), "
-                    f"got {columns!r}; use null for every float list column"
+                    f"got {echo(columns)}; use null for every float list column"
                 )
             columns = tuple(columns)
         stats = mapping.get("stats", False)
         if not isinstance(stats, bool):
-            raise OptionsError(f"stats must be true or false, got {stats!r}")
+            raise OptionsError(f"stats must be true or false, got {echo(stats)}")
         return cls(op, int(bits), scheme, int(group_size), method, clip, columns, stats)
 
     @classmethod
@@ -124,10 +130,15 @@ class QuantOptions:
             return cls.from_mapping({})
         try:
             obj = json.loads(data)
-        except json.JSONDecodeError as exc:
+        except RecursionError:
+            raise OptionsError(
+                "the command nests JSON arrays/objects too deeply to parse; options are a "
+                'flat JSON object, e.g. {"bits": 4, "group_size": 128}'
+            ) from None
+        except ValueError as exc:  # JSONDecodeError, or an integer of over 4300 digits
             raise OptionsError(
                 f"the command must be a JSON object of options, e.g. "
-                f'{{"bits": 4, "group_size": 128}}; could not parse it: {exc}'
+                f'{{"bits": 4, "group_size": 128}}; could not parse it: {shorten(str(exc))}'
             ) from None
         if not isinstance(obj, dict):
             raise OptionsError(
@@ -160,6 +171,6 @@ def _is_int(value: Any) -> bool:
 def _choice(value: Any, name: str, valid: tuple[str, ...]) -> str:
     if value not in valid or not isinstance(value, str):
         raise OptionsError(
-            f"{name} must be one of {', '.join(map(repr, valid))}, got {value!r}"
+            f"{name} must be one of {', '.join(map(repr, valid))}, got {echo(value)}"
         )
     return value
