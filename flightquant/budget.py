@@ -81,7 +81,9 @@ def _read_int(path: str) -> int | None:
     return value if 0 < value < (1 << 62) else None  # v1 writes ~2**63 for "no limit"
 
 
-def _cgroup_limit(proc_cgroup: str = "/proc/self/cgroup", root: str = "/sys/fs/cgroup") -> int | None:
+def _cgroup_limit(
+    proc_cgroup: str = "/proc/self/cgroup", root: str = "/sys/fs/cgroup"
+) -> int | None:
     """The smallest memory limit of this process's cgroup and its ancestors (v2 or v1)."""
     try:
         with open(proc_cgroup) as f:
@@ -111,8 +113,14 @@ def _cgroup_limit(proc_cgroup: str = "/proc/self/cgroup", root: str = "/sys/fs/c
     return min(found) if found else None
 
 
+#: address space kept back under RLIMIT_AS for what is mapped later beside the budget:
+#: thread stacks (8 MiB each), malloc arenas, gRPC's buffers
+AS_RESERVE = 512 << 20
+
+
 def _address_space_left() -> int | None:
-    """RLIMIT_AS less the address space already mapped (the limit counts virtual memory)."""
+    """RLIMIT_AS less the address space already mapped and ``AS_RESERVE`` (the limit
+    counts virtual memory, and stacks and allocator arenas are mapped as threads start)."""
     soft, _ = resource.getrlimit(resource.RLIMIT_AS)
     if soft == resource.RLIM_INFINITY:
         return None
@@ -125,7 +133,7 @@ def _address_space_left() -> int | None:
                     break
     except (OSError, ValueError, IndexError):
         pass
-    return max(0, soft - used)
+    return max(0, soft - used - AS_RESERVE)
 
 
 def _physical() -> int | None:
@@ -318,11 +326,13 @@ class MemoryBudget:
     >>> r = budget.reserve(600, timeout=0)
     >>> budget.reserved
     600
-    >>> budget.reserve(600, timeout=0)
-    Traceback (most recent call last):
-    ...
-    flightquant.budget.BudgetExhausted: ...
-    >>> r.release(); budget.reserved
+    >>> try:
+    ...     budget.reserve(600, timeout=0)
+    ... except BudgetExhausted as exc:
+    ...     print(str(exc)[:18])
+    server memory busy
+    >>> r.release()
+    >>> budget.reserved
     0
     """
 
@@ -413,5 +423,3 @@ class MemoryBudget:
 
 def _mib(n: int) -> str:
     return f"{n / (1 << 20):.1f} MiB"
-
-

@@ -374,8 +374,10 @@ def _raise_in_band_error(app_metadata) -> None:
     code, message = error.get("code"), str(error.get("message", "server error"))
     if code == "invalid_argument":
         raise pa.ArrowInvalid(message)
-    if code == "unavailable":
+    if code in ("unavailable", "resource_exhausted"):  # retried elsewhere
         raise flight.FlightUnavailableError(message)
+    if code == "deadline_exceeded":  # the server ended a stream left idle: not retried
+        raise flight.FlightTimedOutError(message)
     if code == "internal":
         raise flight.FlightInternalError(message)
     raise flight.FlightServerError(message)

@@ -26,7 +26,7 @@ import numpy as np
 import pyarrow as pa
 
 from . import _arrow, _fastpath, _rows, kernels
-from .errors import CodecError, NonFiniteError
+from .errors import CodecError, NonFiniteError, echo, echo_list
 from .layout import RowLayout, groups_per_block
 from .options import METHOD_CODES, SCHEME_CODES, SCHEMES, VALID_BITS, OptionsError, QuantOptions
 from .reference import qparams
@@ -122,13 +122,13 @@ def _columns_to_quantize(schema: pa.Schema, options: QuantOptions) -> list[int]:
         idx = [index_of[name]] if name in index_of else []
         if not idx:
             raise CodecError(
-                f"column {name!r} named in 'columns' is not in the batch; "
-                f"its columns are: {', '.join(map(repr, schema.names))}"
+                f"column {echo(name)} named in 'columns' is not in the batch; "
+                f"its columns are: {echo_list(schema.names)}"
             )
         f = schema.field(idx[0])
         if not _is_float_list(f.type):
             raise CodecError(
-                f"column {name!r} has type {f.type}, which cannot be quantized: accepted are "
+                f"column {echo(name)} has type {f.type}, which cannot be quantized: accepted are "
                 "list, large_list and fixed_size_list of float16, float32 or float64"
             )
         picked.append(idx[0])
@@ -380,7 +380,7 @@ def _row_key(batch: pa.RecordBatch, row: int) -> str | None:
 
 def _where(batch: pa.RecordBatch, column: str, row: int) -> str:
     key = _row_key(batch, row)
-    return f"column {column!r}, row {row}" + (f" ({key!r})" if key is not None else "")
+    return f"column {echo(column)}, row {row}" + (f" ({echo(key)})" if key is not None else "")
 
 
 def _check_child_nulls(batch, name, rows: _Rows) -> None:

@@ -48,6 +48,20 @@ def echo(value: object, limit: int = ECHO_LIMIT) -> str:
     return shorten(text, limit)
 
 
+def echo_list(values, items: int = 20, limit: int = 100) -> str:
+    """``'a', 'b', ...``: each value echoed (at most ``limit`` characters), at most
+    ``items`` of them, then how many more.
+
+    >>> echo_list(["w", "ints"])
+    "'w', 'ints'"
+    >>> echo_list(range(30), items=2)
+    '0, 1 and 28 more'
+    """
+    values = list(values)
+    shown = ", ".join(echo(v, limit) for v in values[:items])
+    return shown + (f" and {len(values) - items} more" if len(values) > items else "")
+
+
 class CodecError(ValueError):
     """A batch that cannot be quantized or decoded; the message says why and what to do."""
 

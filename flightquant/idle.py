@@ -38,8 +38,7 @@ __all__ = ["Activity", "IdleWatchdog", "drop_connection"]
 class Activity:
     """One stream's signs of life, updated by its handler (and read-ahead) threads."""
 
-    __slots__ = ("peer", "started", "last", "busy", "timed_out", "write_lock", "writer",
-                 "idle_for")
+    __slots__ = ("peer", "started", "last", "busy", "timed_out", "write_lock", "writer", "idle_for")
 
     def __init__(self, peer: str, writer=None):
         self.peer = peer
@@ -64,11 +63,12 @@ class Activity:
 class IdleWatchdog:
     """Ends streams that wait on their client for more than ``timeout`` seconds.
 
-    ``local_port`` is the server's port (a connection is found by its two ends).
+    ``local_port`` is the server's port (a connection is found by its two ends). With
+    ``timeout=None`` no stream is ended for idling, but :meth:`end_waiting` still works.
     """
 
-    def __init__(self, timeout: float, local_port: int, log: logging.Logger):
-        self.timeout = float(timeout)
+    def __init__(self, timeout: float | None, local_port: int, log: logging.Logger):
+        self.timeout = None if timeout is None else float(timeout)
         self.local_port = local_port
         self.log = log
         self.expired = 0
@@ -80,7 +80,7 @@ class IdleWatchdog:
     def register(self, activity: Activity) -> None:
         with self._lock:
             self._streams.add(activity)
-            if self._thread is None and not self._stop.is_set():
+            if self._thread is None and self.timeout is not None and not self._stop.is_set():
                 self._thread = threading.Thread(target=self._run, name="fq-idle", daemon=True)
                 self._thread.start()
 
@@ -94,13 +94,26 @@ class IdleWatchdog:
         if thread is not None and thread is not threading.current_thread():
             thread.join()
 
+    def end_waiting(self, code: str, message: str) -> int:
+        """End now every stream that waits on its client (e.g. past a drain deadline)."""
+        with self._lock:
+            waiting = [a for a in self._streams if not a.timed_out and a.busy <= 0]
+            for a in waiting:
+                a.timed_out = True
+        for a in waiting:
+            self._end(a, code, message, "the drain deadline passed")
+        return len(waiting)
+
     def _run(self) -> None:
         tick = min(1.0, max(0.05, self.timeout / 4))
         while not self._stop.wait(tick):
             now = time.monotonic()
             with self._lock:
-                idle = [a for a in self._streams
-                        if not a.timed_out and a.busy <= 0 and now - a.last > self.timeout]
+                idle = [
+                    a
+                    for a in self._streams
+                    if not a.timed_out and a.busy <= 0 and now - a.last > self.timeout
+                ]
                 for a in idle:
                     a.timed_out = True
                     a.idle_for = now - a.last
@@ -112,13 +125,19 @@ class IdleWatchdog:
 
     def _expire(self, a: Activity) -> None:
         self.expired += 1
-        message = idle_message(a.idle_for, self.timeout)
+        self._end(
+            a,
+            "deadline_exceeded",
+            idle_message(a.idle_for, self.timeout),
+            f"idle for {a.idle_for:.1f}s (idle timeout {self.timeout:g}s)",
+        )
+
+    def _end(self, a: Activity, code: str, message: str, why: str) -> None:
         told = False
         if a.writer is not None and a.write_lock.acquire(blocking=False):
             try:  # the handler is reading (not writing): gRPC allows one write beside it
                 a.writer.write_metadata(
-                    json.dumps({"error": {"code": "deadline_exceeded", "message": message}})
-                    .encode()
+                    json.dumps({"error": {"code": code, "message": message}}).encode()
                 )
                 told = True
             except Exception:  # the client may be gone already
@@ -129,8 +148,9 @@ class IdleWatchdog:
             time.sleep(0.1)  # let gRPC hand the message to the socket before it closes
         dropped = drop_connection(a.peer, self.local_port)
         self.log.warning(
-            "stream peer=%s idle for %.1fs (idle timeout %gs): %s", a.peer, a.idle_for,
-            self.timeout,
+            "stream peer=%s ended, %s: %s",
+            a.peer,
+            why,
             "connection closed" if dropped else "its connection was already gone",
         )
 
@@ -187,8 +207,10 @@ def drop_connection(peer: str, local_port: int) -> int:
             os.close(dup)
             continue
         try:
-            if sock.type != socket.SOCK_STREAM or sock.family not in (socket.AF_INET,
-                                                                        socket.AF_INET6):
+            if sock.type != socket.SOCK_STREAM or sock.family not in (
+                socket.AF_INET,
+                socket.AF_INET6,
+            ):
                 continue
             if sock.getsockname()[1] != local_port:
                 continue

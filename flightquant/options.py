@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from .errors import echo, shorten
+from .errors import echo, echo_list, shorten
 
 VALID_BITS = (2, 4, 8)
 SCHEMES = ("asymmetric", "symmetric", "ternary")
@@ -62,7 +62,7 @@ class QuantOptions:
         unknown = sorted(set(mapping) - known)
         if unknown:
             raise OptionsError(
-                f"unknown option(s) {echo(unknown)}; "
+                f"unknown option(s) {echo_list(unknown)}; "
                 f"valid options are: {', '.join(sorted(known))}"
             )
         op = _choice(mapping.get("op", "quantize"), "op", OPS)

@@ -300,9 +300,7 @@ class Server(flight.FlightServerBase):
             root_certificates=root_certificates,
             middleware=middleware,
         )
-        self._watchdog = (
-            None if self.idle_timeout is None else IdleWatchdog(self.idle_timeout, self.port, log)
-        )
+        self._watchdog = IdleWatchdog(self.idle_timeout, self.port, log)
         if health_port is not None:
             try:
                 from .health import HealthServer
@@ -334,7 +332,7 @@ class Server(flight.FlightServerBase):
         ``memory`` (limit, reserved and peak reserved bytes, streams waiting, refusals)."""
         out = self._stats.snapshot()
         out["memory"] = self._budget.snapshot()
-        out["idle_streams_ended"] = 0 if self._watchdog is None else self._watchdog.expired
+        out["idle_streams_ended"] = self._watchdog.expired
         return out
 
     def config(self) -> dict[str, Any]:
@@ -398,8 +396,7 @@ class Server(flight.FlightServerBase):
                 self._health.stop()
             super().shutdown()
         finally:
-            if self._watchdog is not None:
-                self._watchdog.stop()
+            self._watchdog.stop()
             self._closed.set()
 
     def drain(self, timeout: float | None = None) -> bool:
@@ -410,11 +407,11 @@ class Server(flight.FlightServerBase):
         ``drain_timeout``) to finish. After the deadline each remaining stream is ended
         with UNAVAILABLE at its next batch (a :class:`flightquant.Client` resends the
         unanswered batches elsewhere), and the server shuts down. A stream whose client
-        went silent (the handler waits for a batch that never comes) cannot be ended from
-        the server side: ``drain`` then gives up after a further grace of
-        ``max(1, min(5, timeout))`` seconds and returns False, leaving the shutdown to
-        finish in a background thread once that client goes away; ``flightquant serve``
-        exits the process at that point.
+        went silent (the handler waits for a batch that never comes) gets a further grace
+        of ``max(1, min(5, timeout))`` seconds, then its connection is closed (see
+        :mod:`flightquant.idle`), which ends it; should the shutdown still not finish
+        within a few seconds more, ``drain`` returns False and leaves it to a background
+        thread (``flightquant serve`` then exits the process).
 
         Returns True when every stream finished on its own and the server is shut down.
         """
@@ -442,6 +439,9 @@ class Server(flight.FlightServerBase):
                 self._shutdown_thread.start()
         grace = max(1.0, min(5.0, timeout))
         finished = self._closed.wait(max(0.0, deadline - time.monotonic()) + grace)
+        if not finished and self._watchdog.end_waiting("unavailable", _CUT):
+            # streams waiting on silent clients would keep the shutdown waiting forever
+            finished = self._closed.wait(grace)
         if not finished:
             self.log.error(
                 "shutdown still waiting for %d stalled stream(s) after the drain deadline",
@@ -512,13 +512,15 @@ class Server(flight.FlightServerBase):
 
         t0 = time.perf_counter()
         run = _StreamRun(Activity(_peer(context), writer))
-        if self._watchdog is not None:
-            self._watchdog.register(run.activity)
+        self._watchdog.register(run.activity)
         outcome = "ok"
         try:
             self._exchange(context, descriptor, reader, writer, run)
-            if run.activity.timed_out:
-                outcome = "deadline_exceeded"  # the watchdog closed the connection
+            if run.activity.timed_out:  # the watchdog closed the connection
+                if self._aborting:
+                    outcome = "unavailable"
+                    raise flight.FlightUnavailableError(_CUT)
+                outcome = "deadline_exceeded"
                 raise flight.FlightTimedOutError(self._idle_message(run))
             if context.is_cancelled():
                 outcome = "cancelled"  # a client that vanishes looks like end-of-stream
@@ -544,8 +546,7 @@ class Server(flight.FlightServerBase):
             )
             raise flight.FlightInternalError(message) from None
         finally:
-            if self._watchdog is not None:
-                self._watchdog.unregister(run.activity)
+            self._watchdog.unregister(run.activity)
             with st.lock:
                 st.streams_active -= 1
                 if outcome == "ok":
@@ -631,10 +632,7 @@ class Server(flight.FlightServerBase):
                             "the server with a larger --max-batch-bytes"
                         )
                     if self._aborting:
-                        raise flight.FlightUnavailableError(
-                            "server is shutting down (drain deadline passed); resend the "
-                            "unanswered batches to another server"
-                        )
+                        raise flight.FlightUnavailableError(_CUT)
                     need = size + budget.output_bound(batch, options)
                     if need > self.memory_limit:  # refused at once, unless it is malformed
                         validate_batch(batch, where=f"input batch {index}")
@@ -663,6 +661,8 @@ class Server(flight.FlightServerBase):
     def _classify(self, exc: BaseException, context, run: _StreamRun) -> tuple[str, str]:
         """(error kind, client-facing message) of a handler's exception."""
         if run.activity.timed_out:
+            if self._aborting:
+                return "unavailable", _CUT
             return "deadline_exceeded", self._idle_message(run)
         if isinstance(exc, flight.FlightCancelledError) or (
             not isinstance(exc, flight.FlightError) and context.is_cancelled()
@@ -866,6 +866,9 @@ class _StreamRun:
         self.bytes_in = 0
         self.bytes_out = 0
 
+
+_CUT = ("server is shutting down (drain deadline passed); resend the unanswered batches to "
+        "another server")
 
 _USE_EXCHANGE = (
     "flightquant serves DoExchange (command = options JSON) and the actions "
