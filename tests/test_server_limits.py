@@ -258,7 +258,7 @@ def test_memory_pressure_quantize_group_size_1():
 @needs_prlimit
 def test_memory_pressure_dequantize_to_float64():
     """2-bit codes to float64 (32x the input), concurrent, under a 2 GiB address space;
-    one batch whose output alone exceeds the budget is refused at once."""
+    then a batch whose output alone exceeds the budget is refused at once."""
     server = LimitedServer(
         2 << 30, "--max-batch-bytes", "32MiB", "--memory-wait", "3", "--idle-timeout", "30"
     )
@@ -273,14 +273,17 @@ def test_memory_pressure_dequantize_to_float64():
         del zeros
         limit = _action(server.location, "config")["memory_limit"]
         assert budget.output_bound(huge, QuantOptions(op="dequantize")) > limit
-        want = {id(small): fq.dequantize(small), id(huge): None}
-        jobs = [(small, {"op": "dequantize"})] * 5 + [(huge, {"op": "dequantize"})]
+        want = {id(small): fq.dequantize(small)}
+        jobs = [(small, {"op": "dequantize"})] * 6
         results = _pressure(server, jobs, want)
+        t0 = time.monotonic()
+        kind, message, _ = _send(server.location, huge, {"op": "dequantize"})
+        assert kind == "resource_exhausted", message
+        assert "more than this server's whole budget" in message
+        assert time.monotonic() - t0 < 3  # at once, not after --memory-wait
         stats = _action(server.location, "stats")
         _report("dequantize 2-bit -> float64", server, jobs, results, stats)
-        kind, message, _, seconds = results[-1]
-        assert kind == "resource_exhausted", results[-1]
-        assert "more than this server's whole budget" in message
+        results.append(("resource_exhausted", message, None, 0.0))  # counted in stats too
         _check_pressure(server, results, stats)
     finally:
         server.stop()
@@ -497,16 +500,39 @@ def test_a_stream_the_server_is_busy_with_is_not_idle(server, monkeypatch):
     assert s.stats()["idle_streams_ended"] == 0
 
 
-def test_client_whose_source_stalls_gets_timed_out(server):
+def test_client_whose_source_stalls_opens_a_new_stream(server):
+    """A flightquant.Client whose data comes slower than the idle timeout: the server ends
+    the quiet stream, and the client sends the next batch on a new one."""
     s = server(idle_timeout=0.5)
+    batches = [make_layer_batch(0), make_layer_batch(3)]
 
     def source():
-        yield make_layer_batch(0)
-        time.sleep(3)  # the data takes longer to come than the server waits
-        yield make_layer_batch(3)
+        yield batches[0]
+        wait_for(lambda: s.stats()["idle_streams_ended"] == 1, what="the idle stream's end")
+        yield batches[1]
 
     with fq.Client(s.location) as client:
-        with pytest.raises(flight.FlightTimedOutError, match="idle timeout"):
-            list(client.quantize(source()))
+        out = list(client.quantize(source()))
+    assert [o.equals(fq.quantize(b)) for o, b in zip(out, batches)] == [True, True]
     wait_for(lambda: s.stats()["streams_active"] == 0, what="the stream to end")
-    assert s.stats()["errors"]["deadline_exceeded"] == 1
+    stats = s.stats()
+    assert stats["errors"]["deadline_exceeded"] == 1 and stats["streams_served"] == 1
+
+
+def test_plain_client_waiting_for_an_answer_is_told_why(server):
+    """A lock-step pyarrow client that is reading when its stream is ended sees the
+    in-band DEADLINE_EXCEEDED message, then UNAVAILABLE."""
+    s = server(idle_timeout=0.5)
+    batch = make_layer_batch()
+    with flight.connect(s.location) as client:
+        writer, reader = client.do_exchange(_cmd({}))
+        writer.begin(batch.schema)
+        writer.write_batch(batch)
+        reader.read_chunk()  # the answer; the client then waits without sending more
+        chunk = reader.read_chunk()
+        error = json.loads(chunk.app_metadata.to_pybytes())["error"]
+        assert error["code"] == "deadline_exceeded"
+        assert "DEADLINE_EXCEEDED" in error["message"] and "--idle-timeout" in error["message"]
+        with pytest.raises(flight.FlightUnavailableError):
+            reader.read_chunk()
+    wait_for(lambda: s.stats()["streams_active"] == 0, what="the stream to end")
