@@ -473,7 +473,10 @@ def test_drain_gives_up_on_a_silent_client(server):
         writer.write_batch(batch)
         reader.read_chunk()
         assert s.drain(0.1) is False  # the handler waits for a batch that never comes
-        reader.cancel()  # the client goes away: the pending shutdown completes
+        # ... until the grace period ends: its connection is closed, the shutdown completes
+        assert s._closed.is_set()
+        assert s.stats()["streams_active"] == 0
+        reader.cancel()
     s.shutdown()
     assert s.stats()["streams_active"] == 0
 

@@ -536,3 +536,25 @@ def test_plain_client_waiting_for_an_answer_is_told_why(server):
         with pytest.raises(flight.FlightUnavailableError):
             reader.read_chunk()
     wait_for(lambda: s.stats()["streams_active"] == 0, what="the stream to end")
+
+
+def test_a_client_that_takes_no_answers_is_ended(server):
+    """The server blocked writing to a client that never reads is idle too."""
+    s = server(idle_timeout=1.0)
+    codes = fq.quantize(_float_batch(8, dtype=np.float64), bits=2, group_size=64)  # 8 MiB out
+    with flight.connect(s.location) as client:
+        writer, reader = client.do_exchange(_cmd({"op": "dequantize"}))
+        writer.begin(codes.schema)
+        for _ in range(12):  # ~100 MiB of answers: far more than gRPC's windows hold
+            try:
+                writer.write_batch(codes)
+            except Exception:  # noqa: BLE001 - the server ended the call
+                break
+        wait_for(
+            lambda: s.stats()["idle_streams_ended"] == 1,
+            timeout=20,
+            what="the stream that takes no answers to be ended",
+        )
+        wait_for(lambda: s.stats()["streams_active"] == 0, what="its slot")
+    stats = s.stats()
+    assert stats["errors"]["deadline_exceeded"] == 1 and stats["memory"]["reserved"] == 0
