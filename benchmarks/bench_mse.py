@@ -1,18 +1,21 @@
 """Native method="mse" against rtn: speed per thread and SNR gain, in one run.
 
     python benchmarks/bench_mse.py [--elements 4194304] [--repeat 5] [--dtype float32]
-                                   [--clip C] [--stats] [--no-snr-table]
+                                   [--clip C] [--stats] [--isa NAME] [--no-snr-table]
 
 Input: standard-normal values (``--dtype``) in rows of ``--row-len`` elements. For each of
 asymmetric 4-bit g128, asymmetric 2-bit g32, symmetric 4-bit g128 and ternary g64 it times
 the public ``kernels.quantize_rows`` (output allocation included) with rtn and mse, on one
 thread and on every allowed core, interleaved (rtn, mse, rtn, mse, ...) so load from other
 processes hits both alike, and prints the medians of ``--repeat`` runs after one warm-up as
-M weights/s *per thread* (the rate divided by the thread count), the mse/rtn speed ratio
-(per-round median) and the SNR (dB) of each method with the gain.
+M weights/s *per thread*: weights / wall seconds / threads, then weights / CPU seconds of
+this process (``time.process_time``, all threads), which other tenants of a busy machine
+disturb far less. ``mse/rtn`` is how many times slower mse is (median of per-round
+ratios); the SNR (dB) of each method and the gain close each line.
 
-Then (unless ``--no-snr-table``) the SNR of rtn and mse for every scheme, bit width and
-group size 32 / 128 on ``--snr-elements`` Gaussian float32 values.
+``--isa`` picks the mse search's vector loops (``_kernels.mse_isa``; default: the best this
+CPU runs). Unless ``--no-snr-table``, the SNR of rtn and mse for every scheme, bit width
+and group size 32 / 128 on ``--snr-elements`` Gaussian float32 values follows.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from flightquant import kernels  # noqa: E402
+from flightquant import _kernels, kernels  # noqa: E402
 
 SPEED_CONFIGS = [  # (label, scheme, bits, group_size)
     ("asym 4b g128", "asymmetric", 4, 128),
@@ -44,18 +47,21 @@ def snr_db(x: np.ndarray, q, scheme: str) -> float:
     return float(10 * np.log10(np.sum(xd**2) / err))
 
 
-def timed_pair(fns, repeat: int) -> tuple[list[float], float]:
-    """Median seconds of each fn (interleaved rounds) and the median ratio of 2nd / 1st."""
+def timed_pair(fns, repeat: int) -> tuple[list[float], list[float], float]:
+    """Median wall and CPU seconds of each fn (interleaved rounds), and the median ratio
+    of 2nd / 1st wall time."""
     for fn in fns:
         fn()
-    times = [[] for _ in fns]
+    wall = [[] for _ in fns]
+    cpu = [[] for _ in fns]
     for _ in range(repeat):
         for i, fn in enumerate(fns):
-            t0 = time.perf_counter()
+            c0, t0 = time.process_time(), time.perf_counter()
             fn()
-            times[i].append(time.perf_counter() - t0)
-    ratio = statistics.median(b / a for a, b in zip(times[0], times[1], strict=True))
-    return [statistics.median(t) for t in times], ratio
+            wall[i].append(time.perf_counter() - t0)
+            cpu[i].append(time.process_time() - c0)
+    ratio = statistics.median(b / a for a, b in zip(wall[0], wall[1], strict=True))
+    return [statistics.median(t) for t in wall], [statistics.median(t) for t in cpu], ratio
 
 
 def speed_table(x, starts, lens, args, threads_all: int) -> None:
@@ -64,26 +70,29 @@ def speed_table(x, starts, lens, args, threads_all: int) -> None:
     thread_counts = [1] if threads_all == 1 else [1, threads_all]
     head = f"{'config':<13}"
     for t in thread_counts:
-        head += f" {'rtn ' + str(t) + 't':>9} {'mse ' + str(t) + 't':>9} {'rtn/mse':>7}"
-    head += f" {'rtn dB':>7} {'mse dB':>7} {'gain':>5}"
-    print("M weights/s per thread (median of %d runs; rtn/mse: how many times slower mse is)"
-          % args.repeat)
+        head += f" {'rtn ' + str(t) + 't':>8} {'mse ' + str(t) + 't':>8} {'mse/rtn':>7}"
+    head += " |" + "".join(
+        f" {m + ' ' + str(t) + 't':>8}" for t in thread_counts for m in ("rtn", "mse")
+    )
+    head += f" | {'rtn dB':>6} {'mse dB':>6} {'gain':>5}"
+    print(f"M weights/s per thread, median of {args.repeat} runs: wall clock | CPU time")
     print(head)
     for label, scheme, bits, g in SPEED_CONFIGS:
         kw = dict(bits=bits, scheme=scheme, group_size=g, **opts)
-        line = f"{label:<13}"
+        line, cpu_part = f"{label:<13}", " |"
         for t in thread_counts:
             fns = [
                 lambda m=m, t=t: kernels.quantize_rows(x, starts, lens, method=m, threads=t, **kw)
                 for m in ("rtn", "mse")
             ]
-            (t_rtn, t_mse), ratio = timed_pair(fns, args.repeat)
-            line += f" {n / t_rtn / t / 1e6:>9.1f} {n / t_mse / t / 1e6:>9.1f} {ratio:>7.1f}"
+            (w_rtn, w_mse), (c_rtn, c_mse), ratio = timed_pair(fns, args.repeat)
+            line += f" {n / w_rtn / t / 1e6:>8.1f} {n / w_mse / t / 1e6:>8.1f} {ratio:>7.1f}"
+            cpu_part += f" {n / c_rtn / 1e6:>8.1f} {n / c_mse / 1e6:>8.1f}"
         snr = [
             snr_db(x, kernels.quantize_rows(x, starts, lens, method=m, **kw), scheme)
             for m in ("rtn", "mse")
         ]
-        line += f" {snr[0]:>7.2f} {snr[1]:>7.2f} {snr[1] - snr[0]:>5.2f}"
+        line += cpu_part + f" | {snr[0]:>6.2f} {snr[1]:>6.2f} {snr[1] - snr[0]:>5.2f}"
         print(line, flush=True)
 
 
@@ -91,13 +100,18 @@ def snr_table(n: int, seed: int) -> None:
     x = np.random.default_rng(seed).standard_normal(n).astype(np.float32)
     print(f"\nSNR on Gaussian N(0,1), {n} float32 elements, seed {seed}")
     print(f"{'scheme':<11} {'bits':>4} {'group':>5} {'rtn dB':>8} {'mse dB':>8} {'gain dB':>8}")
-    for scheme, bits_list in (("asymmetric", (2, 4, 8)), ("symmetric", (2, 4, 8)),
-                              ("ternary", (2,))):
+    for scheme, bits_list in (
+        ("asymmetric", (2, 4, 8)),
+        ("symmetric", (2, 4, 8)),
+        ("ternary", (2,)),
+    ):
         for bits in bits_list:
             for g in (32, 128):
                 kw = dict(bits=bits, scheme=scheme, group_size=g)
-                a, b = (snr_db(x, kernels.quantize_rows(x, [0], [n], method=m, **kw), scheme)
-                        for m in ("rtn", "mse"))
+                a, b = (
+                    snr_db(x, kernels.quantize_rows(x, [0], [n], method=m, **kw), scheme)
+                    for m in ("rtn", "mse")
+                )
                 print(f"{scheme:<11} {bits:>4} {g:>5} {a:>8.2f} {b:>8.2f} {b - a:>8.2f}")
 
 
@@ -111,10 +125,13 @@ def main(argv=None) -> int:
     ap.add_argument("--dtype", choices=("float32", "float64"), default="float32")
     ap.add_argument("--clip", type=float, default=None, help="clip to [-C, C] (both methods)")
     ap.add_argument("--stats", action="store_true", help="quantize with stats=True")
+    ap.add_argument("--isa", default=None, help="mse vector loops (default: the best here)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--snr-elements", type=int, default=1 << 20)
     ap.add_argument("--no-snr-table", action="store_true")
     args = ap.parse_args(argv)
+    if args.isa is not None:
+        _kernels.mse_isa(args.isa)
     rows = max(1, args.elements // args.row_len)
     n = rows * args.row_len
     x = np.random.default_rng(args.seed).standard_normal(n).astype(args.dtype)
@@ -124,7 +141,8 @@ def main(argv=None) -> int:
     info = kernels.build_info() if hasattr(kernels, "build_info") else {}
     print(
         f"{n} {args.dtype} N(0,1) values in rows of {args.row_len}, clip={args.clip}, "
-        f"stats={args.stats}, threads 1 and {threads_all}, openmp={info.get('openmp', '?')}"
+        f"stats={args.stats}, threads 1 and {threads_all}, openmp={info.get('openmp', '?')}, "
+        f"mse loops: {_kernels.mse_isa() if hasattr(_kernels, 'mse_isa') else 'scalar'}"
     )
     speed_table(x, starts, lens, args, threads_all)
     if not args.no_snr_table:

@@ -733,7 +733,8 @@ cdef GroupQ mse_search(const floating* x, int64_t n, const Params* p, GroupQ g0,
     cdef double rng, step0, step
     cdef float sc, mc, qlo
     cdef int64_t c0, m
-    cdef int k, j, nc = 1, best = 0
+    cdef int k, j, nc = 1, best = 0, valid, better, prev_valid = 0
+    cdef float prev_sc = 0, prev_mc = 0
     cdef bint asym = p.scheme == SCHEME_ASYMMETRIC
     cdef GroupQ g = g0
     if not g0.scale > 0:
@@ -749,8 +750,11 @@ cdef GroupQ mse_search(const floating* x, int64_t n, const Params* p, GroupQ g0,
         rng = <double>g0.scale
         step0 = 0.5
         step = 0.05
+    for k in range(MSE_STEPS):
+        isc[k] = (step0 + step * k) / rng
+    for k in range(MSE_STEPS, LSQ_PAD):
+        isc[k] = isc[MSE_STEPS - 1]
     for k in range(LSQ_PAD):
-        isc[k] = (step0 + step * (k if k < MSE_STEPS else MSE_STEPS - 1)) / rng
         sl[k] = -0.0
         sl2[k] = -0.0
         sxl[k] = -0.0
@@ -765,33 +769,33 @@ cdef GroupQ mse_search(const floating* x, int64_t n, const Params* p, GroupQ g0,
             fq_lsq_symm(xd, m, qmind, qmaxd, isc, sl2, sxl)
         c0 += m
     # the candidates in the reference's order, lane 0 the rtn result. A candidate equal
-    # to the one before it is left out: its error would be the same, and only a strictly
-    # lower error replaces the best (equal grids come in runs, as L grows with k).
+    # to the grid before it is left out: its error would be the same, and only a strictly
+    # lower error replaces the best (equal grids come in runs, as L grows with k). The
+    # loops have no branches: they vectorize, or at least never mispredict.
     cb[0] = g0.base if asym else 0
     cs[0] = g0.scale
     if asym:
         qlo = 0
-        for k in range(MSE_STEPS):      # branch-free, so it vectorizes
+        for k in range(MSE_STEPS):
             cd[k] = nd * sl2[k] - sl[k] * sl[k]
             cs_d[k] = (nd * sxl[k] - sl[k] * sum_x) / cd[k]
             cm_d[k] = (sl2[k] * sum_x - sl[k] * sxl[k]) / cd[k]
-        for k in range(MSE_STEPS):
-            sc = <float>cs_d[k]
-            mc = <float>cm_d[k]
-            if cd[k] > 0 and sc > 0 and not (sc == cs[nc - 1] and mc == cb[nc - 1]):
-                cb[nc] = mc
-                cs[nc] = sc
-                nc += 1
     else:
         qlo = p.qmin
         for k in range(MSE_STEPS):
+            cd[k] = sl2[k]
             cs_d[k] = sxl[k] / sl2[k]
-        for k in range(MSE_STEPS):
-            sc = <float>cs_d[k]
-            if sl2[k] > 0 and sc > 0 and sc != cs[nc - 1]:
-                cb[nc] = 0
-                cs[nc] = sc
-                nc += 1
+            cm_d[k] = 0
+    for k in range(MSE_STEPS):
+        sc = <float>cs_d[k]
+        mc = <float>cm_d[k]
+        valid = (cd[k] > 0) & (sc > 0)
+        cb[nc] = mc
+        cs[nc] = sc
+        nc += valid & ~(prev_valid & (sc == prev_sc) & (mc == prev_mc))
+        prev_valid = valid
+        prev_sc = sc
+        prev_mc = mc
     if nc == 1:
         return g0
     for j in range(nc, SSE_PAD):
@@ -817,9 +821,9 @@ cdef GroupQ mse_search(const floating* x, int64_t n, const Params* p, GroupQ g0,
         c0 += m
     best_err = err[0]
     for j in range(1, nc):
-        if err[j] < best_err:
-            best_err = err[j]
-            best = j
+        better = err[j] < best_err
+        best = j if better else best
+        best_err = err[j] if better else best_err
     if best > 0:
         g.scale = cs[best]
         if asym:
