@@ -421,6 +421,7 @@ cdef enum:
     MSE_STEPS = 21
     HINT_STRIDE = 8     # int64 slots per thread's row hint (one cache line apart)
     MSE_CHUNK = 512     # elements of a group staged at a time by the mse search
+    STATS_CHUNK = 256   # elements per pass of write_codes_stats' error buffers
     LSQ_PAD = 24        # grid lanes: MSE_STEPS padded (FQ_LSQ in the C block)
     SSE_PAD = 24        # candidate lanes: 1 + MSE_STEPS padded to a multiple of 8
 
@@ -666,25 +667,40 @@ cdef inline void write_codes(const floating* x, int64_t m, const Params* p, Grou
 
 cdef inline void write_codes_stats(const floating* x, int64_t m, const Params* p, GroupQ g,
                                    uint8_t* q, double* sse, double* maxerr) noexcept nogil:
-    """write_codes plus the sequential SSE / max |error| against the unclamped input."""
-    cdef int64_t i
-    cdef float v, xo, xh
+    """write_codes plus the sequential SSE / max |error| against the unclamped input.
+
+    The errors are computed STATS_CHUNK at a time in loops that vectorize; only the SSE
+    is a sequential sum, in index order as in the reference (a maximum has no order)."""
+    cdef double dd[STATS_CHUNK]
+    cdef double ae[STATS_CHUNK]
+    cdef double mxl[LANES]
+    cdef int64_t c0, i, j, k
+    cdef float xh, zp = g.zp, scale = g.scale
     cdef double d, s = sse[0], me = maxerr[0]
-    cdef bint zero = not g.scale > 0
-    for i in range(m):
-        xo = <float>x[i]
-        if zero:
-            v = p.offset
-        else:
-            v = (clampf(xo, p.lo, p.hi) - g.base) / g.scale
-            v = clampf(v, p.qmin, p.qmax)
-            v = round_f(v) + p.offset
-        q[i] = <uint8_t><int>v
-        xh = (<float>q[i] - g.zp) * g.scale
-        d = <double>xh - <double>xo
-        s += d * d
-        d = fabs(d)
-        me = d if d > me else me
+    write_codes(x, m, p, g, q)
+    for j in range(LANES):
+        mxl[j] = me
+    c0 = 0
+    while c0 < m:
+        k = m - c0
+        k = STATS_CHUNK if k > STATS_CHUNK else k
+        for i in range(k):
+            xh = (<float>q[c0 + i] - zp) * scale
+            d = <double>xh - <double><float>x[c0 + i]
+            dd[i] = d * d
+            ae[i] = fabs(d)
+        for i in range(k):
+            s = s + dd[i]
+        i = 0
+        while i + LANES <= k:
+            for j in range(LANES):
+                mxl[j] = ae[i + j] if ae[i + j] > mxl[j] else mxl[j]
+            i += LANES
+        for i in range(i, k):
+            mxl[0] = ae[i] if ae[i] > mxl[0] else mxl[0]
+        c0 += k
+    for j in range(LANES):
+        me = mxl[j] if mxl[j] > me else me
     sse[0] = s
     maxerr[0] = me
 
