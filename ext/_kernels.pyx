@@ -125,6 +125,41 @@ cdef extern from *:
         }
     }
 
+    /* isc[k] = (c0 + step * k) / rng for the MSE_STEPS grids; the padding lanes repeat the
+       last grid (FQ_KK holds k as float64) */
+    static const double FQ_KK[FQ_LSQ] = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15,
+                                         16, 17, 18, 19, 20, 20, 20, 20};
+
+    static void fq_grids_portable(double c0, double step, double rng, double* isc)
+    {
+        int k;
+        for (k = 0; k < FQ_LSQ; k++)
+            isc[k] = (c0 + step * FQ_KK[k]) / rng;
+    }
+
+    /* every grid's least-squares fit: asymmetric (sl given) d = n*sl2 - sl*sl,
+       s = (n*sxl - sl*sum_x) / d, m = (sl2*sum_x - sl*sxl) / d; symmetric d = sl2,
+       s = sxl / sl2, m = 0 */
+    static void fq_fits_portable(double nd, const double* sl, const double* sl2,
+                                 const double* sxl, double sum_x, int asym, double* d,
+                                 double* s, double* m)
+    {
+        int k;
+        if (asym) {
+            for (k = 0; k < FQ_LSQ; k++) {
+                d[k] = nd * sl2[k] - sl[k] * sl[k];
+                s[k] = (nd * sxl[k] - sl[k] * sum_x) / d[k];
+                m[k] = (sl2[k] * sum_x - sl[k] * sxl[k]) / d[k];
+            }
+        } else {
+            for (k = 0; k < FQ_LSQ; k++) {
+                d[k] = sl2[k];
+                s[k] = sxl[k] / sl2[k];
+                m[k] = 0;
+            }
+        }
+    }
+
     /* The reference _sse of the FQ_CAND candidates (b, s, z): q = rint(clamp((x - b) / s,
        qmin, qmax)), x_hat = (q - z) * s in float32, sum((f64(x_hat) - f64(x))**2) in index
        order. Symmetric / ternary candidates have b = z = 0 (x - 0 and q - 0 are exact). */
@@ -181,6 +216,7 @@ cdef extern from *:
     #define S2_DADD _mm_add_pd
     #define S2_DSUB _mm_sub_pd
     #define S2_DMUL _mm_mul_pd
+    #define S2_DDIV _mm_div_pd
     #define S2_DMIN _mm_min_pd
     #define S2_DMAX _mm_max_pd
     #define S2_DLO(f) _mm_cvtps_pd(f)
@@ -205,6 +241,7 @@ cdef extern from *:
     #define AV_DADD _mm256_add_pd
     #define AV_DSUB _mm256_sub_pd
     #define AV_DMUL _mm256_mul_pd
+    #define AV_DDIV _mm256_div_pd
     #define AV_DMIN _mm256_min_pd
     #define AV_DMAX _mm256_max_pd
     #define AV_DLO(f) _mm256_cvtps_pd(_mm256_castps256_ps128(f))
@@ -215,6 +252,30 @@ cdef extern from *:
         fq_sse_blk_##NAME(xs, xd, m, qmin, qmax, cb, cs, cz, e, j0, NB, SYMM)
 
     #define FQ_X86_LOOPS(I, NAME)                                                              \\
+    I##_ATTR static void fq_grids_##NAME(double c0, double step, double rng, double* isc)    \\
+    {                                                                                          \\
+        I##_D vc = I##_DSET(c0), vs = I##_DSET(step), vr = I##_DSET(rng);                      \\
+        int k;                                                                                 \\
+        for (k = 0; k < FQ_LSQ; k += I##_DW)                                                   \\
+            I##_DSTORE(isc + k, I##_DDIV(I##_DADD(vc, I##_DMUL(vs, I##_DLOAD(FQ_KK + k))), vr)); \\
+    }                                                                                          \\
+    I##_ATTR static void fq_fits_##NAME(double nd, const double* sl, const double* sl2,        \\
+            const double* sxl, double sum_x, int asym, double* d, double* s, double* m)        \\
+    {                                                                                          \\
+        I##_D vn = I##_DSET(nd), vx = I##_DSET(sum_x);                                         \\
+        int k;                                                                                 \\
+        if (!asym) {                                                                           \\
+            fq_fits_portable(nd, sl, sl2, sxl, sum_x, 0, d, s, m);                             \\
+            return;                                                                            \\
+        }                                                                                      \\
+        for (k = 0; k < FQ_LSQ; k += I##_DW) {                                                 \\
+            I##_D a = I##_DLOAD(sl + k), a2 = I##_DLOAD(sl2 + k), ax = I##_DLOAD(sxl + k);     \\
+            I##_D dd = I##_DSUB(I##_DMUL(vn, a2), I##_DMUL(a, a));                             \\
+            I##_DSTORE(d + k, dd);                                                             \\
+            I##_DSTORE(s + k, I##_DDIV(I##_DSUB(I##_DMUL(vn, ax), I##_DMUL(a, vx)), dd));      \\
+            I##_DSTORE(m + k, I##_DDIV(I##_DSUB(I##_DMUL(a2, vx), I##_DMUL(a, ax)), dd));      \\
+        }                                                                                      \\
+    }                                                                                          \\
     /* NB vectors of grids from lane k0 */                                                     \\
     I##_ATTR FQ_INLINE void fq_lsq_asym_blk_##NAME(const double* xd, int64_t m, double mn,     \\
             double qmax, const double* isc, double* sl, double* sl2, double* sxl, double* sx,  \\
@@ -333,10 +394,14 @@ cdef extern from *:
             float qmin, float qmax, const float* cb, const float* cs, const float* cz,         \\
             double* e, int nc, int symm)                                                       \\
     {                                                                                          \\
-        int j0 = 0, nv;                                                                        \\
-        for (; nc - j0 > 0; j0 += nv * I##_FW) {                                               \\
-            nv = (nc - j0 + I##_FW - 1) / I##_FW;                                              \\
-            nv = nv > 3 ? 3 : nv;                                                              \\
+        /* whole vectors in blocks of up to 3; with AVX2 a last 1..4 lanes take an SSE one */  \\
+        int nvec = nc / I##_FW, rest = nc % I##_FW, j0 = 0, nv;                                \\
+        if (rest > 4 || I##_FW == 4) {                                                         \\
+            nvec += rest > 0;                                                                  \\
+            rest = 0;                                                                          \\
+        }                                                                                      \\
+        for (; nvec > 0; nvec -= nv, j0 += nv * I##_FW) {                                      \\
+            nv = nvec > 3 ? 3 : nvec;                                                          \\
             if (symm && nv == 3) FQ_SSE_BLK(NAME, 3, 1);                                      \\
             else if (symm && nv == 2) FQ_SSE_BLK(NAME, 2, 1);                                 \\
             else if (symm) FQ_SSE_BLK(NAME, 1, 1);                                            \\
@@ -344,6 +409,8 @@ cdef extern from *:
             else if (nv == 2) FQ_SSE_BLK(NAME, 2, 0);                                         \\
             else FQ_SSE_BLK(NAME, 1, 0);                                                      \\
         }                                                                                      \\
+        if (rest > 0 && symm) FQ_SSE_BLK(sse2, 1, 1);                                         \\
+        else if (rest > 0) FQ_SSE_BLK(sse2, 1, 0);                                            \\
     }
 
     FQ_X86_LOOPS(S2, sse2)
@@ -393,6 +460,17 @@ cdef extern from *:
         FQ_DISPATCH(fq_lsq_symm, (xd, m, qmin, qmax, isc, sl2, sxl))
     }
 
+    static void fq_grids(double c0, double step, double rng, double* isc)
+    {
+        FQ_DISPATCH(fq_grids, (c0, step, rng, isc))
+    }
+
+    static void fq_fits(double nd, const double* sl, const double* sl2, const double* sxl,
+                        double sum_x, int asym, double* d, double* s, double* m)
+    {
+        FQ_DISPATCH(fq_fits, (nd, sl, sl2, sxl, sum_x, asym, d, s, m))
+    }
+
     static void fq_sse(const float* xs, const double* xd, int64_t m, float qmin, float qmax,
                        const float* b, const float* s, const float* z, double* e, int nc,
                        int symm)
@@ -402,6 +480,9 @@ cdef extern from *:
     """
     int fq_isa
     int fq_isa_supported(int isa) noexcept nogil
+    void fq_grids(double c0, double step, double rng, double* isc) noexcept nogil
+    void fq_fits(double nd, const double* sl, const double* sl2, const double* sxl,
+                 double sum_x, bint asym, double* d, double* s, double* m) noexcept nogil
     void fq_lsq_asym(const double* xd, int64_t m, double mn, double qmax, const double* isc,
                      double* sl, double* sl2, double* sxl, double* sx) noexcept nogil
     void fq_lsq_symm(const double* xd, int64_t m, double qmin, double qmax,
@@ -746,7 +827,7 @@ cdef GroupQ mse_search(const floating* x, int64_t n, const Params* p, GroupQ g0,
     cdef float cz[SSE_PAD]
     cdef double err[SSE_PAD]
     cdef double qmaxd = p.qmax, qmind = p.qmin, nd = <double>n, sum_x = -0.0
-    cdef double rng, step0, step
+    cdef double rng, step0, step, best_err
     cdef float sc, mc, qlo
     cdef int64_t c0, m
     cdef int k, j, nc = 1, best = 0, valid, better, prev_valid = 0
@@ -766,10 +847,7 @@ cdef GroupQ mse_search(const floating* x, int64_t n, const Params* p, GroupQ g0,
         rng = <double>g0.scale
         step0 = 0.5
         step = 0.05
-    for k in range(MSE_STEPS):
-        isc[k] = (step0 + step * k) / rng
-    for k in range(MSE_STEPS, LSQ_PAD):
-        isc[k] = isc[MSE_STEPS - 1]
+    fq_grids(step0, step, rng, isc)
     for k in range(LSQ_PAD):
         sl[k] = -0.0
         sl2[k] = -0.0
@@ -786,22 +864,12 @@ cdef GroupQ mse_search(const floating* x, int64_t n, const Params* p, GroupQ g0,
         c0 += m
     # the candidates in the reference's order, lane 0 the rtn result. A candidate equal
     # to the grid before it is left out: its error would be the same, and only a strictly
-    # lower error replaces the best (equal grids come in runs, as L grows with k). The
-    # loops have no branches: they vectorize, or at least never mispredict.
+    # lower error replaces the best (equal grids come in runs, as L grows with k). No
+    # branches on the data here: which grids are distinct is unpredictable.
     cb[0] = g0.base if asym else 0
     cs[0] = g0.scale
-    if asym:
-        qlo = 0
-        for k in range(MSE_STEPS):
-            cd[k] = nd * sl2[k] - sl[k] * sl[k]
-            cs_d[k] = (nd * sxl[k] - sl[k] * sum_x) / cd[k]
-            cm_d[k] = (sl2[k] * sum_x - sl[k] * sxl[k]) / cd[k]
-    else:
-        qlo = p.qmin
-        for k in range(MSE_STEPS):
-            cd[k] = sl2[k]
-            cs_d[k] = sxl[k] / sl2[k]
-            cm_d[k] = 0
+    qlo = 0 if asym else p.qmin
+    fq_fits(nd, sl, sl2, sxl, sum_x, asym, cd, cs_d, cm_d)
     for k in range(MSE_STEPS):
         sc = <float>cs_d[k]
         mc = <float>cm_d[k]
@@ -838,7 +906,7 @@ cdef GroupQ mse_search(const floating* x, int64_t n, const Params* p, GroupQ g0,
     best_err = err[0]
     for j in range(1, nc):
         better = err[j] < best_err
-        best = j if better else best
+        best += (j - best) * better
         best_err = err[j] if better else best_err
     if best > 0:
         g.scale = cs[best]
