@@ -64,6 +64,7 @@ cdef extern from *:
     #endif
     #define FQ_LSQ 24               /* grid lanes (LSQ_PAD) */
     #define FQ_CAND 24              /* candidate lanes (SSE_PAD) */
+    #define FQ_STEPS 21             /* grids searched (MSE_STEPS) */
     #define FQ_MAGIC_D_ 6755399441055744.0
     #define FQ_MAGIC_F_ 12582912.0f
 
@@ -158,6 +159,38 @@ cdef extern from *:
                 m[k] = 0;
             }
         }
+    }
+
+    /* The candidates in the reference's order after lane 0 (the rtn one, already in cb, cs,
+       cz): grid k gives scale f32(s[k]) and base f32(m[k]) when d[k] > 0 and the scale > 0.
+       A grid equal to the valid grid before it is left out: its error would be the same,
+       and only a strictly lower error replaces the best (equal grids come in runs, as L
+       grows with k). No branch on the data: which grids are distinct is unpredictable.
+       Lanes from the returned count up to FQ_CAND are copies of lane 0; cz = -cb / cs
+       (asymmetric) or 0. Returns the candidate count, lane 0 included. */
+    static int fq_candidates(const double* d, const double* s, const double* m, int asym,
+                             float* cb, float* cs, float* cz)
+    {
+        int k, j, nc = 1, valid, prev_valid = 0;
+        float sc, mc, prev_sc = 0, prev_mc = 0;
+        for (k = 0; k < FQ_STEPS; k++) {
+            sc = (float)s[k];
+            mc = (float)m[k];
+            valid = (d[k] > 0) & (sc > 0);
+            cb[nc] = mc;
+            cs[nc] = sc;
+            nc += valid & !(prev_valid & (sc == prev_sc) & (mc == prev_mc));
+            prev_valid = valid;
+            prev_sc = sc;
+            prev_mc = mc;
+        }
+        for (j = nc; j < FQ_CAND; j++) {
+            cb[j] = cb[0];
+            cs[j] = cs[0];
+        }
+        for (j = 1; j < FQ_CAND; j++)
+            cz[j] = asym ? (-cb[j]) / cs[j] : 0.0f;
+        return nc;
     }
 
     /* The reference _sse of the FQ_CAND candidates (b, s, z): q = rint(clamp((x - b) / s,
@@ -480,6 +513,8 @@ cdef extern from *:
     """
     int fq_isa
     int fq_isa_supported(int isa) noexcept nogil
+    int fq_candidates(const double* d, const double* s, const double* m, bint asym,
+                      float* cb, float* cs, float* cz) noexcept nogil
     void fq_grids(double c0, double step, double rng, double* isc) noexcept nogil
     void fq_fits(double nd, const double* sl, const double* sl2, const double* sxl,
                  double sum_x, bint asym, double* d, double* s, double* m) noexcept nogil
@@ -828,10 +863,9 @@ cdef GroupQ mse_search(const floating* x, int64_t n, const Params* p, GroupQ g0,
     cdef double err[SSE_PAD]
     cdef double qmaxd = p.qmax, qmind = p.qmin, nd = <double>n, sum_x = -0.0
     cdef double rng, step0, step, best_err
-    cdef float sc, mc, qlo
+    cdef float qlo
     cdef int64_t c0, m
-    cdef int k, j, nc = 1, best = 0, valid, better, prev_valid = 0
-    cdef float prev_sc = 0, prev_mc = 0
+    cdef int k, j, nc, best = 0, better
     cdef bint asym = p.scheme == SCHEME_ASYMMETRIC
     cdef GroupQ g = g0
     if not g0.scale > 0:
@@ -862,36 +896,15 @@ cdef GroupQ mse_search(const floating* x, int64_t n, const Params* p, GroupQ g0,
         else:
             fq_lsq_symm(xd, m, qmind, qmaxd, isc, sl2, sxl)
         c0 += m
-    # the candidates in the reference's order, lane 0 the rtn result. A candidate equal
-    # to the grid before it is left out: its error would be the same, and only a strictly
-    # lower error replaces the best (equal grids come in runs, as L grows with k). No
-    # branches on the data here: which grids are distinct is unpredictable.
+    # the candidates (lane 0: the rtn result), each distinct one once
     cb[0] = g0.base if asym else 0
     cs[0] = g0.scale
+    cz[0] = g0.zp if asym else 0
     qlo = 0 if asym else p.qmin
     fq_fits(nd, sl, sl2, sxl, sum_x, asym, cd, cs_d, cm_d)
-    for k in range(MSE_STEPS):
-        sc = <float>cs_d[k]
-        mc = <float>cm_d[k]
-        valid = (cd[k] > 0) & (sc > 0)
-        cb[nc] = mc
-        cs[nc] = sc
-        nc += valid & ~(prev_valid & (sc == prev_sc) & (mc == prev_mc))
-        prev_valid = valid
-        prev_sc = sc
-        prev_mc = mc
+    nc = fq_candidates(cd, cs_d, cm_d, asym, cb, cs, cz)
     if nc == 1:
         return g0
-    for j in range(nc, SSE_PAD):
-        cb[j] = cb[0]       # padding lanes: copies of the rtn candidate, never chosen
-        cs[j] = cs[0]
-    if asym:
-        cz[0] = g0.zp
-        for j in range(1, SSE_PAD):
-            cz[j] = (-cb[j]) / cs[j]
-    else:
-        for j in range(SSE_PAD):
-            cz[j] = 0
     for j in range(SSE_PAD):
         err[j] = -0.0
     # sweep 2: the squared error of every candidate against the clamped input
