@@ -537,6 +537,7 @@ cdef enum:
     MSE_STEPS = 21
     HINT_STRIDE = 8     # int64 slots per thread's row hint (one cache line apart)
     MSE_CHUNK = 512     # elements of a group staged at a time by the mse search
+    MSE_BLOCKS_PER_CHUNK = 64   # blocks a thread takes at a time in the mse search
     STATS_CHUNK = 256   # elements per pass of write_codes_stats' error buffers
     LSQ_PAD = 24        # grid lanes: MSE_STEPS padded (FQ_LSQ in the C block)
     SSE_PAD = 24        # candidate lanes: 1 + MSE_STEPS padded to a multiple of 8
@@ -606,9 +607,9 @@ cdef inline int64_t find_row(const int64_t* bo, int64_t nrows, int64_t blk,
                              int64_t* hint) noexcept nogil:
     """The row r with bo[r] <= blk < bo[r+1] (rows without blocks are skipped).
 
-    ``hint`` is this thread's last row: with a static schedule a thread's blocks come in
-    increasing order, so the row is nearly always the hint or a few rows after it; a
-    binary search over block_offsets is the fallback.
+    ``hint`` is this thread's last row: a thread's blocks come in increasing order (a
+    static schedule, or the dynamic one's chunks), so the row is nearly always the hint
+    or a few rows after it; a binary search over block_offsets is the fallback.
     """
     cdef int64_t lo = hint[0], hi, mid, steps
     if 0 <= lo < nrows and bo[lo] <= blk:
@@ -1057,7 +1058,7 @@ cdef int64_t quantize_run(const floating* values, const int64_t* row_starts,
     """Every block of the layout, in parallel; the number of blocks holding a non-finite
     value, or -1 when scratch memory cannot be had."""
     cdef int64_t n_blocks = bo[nrows]
-    cdef int64_t blk
+    cdef int64_t blk, chunk
     cdef int64_t bad = 0
     cdef int64_t* hints = NULL
     cdef floating* stages = NULL
@@ -1073,11 +1074,27 @@ cdef int64_t quantize_run(const floating* values, const int64_t* row_starts,
         if stages == NULL:
             free(hints)
             return -1
-    for blk in prange(n_blocks, schedule="static", num_threads=n_threads):
-        bad += quant_block(values, row_starts, row_lens, go, co, bo, nrows, blk,
-                           hints + HINT_STRIDE * omp_get_thread_num(), p,
-                           codes, scales, zps, gsse, gmax,
-                           stages + stride * omp_get_thread_num() if stages != NULL else NULL)
+    if p.method == METHOD_MSE:
+        # the search costs ~2 us a block: chunks handed out as threads free up, so a
+        # thread that the OS preempts (a busy machine) does not hold up the whole call;
+        # at least 8 chunks a thread, at most MSE_BLOCKS_PER_CHUNK blocks a chunk
+        chunk = n_blocks // (8 * n_threads)
+        chunk = MSE_BLOCKS_PER_CHUNK if chunk > MSE_BLOCKS_PER_CHUNK else chunk
+        chunk = 1 if chunk < 1 else chunk
+        for blk in prange(n_blocks, schedule="dynamic", chunksize=chunk,
+                          num_threads=n_threads):
+            bad += quant_block(values, row_starts, row_lens, go, co, bo, nrows, blk,
+                               hints + HINT_STRIDE * omp_get_thread_num(), p,
+                               codes, scales, zps, gsse, gmax,
+                               stages + stride * omp_get_thread_num() if stages != NULL
+                               else NULL)
+    else:
+        for blk in prange(n_blocks, schedule="static", num_threads=n_threads):
+            bad += quant_block(values, row_starts, row_lens, go, co, bo, nrows, blk,
+                               hints + HINT_STRIDE * omp_get_thread_num(), p,
+                               codes, scales, zps, gsse, gmax,
+                               stages + stride * omp_get_thread_num() if stages != NULL
+                               else NULL)
     free(hints)
     free(stages)
     return bad
