@@ -1,14 +1,14 @@
 # Quantization kernels: thin, nogil, OpenMP over blocks of groups.
 #
-# The arithmetic is a line-by-line port of flightquant/reference.py (read its module
-# docstring for the formulas); outputs must match it bit for bit for float32 input at any
-# thread count. Rules that keep it so:
+# The arithmetic is a port of flightquant/reference.py (read its module docstring for the
+# formulas; the mse search is reordered for speed, see its section); outputs must match it
+# bit for bit for float32 input at any thread count. Rules that keep it so:
 #   * float32 where the reference uses float32, float64 where it uses float64; every float
 #     constant that meets a float32 value is cast to float first (a bare C literal is double);
 #   * x / scale is a division, never a multiplication by an inverse;
 #   * float64 sums run strictly in index order (the reference uses np.add.accumulate);
-#   * round half to even by the magic-constant trick on clamped values (rint may be a libm
-#     call on baseline SSE2, the trick vectorizes);
+#   * round half to even by the magic-constant trick on clamped values, float32 and float64
+#     (rint may be a libm call on baseline SSE2, the trick vectorizes);
 #   * the build passes -ffp-contract=off: no FMA contraction.
 #
 # The Python wrapper (flightquant/kernels.py) validates everything and allocates outputs;
@@ -39,7 +39,6 @@ cdef extern from *:
     float MAGIC_F "FQ_MAGIC_F"
     int MAGIC_I "FQ_MAGIC_I"
     float TRUE_MIN_F "FQ_TRUE_MIN_F"
-    double MAGIC_D "FQ_MAGIC_D"
 
 # The mse search's hot loops, in C: a portable version (plain loops over the candidate
 # lanes, which compilers vectorize) and, on x86-64 with GCC or Clang, one template written
@@ -62,11 +61,9 @@ cdef extern from *:
     #else
     #define FQ_X86 0
     #endif
-    #define FQ_LSQ 24               /* grid lanes (LSQ_PAD) */
-    #define FQ_CAND 24              /* candidate lanes (SSE_PAD) */
-    #define FQ_STEPS 21             /* grids searched (MSE_STEPS) */
-    #define FQ_MAGIC_D_ 6755399441055744.0
-    #define FQ_MAGIC_F_ 12582912.0f
+    #define FQ_STEPS 21             /* grids searched (reference.MSE_STEPS) */
+    #define FQ_LSQ 24               /* grid lanes: FQ_STEPS padded to whole vectors */
+    #define FQ_CAND 24              /* candidate lanes: 1 + FQ_STEPS, padded likewise */
 
     /* ---- portable: plain loops that compilers vectorize over the lanes ---------------- */
 
@@ -88,7 +85,7 @@ cdef extern from *:
             for (k = 0; k < FQ_LSQ; k++) {
                 double l = ic[k] * t;
                 l = l > qmax ? qmax : l;
-                l = (l + FQ_MAGIC_D_) - FQ_MAGIC_D_;
+                l = (l + FQ_MAGIC_D) - FQ_MAGIC_D;
                 a[k] = a[k] + l;
                 a2[k] = a2[k] + l * l;
                 ax[k] = ax[k] + v * l;
@@ -116,7 +113,7 @@ cdef extern from *:
                 double l = ic[k] * v;
                 l = l < qmin ? qmin : l;
                 l = l > qmax ? qmax : l;
-                l = (l + FQ_MAGIC_D_) - FQ_MAGIC_D_;
+                l = (l + FQ_MAGIC_D) - FQ_MAGIC_D;
                 a2[k] = a2[k] + l * l;
                 ax[k] = ax[k] + v * l;
             }
@@ -126,7 +123,7 @@ cdef extern from *:
         }
     }
 
-    /* isc[k] = (c0 + step * k) / rng for the MSE_STEPS grids; the padding lanes repeat the
+    /* isc[k] = (c0 + step * k) / rng for the FQ_STEPS grids; the padding lanes repeat the
        last grid (FQ_KK holds k as float64) */
     static const double FQ_KK[FQ_LSQ] = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15,
                                          16, 17, 18, 19, 20, 20, 20, 20};
@@ -215,7 +212,7 @@ cdef extern from *:
                 float v = (xc - cb[j]) / cs[j];
                 v = v < qmin ? qmin : v;
                 v = v > qmax ? qmax : v;
-                v = (v + FQ_MAGIC_F_) - FQ_MAGIC_F_;
+                v = (v + FQ_MAGIC_F) - FQ_MAGIC_F;
                 v = (v - cz[j]) * cs[j];
                 double d = (double)v - xv;
                 ce[j] = ce[j] + d * d;
@@ -281,11 +278,11 @@ cdef extern from *:
     #define AV_DHI(f) _mm256_cvtps_pd(_mm256_extractf128_ps(f, 1))
     #define AV_ATTR __attribute__((target("avx2")))
 
-    #define FQ_SSE_BLK(NAME, NB, SYMM) \\
+    #define FQ_SSE_BLK(NAME, NB, SYMM)                                                         \\
         fq_sse_blk_##NAME(xs, xd, m, qmin, qmax, cb, cs, cz, e, j0, NB, SYMM)
 
     #define FQ_X86_LOOPS(I, NAME)                                                              \\
-    I##_ATTR static void fq_grids_##NAME(double c0, double step, double rng, double* isc)    \\
+    I##_ATTR static void fq_grids_##NAME(double c0, double step, double rng, double* isc)      \\
     {                                                                                          \\
         I##_D vc = I##_DSET(c0), vs = I##_DSET(step), vr = I##_DSET(rng);                      \\
         int k;                                                                                 \\
@@ -315,7 +312,7 @@ cdef extern from *:
             const int k0, const int NB)                                                        \\
     {                                                                                          \\
         I##_D a[3], a2[3], ax[3], ic[3];                                                       \\
-        I##_D vq = I##_DSET(qmax), vm = I##_DSET(FQ_MAGIC_D_), vmn = I##_DSET(mn);             \\
+        I##_D vq = I##_DSET(qmax), vm = I##_DSET(FQ_MAGIC_D), vmn = I##_DSET(mn);              \\
         double s = *sx;                                                                        \\
         int64_t i;                                                                             \\
         int b;                                                                                 \\
@@ -357,7 +354,7 @@ cdef extern from *:
             const int NB)                                                                      \\
     {                                                                                          \\
         I##_D a2[3], ax[3], ic[3];                                                             \\
-        I##_D vlo = I##_DSET(qmin), vq = I##_DSET(qmax), vm = I##_DSET(FQ_MAGIC_D_);           \\
+        I##_D vlo = I##_DSET(qmin), vq = I##_DSET(qmax), vm = I##_DSET(FQ_MAGIC_D);            \\
         int64_t i;                                                                             \\
         int b;                                                                                 \\
         for (b = 0; b < NB; b++) {                                                             \\
@@ -393,7 +390,7 @@ cdef extern from *:
     {                                                                                          \\
         I##_D e0[3], e1[3];                                                                    \\
         I##_F bb[3], ss[3], zz[3];                                                             \\
-        I##_F vlo = I##_FSET(qmin), vhi = I##_FSET(qmax), vm = I##_FSET(FQ_MAGIC_F_);          \\
+        I##_F vlo = I##_FSET(qmin), vhi = I##_FSET(qmax), vm = I##_FSET(FQ_MAGIC_F);           \\
         int64_t i;                                                                             \\
         int b;                                                                                 \\
         for (b = 0; b < NB; b++) {                                                             \\
@@ -435,15 +432,15 @@ cdef extern from *:
         }                                                                                      \\
         for (; nvec > 0; nvec -= nv, j0 += nv * I##_FW) {                                      \\
             nv = nvec > 3 ? 3 : nvec;                                                          \\
-            if (symm && nv == 3) FQ_SSE_BLK(NAME, 3, 1);                                      \\
-            else if (symm && nv == 2) FQ_SSE_BLK(NAME, 2, 1);                                 \\
-            else if (symm) FQ_SSE_BLK(NAME, 1, 1);                                            \\
-            else if (nv == 3) FQ_SSE_BLK(NAME, 3, 0);                                         \\
-            else if (nv == 2) FQ_SSE_BLK(NAME, 2, 0);                                         \\
-            else FQ_SSE_BLK(NAME, 1, 0);                                                      \\
+            if (symm && nv == 3) FQ_SSE_BLK(NAME, 3, 1);                                       \\
+            else if (symm && nv == 2) FQ_SSE_BLK(NAME, 2, 1);                                  \\
+            else if (symm) FQ_SSE_BLK(NAME, 1, 1);                                             \\
+            else if (nv == 3) FQ_SSE_BLK(NAME, 3, 0);                                          \\
+            else if (nv == 2) FQ_SSE_BLK(NAME, 2, 0);                                          \\
+            else FQ_SSE_BLK(NAME, 1, 0);                                                       \\
         }                                                                                      \\
-        if (rest > 0 && symm) FQ_SSE_BLK(sse2, 1, 1);                                         \\
-        else if (rest > 0) FQ_SSE_BLK(sse2, 1, 0);                                            \\
+        if (rest > 0 && symm) FQ_SSE_BLK(sse2, 1, 1);                                          \\
+        else if (rest > 0) FQ_SSE_BLK(sse2, 1, 0);                                             \\
     }
 
     FQ_X86_LOOPS(S2, sse2)
@@ -511,6 +508,10 @@ cdef extern from *:
         FQ_DISPATCH(fq_sse, (xs, xd, m, qmin, qmax, b, s, z, e, nc, symm))
     }
     """
+    enum:
+        MSE_STEPS "FQ_STEPS"
+        LSQ_PAD "FQ_LSQ"
+        SSE_PAD "FQ_CAND"
     int fq_isa
     int fq_isa_supported(int isa) noexcept nogil
     int fq_candidates(const double* d, const double* s, const double* m, bint asym,
@@ -534,16 +535,13 @@ cdef enum:
     METHOD_MSE = 1
     CHUNK = 4096        # codes per stack scratch chunk (a multiple of 8)
     LANES = 32          # independent min/max accumulators (a vectorizable inner loop)
-    MSE_STEPS = 21
     HINT_STRIDE = 8     # int64 slots per thread's row hint (one cache line apart)
     MSE_CHUNK = 512     # elements of a group staged at a time by the mse search
     MSE_BLOCKS_PER_CHUNK = 64   # blocks a thread takes at a time in the mse search
     STATS_CHUNK = 256   # elements per pass of write_codes_stats' error buffers
-    LSQ_PAD = 24        # grid lanes: MSE_STEPS padded (FQ_LSQ in the C block)
-    SSE_PAD = 24        # candidate lanes: 1 + MSE_STEPS padded to a multiple of 8
 
-# MAGIC_F = 1.5 * 2**23: (v + M) - M rounds half to even for |v| < 2**22.
-# MAGIC_D = 1.5 * 2**52: the same for float64 and |v| < 2**51.
+# MAGIC_F = 1.5 * 2**23: (v + M) - M rounds half to even for |v| < 2**22 (FQ_MAGIC_D,
+# 1.5 * 2**52, does the same for float64 and |v| < 2**51 in the C loops).
 # TRUE_MIN_F: smallest positive float32 (subnormal), the floor of a non-degenerate scale.
 
 
