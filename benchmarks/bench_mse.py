@@ -14,8 +14,10 @@ disturb far less. ``mse/rtn`` is how many times slower mse is (median of per-rou
 ratios); the SNR (dB) of each method and the gain close each line.
 
 ``--isa`` picks the mse search's vector loops (``_kernels.mse_isa``; default: the best this
-CPU runs). Unless ``--no-snr-table``, the SNR of rtn and mse for every scheme, bit width
-and group size 32 / 128 on ``--snr-elements`` Gaussian float32 values follows.
+CPU runs). ``--sweep`` adds the mse rate (1 thread, per CPU-second) of every scheme and bit
+width at group sizes 8 to 4096. Unless ``--no-snr-table``, the SNR of rtn and mse for every
+scheme, bit width and group size 32 / 128 on ``--snr-elements`` Gaussian float32 values
+follows.
 """
 
 from __future__ import annotations
@@ -96,6 +98,44 @@ def speed_table(x, starts, lens, args, threads_all: int) -> None:
         print(line, flush=True)
 
 
+SWEEP_GROUPS = (8, 16, 32, 64, 128, 256, 1024, 4096)
+SWEEP_SCHEMES = [
+    ("asymmetric", 2),
+    ("asymmetric", 4),
+    ("asymmetric", 8),
+    ("symmetric", 2),
+    ("symmetric", 4),
+    ("symmetric", 8),
+    ("ternary", 2),
+]
+
+
+def sweep_table(x, starts, lens, args) -> None:
+    """mse M weights per CPU-second, 1 thread, median of --repeat runs."""
+    print(f"\nmse, 1 thread, M weights per CPU-second (median of {args.repeat} runs)")
+    print(f"{'scheme':<15}" + "".join(f"{'g' + str(g):>8}" for g in SWEEP_GROUPS))
+    for scheme, bits in SWEEP_SCHEMES:
+        line = f"{scheme + ' ' + str(bits) + 'b':<15}"
+        for g in SWEEP_GROUPS:
+            kw = dict(
+                bits=bits,
+                scheme=scheme,
+                group_size=g,
+                method="mse",
+                threads=1,
+                clip=args.clip,
+                stats=args.stats,
+            )
+            kernels.quantize_rows(x, starts, lens, **kw)
+            cpu = []
+            for _ in range(args.repeat):
+                c0 = time.process_time()
+                kernels.quantize_rows(x, starts, lens, **kw)
+                cpu.append(time.process_time() - c0)
+            line += f"{x.size / statistics.median(cpu) / 1e6:>8.1f}"
+        print(line, flush=True)
+
+
 def snr_table(n: int, seed: int) -> None:
     x = np.random.default_rng(seed).standard_normal(n).astype(np.float32)
     print(f"\nSNR on Gaussian N(0,1), {n} float32 elements, seed {seed}")
@@ -128,6 +168,7 @@ def main(argv=None) -> int:
     ap.add_argument("--isa", default=None, help="mse vector loops (default: the best here)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--snr-elements", type=int, default=1 << 20)
+    ap.add_argument("--sweep", action="store_true", help="mse rate over schemes and groups")
     ap.add_argument("--no-snr-table", action="store_true")
     args = ap.parse_args(argv)
     if args.isa is not None:
@@ -145,6 +186,8 @@ def main(argv=None) -> int:
         f"mse loops: {_kernels.mse_isa() if hasattr(_kernels, 'mse_isa') else 'scalar'}"
     )
     speed_table(x, starts, lens, args, threads_all)
+    if args.sweep:
+        sweep_table(x, starts, lens, args)
     if not args.no_snr_table:
         snr_table(args.snr_elements, args.seed)
     return 0
