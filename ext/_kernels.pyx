@@ -539,6 +539,7 @@ cdef enum:
     MSE_CHUNK = 512     # elements of a group staged at a time by the mse search
     MSE_BLOCKS_PER_CHUNK = 64   # blocks a thread takes at a time in the mse search
     STATS_CHUNK = 256   # elements per pass of write_codes_stats' error buffers
+    SSE_LANES = 8       # partial sums of a group's SSE (reference._lanesum)
 
 # MAGIC_F = 1.5 * 2**23: (v + M) - M rounds half to even for |v| < 2**22 (FQ_MAGIC_D,
 # 1.5 * 2**52, does the same for float64 and |v| < 2**51 in the C loops).
@@ -781,17 +782,23 @@ cdef inline void write_codes(const floating* x, int64_t m, const Params* p, Grou
 
 
 cdef inline void write_codes_stats(const floating* x, int64_t m, const Params* p, GroupQ g,
-                                   uint8_t* q, double* sse, double* maxerr) noexcept nogil:
-    """write_codes plus the sequential SSE / max |error| against the unclamped input.
+                                   uint8_t* q, double* lanes, int64_t base,
+                                   double* maxerr) noexcept nogil:
+    """write_codes plus the SSE / max |error| against the unclamped input.
 
-    The errors are computed STATS_CHUNK at a time in loops that vectorize; only the SSE
-    is a sequential sum, in index order as in the reference (a maximum has no order)."""
+    ``x[0]`` is element ``base`` of its group. The squared errors go to SSE_LANES partial
+    sums, element i of the group to lane i % SSE_LANES, each lane in index order; the
+    caller adds the lanes in lane order at the end of the group (reference._lanesum). Eight
+    independent sums instead of one chain: a group of up to eight elements gets exactly
+    the sequential sum. The errors are computed STATS_CHUNK at a time in loops that
+    vectorize (a maximum has no order)."""
     cdef double dd[STATS_CHUNK]
     cdef double ae[STATS_CHUNK]
     cdef double mxl[LANES]
     cdef int64_t c0, i, j, k
     cdef float xh, zp = g.zp, scale = g.scale
-    cdef double d, s = sse[0], me = maxerr[0]
+    cdef double d, me = maxerr[0]
+    cdef int64_t lane = base % SSE_LANES
     write_codes(x, m, p, g, q)
     for j in range(LANES):
         mxl[j] = me
@@ -804,8 +811,19 @@ cdef inline void write_codes_stats(const floating* x, int64_t m, const Params* p
             d = <double>xh - <double><float>x[c0 + i]
             dd[i] = d * d
             ae[i] = fabs(d)
-        for i in range(k):
-            s = s + dd[i]
+        i = 0
+        while i < k and lane != 0:          # up to the next lane-0 element
+            lanes[lane] = lanes[lane] + dd[i]
+            lane = (lane + 1) % SSE_LANES
+            i += 1
+        while i + SSE_LANES <= k:           # whole rounds of the lanes: vectorizes
+            for j in range(SSE_LANES):
+                lanes[j] = lanes[j] + dd[i + j]
+            i += SSE_LANES
+        while i < k:
+            lanes[lane] = lanes[lane] + dd[i]
+            lane = (lane + 1) % SSE_LANES
+            i += 1
         i = 0
         while i + LANES <= k:
             for j in range(LANES):
@@ -816,7 +834,6 @@ cdef inline void write_codes_stats(const floating* x, int64_t m, const Params* p
         c0 += k
     for j in range(LANES):
         me = mxl[j] if mxl[j] > me else me
-    sse[0] = s
     maxerr[0] = me
 
 
@@ -975,6 +992,8 @@ cdef int quant_block(const floating* values, const int64_t* row_starts,
     cdef uint8_t* out
     cdef float mn, mx
     cdef double sse, maxerr
+    cdef double lanes[SSE_LANES]
+    cdef int j
     cdef GroupQ g
     r = find_row(bo, nrows, blk, hint)
     n = row_lens[r]
@@ -1001,11 +1020,12 @@ cdef int quant_block(const floating* values, const int64_t* row_starts,
         scales[go[r] + gi] = g.scale
         if p.scheme == SCHEME_ASYMMETRIC:
             zps[go[r] + gi] = g.zp
-        sse = 0.0
+        for j in range(SSE_LANES):
+            lanes[j] = 0.0
         maxerr = 0.0
         if p.bits == 8:                     # codes go straight to the output bytes
             if p.stats:
-                write_codes_stats(xg, glen, p, g, out + (gstart - e0), &sse, &maxerr)
+                write_codes_stats(xg, glen, p, g, out + (gstart - e0), lanes, 0, &maxerr)
             else:
                 write_codes(xg, glen, p, g, out + (gstart - e0))
         else:
@@ -1014,7 +1034,7 @@ cdef int quant_block(const floating* values, const int64_t* row_starts,
                 m = CHUNK - fill
                 m = glen - done if m > glen - done else m
                 if p.stats:
-                    write_codes_stats(xg + done, m, p, g, qbuf + fill, &sse, &maxerr)
+                    write_codes_stats(xg + done, m, p, g, qbuf + fill, lanes, done, &maxerr)
                 else:
                     write_codes(xg + done, m, p, g, qbuf + fill)
                 fill += m
@@ -1024,6 +1044,9 @@ cdef int quant_block(const floating* values, const int64_t* row_starts,
                     out += (CHUNK * p.bits) // 8
                     fill = 0
         if p.stats:
+            sse = lanes[0]
+            for j in range(1, SSE_LANES):
+                sse = sse + lanes[j]
             gsse[go[r] + gi] = sse
             gmax[go[r] + gi] = maxerr
     if fill > 0:
