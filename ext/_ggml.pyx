@@ -155,7 +155,11 @@ cdef int64_t quantize_rows(const uint8_t* values, int itemsize, const int64_t* r
                 continue
             qf(stage, out + out_starts[r] + k * type_size, method)
             if block_sse != NULL:
+                # the error against the input as sent (before clip), as native stats are
                 df(out + out_starts[r] + k * type_size, back)
+                if has_clip:
+                    stage_block(values + (row_starts[r] + k * block_size) * itemsize, itemsize,
+                                block_size, stage, False, lo, hi)
                 s = 0.0
                 m = 0.0
                 for j in range(block_size):
