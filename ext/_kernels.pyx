@@ -610,9 +610,9 @@ cdef inline int64_t find_row(const int64_t* bo, int64_t nrows, int64_t blk,
     static schedule, or the dynamic one's chunks), so the row is nearly always the hint
     or a few rows after it; a binary search over block_offsets is the fallback.
     """
-    cdef int64_t lo = hint[0], hi, mid, steps
+    cdef int64_t lo = hint[0], hi, mid, _steps
     if 0 <= lo < nrows and bo[lo] <= blk:
-        for steps in range(8):
+        for _steps in range(8):
             if blk < bo[lo + 1]:
                 hint[0] = lo
                 return lo
@@ -986,7 +986,7 @@ cdef int quant_block(const floating* values, const int64_t* row_starts,
     parallel) and read from there, so no misaligned element is ever dereferenced.
     """
     cdef uint8_t qbuf[CHUNK]
-    cdef int64_t r, n, ngr, gi0, gi1, gi, gstart, glen, e0, done, m, fill, per_byte
+    cdef int64_t r, n, ngr, gi0, gi1, gi, gstart, glen, e0, done, m, fill
     cdef int64_t gs = p.group_size
     cdef const floating* xg
     cdef uint8_t* out
