@@ -115,8 +115,9 @@ cdef int64_t quantize_rows(const uint8_t* values, int itemsize, const int64_t* r
     Row r's values start at element ``row_starts[r]`` of ``values``; its blocks are the
     global blocks [bo[r], bo[r+1]) and its bytes start at ``out_starts[r]``. With
     ``block_sse`` (and ``block_maxerr``) each block's squared error and largest absolute
-    error are stored too (decoded again from the bytes just written). Returns the number of blocks holding a non-finite value
-    (their bytes are not written), or -1 when out of memory."""
+    error are stored too (decoded again from the bytes just written). Returns the number
+    of blocks holding a non-finite value (their bytes are not written), or -1 when out of
+    memory."""
     cdef int64_t total = bo[nrows], nchunks = (total + CHUNK - 1) // CHUNK
     cdef int64_t c, b, r, end, k, j
     cdef int64_t bad = 0
