@@ -139,7 +139,6 @@ def _stream(location: str, command: bytes, batch: pa.RecordBatch, n: int, errors
                     writer.begin(batch.schema)
                     for _ in range(n):
                         writer.write_batch(batch)
-                    writer.done_writing()
                 except Exception as exc:  # the reader reports the call's status
                     errors.append(exc)
 
@@ -150,6 +149,9 @@ def _stream(location: str, command: bytes, batch: pa.RecordBatch, n: int, errors
                 if on_result is not None:
                     on_result(i)
             t.join()
+            # ended from the reading thread: pyarrow's reader, when a call fails, sends
+            # WritesDone itself, and a second one at that moment aborts (gRPC check)
+            writer.done_writing()
             writer.close()
     except Exception as exc:
         errors.append(exc)

@@ -28,14 +28,13 @@ import os
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 import argparse  # noqa: E402
-import ctypes  # noqa: E402
-import pathlib  # noqa: E402
 import statistics  # noqa: E402
 import time  # noqa: E402
 
 import numpy as np  # noqa: E402
 
 from flightquant import formats, kernels  # noqa: E402
+from flightquant.testing import llama_quantizer  # noqa: E402
 from flightquant.wire import tensor_bytes  # noqa: E402
 
 try:
@@ -50,42 +49,6 @@ NA = "n/a"
 
 
 # ------------------------------------------------------------------------------ peers
-
-
-class LlamaCpp:
-    """llama.cpp's ``ggml_quantize_chunk`` (its reference quantizers without an imatrix)."""
-
-    def __init__(self):
-        self.lib = None
-        path = os.environ.get("FLIGHTQUANT_LLAMA_LIB")
-        if not path:
-            try:
-                import llama_cpp
-
-                path = str(pathlib.Path(llama_cpp.__file__).parent / "lib" / "libggml-base.so")
-            except Exception:
-                return
-        if not os.path.exists(path):
-            return
-        lib = ctypes.CDLL(path)
-        f = lib.ggml_quantize_chunk
-        f.restype = ctypes.c_size_t
-        f.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
-                      ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]  # fmt: skip
-        self.lib = lib
-        self.path = path
-
-    def quantize(self, x: np.ndarray, t: formats.GgmlType) -> np.ndarray:
-        if hasattr(self.lib, "ggml_quantize_init"):
-            self.lib.ggml_quantize_init(t.ggml_type)
-        n_per_row = t.block_size
-        while n_per_row * 2 <= min(x.size, 4096) and x.size % (n_per_row * 2) == 0:
-            n_per_row *= 2
-        out = np.empty(t.row_bytes(x.size), np.uint8)
-        self.lib.ggml_quantize_chunk(
-            t.ggml_type, x.ctypes.data, out.ctypes.data, 0, x.size // n_per_row, n_per_row, None
-        )
-        return out
 
 
 def gguf_quantize(x: np.ndarray, t: formats.GgmlType):
@@ -180,8 +143,8 @@ def rate_distortion(names, natives, data, llama, have):
             g = gguf_quantize(x, t)
             if g is not None:
                 r["gguf"] = snr_db(x, gguf_dequantize(g, t))
-            if llama.lib is not None:
-                c = llama.quantize(x, t)
+            if llama is not None:
+                c = llama.quantize(x, t.name)
                 r["C"] = snr_db(x, gguf_dequantize(c, t))
                 if have[name]["rtn"]:
                     ours = kernels.quantize_ggml(x, name).reshape(-1, t.type_size)
@@ -246,8 +209,8 @@ def speed(names, natives, x, llama, have, repeat):
             )
         if gguf_quantize(x[: 16 * t.block_size], t) is not None:
             r["gguf"] = median_rate(lambda: gguf_quantize(x, t), n, max(1, repeat // 2))
-        if llama.lib is not None:
-            r["C"] = median_rate(lambda: llama.quantize(x, t), n, repeat)
+        if llama is not None:
+            r["C"] = median_rate(lambda: llama.quantize(x, t.name), n, repeat)
         rows.append((name, r))
     for label, bits, gs in natives:
         r = {}
@@ -342,11 +305,11 @@ def main(argv=None) -> int:
     block = 256
     numel = max(block, args.numel // block * block)
 
-    llama = LlamaCpp()
+    llama = llama_quantizer()
     have = {n: {m: implemented(formats.get(n), m) for m in ("rtn", "mse")} for n in names}
     threads = kernels.resolve_threads(None)
     print(f"flightquant {kernels.build_info()['version']}, {threads} threads; gguf-py "
-          f"{'yes' if _gq else 'missing'}; llama.cpp {llama.path if llama.lib else 'missing'}")  # fmt: skip
+          f"{'yes' if _gq else 'missing'}; llama.cpp {llama.path if llama else 'missing'}")  # fmt: skip
     # other processes on these cores skew the timings (all-threads runs the most)
     print("load average {:.2f} {:.2f} {:.2f}".format(*os.getloadavg()))
     missing = [f"{n} {m}" for n in names for m in ("rtn", "mse") if not have[n][m]]

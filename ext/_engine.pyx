@@ -23,7 +23,7 @@ import pyarrow as pa
 from cpython.mem cimport PyMem_RawCalloc, PyMem_RawFree, PyMem_RawMalloc
 from libc.math cimport isfinite
 from libc.stdint cimport int32_t, int64_t, uint8_t, uint16_t, uintptr_t
-from libc.string cimport memcpy, memset
+from libc.string cimport memcpy
 from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
 
 from flightquant._arrow cimport (ArrowArray, init_node, new_child, release_node, release_owned,
@@ -252,7 +252,6 @@ cdef int values_column(ArrowArray* parent, const ArrowArray* rows, int kind, bin
     return 0
 
 
-
 cdef inline int64_t first_null(const ArrowArray* vals, const int64_t* starts,
                                const int64_t* lens, int64_t n, int64_t* element) noexcept nogil:
     """The first row holding a null value inside it (``element`` its index), or -1.
@@ -467,7 +466,6 @@ cdef class QuantizePlan(_Plan):
         cdef int64_t* starts
         cdef int64_t* lens
         cdef int64_t* scratch = NULL
-        cdef double value = 0.0
         scratch = <int64_t*>PyMem_RawMalloc((8 * n + 4) * sizeof(int64_t))
         if scratch == NULL:
             raise MemoryError()

@@ -111,12 +111,13 @@ cdef int64_t quantize_rows(const uint8_t* values, int itemsize, const int64_t* r
                            bint has_clip, float lo, float hi,
                            uint8_t* out, double* block_sse, float* block_maxerr,
                            int n_threads) noexcept nogil:
-    """Quantize every block of every row (clamped to [lo, hi] first with ``has_clip``). Row r's values start at element
-    ``row_starts[r]`` of ``values``; its blocks are the global blocks [bo[r], bo[r+1]) and
-    its bytes start at ``out_starts[r]``. With ``block_sse`` (and ``block_maxerr``) each
-    block's squared error and largest absolute error are stored too (decoded again from
-    the bytes just written). Returns the number of blocks holding a non-finite value
-    (their bytes are not written), or -1 when out of memory."""
+    """Quantize every block of every row (clamped to [lo, hi] first with ``has_clip``).
+    Row r's values start at element ``row_starts[r]`` of ``values``; its blocks are the
+    global blocks [bo[r], bo[r+1]) and its bytes start at ``out_starts[r]``. With
+    ``block_sse`` (and ``block_maxerr``) each block's squared error and largest absolute
+    error are stored too (decoded again from the bytes just written). Returns the number
+    of blocks holding a non-finite value (their bytes are not written), or -1 when out of
+    memory."""
     cdef int64_t total = bo[nrows], nchunks = (total + CHUNK - 1) // CHUNK
     cdef int64_t c, b, r, end, k, j
     cdef int64_t bad = 0
@@ -155,7 +156,11 @@ cdef int64_t quantize_rows(const uint8_t* values, int itemsize, const int64_t* r
                 continue
             qf(stage, out + out_starts[r] + k * type_size, method)
             if block_sse != NULL:
+                # the error against the input as sent (before clip), as native stats are
                 df(out + out_starts[r] + k * type_size, back)
+                if has_clip:
+                    stage_block(values + (row_starts[r] + k * block_size) * itemsize, itemsize,
+                                block_size, stage, False, lo, hi)
                 s = 0.0
                 m = 0.0
                 for j in range(block_size):

@@ -59,8 +59,8 @@ cdef int64_t extents(const uint8_t* offsets, int width, int64_t stride, int64_t 
     return bad
 
 
-cdef void read_counts(const uint8_t* values, int64_t base, const uint8_t* validity, int64_t vbase,
-                 int64_t n, int64_t* out) noexcept nogil:
+cdef void read_counts(const uint8_t* values, int64_t base, const uint8_t* validity,
+                      int64_t vbase, int64_t n, int64_t* out) noexcept nogil:
     """:func:`masked_counts` on pointers."""
     cdef int64_t r
     for r in range(n):

@@ -10,6 +10,10 @@ import numpy.typing as npt
 
 def openmp_enabled() -> bool: ...
 def max_threads() -> int: ...
+def mse_isa(name: str | None = None) -> str:
+    """The mse search's vector loops ("portable", "sse2", "avx2"); switch with ``name``
+    (to one this CPU runs) and get the previous name back. Results never depend on it."""
+
 def quantize_kernel(
     values: npt.NDArray[np.float32] | npt.NDArray[np.float64],
     row_starts: npt.NDArray[np.int64],

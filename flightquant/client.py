@@ -136,13 +136,25 @@ class _Source:
 
 
 class _Attempt:
-    """One DoExchange on one location: a writer thread plus the caller reading."""
+    """One DoExchange on one location: a writer thread plus the caller reading.
+
+    The writer thread only writes batches. Ending the client's half of the stream
+    (``done_writing``) is left to the reading thread, once every batch is sent and
+    answered: pyarrow's reader, when the call fails, finishes the stream itself and sends
+    WritesDone from the reading thread without a lock against the writer's own
+    ``done_writing``, and two concurrent WritesDone abort the process (gRPC
+    "GRPC_CALL_ERROR_TOO_MANY_OPERATIONS ... Check failed", issue 11 defect 6). So the
+    reading thread reads only while an answer is due or the writer has stopped.
+    """
 
     def __init__(self, job: _Job, location: str, schema: pa.Schema):
         self.job = job
         self.location = location
         self.schema = schema
         self.stop = False
+        self.sent_all = False  # the source is exhausted and every batch written
+        self.writer_done = False  # the writer thread has stopped (sent all, failed, stopped)
+        self.writes_closed = False
         self.write_error: BaseException | None = None
         self.cancelled = False
         self.reader = None
@@ -178,16 +190,25 @@ class _Attempt:
                     if self.stop:
                         return
                 batch = job.source.take_if(self.schema)
-                if batch is None:
-                    break
                 with cond:
+                    if self.stop:  # the reader gave up while the source was producing:
+                        if batch is not None:  # unanswered, so the next attempt sends it
+                            job.pending.append(batch)
+                        return
+                    if batch is None:
+                        self.sent_all = True  # the reading thread ends the writes
+                        return
                     job.pending.append(batch)
+                    cond.notify_all()
                 self.writer.write_batch(batch)
-            self.writer.done_writing()
         except BaseException as exc:  # reported by the reading side
             self.write_error = exc
             if isinstance(exc, _SourceError):
                 self._cancel()  # the server waits for more input: end the call
+        finally:
+            with cond:
+                self.writer_done = True
+                cond.notify_all()
 
     def _cancel(self) -> None:
         if not self.cancelled and self.reader is not None:
@@ -249,11 +270,15 @@ class _Job:
                     failures.clear()
                     yield out
             except _Failover as fo:
-                if progressed or fo.progressed:
-                    failures.clear()
-                failures.append((location, fo.message))
                 log.warning("stream to %s failed (%s); %d unanswered batch(es) go to the next "
                             "location", location, fo.message, len(self.pending))
+                if progressed or fo.progressed:
+                    # the stream got somewhere (e.g. a server ended it for idling while the
+                    # source was slow): the next stream may too, even on the same server
+                    failures.clear()
+                    at += 1
+                    continue
+                failures.append((location, fo.message))
                 if len(failures) >= len(locations):
                     detail = "; ".join(f"{loc}: {msg}" for loc, msg in failures)
                     raise flight.FlightUnavailableError(
@@ -270,6 +295,14 @@ class _Job:
             try:
                 attempt.start()
                 while True:
+                    with self.cond:  # read only while an answer is due (see _Attempt)
+                        while not self.pending and not attempt.writer_done:
+                            self.cond.wait()
+                        close = (not self.pending and attempt.sent_all
+                                 and not attempt.writes_closed)
+                    if close:
+                        attempt.writes_closed = True
+                        attempt.writer.done_writing()
                     try:
                         chunk = attempt.reader.read_chunk()
                     except StopIteration:
@@ -336,7 +369,9 @@ def _raise_in_band_error(app_metadata) -> None:
     code, message = error.get("code"), str(error.get("message", "server error"))
     if code == "invalid_argument":
         raise pa.ArrowInvalid(message)
-    if code == "unavailable":
+    # retried: on another server, or on a new stream (a stream the server ended for idling
+    # while the source was slow can go on as a new one)
+    if code in ("unavailable", "resource_exhausted", "deadline_exceeded"):
         raise flight.FlightUnavailableError(message)
     if code == "internal":
         raise flight.FlightInternalError(message)

@@ -24,11 +24,15 @@ import numpy as np
 import pyarrow as pa
 
 from . import _engine, kernels, wire
-from .errors import NonFiniteError
+from .errors import CodecError, NonFiniteError, echo, echo_list, shorten
 from .layout import groups_per_block
 from .options import METHOD_CODES, SCHEME_CODES, OptionsError, QuantOptions
 from .reference import qparams
+from .validate import validate_batch, validate_schema
 from .wire import is_quantized_field, is_quantized_schema  # noqa: F401 (public here too)
+
+__all__ = ["BatchInfo", "CodecError", "dequantize_batch", "dequantized_schema", "output_schema",
+           "process_batch", "quantize_batch", "validate_batch"]
 
 _ITEMSIZE = {"float16": 2, "float32": 4, "float64": 8}
 _KINDS = {"list": 0, "large_list": 1, "fixed_size_list": 2}
@@ -36,10 +40,6 @@ _NATIVE = -1  # the engine's ggml code of a native column
 _F32 = pa.float32()
 #: tests: a list that gets the address each quantize kernel read its values from
 _trace: list | None = None
-
-
-class CodecError(ValueError):
-    """A batch that cannot be quantized or decoded; the message says why and what to do."""
 
 
 @dataclass
@@ -59,41 +59,6 @@ class BatchInfo:
         if d["sse"] is None:
             del d["sse"], d["max_abs_error"]
         return d
-
-
-def _short(text: str, limit: int = 120) -> str:
-    """Echoed input is cut: a message must fit a gRPC status (and a person's screen)."""
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-# ---------------------------------------------------------------------------------------
-# validation
-
-
-def validate_batch(batch: pa.RecordBatch) -> None:
-    """Check a batch in full before any byte of it is read or passed through.
-
-    Every column gets ``Array.validate(full=True)`` (offsets inside their buffers, buffer
-    sizes, validity bitmaps, UTF-8...), so the engine, which sees raw pointers only, never
-    reads outside what the client sent. Duplicate column names are refused: a column is
-    found by its name. A ``CodecError`` names the column and says what is wrong.
-    """
-    names = batch.schema.names
-    if len(set(names)) != len(names):
-        dupes = sorted(n for n, k in Counter(names).items() if k > 1)
-        raise CodecError(
-            f"the batch has duplicate column name(s) {_short(', '.join(map(repr, dupes)))}: "
-            "give every column a distinct name"
-        )
-    if batch.num_columns == 0:
-        return
-    for i in range(batch.num_columns):
-        try:
-            batch.column(i).validate(full=True)
-        except (pa.ArrowInvalid, pa.ArrowException) as exc:
-            raise CodecError(
-                f"column {_short(names[i])!r} is not a valid Arrow array: {_short(str(exc), 300)}"
-            ) from None
 
 
 # ---------------------------------------------------------------------------------------
@@ -145,13 +110,13 @@ def _columns_to_quantize(schema: pa.Schema, options: QuantOptions) -> list[int]:
         i = by_name.get(name)
         if i is None:
             raise CodecError(
-                f"column {_short(name)!r} named in 'columns' is not in the batch; "
-                f"its columns are: {_short(', '.join(map(repr, schema.names)), 300)}"
+                f"column {echo(name)} named in 'columns' is not in the batch; "
+                f"its columns are: {echo_list(schema.names)}"
             )
         t = schema.field(i).type
         if not wire.is_float_list(t):
             raise CodecError(
-                f"column {_short(name)!r} has type {_short(str(t))}, which cannot be quantized: "
+                f"column {echo(name)} has type {shorten(str(t))}, which cannot be quantized: "
                 "accepted are list, large_list and fixed_size_list of float16, float32 or float64"
             )
         picked.add(i)
@@ -163,6 +128,7 @@ def _quantize_plan(schema: pa.Schema, options: QuantOptions) -> _Plan:
 
 
 def _build_quantize_plan(schema: pa.Schema, options: QuantOptions) -> _Plan:
+    validate_schema(schema)
     picked = set(_columns_to_quantize(schema, options))
     ggml = options.ggml
     fields: list[pa.Field] = []
@@ -176,7 +142,7 @@ def _build_quantize_plan(schema: pa.Schema, options: QuantOptions) -> _Plan:
         list_size = f.type.list_size if kind == "fixed_size_list" else 0
         if ggml and list_size % ggml.block_size:
             raise CodecError(
-                f"column {_short(f.name)!r}: its rows of {list_size} elements are not whole "
+                f"column {echo(f.name)}: its rows of {list_size} elements are not whole "
                 f"{ggml.name} blocks of {ggml.block_size}: use a row length that is a multiple "
                 f"of {ggml.block_size}, or format='native'"
             )
@@ -188,7 +154,7 @@ def _build_quantize_plan(schema: pa.Schema, options: QuantOptions) -> _Plan:
     dupes = sorted(n for n, k in counts.items() if k > 1)
     if dupes:
         raise CodecError(
-            f"the quantized batch would have duplicate column(s) {_short(', '.join(map(repr, dupes)))}: "
+            f"the quantized batch would have duplicate column(s) {echo_list(dupes)}: "
             "rename the input columns that end in _scales/_zero_points/_numel/_mse/"
             "_max_abs_error, or quantize fewer columns with 'columns'"
         )
@@ -233,6 +199,7 @@ def _parse(field: pa.Field) -> wire.CodesMeta:
 
 
 def _build_dequantize_plan(schema: pa.Schema) -> _Plan:
+    validate_schema(schema)
     metas = {f.name: _parse(f) for f in schema if is_quantized_field(f)}
     index = {}
     for i, f in enumerate(schema):
@@ -245,8 +212,8 @@ def _build_dequantize_plan(schema: pa.Schema) -> _Plan:
         role, owner = owned
         if owner not in metas:
             raise CodecError(
-                f"column {_short(f.name)!r} holds flightquant {_short(role)} of quantized column "
-                f"{_short(owner)!r}, which is not in the batch: the batch is incomplete"
+                f"column {echo(f.name)} holds flightquant {shorten(role)} of quantized column "
+                f"{echo(owner)}, which is not in the batch: the batch is incomplete"
             )
         derived.add(f.name)
     fields, specs, names, ggml_cols = [], [], {}, {}
@@ -285,16 +252,16 @@ def _derived_index(schema, index, codes: str, m: wire.CodesMeta, role: str) -> i
     name = wire.derived_name(codes, role)
     i = index.get(name, -1)
     if i < 0:
-        raise CodecError(f"quantized column {_short(codes)!r} needs its column {_short(name)!r}, which is missing")
+        raise CodecError(f"quantized column {echo(codes)} needs its column {echo(name)}, which is missing")
     t = schema.field(i).type
     if role == "numel":
         if t != pa.int64():
-            raise CodecError(f"column {_short(name)} must be int64, got {t}")
+            raise CodecError(f"column {shorten(name)} must be int64, got {t}")
     else:
         fixed = m.kind == "fixed_size_list"
         per_row = -(-(m.list_size or 0) // m.group_size)
         if t != (pa.list_(_F32, per_row) if fixed else pa.list_(_F32)):
-            raise CodecError(f"column {_short(name)} must be a list of float32, got {t}")
+            raise CodecError(f"column {shorten(name)} must be a list of float32, got {t}")
     return i
 
 
@@ -307,15 +274,15 @@ def _row_key(batch: pa.RecordBatch, row: int) -> str | None:
     for i, f in enumerate(batch.schema):
         if pa.types.is_string(f.type) or pa.types.is_large_string(f.type):
             value = batch.column(i)[row].as_py()
-            return None if value is None else _short(str(value))
+            return None if value is None else shorten(str(value), 100)
     return None
 
 
 def _where(batch: pa.RecordBatch, column: str, row: int) -> str:
     if not 0 <= row < batch.num_rows:
-        return f"column {_short(column)!r}"
+        return f"column {echo(column)}"
     key = _row_key(batch, row)
-    return f"column {_short(column)!r}, row {row}" + (f" ({key!r})" if key is not None else "")
+    return f"column {echo(column)}, row {row}" + (f" ({key!r})" if key is not None else "")
 
 
 def _bad_row(where: str, meta: wire.CodesMeta, name: str, numel, code_bytes, n_scales, n_zps):
@@ -328,7 +295,7 @@ def _bad_row(where: str, meta: wire.CodesMeta, name: str, numel, code_bytes, n_s
     need = -(-numel // meta.group_size)
     for role, have in (("scales", n_scales), ("zero_points", n_zps)):
         if have >= 0 and have != need and (meta.kind != "fixed_size_list" or have < need):
-            return f"{where}: {_short(name)}_{role} has {have} values, expected {need} (one per group)"
+            return f"{where}: {shorten(name)}_{role} has {have} values, expected {need} (one per group)"
     return f"{where}: inconsistent quantized row"
 
 
@@ -355,7 +322,7 @@ def _fail(batch: pa.RecordBatch, plan: _Plan, result: tuple) -> Exception:
         "not_blocks": f"{where}: {a} elements is not a multiple of "
         f"{t.name if t else 'the'} block size {b}: ggml formats quantize whole blocks; "
         "pad the row, or use format='native'",
-        "numel_null": f"{where}: column {_short(name)}_numel is null where {_short(name)!r} is not",
+        "numel_null": f"{where}: column {shorten(name)}_numel is null where {echo(name)} is not",
         "scale_nulls": f"{where}: the scales or zero points hold null values",
         "values_int32": f"{where}: more than 2**31 elements in one list batch ({a}): send "
         "smaller batches or use large_list columns",

@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from . import formats
+from .errors import echo, echo_list, shorten
 
 VALID_BITS = (2, 4, 8)
 SCHEMES = ("asymmetric", "symmetric", "ternary")
@@ -68,7 +69,7 @@ class QuantOptions:
         unknown = sorted(set(mapping) - known)
         if unknown:
             raise OptionsError(
-                f"unknown option(s) {_cut(', '.join(_short(k) for k in unknown), 200)}; "
+                f"unknown option(s) {echo_list(unknown)}; "
                 f"valid options are: {', '.join(sorted(known))}"
             )
         op = _choice(mapping.get("op", "quantize"), "op", OPS)
@@ -90,28 +91,29 @@ class QuantOptions:
         clip = mapping.get("clip")
         if clip is not None:
             if isinstance(clip, bool) or not isinstance(clip, (int, float)):
-                raise OptionsError(f"clip must be null or a positive number, got {_short(clip)}")
+                raise OptionsError(f"clip must be null or a positive number, got {echo(clip)}")
             try:
-                clip = float(clip)
-            except OverflowError:
-                raise OptionsError(f"clip must be a positive finite number, got {_short(clip)}") from None
-            if not (math.isfinite(clip) and clip > 0):
-                raise OptionsError(f"clip must be a positive finite number, got {_short(clip)}")
+                as_float = float(clip)
+            except OverflowError:  # an integer beyond float's range
+                as_float = math.inf
+            if not (math.isfinite(as_float) and as_float > 0):
+                raise OptionsError(f"clip must be a positive finite number, got {echo(clip)}")
+            clip = as_float
         columns = mapping.get("columns")
         if columns is not None:
             if isinstance(columns, str) or not isinstance(columns, (list, tuple)):
                 raise OptionsError(
-                    f"columns must be null or a list of column names, got {_short(columns)}"
+                    f"columns must be null or a list of column names, got {echo(columns)}"
                 )
             if not columns or not all(isinstance(c, str) for c in columns):
                 raise OptionsError(
                     "columns must be a non-empty list of column names (strings), "
-                    f"got {_short(columns)}; use null for every float list column"
+                    f"got {echo(columns)}; use null for every float list column"
                 )
             columns = tuple(columns)
         stats = mapping.get("stats", False)
         if not isinstance(stats, bool):
-            raise OptionsError(f"stats must be true or false, got {_short(stats)}")
+            raise OptionsError(f"stats must be true or false, got {echo(stats)}")
         return cls(op, bits, scheme, group_size, method, clip, columns, stats, fmt)
 
     @classmethod
@@ -129,12 +131,14 @@ class QuantOptions:
         try:
             obj = json.loads(data)
         except RecursionError:
-            raise OptionsError("the command's JSON is nested too deeply: send a flat JSON object "
-                               'of options, e.g. {"bits": 4, "group_size": 128}') from None
-        except json.JSONDecodeError as exc:
+            raise OptionsError(
+                "the command nests JSON arrays/objects too deeply to parse; options are a "
+                'flat JSON object, e.g. {"bits": 4, "group_size": 128}'
+            ) from None
+        except ValueError as exc:  # JSONDecodeError, or an integer of over 4300 digits
             raise OptionsError(
                 f"the command must be a JSON object of options, e.g. "
-                f'{{"bits": 4, "group_size": 128}}; could not parse it: {exc}'
+                f'{{"bits": 4, "group_size": 128}}; could not parse it: {shorten(str(exc))}'
             ) from None
         if not isinstance(obj, dict):
             raise OptionsError(
@@ -178,19 +182,19 @@ def _native_bits_group(mapping: Mapping[str, Any], scheme: str) -> tuple[int, in
     if scheme == "ternary":
         if bits is not None and (_is_int(bits) and bits != 2 or not _is_int(bits)):
             raise OptionsError(
-                f"bits={_short(bits)} does not fit scheme='ternary': ternary codes "
+                f"bits={echo(bits)} does not fit scheme='ternary': ternary codes "
                 "{-1, 0, +1} are always stored in 2 bits; pass bits=2 or leave bits unset"
             )
         bits = 2
     elif bits is None:
         bits = 4
     if not _is_int(bits) or bits not in VALID_BITS:
-        raise OptionsError(f"bits must be one of {', '.join(map(str, VALID_BITS))}, got {_short(bits)}")
+        raise OptionsError(f"bits must be one of {', '.join(map(str, VALID_BITS))}, got {echo(bits)}")
     group_size = _given(mapping, "group_size", 128)
     if not _is_int(group_size) or not 1 <= group_size <= MAX_GROUP_SIZE:
         raise OptionsError(
             f"group_size must be an integer from 1 to {MAX_GROUP_SIZE} "
-            f"(common: 32, 64, 128, 256), got {_short(group_size)}"
+            f"(common: 32, 64, 128, 256), got {echo(group_size)}"
         )
     return int(bits), int(group_size)
 
@@ -201,19 +205,6 @@ def _given(mapping: Mapping[str, Any], key: str, default: Any) -> Any:
     return default if value is None else value
 
 
-def _short(value: Any, limit: int = 80) -> str:
-    """``repr(value)`` cut to ``limit`` characters: error messages never echo huge input."""
-    try:
-        text = repr(value)
-    except Exception:  # a huge int past Python's str-digits limit, a broken __repr__
-        text = f"<{type(value).__name__}>"
-    return _cut(text, limit)
-
-
-def _cut(text: str, limit: int) -> str:
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
@@ -221,6 +212,6 @@ def _is_int(value: Any) -> bool:
 def _choice(value: Any, name: str, valid: tuple[str, ...]) -> str:
     if value not in valid or not isinstance(value, str):
         raise OptionsError(
-            f"{name} must be one of {', '.join(map(repr, valid))}, got {_short(value)}"
+            f"{name} must be one of {', '.join(map(repr, valid))}, got {echo(value)}"
         )
     return value

@@ -12,6 +12,14 @@ Error mapping (what a plain pyarrow client raises in brackets):
   descriptor -> INVALID_ARGUMENT (``pyarrow.ArrowInvalid``), the message says what to fix;
 * over ``max_streams`` or draining -> UNAVAILABLE (``FlightUnavailableError``), retry
   elsewhere or later;
+* out of memory: the budget cannot take the next batch within ``memory_wait``, a batch
+  that alone costs more than the budget, or a ``MemoryError`` -> RESOURCE_EXHAUSTED in
+  meaning, sent as UNAVAILABLE (``FlightUnavailableError``) with a message that starts
+  "RESOURCE_EXHAUSTED:": pyarrow's Flight server cannot send the RESOURCE_EXHAUSTED code
+  (its transport maps no status to it; a ``MemoryError`` would arrive as UNKNOWN), and
+  UNAVAILABLE is the code clients already retry elsewhere or later;
+* a stream idle for ``idle_timeout`` -> ended by the server (see :mod:`flightquant.idle`);
+  the client gets an in-band DEADLINE_EXCEEDED message, then its connection closes;
 * anything unexpected -> INTERNAL (``FlightInternalError``) "internal error: ...; see
   server log", with the traceback in the server log only.
 
@@ -32,10 +40,13 @@ from urllib.parse import urlsplit
 import pyarrow as pa
 import pyarrow.flight as flight
 
-from . import codec
+from . import budget, codec
 from ._version import __version__
+from .errors import MESSAGE_LIMIT, shorten
+from .idle import Activity, IdleWatchdog, idle_message
 from .kernels import build_info, resolve_threads
 from .options import QuantOptions
+from .validate import validate_batch, validate_schema
 
 __all__ = ["Server", "InvalidArgument", "ACTIONS"]
 
@@ -49,8 +60,9 @@ _PIPELINE_KEY = "flightquant-pipeline"
 #: DoAction types and their descriptions (also the ListActions answer)
 ACTIONS = {
     "health": "liveness: {status, version, draining}",
-    "stats": "counters: streams, batches, elements, bytes in/out, errors by kind",
-    "config": "limits and defaults: max_streams, max_batch_bytes, threads, options, build",
+    "stats": "counters: streams, batches, elements, bytes in/out, errors by kind, memory",
+    "config": "limits and defaults: max_streams, max_batch_bytes, memory_limit, idle_timeout, "
+    "threads, options, build",
 }
 
 
@@ -103,7 +115,8 @@ def _short(exc: BaseException, limit: int = 300) -> str:
 class _Stats:
     """Thread-safe counters behind the ``stats`` action."""
 
-    KINDS = ("invalid_argument", "unavailable", "internal", "cancelled")
+    KINDS = ("invalid_argument", "unavailable", "resource_exhausted", "deadline_exceeded",
+             "internal", "cancelled")
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
@@ -152,6 +165,18 @@ class Server(flight.FlightServerBase):
     max_batch_bytes : int
         Largest input batch (Arrow buffer bytes); a larger one fails its stream with
         INVALID_ARGUMENT.
+    memory_limit : int, optional
+        Bytes all streams together may hold (inputs being received, batches, outputs).
+        Default: ``budget.DEFAULT_FRACTION`` (half) of what the process may use, the
+        smallest of the cgroup limit, ``RLIMIT_AS`` less the mapped address space, and
+        physical memory. Each stream reserves ``2 * max_batch_bytes`` before it reads a
+        batch (a message is briefly held twice while received), then the batch's real
+        size plus its output bound; see :mod:`flightquant.budget`.
+    memory_wait : float
+        Seconds a stream waits for its reservation before RESOURCE_EXHAUSTED.
+    idle_timeout : float or None
+        Seconds a stream may wait on its client (for the next message, or for the client
+        to take an answer) before the server ends it; None never ends idle streams.
     auth_token : str, optional
         Require ``authorization: Bearer <token>`` on every call (UNAUTHENTICATED otherwise).
     tls_certificates, verify_client, root_certificates
@@ -180,6 +205,9 @@ class Server(flight.FlightServerBase):
         threads: int | None = None,
         max_streams: int = 64,
         max_batch_bytes: int = 256 << 20,
+        memory_limit: int | None = None,
+        memory_wait: float = 10.0,
+        idle_timeout: float | None = 60.0,
         auth_token: str | None = None,
         tls_certificates: list | None = None,
         verify_client: bool = False,
@@ -199,6 +227,20 @@ class Server(flight.FlightServerBase):
             raise ValueError(f"max_batch_bytes must be an integer >= 1, got {max_batch_bytes!r}")
         if not (isinstance(drain_timeout, (int, float)) and drain_timeout >= 0):
             raise ValueError(f"drain_timeout must be a number >= 0, got {drain_timeout!r}")
+        if memory_limit is not None and (
+            isinstance(memory_limit, bool) or not isinstance(memory_limit, int) or memory_limit < 1
+        ):
+            raise ValueError(f"memory_limit must be None or an integer >= 1, got {memory_limit!r}")
+        if isinstance(memory_wait, bool) or not (
+            isinstance(memory_wait, (int, float)) and memory_wait >= 0
+        ):
+            raise ValueError(f"memory_wait must be a number >= 0, got {memory_wait!r}")
+        if idle_timeout is not None and (
+            isinstance(idle_timeout, bool)
+            or not isinstance(idle_timeout, (int, float))
+            or not idle_timeout > 0
+        ):
+            raise ValueError(f"idle_timeout must be None or a number > 0, got {idle_timeout!r}")
         parts = urlsplit(location)
         if parts.scheme not in ("grpc", "grpc+tcp", "grpc+tls") or not parts.hostname:
             raise ValueError(
@@ -216,6 +258,24 @@ class Server(flight.FlightServerBase):
         self.max_batch_bytes = max_batch_bytes
         self.drain_timeout = float(drain_timeout)
         self.log = log
+        if memory_limit is None:
+            available, source = budget.memory_available()
+            memory_limit = max(1, int(available * budget.DEFAULT_FRACTION))
+            self._memory_source = f"{budget.DEFAULT_FRACTION:g} x {source} ({available} bytes)"
+        else:
+            self._memory_source = "memory_limit"
+        self.memory_limit = memory_limit
+        self.memory_wait = float(memory_wait)
+        self.idle_timeout = None if idle_timeout is None else float(idle_timeout)
+        self._budget = budget.MemoryBudget(memory_limit)
+        # what a stream reserves before it reads: never more than the whole budget (a
+        # larger message is then read unreserved, and refused once its size is known)
+        self._read_reserve = min(budget.receive_bound(max_batch_bytes), memory_limit)
+        if self._read_reserve < budget.receive_bound(max_batch_bytes):
+            log.warning(
+                "memory_limit=%d is below 2 x max_batch_bytes=%d: one stream at a time can "
+                "receive a batch; lower --max-batch-bytes", memory_limit, max_batch_bytes,
+            )
         self._host = parts.hostname
         self._scheme = parts.scheme
         self._tls = bool(tls_certificates)
@@ -241,6 +301,7 @@ class Server(flight.FlightServerBase):
             root_certificates=root_certificates,
             middleware=middleware,
         )
+        self._watchdog = IdleWatchdog(self.idle_timeout, self.port, log)
         if health_port is not None:
             try:
                 from .health import HealthServer
@@ -268,8 +329,12 @@ class Server(flight.FlightServerBase):
         return self._draining
 
     def stats(self) -> dict[str, Any]:
-        """Counters: streams (active, served), batches, rows, elements, bytes, errors."""
-        return self._stats.snapshot()
+        """Counters: streams (active, served), batches, rows, elements, bytes, errors, and
+        ``memory`` (limit, reserved and peak reserved bytes, streams waiting, refusals)."""
+        out = self._stats.snapshot()
+        out["memory"] = self._budget.snapshot()
+        out["idle_streams_ended"] = self._watchdog.expired
+        return out
 
     def config(self) -> dict[str, Any]:
         """Limits and defaults, as the ``config`` action answers them."""
@@ -277,6 +342,10 @@ class Server(flight.FlightServerBase):
             "version": __version__,
             "max_streams": self.max_streams,
             "max_batch_bytes": self.max_batch_bytes,
+            "memory_limit": self.memory_limit,
+            "memory_limit_source": self._memory_source,
+            "memory_wait": self.memory_wait,
+            "idle_timeout": self.idle_timeout,
             "threads": self.threads,
             "kernel_threads": (
                 self.threads if self.threads is not None
@@ -328,6 +397,7 @@ class Server(flight.FlightServerBase):
                 self._health.stop()
             super().shutdown()
         finally:
+            self._watchdog.stop()
             self._closed.set()
 
     def drain(self, timeout: float | None = None) -> bool:
@@ -338,11 +408,11 @@ class Server(flight.FlightServerBase):
         ``drain_timeout``) to finish. After the deadline each remaining stream is ended
         with UNAVAILABLE at its next batch (a :class:`flightquant.Client` resends the
         unanswered batches elsewhere), and the server shuts down. A stream whose client
-        went silent (the handler waits for a batch that never comes) cannot be ended from
-        the server side: ``drain`` then gives up after a further grace of
-        ``max(1, min(5, timeout))`` seconds and returns False, leaving the shutdown to
-        finish in a background thread once that client goes away; ``flightquant serve``
-        exits the process at that point.
+        went silent (the handler waits for a batch that never comes) gets a further grace
+        of ``max(1, min(5, timeout))`` seconds, then its connection is closed (see
+        :mod:`flightquant.idle`), which ends it; should the shutdown still not finish
+        within a few seconds more, ``drain`` returns False and leaves it to a background
+        thread (``flightquant serve`` then exits the process).
 
         Returns True when every stream finished on its own and the server is shut down.
         """
@@ -370,6 +440,9 @@ class Server(flight.FlightServerBase):
                 self._shutdown_thread.start()
         grace = max(1.0, min(5.0, timeout))
         finished = self._closed.wait(max(0.0, deadline - time.monotonic()) + grace)
+        if not finished and self._watchdog.end_waiting("unavailable", _CUT):
+            # streams waiting on silent clients would keep the shutdown waiting forever
+            finished = self._closed.wait(grace)
         if not finished:
             self.log.error(
                 "shutdown still waiting for %d stalled stream(s) after the drain deadline",
@@ -439,15 +512,29 @@ class Server(flight.FlightServerBase):
             raise flight.FlightUnavailableError(refused)
 
         t0 = time.perf_counter()
-        run = _StreamRun()
+        run = _StreamRun(Activity(_peer(context), writer))
+        self._watchdog.register(run.activity)
         outcome = "ok"
         try:
             self._exchange(context, descriptor, reader, writer, run)
+            if run.activity.timed_out:  # the watchdog closed the connection
+                if self._aborting:
+                    outcome = "unavailable"
+                    raise flight.FlightUnavailableError(_CUT)
+                outcome = "deadline_exceeded"
+                raise flight.FlightTimedOutError(self._idle_message(run))
             if context.is_cancelled():
                 outcome = "cancelled"  # a client that vanishes looks like end-of-stream
         except Exception as exc:
-            kind, message = run.error or self._classify(exc, context)
+            kind, message = run.error or self._classify(exc, context, run)
             outcome = kind
+            message = shorten(message, MESSAGE_LIMIT)
+            if kind == "deadline_exceeded":
+                raise flight.FlightTimedOutError(message) from None
+            if kind == "resource_exhausted":
+                self.log.warning("stream peer=%s batch=%d: %s", run.activity.peer, run.batches,
+                                 message)
+                raise flight.FlightUnavailableError(message) from None
             if isinstance(exc, flight.FlightError) and kind != "cancelled":
                 raise  # keeps its status code; pyarrow sends no traceback for these
             if kind == "cancelled":
@@ -460,6 +547,7 @@ class Server(flight.FlightServerBase):
             )
             raise flight.FlightInternalError(message) from None
         finally:
+            self._watchdog.unregister(run.activity)
             with st.lock:
                 st.streams_active -= 1
                 if outcome == "ok":
@@ -473,6 +561,9 @@ class Server(flight.FlightServerBase):
                 time.perf_counter() - t0, outcome,
             )
 
+    def _idle_message(self, run: _StreamRun) -> str:
+        return idle_message(run.activity.idle_for, self.idle_timeout or 0.0)
+
     def _exchange(self, context, descriptor, reader, writer, run: _StreamRun) -> None:
         if descriptor.descriptor_type != flight.DescriptorType.CMD:
             raise ValueError(
@@ -482,23 +573,28 @@ class Server(flight.FlightServerBase):
         options = QuantOptions.from_json(descriptor.command)
         run.op = options.op
         schema = _read_schema(reader)
+        run.activity.touch()
+        validate_schema(schema, where="the stream's schema")
         out_schema = codec.output_schema(schema, options)
-        writer.begin(out_schema)
+        out = _Writer(writer, run.activity)
+        out.begin(out_schema)
+        batches = _Receiver(reader, self._budget, self._read_reserve, self.memory_wait,
+                            run.activity)
         if context.get_middleware(_PIPELINE_KEY) is None:
-            self._serve_batches(_read_serially(reader), options, writer, run)
+            self._serve_batches(batches, options, out, run)
             return
         # read-ahead: a pump thread receives the next batch while this one is processed
-        pump = _ReadAhead(reader)
+        pump = _ReadAhead(batches)
         try:
-            self._serve_batches(pump, options, writer, run)
+            self._serve_batches(pump, options, out, run)
         except BaseException as exc:
             pump.stop()
-            kind, message = run.error = self._classify(exc, context)
-            if kind != "cancelled":
+            kind, message = run.error = self._classify(exc, context, run)
+            if kind not in ("cancelled", "deadline_exceeded"):
                 try:  # the client ends the call when it sees this, which frees the pump
-                    writer.write_metadata(
-                        json.dumps({"error": {"code": kind, "message": message}}).encode()
-                    )
+                    out.write_metadata(json.dumps(
+                        {"error": {"code": kind, "message": shorten(message, MESSAGE_LIMIT)}}
+                    ).encode())
                 except Exception:
                     pass  # the client is gone: the pump's read ends by itself
             raise
@@ -518,28 +614,39 @@ class Server(flight.FlightServerBase):
             return self.threads
         return max(1, (self._cores - 1) // max(1, self._stats.streams_active))
 
-    def _serve_batches(self, batches, options: QuantOptions, writer, run: _StreamRun) -> None:
+    def _serve_batches(self, batches, options: QuantOptions, writer: _Writer,
+                       run: _StreamRun) -> None:
         limit = self.max_batch_bytes
         st = self._stats
         index = 0
-        for batch in batches:
-            size = batch.get_total_buffer_size()
-            if size > limit:
-                raise ValueError(
-                    f"input batch {index} is {size} bytes, over this server's limit of "
-                    f"{limit} bytes (max_batch_bytes); split the data into smaller record "
-                    "batches (e.g. Table.to_batches(max_chunksize=...)) or start the server "
-                    "with a larger --max-batch-bytes"
-                )
-            if self._aborting:
-                raise flight.FlightUnavailableError(
-                    "server is shutting down (drain deadline passed); resend the unanswered "
-                    "batches to another server"
-                )
-            out, info = codec.process_batch(batch, options, threads=self._kernel_threads())
-            meta = info.to_dict()
-            meta["batch_index"] = index
-            writer.write_with_metadata(out, json.dumps(meta).encode())
+        activity = run.activity
+        for batch, held in batches:
+            with held:  # the batch's reservation, returned once its answer is sent
+                activity.begin_work()
+                try:
+                    size = batch.get_total_buffer_size()
+                    if size > limit:
+                        raise ValueError(
+                            f"input batch {index} is {size} bytes, over this server's limit of "
+                            f"{limit} bytes (max_batch_bytes); split the data into smaller "
+                            "record batches (e.g. Table.to_batches(max_chunksize=...)) or start "
+                            "the server with a larger --max-batch-bytes"
+                        )
+                    if self._aborting:
+                        raise flight.FlightUnavailableError(_CUT)
+                    need = size + budget.output_bound(batch, options)
+                    if need > self.memory_limit:  # refused at once, unless it is malformed
+                        validate_batch(batch, where=f"input batch {index}")
+                    held.resize(need, self.memory_wait,
+                                f"input batch {index} ({batch.num_rows} rows, {size} bytes)")
+                    out, info = codec.process_batch(batch, options,
+                                                    threads=self._kernel_threads())
+                    meta = info.to_dict()
+                    meta["batch_index"] = index
+                finally:
+                    activity.end_work()
+                writer.write_with_metadata(out, json.dumps(meta).encode())
+                del out, batch
             index += 1
             run.batches = index
             run.bytes_in += info.input_bytes
@@ -552,13 +659,24 @@ class Server(flight.FlightServerBase):
                 st.bytes_out += info.output_bytes
                 st.kernel_seconds += info.kernel_seconds
 
-    @staticmethod
-    def _classify(exc: BaseException, context) -> tuple[str, str]:
+    def _classify(self, exc: BaseException, context, run: _StreamRun) -> tuple[str, str]:
         """(error kind, client-facing message) of a handler's exception."""
+        if run.activity.timed_out:
+            if self._aborting:
+                return "unavailable", _CUT
+            return "deadline_exceeded", self._idle_message(run)
         if isinstance(exc, flight.FlightCancelledError) or (
             not isinstance(exc, flight.FlightError) and context.is_cancelled()
         ):
             return "cancelled", "stream cancelled by the client"
+        if isinstance(exc, budget.BudgetExhausted):
+            return "resource_exhausted", f"RESOURCE_EXHAUSTED: {exc}"
+        if isinstance(exc, MemoryError):  # numpy, pyarrow (ArrowMemoryError), the kernels
+            return "resource_exhausted", (
+                f"RESOURCE_EXHAUSTED: the server ran out of memory in batch {run.batches} "
+                f"({_short(exc, 200)}); retry later or on another server, or send smaller "
+                "batches"
+            )
         if isinstance(exc, flight.FlightUnavailableError):
             return "unavailable", str(exc)
         if isinstance(exc, flight.FlightError):
@@ -572,7 +690,7 @@ def _read_schema(reader):
     try:
         return reader.schema
     except (OSError, pa.ArrowException) as exc:
-        if isinstance(exc, ValueError):
+        if isinstance(exc, (ValueError, MemoryError)):
             raise
         raise ValueError(
             f"could not read the stream's schema ({_short(exc, 200)}): begin the exchange "
@@ -585,19 +703,72 @@ def _read_chunk(reader):
     try:
         return reader.read_chunk()
     except (OSError, pa.ArrowException) as exc:
-        if isinstance(exc, (ValueError, flight.FlightError)):
+        if isinstance(exc, (ValueError, flight.FlightError, MemoryError)):
             raise
         raise ValueError(f"could not read the next record batch: {_short(exc, 200)}") from None
 
 
-def _read_serially(reader) -> Iterator:
-    while True:
-        try:
-            chunk = _read_chunk(reader)
-        except StopIteration:
-            return
-        if chunk.data is not None:  # a metadata-only message: nothing to process
-            yield chunk.data
+class _Writer:
+    """The stream's writer, one write at a time (the idle watchdog may write too)."""
+
+    def __init__(self, writer, activity: Activity):
+        self._writer = writer
+        self._activity = activity
+
+    def begin(self, schema: pa.Schema) -> None:
+        with self._activity.write_lock:
+            self._writer.begin(schema)
+
+    def write_with_metadata(self, batch: pa.RecordBatch, metadata: bytes) -> None:
+        with self._activity.write_lock:
+            self._writer.write_with_metadata(batch, metadata)
+        self._activity.touch()  # the client took the answer (or gRPC buffered it)
+
+    def write_metadata(self, metadata: bytes) -> None:
+        with self._activity.write_lock:
+            self._writer.write_metadata(metadata)
+
+
+class _Receiver:
+    """Yields ``(batch, reservation)``: each read is reserved from the memory budget first.
+
+    Before a read the stream holds the bound of one message (a client may send up to
+    ``max_batch_bytes`` and its receipt briefly needs twice that); once the batch is in,
+    the reservation shrinks to the batch's size. The consumer owns each yielded
+    reservation and releases it when the batch is answered.
+    """
+
+    def __init__(self, reader, memory: budget.MemoryBudget, reserve: int, wait: float,
+                 activity: Activity):
+        self._reader = reader
+        self._budget = memory
+        self._reserve = reserve
+        self._wait = wait
+        self._activity = activity
+
+    def __iter__(self):
+        activity = self._activity
+        while True:
+            activity.begin_work()  # waiting for memory is the server's doing, not idling
+            try:
+                held = self._budget.reserve(self._reserve, self._wait, "receiving the next batch")
+            finally:
+                activity.end_work()
+            try:
+                chunk = _read_chunk(self._reader)
+                activity.touch()
+                data = chunk.data
+                if data is None:  # a metadata-only message: nothing to process
+                    held.release()
+                    continue
+                held.resize(data.get_total_buffer_size(), 0.0)
+            except StopIteration:
+                held.release()
+                return
+            except BaseException:
+                held.release()
+                raise
+            yield data, held
 
 
 class _ReadAhead:
@@ -608,38 +779,44 @@ class _ReadAhead:
     error message (``app_metadata`` ``{"error": {"code", "message"}}`` with no batch).
     A lock-step client (send one, wait for its answer) would deadlock a handler that must
     report an error while its pump waits for a batch that never comes, so plain clients
-    get the serial loop. At most one batch waits in the queue, one more in the pump.
+    get the serial loop. At most one batch waits in the queue, one more in the pump; the
+    reservations of batches never handed over are released when the pump stops.
     """
 
     _END = object()
 
-    def __init__(self, reader):
-        self._reader = reader
+    def __init__(self, batches: _Receiver):
+        self._batches = batches
         self._queue: queue.Queue = queue.Queue(maxsize=1)
         self._stopped = threading.Event()
         self._thread = threading.Thread(target=self._run, name="fq-read-ahead", daemon=True)
         self._thread.start()
 
-    def _put(self, item) -> None:
+    def _put(self, item) -> bool:
         while not self._stopped.is_set():
             try:
                 self._queue.put(item, timeout=0.05)
-                return
+                return True
             except queue.Full:
                 continue
+        return False
 
     def _run(self) -> None:
+        items = iter(self._batches)
         try:
-            while True:
+            while not self._stopped.is_set():
                 try:
-                    chunk = _read_chunk(self._reader)
+                    item = next(items)
                 except StopIteration:
                     break
-                if chunk.data is not None and not self._stopped.is_set():
-                    self._put(chunk.data)
+                if not self._put(item):
+                    item[1].release()
+                    return
             self._put(self._END)
         except BaseException as exc:  # handed to the handler thread
             self._put(exc)
+        finally:
+            items.close()
 
     def __iter__(self):
         return self
@@ -657,6 +834,13 @@ class _ReadAhead:
 
     def join(self) -> None:
         self._thread.join()
+        while True:  # batches read but never processed: give their memory back
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                return
+            if isinstance(item, tuple):
+                item[1].release()
 
 
 class _PipelineMiddleware(flight.ServerMiddleware):
@@ -673,15 +857,19 @@ class _PipelineFactory(flight.ServerMiddlewareFactory):
 
 
 class _StreamRun:
-    __slots__ = ("op", "batches", "bytes_in", "bytes_out", "error")
+    __slots__ = ("op", "batches", "bytes_in", "bytes_out", "error", "activity")
 
-    def __init__(self) -> None:
+    def __init__(self, activity: Activity) -> None:
+        self.activity = activity
         self.error: tuple[str, str] | None = None  # (kind, message) once classified
         self.op = "-"
         self.batches = 0
         self.bytes_in = 0
         self.bytes_out = 0
 
+
+_CUT = ("server is shutting down (drain deadline passed); resend the unanswered batches to "
+        "another server")
 
 _USE_EXCHANGE = (
     "flightquant serves DoExchange (command = options JSON) and the actions "

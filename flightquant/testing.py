@@ -51,3 +51,59 @@ def proc_usage(pid: int) -> dict[str, int]:
                 out["threads"] = int(value.strip())
     out["fds"] = len(os.listdir(f"/proc/{pid}/fd"))
     return out
+
+
+class LlamaQuantizer:
+    """llama.cpp's own quantizers (``ggml_quantize_chunk``: its ``quantize_row_*_ref``
+    without an importance matrix) from llama-cpp-python's ``libggml-base``, through ctypes:
+    the oracle of the ggml kernels' rtn bytes. ``FLIGHTQUANT_LLAMA_LIB`` names another
+    ``libggml-base.so``. Use :func:`llama_quantizer`, which gives None when there is none.
+    """
+
+    def __init__(self, path: str):
+        import ctypes
+
+        self.path = path
+        self.lib = ctypes.CDLL(path)
+        f = self.lib.ggml_quantize_chunk
+        f.restype = ctypes.c_size_t
+        f.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
+                      ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]  # fmt: skip
+
+    def quantize(self, x, name: str, n_per_row: int | None = None):
+        """ggml's bytes of the rows of ``x`` (float32; ``n_per_row`` weights a row, by
+        default the largest multiple of the block size up to 4096 that divides ``x``)."""
+        import numpy as np
+
+        from . import formats
+
+        t = formats.get(name)
+        x = np.ascontiguousarray(x, np.float32).reshape(-1)
+        if n_per_row is None:
+            n_per_row = t.block_size
+            while n_per_row * 2 <= min(x.size, 4096) and x.size % (n_per_row * 2) == 0:
+                n_per_row *= 2
+        out = np.zeros(t.row_bytes(x.size), np.uint8)
+        if hasattr(self.lib, "ggml_quantize_init"):
+            self.lib.ggml_quantize_init(t.ggml_type)
+        if x.size:
+            self.lib.ggml_quantize_chunk(t.ggml_type, x.ctypes.data, out.ctypes.data, 0,
+                                         x.size // n_per_row, n_per_row, None)
+        return out
+
+
+def llama_quantizer() -> LlamaQuantizer | None:
+    """llama.cpp's quantizers when llama-cpp-python (or ``FLIGHTQUANT_LLAMA_LIB``) is there."""
+    import importlib.util
+
+    path = os.environ.get("FLIGHTQUANT_LLAMA_LIB")
+    if not path:
+        spec = importlib.util.find_spec("llama_cpp")
+        for d in (spec.submodule_search_locations or []) if spec else []:
+            candidate = os.path.join(d, "lib", "libggml-base.so")
+            if os.path.exists(candidate):
+                path = candidate
+                break
+    if not path or not os.path.exists(path):
+        return None
+    return LlamaQuantizer(path)

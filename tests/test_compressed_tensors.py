@@ -17,6 +17,7 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from flightquant.modelfiles import compressed_tensors as ct
+from flightquant.modelfiles import ct_quant
 from flightquant.modelfiles.compressed_tensors import (
     CompressedTensorsError,
     PackedWeight,
@@ -148,7 +149,7 @@ def test_threads_and_row_blocks_do_not_change_the_result(monkeypatch):
     rng = np.random.default_rng(0)
     w = rng.standard_normal((50, 64)).astype(BF16)
     one = quantize_weight(w, bits=4, group_size=32, scheme="asymmetric", threads=1)
-    monkeypatch.setattr(ct, "_ROWS_ELEMS", 64 * 3)  # 17 row blocks
+    monkeypatch.setattr(ct_quant, "_ROWS_ELEMS", 64 * 3)  # 17 row blocks
     many = quantize_weight(w, bits=4, group_size=32, scheme="asymmetric", threads=3)
     for name in ("weight_packed", "weight_scale", "weight_zero_point"):
         assert np.array_equal(getattr(one, name).view(np.uint8), getattr(many, name).view(np.uint8))

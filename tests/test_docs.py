@@ -33,7 +33,9 @@ def test_readme_python_api_example_runs():
 
 
 @pytest.mark.parametrize("module", ["flightquant.options", "flightquant.reference", "flightquant.codec",
-                                    "flightquant.api", "flightquant.kernels"])
+                                    "flightquant.api", "flightquant.kernels",
+                                    "flightquant.validate", "flightquant.budget",
+                                    "flightquant.errors"])
 def test_docstring_examples(module):
     mod = importlib.import_module(module)
     result = doctest.testmod(mod, optionflags=doctest.NORMALIZE_WHITESPACE)

@@ -433,3 +433,90 @@ def test_failover_when_a_server_process_is_killed_mid_job(server):
         if proc.poll() is None:
             proc.kill()
             proc.wait(30)
+
+
+# --------------------------------------------------------------------------- issue 11, defect 6
+class _WriterSpy:
+    """Delegates to a pyarrow stream writer and records the threads that call it."""
+
+    def __init__(self, writer, calls):
+        self._writer, self._calls = writer, calls
+
+    def __getattr__(self, name):
+        attr = getattr(self._writer, name)
+        if not callable(attr):
+            return attr
+
+        def call(*args, **kwargs):
+            self._calls.append((name, threading.current_thread().name))
+            return attr(*args, **kwargs)
+
+        return call
+
+
+def test_only_the_reading_thread_ends_the_writes(server, monkeypatch):
+    """pyarrow's reader, when a call fails, finishes the stream and sends WritesDone
+    itself (on the reading thread, without locking against the writer); a done_writing
+    on the client's writer thread at that moment aborted the process (gRPC
+    TOO_MANY_OPERATIONS, the suite's intermittent "Fatal Python error: Aborted")."""
+    a, b = server(max_streams=1), server()
+    calls: list = []
+    real = Client._flight_client
+
+    def spying(self, location):
+        flight_client = real(self, location)
+
+        class Spy:
+            def do_exchange(self, descriptor, options=None):
+                writer, reader = flight_client.do_exchange(descriptor, options=options)
+                return _WriterSpy(writer, calls), reader
+
+        return Spy()
+
+    monkeypatch.setattr(Client, "_flight_client", spying)
+    batch = make_layer_batch()
+    with flight.connect(a.location) as hog:  # a is full: its stream fails at once
+        writer, reader = hog.do_exchange(flight.FlightDescriptor.for_command(b"{}"))
+        writer.begin(batch.schema)
+        writer.write_batch(batch)
+        reader.read_chunk()
+        with Client([a.location, b.location]) as client:
+            for _ in range(4):
+                assert len(list(client.quantize(iter([batch, batch])))) == 2
+                assert [o.equals(fq.quantize(batch)) for o in client.quantize([batch])] == [True]
+        writer.done_writing()
+        writer.close()
+    reading = threading.current_thread().name
+    ends = [thread for name, thread in calls if name in ("done_writing", "close")]
+    assert ends and set(ends) == {reading}, calls
+    assert {t for name, t in calls if name == "write_batch"} == {"fq-client-writer"}
+
+
+_REFUSED_MANY_TIMES = """
+import logging, sys
+import pyarrow as pa, pyarrow.flight as flight
+from flightquant.server import Server
+from flightquant.client import Client
+logging.disable(logging.WARNING)
+a, b = Server("grpc://127.0.0.1:0", max_streams=1), Server("grpc://127.0.0.1:0")
+batch = pa.record_batch({"w": pa.array([[1.0] * 64], pa.list_(pa.float32()))})
+hog = flight.connect(a.location)
+w, r = hog.do_exchange(flight.FlightDescriptor.for_command(b"{}"))
+w.begin(batch.schema); w.write_batch(batch); r.read_chunk()
+with Client([a.location, b.location]) as client:
+    for i in range(int(sys.argv[1])):
+        client._rr = iter([0])  # start at the full server
+        assert client.quantize(batch).num_rows == 1
+w.done_writing(); w.close(); hog.close(); a.shutdown(); b.shutdown()
+print("ok")
+"""
+
+
+@pytest.mark.slow
+def test_a_refused_stream_never_aborts_the_process():
+    """The race itself, 3000 times in a child process (before the fix: SIGABRT in two
+    runs of three of 2000 calls)."""
+    proc = subprocess.run([sys.executable, "-c", _REFUSED_MANY_TIMES, "3000"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip() == "ok"

@@ -268,11 +268,16 @@ def test_actions_health_stats_config(server):
     assert stats["rows"] == 6
     assert stats["elements"] == 2 * sum(len(x) for x in batch.column("weights").to_pylist())
     assert stats["bytes_in"] > stats["bytes_out"] > 0
-    assert set(stats["errors"]) == {"invalid_argument", "unavailable", "internal", "cancelled"}
+    assert set(stats["errors"]) == {"invalid_argument", "unavailable", "resource_exhausted",
+                                    "deadline_exceeded", "internal", "cancelled"}
+    assert stats["memory"]["reserved"] == 0  # every reservation was given back
+    assert stats["memory"]["peak_reserved"] >= 2 << 20  # 2 x max_batch_bytes before a read
 
     config = _action(s.location, "config")
     assert config["max_streams"] == 7
     assert config["max_batch_bytes"] == 1 << 20
+    assert config["memory_limit"] == s.memory_limit > 0
+    assert config["idle_timeout"] == 60.0
     assert config["threads"] == 1
     assert config["default_options"]["bits"] == 4
     assert config["default_options"]["group_size"] == 128
@@ -468,7 +473,10 @@ def test_drain_gives_up_on_a_silent_client(server):
         writer.write_batch(batch)
         reader.read_chunk()
         assert s.drain(0.1) is False  # the handler waits for a batch that never comes
-        reader.cancel()  # the client goes away: the pending shutdown completes
+        # ... until the grace period ends: its connection is closed, the shutdown completes
+        assert s._closed.is_set()
+        assert s.stats()["streams_active"] == 0
+        reader.cancel()
     s.shutdown()
     assert s.stats()["streams_active"] == 0
 

@@ -92,7 +92,7 @@ def test_batches_equal_the_reference(name, kind, dtype):
     t = formats.get(name)
     batch = ggml_batch(t, kind, dtype, nulls={2})
     for opts in ({"format": name}, {"format": name, "method": "mse", "stats": True},
-                 {"format": name, "clip": 0.05}):
+                 {"format": name, "clip": 0.05}, {"format": name, "clip": 0.03, "stats": True}):
         options = QuantOptions.from_mapping(opts)
         q, info = codec.quantize_batch(batch, options, threads=2)
         assert_same(q, expected_quantize(batch, options))

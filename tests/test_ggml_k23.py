@@ -3,10 +3,6 @@ gguf-py's decoder and the NumPy reference (flightquant/reference/ggml_k23.py).""
 
 from __future__ import annotations
 
-import ctypes
-import importlib.util
-import pathlib
-
 import numpy as np
 import pytest
 from gguf import GGMLQuantizationType
@@ -17,6 +13,7 @@ from hypothesis import strategies as st
 from flightquant import formats
 from flightquant.kernels import dequantize_ggml, quantize_ggml
 from flightquant.reference import ggml_k23 as ref
+from flightquant.testing import llama_quantizer
 
 TYPES = ("Q2_K", "Q3_K")
 METHODS = ("rtn", "mse")
@@ -70,39 +67,17 @@ DATA = _data()
 # llama.cpp's C, through ctypes (skipped where llama-cpp-python is not installed)
 
 
-def _llama_lib():
-    spec = importlib.util.find_spec("llama_cpp")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    path = pathlib.Path(list(spec.submodule_search_locations)[0]) / "lib" / "libggml-base.so"
-    if not path.exists():
-        return None
-    lib = ctypes.CDLL(str(path))
-    lib.ggml_quantize_chunk.restype = ctypes.c_size_t
-    lib.ggml_quantize_chunk.argtypes = [
-        ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
-        ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p,
-    ]  # fmt: skip
-    return lib
-
-
-LLAMA = _llama_lib()
+LLAMA = llama_quantizer()
 
 
 def llama_quantize(x: np.ndarray, name: str) -> np.ndarray:
-    t = formats.get(name)
-    x = np.ascontiguousarray(x, np.float32)
-    nb = x.size // QK
-    out = np.zeros(nb * t.type_size, np.uint8)
-    if hasattr(LLAMA, "ggml_quantize_init"):
-        LLAMA.ggml_quantize_init(t.ggml_type)
-    LLAMA.ggml_quantize_chunk(t.ggml_type, x.ctypes.data, out.ctypes.data, 0, nb, QK, None)
-    return out
+    return LLAMA.quantize(x, name, n_per_row=QK)
 
 
 needs_llama = pytest.mark.skipif(LLAMA is None, reason="llama.cpp's libggml-base not installed")
 
 
+@pytest.mark.llama
 @needs_llama
 @pytest.mark.parametrize("dist", ["gauss", "t3", "edge"])
 @pytest.mark.parametrize("name", TYPES)

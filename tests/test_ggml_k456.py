@@ -10,10 +10,6 @@ Run: ``python -m pytest tests/test_ggml_k456.py -q``
 
 from __future__ import annotations
 
-import ctypes
-import importlib.util
-import os
-
 import gguf
 import numpy as np
 import pytest
@@ -21,47 +17,19 @@ import pytest
 from flightquant import _ggml, formats
 from flightquant.kernels import dequantize_ggml, quantize_ggml
 from flightquant.reference import ggml_k456 as ref
+from flightquant.testing import llama_quantizer
 
 F32 = np.float32
 TYPES = ("Q4_K", "Q5_K", "Q6_K")
 METHODS = ("rtn", "mse")
 
 
-def _llama_lib():
-    """llama.cpp's libggml-base from llama-cpp-python, or None."""
-    spec = importlib.util.find_spec("llama_cpp")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    for d in spec.submodule_search_locations:
-        path = os.path.join(d, "lib", "libggml-base.so")
-        if os.path.exists(path):
-            lib = ctypes.CDLL(path)
-            f = lib.ggml_quantize_chunk
-            f.restype = ctypes.c_size_t
-            f.argtypes = [
-                ctypes.c_int,
-                ctypes.c_void_p,
-                ctypes.c_void_p,
-                ctypes.c_int64,
-                ctypes.c_int64,
-                ctypes.c_int64,
-                ctypes.c_void_p,
-            ]
-            return lib
-    return None
-
-
-LIB = _llama_lib()
-needs_llama = pytest.mark.skipif(LIB is None, reason="llama-cpp-python's libggml-base not found")
+LLAMA = llama_quantizer()
 
 
 def llama_quantize(x: np.ndarray, name: str) -> np.ndarray:
     """llama.cpp's reference quantizer (quantize_row_*_ref, no imatrix) on one row."""
-    t = formats.get(name)
-    x = np.ascontiguousarray(x, F32)
-    out = np.zeros(t.row_bytes(x.size), np.uint8)
-    LIB.ggml_quantize_chunk(t.ggml_type, x.ctypes.data, out.ctypes.data, 0, 1, x.size, None)
-    return out
+    return LLAMA.quantize(x, name, n_per_row=np.asarray(x).size)
 
 
 def gguf_decode(data: np.ndarray, name: str) -> np.ndarray:
@@ -112,7 +80,8 @@ def block_sse(x: np.ndarray, data: np.ndarray, name: str) -> np.ndarray:
 # bytes
 
 
-@needs_llama
+@pytest.mark.llama
+@pytest.mark.skipif(LLAMA is None, reason="llama-cpp-python's libggml-base not found")
 @pytest.mark.parametrize("name", TYPES)
 @pytest.mark.parametrize("kind", ["gauss", "t3"])
 def test_rtn_bytes_equal_llama_cpp(name, kind):
@@ -124,7 +93,8 @@ def test_rtn_bytes_equal_llama_cpp(name, kind):
     assert c.size == 300 * t.type_size
 
 
-@needs_llama
+@pytest.mark.llama
+@pytest.mark.skipif(LLAMA is None, reason="llama-cpp-python's libggml-base not found")
 @pytest.mark.parametrize("name", TYPES)
 def test_rtn_edge_blocks_equal_llama_cpp(name):
     for label, x in edge_blocks().items():

@@ -3,9 +3,6 @@ against gguf-py, llama.cpp's C (when its library is installed) and the NumPy ref
 
 from __future__ import annotations
 
-import ctypes
-import pathlib
-
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -14,6 +11,7 @@ from hypothesis import strategies as st
 from flightquant import formats, kernels
 from flightquant.errors import NonFiniteError
 from flightquant.reference import ggml_legacy as ref
+from flightquant.testing import llama_quantizer
 
 gguf = pytest.importorskip("gguf")
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType  # noqa: E402
@@ -94,27 +92,13 @@ def test_rtn_bytes_equal_gguf_and_reference(name, dist):
     np.testing.assert_array_equal(got, ref.quantize_blocks(_blocks(x, name), name).reshape(-1))
 
 
-def _llama_lib():
-    try:
-        import llama_cpp
-    except Exception:
-        return None
-    path = pathlib.Path(llama_cpp.__file__).parent / "lib" / "libggml-base.so"
-    if not path.exists():
-        return None
-    lib = ctypes.CDLL(str(path))
-    f = lib.ggml_quantize_chunk
-    f.restype = ctypes.c_size_t
-    f.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
-                  ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]  # fmt: skip
-    return lib
+LLAMA = llama_quantizer()
 
 
+@pytest.mark.llama
+@pytest.mark.skipif(LLAMA is None, reason="llama.cpp's libggml-base is not installed (llama-cpp-python)")
 @pytest.mark.parametrize("name", TYPES)
 def test_rtn_bytes_equal_llama_cpp(name):
-    lib = _llama_lib()
-    if lib is None:
-        pytest.skip("llama.cpp's libggml-base is not installed (llama-cpp-python)")
     t = formats.get(name)
     x = np.concatenate([_data("t3", 256 * 32, 1), _data("scales", 256 * 32, 2)])
     # signed zeros at the extremes: both sides keep the first of equal extremes
@@ -122,13 +106,8 @@ def test_rtn_bytes_equal_llama_cpp(name):
     x[0] = -0.0
     x[256:288] = np.abs(x[256:288])
     x[256 + 5] = -0.0
-    if hasattr(lib, "ggml_quantize_init"):
-        lib.ggml_quantize_init(t.ggml_type)
-    out = np.zeros(t.row_bytes(x.size), np.uint8)
-    n_per_row = 4096
-    lib.ggml_quantize_chunk(
-        t.ggml_type, x.ctypes.data, out.ctypes.data, 0, x.size // n_per_row, n_per_row, None
-    )
+    out = LLAMA.quantize(x, name, n_per_row=4096)
+    assert t.row_bytes(x.size) == out.size
     np.testing.assert_array_equal(kernels.quantize_ggml(x, name, method="rtn"), out)
 
 

@@ -12,7 +12,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from flightquant import kernels, reference
+from flightquant import _kernels, kernels, reference
 from flightquant.errors import NonFiniteError
 from flightquant.layout import make_layout
 
@@ -97,6 +97,75 @@ def test_parity_mse(scheme, bits, group_size, threads):
     got = kernels.quantize_rows(x, starts, lens, threads=threads, **kw)
     _assert_same(got, reference.quantize_rows(x, starts, lens, **kw))
     _roundtrip_same(got, scheme, threads=threads)
+
+
+def _mse_isas():
+    """The mse search's vector loops this CPU runs (portable everywhere, sse2 / avx2)."""
+    names = []
+    for name in ("portable", "sse2", "avx2"):
+        try:
+            previous = _kernels.mse_isa(name)
+        except ValueError:
+            continue
+        _kernels.mse_isa(previous)
+        names.append(name)
+    return names
+
+
+@pytest.fixture(params=_mse_isas())
+def mse_isa(request):
+    previous = _kernels.mse_isa(request.param)
+    yield request.param
+    _kernels.mse_isa(previous)
+
+
+def test_mse_isa_default_is_the_best_available():
+    names = _mse_isas()
+    assert "portable" in names
+    assert _kernels.mse_isa() == names[-1]
+    with pytest.raises(ValueError, match="mse_isa must be one of"):
+        _kernels.mse_isa("avx9000")
+
+
+@pytest.mark.parametrize("clip,stats,dtype", [(None, False, np.float32), (1.5, True, np.float32),
+                                              (None, True, np.float64)])
+@pytest.mark.parametrize("group_size", [3, 33, 128, 1100])
+@pytest.mark.parametrize("scheme,bits", SCHEME_BITS)
+def test_parity_mse_every_isa(mse_isa, scheme, bits, group_size, clip, stats, dtype):
+    # a 1100-element group is staged in three chunks (512, 512, 76) by the search
+    x, starts, lens = _rows([1100, 33, 129, 5, 0, 64], seed=bits + group_size, dtype=dtype)
+    if dtype == np.float64:  # values that do not round-trip through float32
+        x = x + np.random.default_rng(2).standard_normal(x.size) * 1e-9
+    kw = dict(bits=bits, scheme=scheme, group_size=group_size, method="mse", clip=clip,
+              stats=stats)
+    got = kernels.quantize_rows(x, starts, lens, threads=2, **kw)
+    _assert_same(got, reference.quantize_rows(x, starts, lens, **kw), stats=stats)
+
+
+@pytest.mark.parametrize("scheme,bits,group_size", [("asymmetric", 4, 128), ("asymmetric", 2, 32),
+                                                    ("symmetric", 8, 64), ("ternary", 2, 64)])
+def test_mse_isas_agree_on_heavy_tails(scheme, bits, group_size):
+    # many groups of heavy-tailed data, with exact zeros and repeats: every isa, 1 and 2
+    # threads, give the same bytes (the reference is too slow for this size)
+    rng = np.random.default_rng(17)
+    x = (rng.standard_t(2, 1 << 16) * np.exp(rng.uniform(-8, 8, 1 << 16))).astype(F32)
+    x[::9] = 0
+    x[1::13] = x[2::13]
+    starts, lens = np.array([0, 1000]), np.array([1000, x.size - 1000])
+    kw = dict(bits=bits, scheme=scheme, group_size=group_size, method="mse", stats=True)
+    previous = _kernels.mse_isa()
+    try:
+        results = []
+        for name in _mse_isas():
+            _kernels.mse_isa(name)
+            results += [kernels.quantize_rows(x, starts, lens, threads=t, **kw) for t in (1, 2)]
+    finally:
+        _kernels.mse_isa(previous)
+    for other in results[1:]:
+        _assert_same(other, results[0], stats=True)
+    rtn = kernels.quantize_rows(x, starts, lens, bits=bits, scheme=scheme,
+                                group_size=group_size, stats=True)
+    assert (results[0].scales != rtn.scales).mean() > 0.3  # the search did move most groups
 
 
 @pytest.mark.parametrize("method", ["rtn", "mse"])

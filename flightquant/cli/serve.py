@@ -44,6 +44,16 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a number of seconds >= 0, got {text!r}")
+    return value
+
+
 def _port(text: str) -> int:
     try:
         value = int(text)
@@ -72,6 +82,14 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="concurrent streams; more are refused with UNAVAILABLE (default 64)")
     p.add_argument("--max-batch-bytes", type=_size, default=256 << 20,
                    help="largest input batch, e.g. 268435456 or 256MiB (default 256MiB)")
+    p.add_argument("--memory-limit", type=_size, default=None,
+                   help="bytes all streams together may hold, e.g. 4GiB (default: half of the "
+                        "smallest of the cgroup limit, RLIMIT_AS and physical memory)")
+    p.add_argument("--memory-wait", type=_seconds, default=10.0,
+                   help="seconds a stream waits for memory before RESOURCE_EXHAUSTED (default 10)")
+    p.add_argument("--idle-timeout", type=_seconds, default=60.0,
+                   help="seconds a stream may wait on its client before the server ends it; "
+                        "0 = never (default 60)")
     p.add_argument("--tls-cert", help="PEM certificate chain; serves grpc+tls://")
     p.add_argument("--tls-key", help="PEM private key for --tls-cert")
     p.add_argument("--tls-client-ca",
@@ -89,12 +107,44 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     return p
 
 
+#: what ``flightquant serve`` sets (unless already set) when it runs under RLIMIT_AS
+_AS_ENV = {"ARROW_DEFAULT_MEMORY_POOL": "system", "MALLOC_ARENA_MAX": "2"}
+_AS_MARK = "FLIGHTQUANT_AS_TUNED"
+
+
+def _tune_for_address_space_limit() -> None:
+    """Under RLIMIT_AS, restart once with allocators that do not reserve address space.
+
+    RLIMIT_AS counts address space, not memory: mimalloc (pyarrow's default pool)
+    reserves 1 GiB arenas and glibc up to 8 per core 64 MiB arenas, so a server under a
+    3 GiB limit ran out of address space with a third of it in use, and gRPC crashes
+    when its own allocations fail. These must be set before pyarrow loads, hence the
+    restart (once: the marker variable stops a loop).
+    """
+    import resource
+
+    soft, _ = resource.getrlimit(resource.RLIMIT_AS)
+    if soft == resource.RLIM_INFINITY or os.environ.get(_AS_MARK):
+        return
+    env = dict(os.environ, **{_AS_MARK: "1"})
+    for key, value in _AS_ENV.items():
+        env.setdefault(key, value)
+    argv = getattr(sys, "orig_argv", None) or [sys.executable, *sys.argv]
+    print(f"flightquant serve: RLIMIT_AS is {soft} bytes: restarting with "
+          + " ".join(f"{k}={env[k]}" for k in _AS_ENV), file=sys.stderr, flush=True)
+    try:
+        os.execve(sys.executable, argv, env)
+    except OSError as exc:  # pragma: no cover - keep serving as we are
+        print(f"flightquant serve: could not restart ({exc}); continuing", file=sys.stderr)
+
+
 def _fail(message: str) -> int:
     print(f"flightquant serve: error: {message}", file=sys.stderr)
     return 2
 
 
 def run(args: argparse.Namespace) -> int:
+    _tune_for_address_space_limit()
     logging.basicConfig(
         level=getattr(logging, args.log_level),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -125,6 +175,9 @@ def run(args: argparse.Namespace) -> int:
             threads=args.threads,
             max_streams=args.max_streams,
             max_batch_bytes=args.max_batch_bytes,
+            memory_limit=args.memory_limit,
+            memory_wait=args.memory_wait,
+            idle_timeout=args.idle_timeout or None,
             auth_token=token,
             tls_certificates=certs,
             verify_client=roots is not None,
@@ -150,9 +203,11 @@ def run(args: argparse.Namespace) -> int:
     if server.health_port is not None:
         line += f" (health on port {server.health_port})"
     print(line, flush=True)
-    log.info("%s; max_streams=%d max_batch_bytes=%d threads=%s tls=%s auth=%s", line,
-             args.max_streams, args.max_batch_bytes, args.threads or "auto (cores - 1, shared by streams)", bool(certs),
-             token is not None)
+    log.info("%s; max_streams=%d max_batch_bytes=%d memory_limit=%d (%s) idle_timeout=%s "
+             "threads=%s tls=%s auth=%s", line, args.max_streams, args.max_batch_bytes,
+             server.memory_limit, server.config()["memory_limit_source"],
+             server.idle_timeout, args.threads or "auto (cores - 1, shared by streams)",
+             bool(certs), token is not None)
     try:
         while not stop.wait(0.5):
             pass

@@ -71,6 +71,21 @@ def qparams(bits: int, scheme: str) -> tuple[int, int, int]:
     raise ValueError(f"scheme must be one of {SCHEMES}, got {scheme!r}")
 
 
+#: partial sums of a group's squared error (``stats``): element i goes to lane i % 8
+SSE_LANES = 8
+
+
+def _lanesum(a: np.ndarray) -> float:
+    """The ``stats`` SSE of a group: SSE_LANES partial sums, element i into lane
+    i % SSE_LANES, each in index order, then the lanes added in lane order. Up to eight
+    elements this is the sequential sum; beyond, eight short chains instead of one long one
+    (the kernel's sum vectorizes)."""
+    a = np.asarray(a, F64)
+    pad = -a.size % SSE_LANES
+    lanes = _seqsum(np.concatenate([a, np.zeros(pad, F64)]).reshape(-1, SSE_LANES), axis=0)
+    return float(_seqsum(lanes))
+
+
 def _seqsum(a: np.ndarray, axis: int = -1) -> np.ndarray:
     """Sum float64 values strictly in index order (``accumulate`` is sequential)."""
     a = np.asarray(a, F64)
@@ -282,7 +297,7 @@ def quantize_rows(
             d = x_hat.astype(F64) - x_orig.astype(F64)
             for i in range(g1 - g0):
                 seg = d[i * group_size : (i + 1) * group_size]
-                sse[g0 + i] = _seqsum(seg * seg)
+                sse[g0 + i] = _lanesum(seg * seg)
                 maxerr[g0 + i] = np.abs(seg).max()
     return QuantizedRows(layout, codes, scales, zps, sse, maxerr)
 
