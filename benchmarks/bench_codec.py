@@ -37,11 +37,13 @@ def make_batch(total_floats: int, n_rows: int, seed: int = 0) -> pa.RecordBatch:
     per = total_floats // n_rows
     values = rng.standard_normal(per * n_rows).astype(np.float32)
     offsets = np.arange(n_rows + 1, dtype=np.int32) * per
-    return pa.record_batch({
-        "layer_name": [f"model.layers.{i}.weight" for i in range(n_rows)],
-        "weights": pa.ListArray.from_arrays(pa.array(offsets), pa.array(values)),
-        "shape": pa.array([[per]] * n_rows, pa.list_(pa.int64())),
-    })
+    return pa.record_batch(
+        {
+            "layer_name": [f"model.layers.{i}.weight" for i in range(n_rows)],
+            "weights": pa.ListArray.from_arrays(pa.array(offsets), pa.array(values)),
+            "shape": pa.array([[per]] * n_rows, pa.list_(pa.int64())),
+        }
+    )
 
 
 def interleaved(fns, repeat: int) -> list[tuple[float, float]]:
@@ -57,7 +59,10 @@ def interleaved(fns, repeat: int) -> list[tuple[float, float]]:
             fn()
             ts.append(time.perf_counter() - t0)
     last = times[-1]
-    return [(statistics.median(ts), statistics.median(c / t for c, t in zip(last, ts, strict=True))) for ts in times]
+    return [
+        (statistics.median(ts), statistics.median(c / t for c, t in zip(last, ts, strict=True)))
+        for ts in times
+    ]
 
 
 def core_calls(q, values, starts, opts, threads: int):
@@ -73,21 +78,57 @@ def core_calls(q, values, starts, opts, threads: int):
     zp_in = q.zero_points if q.zero_points is not None else kernels._NO_F32
 
     def quantize():
-        _kernels.quantize_kernel(values, starts, lay.row_lens, lay.group_offsets, lay.code_offsets,
-                                 lay.block_offsets, lay.groups_per_block, opts.bits, scheme,
-                                 METHOD_CODES[opts.method], opts.group_size, qmin, qmax, offset,
-                                 False, 0.0, codes, scales, zps, none, none, False, threads)
+        _kernels.quantize_kernel(
+            values,
+            starts,
+            lay.row_lens,
+            lay.group_offsets,
+            lay.code_offsets,
+            lay.block_offsets,
+            lay.groups_per_block,
+            opts.bits,
+            scheme,
+            METHOD_CODES[opts.method],
+            opts.group_size,
+            qmin,
+            qmax,
+            offset,
+            False,
+            0.0,
+            codes,
+            scales,
+            zps,
+            none,
+            none,
+            False,
+            threads,
+        )
 
     def dequantize():
-        _kernels.dequantize_kernel(q.codes, lay.row_lens, lay.group_offsets, lay.code_offsets,
-                                   lay.block_offsets, out_starts, lay.groups_per_block, opts.bits,
-                                   opts.group_size, q.scales, zp_in, offset, out, threads)
+        _kernels.dequantize_kernel(
+            q.codes,
+            lay.row_lens,
+            lay.group_offsets,
+            lay.code_offsets,
+            lay.block_offsets,
+            out_starts,
+            lay.groups_per_block,
+            opts.bits,
+            opts.group_size,
+            q.scales,
+            zp_in,
+            offset,
+            out,
+            threads,
+        )
 
     return quantize, dequantize
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--batch-mib", type=float, default=4.0)
     ap.add_argument("--repeat", type=int, default=31)
     ap.add_argument("--threads", type=int, default=None)
@@ -95,10 +136,14 @@ def main(argv=None) -> int:
     total = int(args.batch_mib * (1 << 20)) // 4
     threads = kernels.resolve_threads(args.threads)
     info = kernels.build_info()
-    print(f"flightquant codec overhead; build: {info}; batch {args.batch_mib} MiB float32; "
-          f"threads={threads}; median of {args.repeat}")
-    header = (f"{'rows':>5} {'options':<30} {'op':<10} {'core ms':>8} {'kernel ms':>9} {'codec ms':>8} "
-              f"{'over kernel':>11} {'over core':>9}")
+    print(
+        f"flightquant codec overhead; build: {info}; batch {args.batch_mib} MiB float32; "
+        f"threads={threads}; median of {args.repeat}"
+    )
+    header = (
+        f"{'rows':>5} {'options':<30} {'op':<10} {'core ms':>8} {'kernel ms':>9} {'codec ms':>8} "
+        f"{'over kernel':>11} {'over core':>9}"
+    )
     print(header)
     print("-" * len(header))
     worst = {"quantize": -1.0, "dequantize": -1.0}
@@ -108,28 +153,48 @@ def main(argv=None) -> int:
         values = arr.values.to_numpy()
         offsets = arr.offsets.to_numpy().astype(np.int64)
         starts, lens = offsets[:-1], np.diff(offsets)
-        for opts_dict in ({"bits": 4, "group_size": 128}, {"bits": 8, "group_size": 32},
-                          {"bits": 2, "group_size": 128, "scheme": "symmetric"}):
+        for opts_dict in (
+            {"bits": 4, "group_size": 128},
+            {"bits": 8, "group_size": 32},
+            {"bits": 2, "group_size": 128, "scheme": "symmetric"},
+        ):
             opts = QuantOptions.from_mapping(opts_dict)
-            kw = dict(bits=opts.bits, scheme=opts.scheme, group_size=opts.group_size, threads=threads)
+            kw = dict(
+                bits=opts.bits, scheme=opts.scheme, group_size=opts.group_size, threads=threads
+            )
             q = kernels.quantize_rows(values, starts, lens, **kw)
             qbatch, _ = codec.quantize_batch(batch, opts)
             core_q, core_d = core_calls(q, values, starts, opts, threads)
             label = ",".join(f"{k}={v}" for k, v in opts_dict.items())
             runs = {
-                "quantize": (core_q, lambda: kernels.quantize_rows(values, starts, lens, **kw),
-                             lambda: codec.quantize_batch(batch, opts, threads=threads)),
-                "dequantize": (core_d, lambda: kernels.dequantize_rows(
-                                   q.codes, q.layout, q.scales, q.zero_points, scheme=opts.scheme,
-                                   threads=threads),
-                               lambda: codec.dequantize_batch(qbatch, threads=threads)),
+                "quantize": (
+                    core_q,
+                    lambda: kernels.quantize_rows(values, starts, lens, **kw),
+                    lambda: codec.quantize_batch(batch, opts, threads=threads),
+                ),
+                "dequantize": (
+                    core_d,
+                    lambda: kernels.dequantize_rows(
+                        q.codes,
+                        q.layout,
+                        q.scales,
+                        q.zero_points,
+                        scheme=opts.scheme,
+                        threads=threads,
+                    ),
+                    lambda: codec.dequantize_batch(qbatch, threads=threads),
+                ),
             }
             for op, fns in runs.items():
                 (t_core, r_core), (t_kernel, r_kernel), (t_codec, _) = interleaved(fns, args.repeat)
                 worst[op] = max(worst[op], r_kernel - 1)
-                print(f"{n_rows:>5} {label:<30} {op:<10} {t_core*1e3:>8.3f} {t_kernel*1e3:>9.3f} "
-                      f"{t_codec*1e3:>8.3f} {r_kernel - 1:>11.1%} {r_core - 1:>9.1%}")
-    print("worst overhead over the kernels: " + ", ".join(f"{op} {w:.1%}" for op, w in worst.items()))
+                print(
+                    f"{n_rows:>5} {label:<30} {op:<10} {t_core * 1e3:>8.3f} {t_kernel * 1e3:>9.3f} "
+                    f"{t_codec * 1e3:>8.3f} {r_kernel - 1:>11.1%} {r_core - 1:>9.1%}"
+                )
+    print(
+        "worst overhead over the kernels: " + ", ".join(f"{op} {w:.1%}" for op, w in worst.items())
+    )
     return 0
 
 

@@ -25,7 +25,9 @@ from flightquant.options import QuantOptions  # noqa: E402
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--mib", type=int, default=128)
     p.add_argument("--rows", type=int, default=64)
     p.add_argument("--repeat", type=int, default=9)
@@ -39,16 +41,22 @@ def main(argv=None) -> int:
     base = {"bits": 4, "group_size": 128} if a.format == "native" else {"format": a.format}
     plain = QuantOptions.from_mapping(base)
     stats = QuantOptions.from_mapping({**base, "stats": True})
-    print(f"{a.mib} MiB of float32 in {a.rows} rows, format {a.format}; medians of {a.repeat} interleaved rounds")
-    print(f"{'threads':>7} {'deq GB/s':>9} {'copy GB/s':>9} {'deq/copy':>8} {'q Mw/s':>8} {'q+stats':>8} {'stats cost':>10}")
+    print(
+        f"{a.mib} MiB of float32 in {a.rows} rows, format {a.format}; medians of {a.repeat} interleaved rounds"
+    )
+    print(
+        f"{'threads':>7} {'deq GB/s':>9} {'copy GB/s':>9} {'deq/copy':>8} {'q Mw/s':>8} {'q+stats':>8} {'stats cost':>10}"
+    )
     for threads in a.threads:
         q, _ = codec.quantize_batch(batch, plain, threads=threads)
         rounds = {"deq": [], "copy": [], "q": [], "qs": []}
         for _ in range(a.repeat):
-            for key, fn in (("deq", lambda: codec.dequantize_batch(q, threads=threads)),
-                            ("copy", lambda: np.copy(x)),
-                            ("q", lambda: codec.quantize_batch(batch, plain, threads=threads)),
-                            ("qs", lambda: codec.quantize_batch(batch, stats, threads=threads))):
+            for key, fn in (
+                ("deq", lambda: codec.dequantize_batch(q, threads=threads)),
+                ("copy", lambda: np.copy(x)),
+                ("q", lambda: codec.quantize_batch(batch, plain, threads=threads)),
+                ("qs", lambda: codec.quantize_batch(batch, stats, threads=threads)),
+            ):
                 t0 = time.perf_counter()
                 out = fn()
                 rounds[key].append(time.perf_counter() - t0)
@@ -56,8 +64,10 @@ def main(argv=None) -> int:
         med = {k: float(np.median(v)) for k, v in rounds.items()}
         ratio = float(np.median(np.array(rounds["copy"]) / np.array(rounds["deq"])))
         cost = float(np.median(np.array(rounds["qs"]) / np.array(rounds["q"]))) - 1
-        print(f"{threads:>7} {n * 4 / med['deq'] / 1e9:>9.2f} {n * 4 / med['copy'] / 1e9:>9.2f} {ratio:>8.2f} "
-              f"{n / med['q'] / 1e6:>8.0f} {n / med['qs'] / 1e6:>8.0f} {cost:>+10.0%}")
+        print(
+            f"{threads:>7} {n * 4 / med['deq'] / 1e9:>9.2f} {n * 4 / med['copy'] / 1e9:>9.2f} {ratio:>8.2f} "
+            f"{n / med['q'] / 1e6:>8.0f} {n / med['qs'] / 1e6:>8.0f} {cost:>+10.0%}"
+        )
     return 0
 
 

@@ -75,11 +75,15 @@ def _serve_peer(kind: str) -> None:
 class _Proc:
     def __init__(self, name: str, argv: list[str]):
         self.name = name
-        self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     stderr=subprocess.DEVNULL, text=True)
+        self.proc = subprocess.Popen(
+            argv,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+        )
         lines: queue.Queue = queue.Queue()
-        threading.Thread(target=lambda: lines.put(self.proc.stdout.readline()),
-                         daemon=True).start()
+        threading.Thread(target=lambda: lines.put(self.proc.stdout.readline()), daemon=True).start()
         try:
             line = lines.get(timeout=60)
         except queue.Empty:
@@ -116,15 +120,18 @@ def make_batch(mib: int) -> pa.RecordBatch:
     rows = mib * MiB // (4 * ROW_FLOATS)
     values = np.random.default_rng(mib).standard_normal(rows * ROW_FLOATS).astype(np.float32)
     offsets = np.arange(rows + 1, dtype=np.int32) * ROW_FLOATS
-    return pa.record_batch({
-        "layer_name": [f"model.layers.{i}.mlp.weight" for i in range(rows)],
-        "weights": pa.ListArray.from_arrays(pa.array(offsets), pa.array(values)),
-        "shape": pa.array([[ROW_FLOATS]] * rows, pa.list_(pa.int64())),
-    })
+    return pa.record_batch(
+        {
+            "layer_name": [f"model.layers.{i}.mlp.weight" for i in range(rows)],
+            "weights": pa.ListArray.from_arrays(pa.array(offsets), pa.array(values)),
+            "shape": pa.array([[ROW_FLOATS]] * rows, pa.list_(pa.int64())),
+        }
+    )
 
 
-def _stream(location: str, command: bytes, batch: pa.RecordBatch, n: int, errors: list,
-            on_result=None) -> None:
+def _stream(
+    location: str, command: bytes, batch: pa.RecordBatch, n: int, errors: list, on_result=None
+) -> None:
     try:
         with flight.connect(location) as client:
             # this driver keeps sending without waiting for answers: it says so, and the
@@ -157,12 +164,15 @@ def _stream(location: str, command: bytes, batch: pa.RecordBatch, n: int, errors
         errors.append(exc)
 
 
-def run_streams(location: str, command: bytes, batch: pa.RecordBatch, n: int,
-                streams: int) -> float:
+def run_streams(
+    location: str, command: bytes, batch: pa.RecordBatch, n: int, streams: int
+) -> float:
     """Seconds to push ``n`` batches through each of ``streams`` concurrent streams."""
     errors: list = []
-    threads = [threading.Thread(target=_stream, args=(location, command, batch, n, errors))
-               for _ in range(streams)]
+    threads = [
+        threading.Thread(target=_stream, args=(location, command, batch, n, errors))
+        for _ in range(streams)
+    ]
     t0 = time.perf_counter()
     for t in threads:
         t.start()
@@ -218,8 +228,18 @@ def main(argv: list[str] | None = None) -> int:
     per_run = (args.mib_per_run or (64 if args.quick else 256)) * MiB
     rss_batches = args.rss_batches or (300 if args.quick else 2000)
 
-    fq_argv = [sys.executable, "-m", "flightquant", "serve", "--port", "0",
-               "--log-level", "WARNING", "--max-batch-bytes", "1GiB"]
+    fq_argv = [
+        sys.executable,
+        "-m",
+        "flightquant",
+        "serve",
+        "--port",
+        "0",
+        "--log-level",
+        "WARNING",
+        "--max-batch-bytes",
+        "1GiB",
+    ]
     if args.threads:
         fq_argv += ["--threads", str(args.threads)]
     me = os.path.abspath(__file__)
@@ -231,14 +251,20 @@ def main(argv: list[str] | None = None) -> int:
     try:
         import flightquant as fq
 
-        print(f"flightquant {fq.__version__} build={json.dumps(fq.build_info())} "
-              f"cpus={os.cpu_count()} loadavg={os.getloadavg()[0]:.2f} "
-              f"server threads={args.threads or 'auto'}")
-        print(f"repeat={repeat} (median), {per_run // MiB} MiB of float32 per stream per run; "
-              "servers in subprocesses, plain pyarrow driver")
+        print(
+            f"flightquant {fq.__version__} build={json.dumps(fq.build_info())} "
+            f"cpus={os.cpu_count()} loadavg={os.getloadavg()[0]:.2f} "
+            f"server threads={args.threads or 'auto'}"
+        )
+        print(
+            f"repeat={repeat} (median), {per_run // MiB} MiB of float32 per stream per run; "
+            "servers in subprocesses, plain pyarrow driver"
+        )
         rows = []
-        header = (f"{'MiB':>4} {'streams':>7} {'sink':>7} {'echo':>7} {'fq 4b':>7} {'fq 8b':>7}"
-                  f" {'4b/sink':>8} {'4b/echo':>8} {'8b/sink':>8} {'8b/echo':>8}  (GB/s of float32 input)")
+        header = (
+            f"{'MiB':>4} {'streams':>7} {'sink':>7} {'echo':>7} {'fq 4b':>7} {'fq 8b':>7}"
+            f" {'4b/sink':>8} {'4b/echo':>8} {'8b/sink':>8} {'8b/echo':>8}  (GB/s of float32 input)"
+        )
         print(header)
         for mib in sizes:
             batch = make_batch(mib)
@@ -259,11 +285,13 @@ def main(argv: list[str] | None = None) -> int:
                         samples[name].append(gbps(batch, n, streams, dt))
                 med = {k: statistics.median(v) for k, v in samples.items()}
                 rows.append((mib, streams, med))
-                print(f"{mib:>4} {streams:>7} {med['sink']:>7.2f} {med['echo']:>7.2f} "
-                      f"{med['fq4']:>7.2f} {med['fq8']:>7.2f} "
-                      f"{med['fq4'] / med['sink']:>8.2f} {med['fq4'] / med['echo']:>8.2f} "
-                      f"{med['fq8'] / med['sink']:>8.2f} {med['fq8'] / med['echo']:>8.2f}",
-                      flush=True)
+                print(
+                    f"{mib:>4} {streams:>7} {med['sink']:>7.2f} {med['echo']:>7.2f} "
+                    f"{med['fq4']:>7.2f} {med['fq8']:>7.2f} "
+                    f"{med['fq4'] / med['sink']:>8.2f} {med['fq4'] / med['echo']:>8.2f} "
+                    f"{med['fq8'] / med['sink']:>8.2f} {med['fq8'] / med['echo']:>8.2f}",
+                    flush=True,
+                )
 
         # the product's Python client against the same server
         mib = 4 if 4 in sizes else sizes[0]
@@ -272,12 +300,16 @@ def main(argv: list[str] | None = None) -> int:
         loc = procs["flightquant"].location
         for streams in stream_counts:
             run_client(loc, 4, batch, max(1, n // 4), streams)
-            c = [gbps(batch, n, streams, run_client(loc, 4, batch, n, streams))
-                 for _ in range(repeat)]
+            c = [
+                gbps(batch, n, streams, run_client(loc, 4, batch, n, streams))
+                for _ in range(repeat)
+            ]
             raw = next(r[2]["fq4"] for r in rows if r[0] == mib and r[1] == streams)
-            print(f"flightquant.Client, 4-bit, {mib} MiB, {streams} stream(s): "
-                  f"{statistics.median(c):.2f} GB/s ({statistics.median(c) / raw:.2f}x the plain "
-                  "pyarrow driver)")
+            print(
+                f"flightquant.Client, 4-bit, {mib} MiB, {streams} stream(s): "
+                f"{statistics.median(c):.2f} GB/s ({statistics.median(c) / raw:.2f}x the plain "
+                "pyarrow driver)"
+            )
 
         # memory over a long run
         batch = make_batch(4)
@@ -296,12 +328,13 @@ def main(argv: list[str] | None = None) -> int:
         if errors:
             raise RuntimeError(errors[0])
         final = fqp.rss()
-        start, mid, end = (samples[0][0], samples[rss_batches // 2][0],
-                           samples[rss_batches - 1][0])
-        print(f"server RSS over {rss_batches} x 4 MiB batches ({gbps(batch, rss_batches, 1, dt):.2f}"
-              f" GB/s): start {start / MiB:.1f} MiB, middle {mid / MiB:.1f} MiB, end "
-              f"{end / MiB:.1f} MiB, peak {final[1] / MiB:.1f} MiB, growth "
-              f"{100 * (end - start) / start:+.1f}%")
+        start, mid, end = (samples[0][0], samples[rss_batches // 2][0], samples[rss_batches - 1][0])
+        print(
+            f"server RSS over {rss_batches} x 4 MiB batches ({gbps(batch, rss_batches, 1, dt):.2f}"
+            f" GB/s): start {start / MiB:.1f} MiB, middle {mid / MiB:.1f} MiB, end "
+            f"{end / MiB:.1f} MiB, peak {final[1] / MiB:.1f} MiB, growth "
+            f"{100 * (end - start) / start:+.1f}%"
+        )
 
         if args.plot:
             _plot(rows, args.plot)
@@ -320,8 +353,14 @@ def _plot(rows, path: str) -> None:
     labels = [f"{mib} MiB x{s}" for mib, s, _ in rows]
     x = np.arange(len(rows))
     fig, ax = plt.subplots(figsize=(8, 4))
-    for k, (name, key) in enumerate([("sink", "sink"), ("echo", "echo"),
-                                     ("flightquant 4-bit", "fq4"), ("flightquant 8-bit", "fq8")]):
+    for k, (name, key) in enumerate(
+        [
+            ("sink", "sink"),
+            ("echo", "echo"),
+            ("flightquant 4-bit", "fq4"),
+            ("flightquant 8-bit", "fq8"),
+        ]
+    ):
         ax.bar(x + (k - 1.5) * 0.2, [r[2][key] for r in rows], 0.2, label=name)
     ax.set_xticks(x, labels)
     ax.set_ylabel("GB/s of float32 input")

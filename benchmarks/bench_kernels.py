@@ -80,10 +80,15 @@ def main(argv=None) -> int:
     ap.add_argument("--size-mib", type=float, default=64.0, help="float32 input size (MiB)")
     ap.add_argument("--row-len", type=int, default=4096, help="elements per row")
     ap.add_argument("--repeat", type=int, default=5, help="timed runs per measurement")
-    ap.add_argument("--ref-mib", type=float, default=4.0,
-                    help="slice the NumPy reference runs on (MiB)")
-    ap.add_argument("--threads", type=int, default=None,
-                    help="the 'all threads' count (default: all allowed cores)")
+    ap.add_argument(
+        "--ref-mib", type=float, default=4.0, help="slice the NumPy reference runs on (MiB)"
+    )
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="the 'all threads' count (default: all allowed cores)",
+    )
     ap.add_argument("--plot", metavar="PNG", help="write a bar chart (needs matplotlib)")
     args = ap.parse_args(argv)
 
@@ -100,11 +105,15 @@ def main(argv=None) -> int:
     ref_bytes = ref_rows * row_len * 4
 
     info = kernels.build_info()
-    print(f"flightquant {info['version']} kernels: backend={info['backend']} "
-          f"openmp={info['openmp']} max_threads={info['max_threads']}; "
-          f"cores allowed={len(os.sched_getaffinity(0))}")
-    print(f"input: float32, {nbytes / 2**20:.0f} MiB, {rows} rows x {row_len}; "
-          f"reference on {ref_bytes / 2**20:.1f} MiB; median of {args.repeat}\n")
+    print(
+        f"flightquant {info['version']} kernels: backend={info['backend']} "
+        f"openmp={info['openmp']} max_threads={info['max_threads']}; "
+        f"cores allowed={len(os.sched_getaffinity(0))}"
+    )
+    print(
+        f"input: float32, {nbytes / 2**20:.0f} MiB, {rows} rows x {row_len}; "
+        f"reference on {ref_bytes / 2**20:.1f} MiB; median of {args.repeat}\n"
+    )
 
     dst = np.empty_like(x)
     copy_rate = gbps(nbytes, timeit(lambda: np.copyto(dst, x), args.repeat))
@@ -118,55 +127,95 @@ def main(argv=None) -> int:
         # 1 and N threads interleaved call by call: the scaling ratio is the median of
         # per-round ratios, robust to load that comes and goes on a shared machine
         q = kernels.quantize_rows(x, starts, lens, **kw)
-        tq, rq = timeit_paired([partial(kernels.quantize_rows, x, starts, lens, threads=t, **kw)
-                                  for t in thread_counts], args.repeat)
-        td, rd = timeit_paired([partial(kernels.dequantize_rows, q.codes, q.layout, q.scales,
-                                          q.zero_points, scheme=scheme, threads=t)
-                                  for t in thread_counts], args.repeat)
+        tq, rq = timeit_paired(
+            [
+                partial(kernels.quantize_rows, x, starts, lens, threads=t, **kw)
+                for t in thread_counts
+            ],
+            args.repeat,
+        )
+        td, rd = timeit_paired(
+            [
+                partial(
+                    kernels.dequantize_rows,
+                    q.codes,
+                    q.layout,
+                    q.scales,
+                    q.zero_points,
+                    scheme=scheme,
+                    threads=t,
+                )
+                for t in thread_counts
+            ],
+            args.repeat,
+        )
         for i, t in enumerate(thread_counts):
             row[f"q{t}"], row[f"d{t}"] = gbps(nbytes, tq[i]), gbps(nbytes, td[i])
             row[f"q{t}/q1"], row[f"d{t}/d1"] = rq[i], rd[i]
         xs, ss, ls = x[: ref_rows * row_len], starts[:ref_rows], lens[:ref_rows]
         ref_repeat = max(1, args.repeat // 2)
-        row["ref"] = gbps(ref_bytes, timeit(
-            partial(reference.quantize_rows, xs, ss, ls, **kw), ref_repeat))
+        row["ref"] = gbps(
+            ref_bytes, timeit(partial(reference.quantize_rows, xs, ss, ls, **kw), ref_repeat)
+        )
         qs = reference.quantize_rows(xs, ss, ls, **kw)
-        row["ref_d"] = gbps(ref_bytes, timeit(
-            partial(reference.dequantize_rows, qs.codes, qs.layout, qs.scales, qs.zero_points,
-                    scheme=scheme), ref_repeat))
+        row["ref_d"] = gbps(
+            ref_bytes,
+            timeit(
+                partial(
+                    reference.dequantize_rows,
+                    qs.codes,
+                    qs.layout,
+                    qs.scales,
+                    qs.zero_points,
+                    scheme=scheme,
+                ),
+                ref_repeat,
+            ),
+        )
         results.append(row)
 
-    peers = {"memcopy np.copyto (preallocated)": copy_rate,
-             "memcopy np.copy (allocating)": alloc_copy_rate}
+    peers = {
+        "memcopy np.copyto (preallocated)": copy_rate,
+        "memcopy np.copy (allocating)": alloc_copy_rate,
+    }
     try:
         import gguf
 
         x2 = x.reshape(-1, row_len)
         for name in ("Q8_0", "Q4_0"):
             qt = getattr(gguf.GGMLQuantizationType, name)
-            peers[f"gguf {name} quantize (NumPy)"] = gbps(nbytes, timeit(
-                lambda qt=qt: gguf.quants.quantize(x2, qt), max(1, args.repeat // 2)))
+            peers[f"gguf {name} quantize (NumPy)"] = gbps(
+                nbytes, timeit(lambda qt=qt: gguf.quants.quantize(x2, qt), max(1, args.repeat // 2))
+            )
             blob = gguf.quants.quantize(x2, qt)
-            peers[f"gguf {name} dequantize (NumPy)"] = gbps(nbytes, timeit(
-                lambda qt=qt, blob=blob: gguf.quants.dequantize(blob, qt),
-                max(1, args.repeat // 2)))
+            peers[f"gguf {name} dequantize (NumPy)"] = gbps(
+                nbytes,
+                timeit(
+                    lambda qt=qt, blob=blob: gguf.quants.dequantize(blob, qt),
+                    max(1, args.repeat // 2),
+                ),
+            )
     except ImportError:
         peers["gguf (not installed: pip install gguf)"] = float("nan")
 
     tmax = thread_counts[-1]
-    head = (f"{'config':<16}{'quant 1T':>10}{'quant ' + str(tmax) + 'T':>10}"
-            f"{'deq 1T':>9}{'deq ' + str(tmax) + 'T':>9}{'ref q':>8}{'ref dq':>8}"
-            f"{'q1/ref':>8}{'q1/copy':>9}{'q' + str(tmax) + '/q1':>7}{'d1/copy':>9}"
-            f"{'d' + str(tmax) + '/copy':>8}")
+    head = (
+        f"{'config':<16}{'quant 1T':>10}{'quant ' + str(tmax) + 'T':>10}"
+        f"{'deq 1T':>9}{'deq ' + str(tmax) + 'T':>9}{'ref q':>8}{'ref dq':>8}"
+        f"{'q1/ref':>8}{'q1/copy':>9}{'q' + str(tmax) + '/q1':>7}{'d1/copy':>9}"
+        f"{'d' + str(tmax) + '/copy':>8}"
+    )
     print("GB/s of float32 input (ratios are x)")
     print(head)
     print("-" * len(head))
     for r in results:
-        print(f"{r['config']:<16}{r['q1']:>10.2f}{r[f'q{tmax}']:>10.2f}{r['d1']:>9.2f}"
-              f"{r[f'd{tmax}']:>9.2f}{r['ref']:>8.3f}{r['ref_d']:>8.3f}"
-              f"{r['q1'] / r['ref']:>8.1f}{r['q1'] / copy_rate:>9.2f}"
-              f"{r[f'q{tmax}/q1']:>7.2f}{r['d1'] / copy_rate:>9.2f}"
-              f"{r[f'd{tmax}'] / copy_rate:>8.2f}")
+        print(
+            f"{r['config']:<16}{r['q1']:>10.2f}{r[f'q{tmax}']:>10.2f}{r['d1']:>9.2f}"
+            f"{r[f'd{tmax}']:>9.2f}{r['ref']:>8.3f}{r['ref_d']:>8.3f}"
+            f"{r['q1'] / r['ref']:>8.1f}{r['q1'] / copy_rate:>9.2f}"
+            f"{r[f'q{tmax}/q1']:>7.2f}{r['d1'] / copy_rate:>9.2f}"
+            f"{r[f'd{tmax}'] / copy_rate:>8.2f}"
+        )
     print("\npeers in the same run:")
     for name, rate in peers.items():
         print(f"  {name:<44}{rate:>8.2f} GB/s")

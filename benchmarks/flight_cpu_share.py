@@ -29,7 +29,9 @@ def cpu_snapshot() -> list[int]:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--batches", type=int, default=800)
     ap.add_argument("--threads", type=int, default=None, help="flightquant serve --threads")
     args = ap.parse_args(argv)
@@ -41,8 +43,12 @@ def main(argv=None) -> int:
         location = proc.stdout.readline().split(" on ")[1].split()[0]
         x = np.random.default_rng(0).standard_normal(1 << 20).astype(np.float32)
         offsets = pa.array(np.arange(5, dtype=np.int32) * (1 << 18))
-        batch = pa.record_batch({"layer_name": [f"l{i}" for i in range(4)],
-                                 "weights": pa.ListArray.from_arrays(offsets, pa.array(x))})
+        batch = pa.record_batch(
+            {
+                "layer_name": [f"l{i}" for i in range(4)],
+                "weights": pa.ListArray.from_arrays(offsets, pa.array(x)),
+            }
+        )
         with fq.Client(location) as client:
             for _ in client.quantize(iter([batch] * 20), bits=4):
                 pass  # warm-up
@@ -58,8 +64,10 @@ def main(argv=None) -> int:
     delta = [b - a for a, b in zip(before, after, strict=True)]
     total = sum(delta)
     split = " ".join(f"{n}={100 * d / total:.0f}%" for n, d in zip(FIELDS, delta, strict=True))
-    print(f"server threads={args.threads or 'auto'}: {args.batches * 4 / 1024 / seconds:.2f} GB/s of "
-          f"float32 input; CPU over the run: {split}")
+    print(
+        f"server threads={args.threads or 'auto'}: {args.batches * 4 / 1024 / seconds:.2f} GB/s of "
+        f"float32 input; CPU over the run: {split}"
+    )
     return 0
 
 

@@ -13,18 +13,39 @@ _Bytes = npt.NDArray[np.uint8]
 _I64 = npt.NDArray[np.int64]
 
 def row_extents(
-    offsets: _Bytes, width: int, stride: int, base: int, validity: _Bytes, limit: int,
-    starts: _I64, lens: _I64,
+    offsets: _Bytes,
+    width: int,
+    stride: int,
+    base: int,
+    validity: _Bytes,
+    limit: int,
+    starts: _I64,
+    lens: _I64,
 ) -> int: ...
 def masked_counts(counts: _Bytes, base: int, validity: _Bytes, vbase: int, out: _I64) -> int: ...
 def pack_layout(
-    lens: _I64, bits: int, group_size: int, fixed: int, groups_per_block: int,
-    group_offsets: _I64, code_offsets: _I64, block_offsets: _I64,
+    lens: _I64,
+    bits: int,
+    group_size: int,
+    fixed: int,
+    groups_per_block: int,
+    group_offsets: _I64,
+    code_offsets: _I64,
+    block_offsets: _I64,
 ) -> int: ...
 def place_rows(starts: _I64, lens: _I64, size: int) -> int: ...
 def check_quantized(
-    lens: _I64, bits: int, group_size: int, fixed: bool, code_lens: _I64, scale_starts: _I64,
-    scale_lens: _I64, zp_starts: _I64, zp_lens: _I64, max_len: int, groups_per_block: int,
+    lens: _I64,
+    bits: int,
+    group_size: int,
+    fixed: bool,
+    code_lens: _I64,
+    scale_starts: _I64,
+    scale_lens: _I64,
+    zp_starts: _I64,
+    zp_lens: _I64,
+    max_len: int,
+    groups_per_block: int,
     block_offsets: _I64,
 ) -> int: ...
 def output_offsets(lens: _I64, width: int, offsets: _Bytes, starts: _I64) -> int: ...

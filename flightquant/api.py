@@ -29,12 +29,25 @@ from .progress import Progress, Tracker
 Data = Union[pa.Table, pa.RecordBatch, Iterable[pa.RecordBatch]]  # noqa: UP007 (runtime alias, py3.10)
 T = TypeVar("T", pa.Table, pa.RecordBatch)
 
-__all__ = ["DTYPE", "NAME", "SHAPE", "WEIGHTS", "QuantizedTensor", "apply", "arrays_to_batches",
-           "batches_to_results", "dequantize", "dequantize_arrays", "quantize", "quantize_arrays"]
+__all__ = [
+    "DTYPE",
+    "NAME",
+    "SHAPE",
+    "WEIGHTS",
+    "QuantizedTensor",
+    "apply",
+    "arrays_to_batches",
+    "batches_to_results",
+    "dequantize",
+    "dequantize_arrays",
+    "quantize",
+    "quantize_arrays",
+]
 
 
-def apply(data: Data, options: QuantOptions, threads: int | None = None,
-          progress: Progress | None = None) -> Any:
+def apply(
+    data: Data, options: QuantOptions, threads: int | None = None, progress: Progress | None = None
+) -> Any:
     """Run the codec over a Table, a RecordBatch or an iterable of RecordBatches.
 
     Returns the same kind of container; an iterable gives a lazy iterator.
@@ -60,7 +73,11 @@ def apply(data: Data, options: QuantOptions, threads: int | None = None,
         raise TypeError(
             "data must be a pyarrow.Table, a pyarrow.RecordBatch or an iterable of "
             f"RecordBatches, got {type(data).__name__}"
-            + ("; for a dict of NumPy arrays use quantize_arrays" if isinstance(data, Mapping) else "")
+            + (
+                "; for a dict of NumPy arrays use quantize_arrays"
+                if isinstance(data, Mapping)
+                else ""
+            )
         )
     total_rows = total_batches = None
     if isinstance(data, (list, tuple)) and all(isinstance(b, pa.RecordBatch) for b in data):
@@ -68,11 +85,14 @@ def apply(data: Data, options: QuantOptions, threads: int | None = None,
     return _apply_iter(iter(data), options, threads, Tracker(progress, total_rows, total_batches))
 
 
-def _apply_iter(batches: Iterator, options: QuantOptions, threads,
-                tracker: Tracker) -> Iterator[pa.RecordBatch]:
+def _apply_iter(
+    batches: Iterator, options: QuantOptions, threads, tracker: Tracker
+) -> Iterator[pa.RecordBatch]:
     for i, batch in enumerate(batches):
         if not isinstance(batch, pa.RecordBatch):
-            raise TypeError(f"item {i} of the iterable is a {type(batch).__name__}, not a RecordBatch")
+            raise TypeError(
+                f"item {i} of the iterable is a {type(batch).__name__}, not a RecordBatch"
+            )
         out = codec.process_batch(batch, options, threads=threads)[0]
         tracker.done(batch)
         yield out
@@ -137,8 +157,16 @@ def quantize(
     (34, True)
     """
     opts = QuantOptions.from_mapping(
-        {"format": format, "bits": bits, "group_size": group_size, "scheme": scheme,
-         "method": method, "clip": clip, "columns": columns, "stats": stats}
+        {
+            "format": format,
+            "bits": bits,
+            "group_size": group_size,
+            "scheme": scheme,
+            "method": method,
+            "clip": clip,
+            "columns": columns,
+            "stats": stats,
+        }
     )
     kernels.resolve_threads(threads)
     return apply(data, opts, threads, progress)
@@ -159,8 +187,11 @@ def dequantize(data: Data, *, threads: int | None = None, progress: Progress | N
 
 
 def quantize_arrays(
-    arrays: Mapping[str, np.ndarray], *, threads: int | None = None,
-    progress: Progress | None = None, **options: Any
+    arrays: Mapping[str, np.ndarray],
+    *,
+    threads: int | None = None,
+    progress: Progress | None = None,
+    **options: Any,
 ) -> dict[str, QuantizedTensor]:
     """Quantize a dict of NumPy arrays (any shape; kept) in-process.
 
@@ -204,6 +235,8 @@ def _quantize_named(batch: pa.RecordBatch, opts: QuantOptions, threads) -> pa.Re
         raise NonFiniteError(exc.row, exc.element, exc.value, where) from None
 
 
-def dequantize_arrays(results: Mapping[str, QuantizedTensor], *, threads: int | None = None) -> dict[str, np.ndarray]:
+def dequantize_arrays(
+    results: Mapping[str, QuantizedTensor], *, threads: int | None = None
+) -> dict[str, np.ndarray]:
     """Reconstruct a dict of arrays from :func:`quantize_arrays` results."""
     return {name: t.dequantize(threads=threads) for name, t in results.items()}

@@ -98,7 +98,9 @@ def arrays_to_batches(
     ``max_batch_bytes``. Each array is validated and named in every error.
     """
     if not isinstance(arrays, Mapping):
-        raise TypeError(f"arrays must be a dict of name -> numpy array, got {type(arrays).__name__}")
+        raise TypeError(
+            f"arrays must be a dict of name -> numpy array, got {type(arrays).__name__}"
+        )
     pending: list[tuple[str, np.ndarray, tuple, str]] = []
     size = 0
     for name, value in arrays.items():
@@ -124,8 +126,12 @@ def _batch_of(items) -> pa.RecordBatch:
     )
     shapes = pa.array([list(s) for _, _, s, _ in items], pa.list_(pa.int64()))
     return pa.record_batch(
-        [pa.array([n for n, _, _, _ in items], pa.string()), lst, shapes,
-         pa.array([d for _, _, _, d in items], pa.string())],
+        [
+            pa.array([n for n, _, _, _ in items], pa.string()),
+            lst,
+            shapes,
+            pa.array([d for _, _, _, d in items], pa.string()),
+        ],
         names=[NAME, WEIGHTS, SHAPE, DTYPE],
     )
 
@@ -138,12 +144,20 @@ def batches_to_results(batches: Iterable[pa.RecordBatch]) -> dict[str, Quantized
         meta = wire.parse_codes_field(field)
         names = batch.column(NAME).to_pylist()
         shapes = batch.column(SHAPE).to_pylist()
-        dtypes = batch.column(DTYPE).to_pylist() if DTYPE in batch.schema.names else [meta.dtype] * len(names)
+        dtypes = (
+            batch.column(DTYPE).to_pylist()
+            if DTYPE in batch.schema.names
+            else [meta.dtype] * len(names)
+        )
         codes = batch.column(WEIGHTS)
         t = meta.ggml
         if t is None:
             scales = batch.column(wire.derived_name(WEIGHTS, "scales"))
-            zps = batch.column(wire.derived_name(WEIGHTS, "zero_points")) if meta.needs("zero_points") else None
+            zps = (
+                batch.column(wire.derived_name(WEIGHTS, "zero_points"))
+                if meta.needs("zero_points")
+                else None
+            )
             numel = batch.column(wire.derived_name(WEIGHTS, "numel")).to_numpy()
         for i, name in enumerate(names):
             data = np.frombuffer(codes[i].as_buffer() or b"", np.uint8)

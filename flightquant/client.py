@@ -66,8 +66,14 @@ def _retryable(exc: BaseException) -> bool:
     """UNAVAILABLE or a lost connection: the batches may go to another server."""
     if isinstance(exc, flight.FlightUnavailableError):
         return True
-    if isinstance(exc, (flight.FlightTimedOutError, flight.FlightUnauthenticatedError,
-                        flight.FlightUnauthorizedError)):
+    if isinstance(
+        exc,
+        (
+            flight.FlightTimedOutError,
+            flight.FlightUnauthenticatedError,
+            flight.FlightUnauthorizedError,
+        ),
+    ):
         return False
     if isinstance(exc, pa.ArrowInvalid) and "destination already closed" not in str(exc).lower():
         return False  # INVALID_ARGUMENT from the server: never retried
@@ -118,10 +124,12 @@ class _Source:
             except BaseException as exc:
                 raise _SourceError(exc) from exc
             if not isinstance(item, pa.RecordBatch):
-                raise _SourceError(TypeError(
-                    f"item {self.index} of the iterable is a {type(item).__name__}, "
-                    "not a pyarrow.RecordBatch"
-                ))
+                raise _SourceError(
+                    TypeError(
+                        f"item {self.index} of the iterable is a {type(item).__name__}, "
+                        "not a pyarrow.RecordBatch"
+                    )
+                )
             self._head = item
         return self._head
 
@@ -239,8 +247,15 @@ class _Attempt:
 class _Job:
     """One call of quantize/dequantize: batches in order, failover across locations."""
 
-    def __init__(self, client: Client, batches: Iterable[pa.RecordBatch], options: QuantOptions,
-                 progress: Progress | None, total_rows: int | None, total_batches: int | None):
+    def __init__(
+        self,
+        client: Client,
+        batches: Iterable[pa.RecordBatch],
+        options: QuantOptions,
+        progress: Progress | None,
+        total_rows: int | None,
+        total_batches: int | None,
+    ):
         self.client = client
         self.options = options
         self.source = _Source(batches)
@@ -270,8 +285,12 @@ class _Job:
                     failures.clear()
                     yield out
             except _Failover as fo:
-                log.warning("stream to %s failed (%s); %d unanswered batch(es) go to the next "
-                            "location", location, fo.message, len(self.pending))
+                log.warning(
+                    "stream to %s failed (%s); %d unanswered batch(es) go to the next location",
+                    location,
+                    fo.message,
+                    len(self.pending),
+                )
                 if progressed or fo.progressed:
                     # the stream got somewhere (e.g. a server ended it for idling while the
                     # source was slow): the next stream may too, even on the same server
@@ -298,8 +317,7 @@ class _Job:
                     with self.cond:  # read only while an answer is due (see _Attempt)
                         while not self.pending and not attempt.writer_done:
                             self.cond.wait()
-                        close = (not self.pending and attempt.sent_all
-                                 and not attempt.writes_closed)
+                        close = not self.pending and attempt.sent_all and not attempt.writes_closed
                     if close:
                         attempt.writes_closed = True
                         attempt.writer.done_writing()
@@ -433,10 +451,16 @@ class Client:
                 f"locations must be a URL such as 'grpc://host:8815' or a non-empty list of "
                 f"them, got {locations!r}"
             )
-        if isinstance(max_in_flight, bool) or not isinstance(max_in_flight, int) or max_in_flight < 1:
+        if (
+            isinstance(max_in_flight, bool)
+            or not isinstance(max_in_flight, int)
+            or max_in_flight < 1
+        ):
             raise ValueError(f"max_in_flight must be an integer >= 1, got {max_in_flight!r}")
         if timeout is not None and not (isinstance(timeout, (int, float)) and timeout > 0):
-            raise ValueError(f"timeout must be None or a positive number of seconds, got {timeout!r}")
+            raise ValueError(
+                f"timeout must be None or a positive number of seconds, got {timeout!r}"
+            )
         if (cert_chain is None) != (private_key is None):
             raise ValueError("mutual TLS needs both cert_chain and private_key")
         from .security import auth_headers
@@ -495,8 +519,11 @@ class Client:
         failures = []
         for location in self.locations:
             try:
-                results = list(self._flight_client(location).do_action(
-                    flight.Action(name, b""), options=self._call_options()))
+                results = list(
+                    self._flight_client(location).do_action(
+                        flight.Action(name, b""), options=self._call_options()
+                    )
+                )
             except Exception as exc:
                 if _retryable(exc):
                     failures.append(f"{location}: {_server_message(exc)}")
@@ -567,8 +594,11 @@ class Client:
             raise TypeError(
                 "data must be a pyarrow.Table, a pyarrow.RecordBatch or an iterable of "
                 f"RecordBatches, got {type(data).__name__}"
-                + ("; for a dict of NumPy arrays use quantize_arrays"
-                   if isinstance(data, Mapping) else "")
+                + (
+                    "; for a dict of NumPy arrays use quantize_arrays"
+                    if isinstance(data, Mapping)
+                    else ""
+                )
             )
         total_rows = total_batches = None
         if isinstance(data, Sequence) and all(isinstance(b, pa.RecordBatch) for b in data):

@@ -31,8 +31,16 @@ from .reference import qparams
 from .validate import validate_batch, validate_schema
 from .wire import is_quantized_field, is_quantized_schema  # noqa: F401 (public here too)
 
-__all__ = ["BatchInfo", "CodecError", "dequantize_batch", "dequantized_schema", "output_schema",
-           "process_batch", "quantize_batch", "validate_batch"]
+__all__ = [
+    "BatchInfo",
+    "CodecError",
+    "dequantize_batch",
+    "dequantized_schema",
+    "output_schema",
+    "process_batch",
+    "quantize_batch",
+    "validate_batch",
+]
 
 _ITEMSIZE = {"float16": 2, "float32": 4, "float64": 8}
 _KINDS = {"list": 0, "large_list": 1, "fixed_size_list": 2}
@@ -147,9 +155,16 @@ def _build_quantize_plan(schema: pa.Schema, options: QuantOptions) -> _Plan:
                 f"of {ggml.block_size}, or format='native'"
             )
         fields.extend(wire.codes_fields(f, options))
-        specs.append((_KINDS[kind], _ITEMSIZE[wire.float_name(f.type.value_type)], list_size,
-                      ggml.code if ggml else _NATIVE, ggml.block_size if ggml else 0,
-                      ggml.type_size if ggml else 0))
+        specs.append(
+            (
+                _KINDS[kind],
+                _ITEMSIZE[wire.float_name(f.type.value_type)],
+                list_size,
+                ggml.code if ggml else _NATIVE,
+                ggml.block_size if ggml else 0,
+                ggml.type_size if ggml else 0,
+            )
+        )
     counts = Counter(f.name for f in fields)
     dupes = sorted(n for n, k in counts.items() if k > 1)
     if dupes:
@@ -174,8 +189,19 @@ def _build_quantize_plan(schema: pa.Schema, options: QuantOptions) -> _Plan:
         k = groups_per_block(group_size, bits)
         qmin, qmax, offset = qparams(bits, options.scheme)
     engine = _engine.QuantizePlan(
-        out_schema, specs, bits, scheme, METHOD_CODES[options.method], group_size, k, qmin,
-        qmax, offset, options.clip is not None, clip, options.scheme == "asymmetric",
+        out_schema,
+        specs,
+        bits,
+        scheme,
+        METHOD_CODES[options.method],
+        group_size,
+        k,
+        qmin,
+        qmax,
+        offset,
+        options.clip is not None,
+        clip,
+        options.scheme == "asymmetric",
         options.stats,
     )
     names = {i: schema.field(i).name for i in picked}
@@ -227,19 +253,51 @@ def _build_dequantize_plan(schema: pa.Schema) -> _Plan:
             continue
         fields.append(pa.field(f.name, m.decoded_type(), f.nullable, wire.stripped_metadata(f)))
         names[i] = f.name
-        roles = {role: _derived_index(schema, index, f.name, m, role)
-                 for role in ("scales", "zero_points", "numel")}
+        roles = {
+            role: _derived_index(schema, index, f.name, m, role)
+            for role in ("scales", "zero_points", "numel")
+        }
         t = m.ggml
         if t:
             ggml_cols[i] = t
-            specs.append((i, _KINDS[m.kind], _ITEMSIZE[m.dtype], m.list_size or 0, -1, -1, -1,
-                          8, 1, 1, 0.0, t.code, t.block_size, t.type_size))
+            specs.append(
+                (
+                    i,
+                    _KINDS[m.kind],
+                    _ITEMSIZE[m.dtype],
+                    m.list_size or 0,
+                    -1,
+                    -1,
+                    -1,
+                    8,
+                    1,
+                    1,
+                    0.0,
+                    t.code,
+                    t.block_size,
+                    t.type_size,
+                )
+            )
         else:
             offset = qparams(m.bits, m.scheme)[2]
-            specs.append((i, _KINDS[m.kind], _ITEMSIZE[m.dtype], m.list_size or 0,
-                          roles["scales"], roles["zero_points"], roles["numel"], m.bits,
-                          m.group_size, groups_per_block(m.group_size, m.bits), float(offset),
-                          _NATIVE, 0, 0))
+            specs.append(
+                (
+                    i,
+                    _KINDS[m.kind],
+                    _ITEMSIZE[m.dtype],
+                    m.list_size or 0,
+                    roles["scales"],
+                    roles["zero_points"],
+                    roles["numel"],
+                    m.bits,
+                    m.group_size,
+                    groups_per_block(m.group_size, m.bits),
+                    float(offset),
+                    _NATIVE,
+                    0,
+                    0,
+                )
+            )
     out_schema = pa.schema(fields, metadata=schema.metadata)
     return _Plan(out_schema, names, _engine.DequantizePlan(out_schema, specs), ggml_cols)
 
@@ -252,7 +310,9 @@ def _derived_index(schema, index, codes: str, m: wire.CodesMeta, role: str) -> i
     name = wire.derived_name(codes, role)
     i = index.get(name, -1)
     if i < 0:
-        raise CodecError(f"quantized column {echo(codes)} needs its column {echo(name)}, which is missing")
+        raise CodecError(
+            f"quantized column {echo(codes)} needs its column {echo(name)}, which is missing"
+        )
     t = schema.field(i).type
     if role == "numel":
         if t != pa.int64():
@@ -290,8 +350,10 @@ def _bad_row(where: str, meta: wire.CodesMeta, name: str, numel, code_bytes, n_s
         return f"{where}: impossible element count {numel}"
     need_bytes = -(-numel * meta.bits // 8)
     if meta.kind != "fixed_size_list" and numel > 0 and code_bytes != need_bytes:
-        return (f"{where}: {code_bytes} code bytes for {numel} elements at {meta.bits} bits "
-                f"(expected {need_bytes}): the codes are truncated or the element count is wrong")
+        return (
+            f"{where}: {code_bytes} code bytes for {numel} elements at {meta.bits} bits "
+            f"(expected {need_bytes}): the codes are truncated or the element count is wrong"
+        )
     need = -(-numel // meta.group_size)
     for role, have in (("scales", n_scales), ("zero_points", n_zps)):
         if have >= 0 and have != need and (meta.kind != "fixed_size_list" or have < need):
@@ -339,8 +401,15 @@ def _run(plan: _Plan, batch: pa.RecordBatch, threads) -> tuple[pa.RecordBatch, B
         raise _fail(batch, plan, result)
     _, out, elements, seconds, sse, max_err = result
     # buffer sizes (cheap) rather than nbytes (walks the data): exact for unsliced batches
-    return out, BatchInfo(batch.num_rows, elements, batch.get_total_buffer_size(),
-                          out.get_total_buffer_size(), seconds, sse, max_err)
+    return out, BatchInfo(
+        batch.num_rows,
+        elements,
+        batch.get_total_buffer_size(),
+        out.get_total_buffer_size(),
+        seconds,
+        sse,
+        max_err,
+    )
 
 
 def quantize_batch(
@@ -361,7 +430,9 @@ def quantize_batch(
     return _run(_quantize_plan(batch.schema, options), batch, threads)
 
 
-def dequantize_batch(batch: pa.RecordBatch, *, threads: int | None = None) -> tuple[pa.RecordBatch, BatchInfo]:
+def dequantize_batch(
+    batch: pa.RecordBatch, *, threads: int | None = None
+) -> tuple[pa.RecordBatch, BatchInfo]:
     """Restore the float columns of a quantized batch (original value type, lengths, nulls)."""
     return _run(_dequantize_plan(batch.schema), batch, threads)
 

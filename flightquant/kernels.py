@@ -141,9 +141,7 @@ def _as_int64(a, name: str) -> np.ndarray:
     return _aligned(np.ascontiguousarray(arr, dtype=_INT64))
 
 
-def row_layout(
-    row_lens, bits: int, group_size: int, fixed_row_len: int | None = None
-) -> RowLayout:
+def row_layout(row_lens, bits: int, group_size: int, fixed_row_len: int | None = None) -> RowLayout:
     """:func:`flightquant.layout.make_layout` (the definition, in NumPy), computed in one
     pass over the rows by ``flightquant._rows``."""
     lens = np.asarray(row_lens)
@@ -169,8 +167,10 @@ def _check_common(bits, scheme, group_size):
         raise ValueError(f"bits must be one of {', '.join(map(str, VALID_BITS))}, got {bits!r}")
     if scheme not in SCHEME_CODES:
         raise ValueError(f"scheme must be one of {tuple(SCHEME_CODES)}, got {scheme!r}")
-    if isinstance(group_size, bool) or not isinstance(group_size, (int, np.integer)) or not (
-        1 <= group_size <= 2**31 - 1
+    if (
+        isinstance(group_size, bool)
+        or not isinstance(group_size, (int, np.integer))
+        or not (1 <= group_size <= 2**31 - 1)
     ):
         raise ValueError(f"group_size must be an integer from 1 to 2**31-1, got {group_size!r}")
 
@@ -234,14 +234,15 @@ def quantize_rows(
     layout = row_layout(row_lens, bits, group_size, fixed_row_len)
     lens = layout.row_lens
     # a group fits the kernel's per-thread stage unless group_size (and a row) is larger
-    longest_group = group_size if group_size <= STAGE_MAX else min(
-        group_size, int(lens.max()) if lens.size else 0)
+    longest_group = (
+        group_size
+        if group_size <= STAGE_MAX
+        else min(group_size, int(lens.max()) if lens.size else 0)
+    )
     vals = _as_values(values, stage_ok=longest_group <= STAGE_MAX)
     stage_elems = 0 if vals.flags.aligned else longest_group
     if starts.size != lens.size:
-        raise ValueError(
-            f"row_starts has {starts.size} entries but row_lens has {lens.size}"
-        )
+        raise ValueError(f"row_starts has {starts.size} entries but row_lens has {lens.size}")
     if _rows.place_rows(starts, lens, vals.size) >= 0:
         raise ValueError(f"a row lies outside the values buffer of {vals.size} elements")
     qmin, qmax, offset = qparams(bits, scheme)
@@ -343,8 +344,10 @@ def dequantize_rows(
     kernel_dtype = _F64 if out_dtype == np.dtype(_F64) else _F32
     # rows that tile the output leave nothing to zero-fill
     out = (np.empty if placed == -2 else np.zeros)(size, kernel_dtype)
-    offsets = [_as_int64(a, "layout offsets")
-               for a in (layout.group_offsets, layout.code_offsets, layout.block_offsets)]
+    offsets = [
+        _as_int64(a, "layout offsets")
+        for a in (layout.group_offsets, layout.code_offsets, layout.block_offsets)
+    ]
     if any(a.size != lens.size + 1 for a in offsets):
         raise ValueError("the layout's offset arrays must have one entry more than row_lens")
     _kernels.dequantize_kernel(
@@ -385,10 +388,18 @@ def quantize_ggml(
             f"{x.size} values is not a multiple of {t.name}'s block size {t.block_size}"
         )
     if method not in METHOD_CODES:
-        raise ValueError(f"method must be one of {', '.join(map(repr, METHOD_CODES))}, got {method!r}")
+        raise ValueError(
+            f"method must be one of {', '.join(map(repr, METHOD_CODES))}, got {method!r}"
+        )
     out, bad, sse, mx = _ggml.quantize_blocks(
-        x.view(np.uint8), x.itemsize, t.code, t.block_size, t.type_size,
-        METHOD_CODES[method], resolve_threads(threads), stats,
+        x.view(np.uint8),
+        x.itemsize,
+        t.code,
+        t.block_size,
+        t.type_size,
+        METHOD_CODES[method],
+        resolve_threads(threads),
+        stats,
     )
     if bad:
         row, element, value = _first_non_finite(x, np.zeros(1, np.int64), np.array([x.size]))
@@ -402,10 +413,13 @@ def dequantize_ggml(data, fmt: str, dtype=np.float32, *, threads: int | None = N
     buf = np.frombuffer(memoryview(data), np.uint8) if not isinstance(data, np.ndarray) else data
     buf = np.ascontiguousarray(buf).reshape(-1).view(np.uint8)
     if buf.size % t.type_size:
-        raise ValueError(f"{buf.size} bytes is not a whole number of {t.name} blocks ({t.type_size} bytes)")
+        raise ValueError(
+            f"{buf.size} bytes is not a whole number of {t.name} blocks ({t.type_size} bytes)"
+        )
     dtype = np.dtype(dtype)
     if dtype not in (np.float16, np.float32, np.float64):
         raise ValueError(f"dtype must be float16, float32 or float64, got {dtype}")
-    out = _ggml.dequantize_blocks(buf, t.code, t.block_size, t.type_size, dtype.itemsize,
-                                  resolve_threads(threads))
+    out = _ggml.dequantize_blocks(
+        buf, t.code, t.block_size, t.type_size, dtype.itemsize, resolve_threads(threads)
+    )
     return out.view(dtype)

@@ -189,7 +189,9 @@ def _native_bits_group(mapping: Mapping[str, Any], scheme: str) -> tuple[int, in
     elif bits is None:
         bits = 4
     if not _is_int(bits) or bits not in VALID_BITS:
-        raise OptionsError(f"bits must be one of {', '.join(map(str, VALID_BITS))}, got {echo(bits)}")
+        raise OptionsError(
+            f"bits must be one of {', '.join(map(str, VALID_BITS))}, got {echo(bits)}"
+        )
     group_size = _given(mapping, "group_size", 128)
     if not _is_int(group_size) or not 1 <= group_size <= MAX_GROUP_SIZE:
         raise OptionsError(

@@ -33,8 +33,9 @@ def label_of(batch: pa.RecordBatch, index: int) -> str:
 class Tracker:
     """Turns finished batches into ``progress`` calls (nothing when ``progress`` is None)."""
 
-    def __init__(self, progress: Progress | None, total_rows: int | None,
-                 total_batches: int | None):
+    def __init__(
+        self, progress: Progress | None, total_rows: int | None, total_batches: int | None
+    ):
         self.progress = progress
         self.total_rows = total_rows
         self.total_batches = total_batches

@@ -115,8 +115,14 @@ def _short(exc: BaseException, limit: int = 300) -> str:
 class _Stats:
     """Thread-safe counters behind the ``stats`` action."""
 
-    KINDS = ("invalid_argument", "unavailable", "resource_exhausted", "deadline_exceeded",
-             "internal", "cancelled")
+    KINDS = (
+        "invalid_argument",
+        "unavailable",
+        "resource_exhausted",
+        "deadline_exceeded",
+        "internal",
+        "cancelled",
+    )
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
@@ -274,7 +280,9 @@ class Server(flight.FlightServerBase):
         if self._read_reserve < budget.receive_bound(max_batch_bytes):
             log.warning(
                 "memory_limit=%d is below 2 x max_batch_bytes=%d: one stream at a time can "
-                "receive a batch; lower --max-batch-bytes", memory_limit, max_batch_bytes,
+                "receive a batch; lower --max-batch-bytes",
+                memory_limit,
+                max_batch_bytes,
             )
         self._host = parts.hostname
         self._scheme = parts.scheme
@@ -348,7 +356,8 @@ class Server(flight.FlightServerBase):
             "idle_timeout": self.idle_timeout,
             "threads": self.threads,
             "kernel_threads": (
-                self.threads if self.threads is not None
+                self.threads
+                if self.threads is not None
                 else f"auto: {max(1, self._cores - 1)} shared by the running streams"
             ),
             "default_options": QuantOptions.from_mapping({}).to_dict(),
@@ -429,7 +438,8 @@ class Server(flight.FlightServerBase):
         if not clean:
             self.log.warning(
                 "drain deadline (%.1fs) passed with %d stream(s) still running; ending them",
-                timeout, st.streams_active,
+                timeout,
+                st.streams_active,
             )
             self._aborting = True
         with self._shutdown_lock:
@@ -532,8 +542,9 @@ class Server(flight.FlightServerBase):
             if kind == "deadline_exceeded":
                 raise flight.FlightTimedOutError(message) from None
             if kind == "resource_exhausted":
-                self.log.warning("stream peer=%s batch=%d: %s", run.activity.peer, run.batches,
-                                 message)
+                self.log.warning(
+                    "stream peer=%s batch=%d: %s", run.activity.peer, run.batches, message
+                )
                 raise flight.FlightUnavailableError(message) from None
             if isinstance(exc, flight.FlightError) and kind != "cancelled":
                 raise  # keeps its status code; pyarrow sends no traceback for these
@@ -542,7 +553,9 @@ class Server(flight.FlightServerBase):
             if kind == "invalid_argument":
                 raise InvalidArgument(message) from None
             self.log.exception(
-                "internal error in stream peer=%s op=%s batch=%d", _peer(context), run.op,
+                "internal error in stream peer=%s op=%s batch=%d",
+                _peer(context),
+                run.op,
                 run.batches,
             )
             raise flight.FlightInternalError(message) from None
@@ -557,8 +570,13 @@ class Server(flight.FlightServerBase):
                 st.changed.notify_all()
             self.log.info(
                 "stream peer=%s op=%s batches=%d bytes_in=%d bytes_out=%d seconds=%.3f outcome=%s",
-                _peer(context), run.op, run.batches, run.bytes_in, run.bytes_out,
-                time.perf_counter() - t0, outcome,
+                _peer(context),
+                run.op,
+                run.batches,
+                run.bytes_in,
+                run.bytes_out,
+                time.perf_counter() - t0,
+                outcome,
             )
 
     def _idle_message(self, run: _StreamRun) -> str:
@@ -578,8 +596,9 @@ class Server(flight.FlightServerBase):
         out_schema = codec.output_schema(schema, options)
         out = _Writer(writer, run.activity)
         out.begin(out_schema)
-        batches = _Receiver(reader, self._budget, self._read_reserve, self.memory_wait,
-                            run.activity)
+        batches = _Receiver(
+            reader, self._budget, self._read_reserve, self.memory_wait, run.activity
+        )
         if context.get_middleware(_PIPELINE_KEY) is None:
             self._serve_batches(batches, options, out, run)
             return
@@ -592,9 +611,11 @@ class Server(flight.FlightServerBase):
             kind, message = run.error = self._classify(exc, context, run)
             if kind not in ("cancelled", "deadline_exceeded"):
                 try:  # the client ends the call when it sees this, which frees the pump
-                    out.write_metadata(json.dumps(
-                        {"error": {"code": kind, "message": shorten(message, MESSAGE_LIMIT)}}
-                    ).encode())
+                    out.write_metadata(
+                        json.dumps(
+                            {"error": {"code": kind, "message": shorten(message, MESSAGE_LIMIT)}}
+                        ).encode()
+                    )
                 except Exception:
                     pass  # the client is gone: the pump's read ends by itself
             raise
@@ -614,8 +635,9 @@ class Server(flight.FlightServerBase):
             return self.threads
         return max(1, (self._cores - 1) // max(1, self._stats.streams_active))
 
-    def _serve_batches(self, batches, options: QuantOptions, writer: _Writer,
-                       run: _StreamRun) -> None:
+    def _serve_batches(
+        self, batches, options: QuantOptions, writer: _Writer, run: _StreamRun
+    ) -> None:
         limit = self.max_batch_bytes
         st = self._stats
         index = 0
@@ -637,10 +659,12 @@ class Server(flight.FlightServerBase):
                     need = size + budget.output_bound(batch, options)
                     if need > self.memory_limit:  # refused at once, unless it is malformed
                         validate_batch(batch, where=f"input batch {index}")
-                    held.resize(need, self.memory_wait,
-                                f"input batch {index} ({batch.num_rows} rows, {size} bytes)")
-                    out, info = codec.process_batch(batch, options,
-                                                    threads=self._kernel_threads())
+                    held.resize(
+                        need,
+                        self.memory_wait,
+                        f"input batch {index} ({batch.num_rows} rows, {size} bytes)",
+                    )
+                    out, info = codec.process_batch(batch, options, threads=self._kernel_threads())
                     meta = info.to_dict()
                     meta["batch_index"] = index
                 finally:
@@ -738,8 +762,9 @@ class _Receiver:
     reservation and releases it when the batch is answered.
     """
 
-    def __init__(self, reader, memory: budget.MemoryBudget, reserve: int, wait: float,
-                 activity: Activity):
+    def __init__(
+        self, reader, memory: budget.MemoryBudget, reserve: int, wait: float, activity: Activity
+    ):
         self._reader = reader
         self._budget = memory
         self._reserve = reserve
@@ -868,8 +893,10 @@ class _StreamRun:
         self.bytes_out = 0
 
 
-_CUT = ("server is shutting down (drain deadline passed); resend the unanswered batches to "
-        "another server")
+_CUT = (
+    "server is shutting down (drain deadline passed); resend the unanswered batches to "
+    "another server"
+)
 
 _USE_EXCHANGE = (
     "flightquant serves DoExchange (command = options JSON) and the actions "

@@ -87,8 +87,9 @@ class LlamaQuantizer:
         if hasattr(self.lib, "ggml_quantize_init"):
             self.lib.ggml_quantize_init(t.ggml_type)
         if x.size:
-            self.lib.ggml_quantize_chunk(t.ggml_type, x.ctypes.data, out.ctypes.data, 0,
-                                         x.size // n_per_row, n_per_row, None)
+            self.lib.ggml_quantize_chunk(
+                t.ggml_type, x.ctypes.data, out.ctypes.data, 0, x.size // n_per_row, n_per_row, None
+            )
         return out
 
 

@@ -109,13 +109,15 @@ def codes_fields(field: pa.Field, options: QuantOptions) -> list[pa.Field]:
         md[PREFIX + "bits"] = str(options.bits)
         md[PREFIX + "scheme"] = options.scheme
         md[PREFIX + "group_size"] = str(options.group_size)
-    md.update({
-        PREFIX + "method": options.method,
-        PREFIX + "dtype": float_name(t.value_type),
-        PREFIX + "list_type": kind,
-        PREFIX + "value_field": t.value_field.name,
-        PREFIX + "value_nullable": "true" if t.value_field.nullable else "false",
-    })
+    md.update(
+        {
+            PREFIX + "method": options.method,
+            PREFIX + "dtype": float_name(t.value_type),
+            PREFIX + "list_type": kind,
+            PREFIX + "value_field": t.value_field.name,
+            PREFIX + "value_nullable": "true" if t.value_field.nullable else "false",
+        }
+    )
     if options.clip is not None:
         md[PREFIX + "clip"] = repr(options.clip)
     if kind == "fixed_size_list":
@@ -144,8 +146,14 @@ def codes_fields(field: pa.Field, options: QuantOptions) -> list[pa.Field]:
     return fields
 
 
-def tensor_bytes(numel: int, *, format: str = formats.NATIVE, bits: int | None = None,
-                 group_size: int | None = None, scheme: str | None = None) -> int:
+def tensor_bytes(
+    numel: int,
+    *,
+    format: str = formats.NATIVE,
+    bits: int | None = None,
+    group_size: int | None = None,
+    scheme: str | None = None,
+) -> int:
     """Bytes one quantized tensor of ``numel`` weights holds: its codes and every scale and
     zero-point byte (the count behind "bits per weight"; Arrow offsets and the int64
     ``numel`` are not counted). A ggml tensor must be whole blocks (``ValueError``).
@@ -158,7 +166,9 @@ def tensor_bytes(numel: int, *, format: str = formats.NATIVE, bits: int | None =
     if format != formats.NATIVE:
         t = formats.get(format)
         if numel % t.block_size:
-            raise ValueError(f"{numel} values is not a multiple of {t.name}'s block size {t.block_size}")
+            raise ValueError(
+                f"{numel} values is not a multiple of {t.name}'s block size {t.block_size}"
+            )
         return t.row_bytes(numel)
     groups = -(-numel // group_size)
     per_group = 8 if scheme == "asymmetric" else 4
@@ -217,7 +227,10 @@ def _short(text: str, limit: int = 80) -> str:
 
 def parse_codes_field(field: pa.Field) -> CodesMeta:
     """Read and check a codes field's metadata (``WireError`` says what is wrong)."""
-    md = {k.decode(errors="replace"): v.decode(errors="replace") for k, v in (field.metadata or {}).items()}
+    md = {
+        k.decode(errors="replace"): v.decode(errors="replace")
+        for k, v in (field.metadata or {}).items()
+    }
     name = _short(field.name)
 
     def get(key):
@@ -284,9 +297,21 @@ def parse_codes_field(field: pa.Field) -> CodesMeta:
         )
     nullable = md.get(PREFIX + "value_nullable", "true")
     if nullable not in ("true", "false"):
-        raise WireError(f"quantized column {name!r}: bad flightquant.value_nullable={_short(nullable)!r}")
-    return CodesMeta(int(version), fmt, bits, scheme, group_size, dtype, kind, list_size,
-                     md.get(PREFIX + "value_field", "item"), nullable == "true")
+        raise WireError(
+            f"quantized column {name!r}: bad flightquant.value_nullable={_short(nullable)!r}"
+        )
+    return CodesMeta(
+        int(version),
+        fmt,
+        bits,
+        scheme,
+        group_size,
+        dtype,
+        kind,
+        list_size,
+        md.get(PREFIX + "value_field", "item"),
+        nullable == "true",
+    )
 
 
 def stripped_metadata(field: pa.Field) -> dict | None:

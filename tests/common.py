@@ -52,22 +52,27 @@ LIST_TYPES = {
 }
 
 
-def make_batch(kind="list", dtype=np.float32, lengths=(300, 0, 17, 1, 129, 64), nulls=(),
-               seed=0, scale=1.0):
+def make_batch(
+    kind="list", dtype=np.float32, lengths=(300, 0, 17, 1, 129, 64), nulls=(), seed=0, scale=1.0
+):
     """``layer_name``, ``weights`` (float tensors, rows in ``nulls`` null) and ``step``.
 
     Fixed-size lists take ``max(lengths)`` elements per row."""
     rng = np.random.default_rng(seed)
     if kind == "fixed_size_list":
         lengths = [max(lengths)] * len(lengths)
-    rows = [None if i in nulls else (scale * rng.standard_normal(n)).astype(dtype)
-            for i, n in enumerate(lengths)]
+    rows = [
+        None if i in nulls else (scale * rng.standard_normal(n)).astype(dtype)
+        for i, n in enumerate(lengths)
+    ]
     t = LIST_TYPES[kind](pa.from_numpy_dtype(dtype), max(lengths))
-    return pa.record_batch({
-        "layer_name": [f"layer.{i}" for i in range(len(lengths))],
-        "weights": pa.array(rows, t),
-        "step": pa.array(np.arange(len(lengths), dtype=np.int64)),
-    })
+    return pa.record_batch(
+        {
+            "layer_name": [f"layer.{i}" for i in range(len(lengths))],
+            "weights": pa.array(rows, t),
+            "step": pa.array(np.arange(len(lengths), dtype=np.int64)),
+        }
+    )
 
 
 def unaligned(batch: pa.RecordBatch) -> pa.RecordBatch:
@@ -127,9 +132,15 @@ def expected_quantize(batch: pa.RecordBatch, options: QuantOptions) -> pa.Record
                 mx.append(float(np.abs(x_in - back).max(initial=0.0)))
                 continue
             q = reference.quantize_rows(
-                x, np.zeros(1, np.int64), np.array([x.size], np.int64), bits=options.bits,
-                scheme=options.scheme, group_size=options.group_size, method=options.method,
-                clip=options.clip, stats=True,
+                x,
+                np.zeros(1, np.int64),
+                np.array([x.size], np.int64),
+                bits=options.bits,
+                scheme=options.scheme,
+                group_size=options.group_size,
+                method=options.method,
+                clip=options.clip,
+                stats=True,
             )
             codes.append(q.codes.tobytes())
             scales.append(q.scales)
@@ -144,11 +155,16 @@ def expected_quantize(batch: pa.RecordBatch, options: QuantOptions) -> pa.Record
             if role == "codes":
                 arrays.append(pa.array([None if m else c for c, m in zip(codes, mask)], nf.type))
             elif role in ("scales", "zero_points"):
-                arrays.append(pa.array([None if m else v for v, m in zip(by_name[role], mask)],
-                                       nf.type))
+                arrays.append(
+                    pa.array([None if m else v for v, m in zip(by_name[role], mask)], nf.type)
+                )
             else:
-                arrays.append(pa.array(np.array(by_name[role], nf.type.to_pandas_dtype()), nf.type, mask=mask))
-    return pa.RecordBatch.from_arrays(arrays, schema=pa.schema(fields, metadata=batch.schema.metadata))
+                arrays.append(
+                    pa.array(np.array(by_name[role], nf.type.to_pandas_dtype()), nf.type, mask=mask)
+                )
+    return pa.RecordBatch.from_arrays(
+        arrays, schema=pa.schema(fields, metadata=batch.schema.metadata)
+    )
 
 
 ROLE_ORDER = ("scales", "zero_points", "numel", "mse", "max_abs_error")
@@ -186,19 +202,31 @@ def expected_dequantize(q: pa.RecordBatch) -> pa.RecordBatch:
                 continue
             data = np.frombuffer(col[i].as_py(), np.uint8)
             if m.ggml is not None:
-                x = ggml_reference.dequantize_blocks(data.reshape(-1, m.ggml.type_size),
-                                                     m.format).reshape(-1)
+                x = ggml_reference.dequantize_blocks(
+                    data.reshape(-1, m.ggml.type_size), m.format
+                ).reshape(-1)
             else:
-                n = m.list_size if m.kind == "fixed_size_list" else q.column(f"{f.name}_numel")[i].as_py()
+                n = (
+                    m.list_size
+                    if m.kind == "fixed_size_list"
+                    else q.column(f"{f.name}_numel")[i].as_py()
+                )
                 sc = np.asarray(q.column(f"{f.name}_scales")[i].values, np.float32)
-                zp = (np.asarray(q.column(f"{f.name}_zero_points")[i].values, np.float32)
-                      if m.scheme == "asymmetric" else None)
+                zp = (
+                    np.asarray(q.column(f"{f.name}_zero_points")[i].values, np.float32)
+                    if m.scheme == "asymmetric"
+                    else None
+                )
                 from flightquant.layout import make_layout
 
                 lay = make_layout(np.array([n]), m.bits, m.group_size)
-                x = reference.dequantize_rows(data[: lay.n_code_bytes], lay, sc[: lay.n_groups],
-                                              None if zp is None else zp[: lay.n_groups],
-                                              scheme=m.scheme)
+                x = reference.dequantize_rows(
+                    data[: lay.n_code_bytes],
+                    lay,
+                    sc[: lay.n_groups],
+                    None if zp is None else zp[: lay.n_groups],
+                    scheme=m.scheme,
+                )
             rows.append(x.astype(m.dtype))
         arrays.append(pa.array(rows, out_type))
     return pa.RecordBatch.from_arrays(arrays, schema=pa.schema(fields, metadata=q.schema.metadata))

@@ -29,7 +29,11 @@ def test_builds_without_copying_and_takes_source_columns():
     b = _arrow.make_batch(SCHEMA, 3, [0, _w_spec(values, offsets), 1], _source())
     b.validate(full=True)
     assert b.schema.equals(SCHEMA)
-    assert b.to_pydict() == {"id": [7, 8, 9], "w": [[0.0], [], [1, 2, 3, 4, 5]], "s": ["a", None, "c"]}
+    assert b.to_pydict() == {
+        "id": [7, 8, 9],
+        "w": [[0.0], [], [1, 2, 3, 4, 5]],
+        "s": ["a", None, "c"],
+    }
     assert b.column("w").values.buffers()[1].address == values.ctypes.data  # no copy
 
 
@@ -52,8 +56,11 @@ def test_buffers_live_exactly_as_long_as_the_batch():
 def test_released_from_another_thread():
     values = np.arange(6, dtype=np.float32)
     before = sys.getrefcount(values)
-    box = [_arrow.make_batch(SCHEMA, 3, [0, _w_spec(values, np.array([0, 1, 1, 6], np.int32)), 1],
-                             _source())]
+    box = [
+        _arrow.make_batch(
+            SCHEMA, 3, [0, _w_spec(values, np.array([0, 1, 1, 6], np.int32)), 1], _source()
+        )
+    ]
     t = threading.Thread(target=box.clear)
     t.start()
     t.join()
@@ -65,8 +72,9 @@ def test_arrays_passed_as_objects_and_errors_release_everything():
     values = np.arange(6, dtype=np.float32)
     before = sys.getrefcount(values)
     src = _source()
-    b = _arrow.make_batch(SCHEMA, 3, [src.column(0), _w_spec(values, np.array([0, 1, 1, 6], np.int32)),
-                                      src.column(1)])
+    b = _arrow.make_batch(
+        SCHEMA, 3, [src.column(0), _w_spec(values, np.array([0, 1, 1, 6], np.int32)), src.column(1)]
+    )
     assert b.column("s").equals(src.column(1))
     del b
     with pytest.raises(IndexError, match="no column 5"):
@@ -78,7 +86,11 @@ def test_arrays_passed_as_objects_and_errors_release_everything():
     assert _arrow.make_batch(SCHEMA, 2, [0, two, 1], part).column("s").to_pylist() == [None, "c"]
     del two
     with pytest.raises(ValueError, match="contiguous"):  # no single address to point at
-        _arrow.make_batch(SCHEMA, 3, [0, _w_spec(np.arange(12, dtype=np.float32)[::2],
-                                                 np.array([0, 1, 1, 6], np.int32)), 1], src)
+        _arrow.make_batch(
+            SCHEMA,
+            3,
+            [0, _w_spec(np.arange(12, dtype=np.float32)[::2], np.array([0, 1, 1, 6], np.int32)), 1],
+            src,
+        )
     gc.collect()
     assert sys.getrefcount(values) == before

@@ -13,19 +13,28 @@ import flightquant as fq
 from flightquant import codec, kernels, reference
 from flightquant.options import QuantOptions
 
-SCHEMES_BITS = [("asymmetric", 2), ("asymmetric", 4), ("asymmetric", 8), ("symmetric", 2),
-                ("symmetric", 4), ("symmetric", 8), ("ternary", 2)]
+SCHEMES_BITS = [
+    ("asymmetric", 2),
+    ("asymmetric", 4),
+    ("asymmetric", 8),
+    ("symmetric", 2),
+    ("symmetric", 4),
+    ("symmetric", 8),
+    ("ternary", 2),
+]
 
 
 def layer_batch(lengths=(300, 0, 17, 1, 129), dtype=np.float32, seed=0, list_type=pa.list_):
     rng = np.random.default_rng(seed)
     tensors = [rng.standard_normal(n).astype(dtype) for n in lengths]
     arrow_t = pa.from_numpy_dtype(dtype)
-    return pa.record_batch({
-        "layer_name": [f"layer.{i}.weight" for i in range(len(lengths))],
-        "weights": pa.array(tensors, list_type(arrow_t)),
-        "shape": pa.array([[n] for n in lengths], pa.list_(pa.int64())),
-    }), tensors
+    return pa.record_batch(
+        {
+            "layer_name": [f"layer.{i}.weight" for i in range(len(lengths))],
+            "weights": pa.array(tensors, list_type(arrow_t)),
+            "shape": pa.array([[n] for n in lengths], pa.list_(pa.int64())),
+        }
+    ), tensors
 
 
 def as_lists(col):
@@ -46,8 +55,11 @@ def test_round_trip_seed_schema(scheme, bits, group_size):
     batch, tensors = layer_batch()
     q = fq.quantize(batch, bits=bits, scheme=scheme, group_size=group_size)
     q.validate(full=True)  # the batch is assembled from raw buffers: sizes must agree
-    names = ["layer_name", "weights", "weights_scales"] + (
-        ["weights_zero_points"] if scheme == "asymmetric" else []) + ["weights_numel", "shape"]
+    names = (
+        ["layer_name", "weights", "weights_scales"]
+        + (["weights_zero_points"] if scheme == "asymmetric" else [])
+        + ["weights_numel", "shape"]
+    )
     assert q.schema.names == names
     assert q.column("layer_name").equals(batch.column("layer_name"))
     assert q.column("shape").equals(batch.column("shape"))
@@ -60,7 +72,9 @@ def test_round_trip_seed_schema(scheme, bits, group_size):
     d = fq.dequantize(q)
     d.validate(full=True)
     assert d.schema.equals(batch.schema)
-    for t, back, scales in zip(tensors, as_lists(d.column("weights")), as_lists(q.column("weights_scales"))):
+    for t, back, scales in zip(
+        tensors, as_lists(d.column("weights")), as_lists(q.column("weights_scales"))
+    ):
         assert back.dtype == np.float32 and back.shape == t.shape
         if scheme != "ternary":
             assert rtn_bound_ok(t, back, scales, group_size)
@@ -72,12 +86,16 @@ def test_codec_equals_reference(scheme, bits):
     q = fq.quantize(batch, bits=bits, scheme=scheme, group_size=32)
     flat = np.concatenate(tensors)
     lens = np.array([t.size for t in tensors])
-    ref = reference.quantize_rows(flat, np.cumsum(lens) - lens, lens, bits=bits, scheme=scheme, group_size=32)
+    ref = reference.quantize_rows(
+        flat, np.cumsum(lens) - lens, lens, bits=bits, scheme=scheme, group_size=32
+    )
     codes = b"".join(q.column("weights")[i].as_py() for i in range(len(tensors)))
     assert codes == ref.codes.tobytes()
     assert np.array_equal(pc.list_flatten(q.column("weights_scales")).to_numpy(), ref.scales)
     if scheme == "asymmetric":
-        assert np.array_equal(pc.list_flatten(q.column("weights_zero_points")).to_numpy(), ref.zero_points)
+        assert np.array_equal(
+            pc.list_flatten(q.column("weights_zero_points")).to_numpy(), ref.zero_points
+        )
 
 
 @pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
@@ -98,8 +116,9 @@ def test_fixed_size_list_with_null_rows():
     rng = np.random.default_rng(3)
     vals = rng.standard_normal((5, 40)).astype(np.float32)
     vals[1] = np.nan  # a null row's slot may hold anything
-    arr = pa.FixedSizeListArray.from_arrays(pa.array(vals.reshape(-1)), 40,
-                                            mask=pa.array([False, True, False, False, True]))
+    arr = pa.FixedSizeListArray.from_arrays(
+        pa.array(vals.reshape(-1)), 40, mask=pa.array([False, True, False, False, True])
+    )
     batch = pa.record_batch({"emb": arr})
     q = fq.quantize(batch, bits=4, group_size=16)
     assert q.schema.field("emb").type == pa.binary(20)
@@ -117,17 +136,28 @@ def test_fixed_size_list_with_null_rows():
 
 
 def test_null_rows_and_passthrough_columns():
-    batch = pa.record_batch({
-        "id": pa.array([1, 2, 3], pa.int64()),
-        "name": ["a", None, "c"],
-        "w": pa.array([[1.0, 2.0], None, [3.0]], pa.list_(pa.float32())),
-        "ints": pa.array([[1], [2], [3]], pa.list_(pa.int32())),
-        "nested": pa.array([{"x": 1}, {"x": 2}, {"x": 3}]),
-    })
+    batch = pa.record_batch(
+        {
+            "id": pa.array([1, 2, 3], pa.int64()),
+            "name": ["a", None, "c"],
+            "w": pa.array([[1.0, 2.0], None, [3.0]], pa.list_(pa.float32())),
+            "ints": pa.array([[1], [2], [3]], pa.list_(pa.int32())),
+            "nested": pa.array([{"x": 1}, {"x": 2}, {"x": 3}]),
+        }
+    )
     q = fq.quantize(batch)
     for name in ("id", "name", "ints", "nested"):
         assert q.column(name).equals(batch.column(name))
-    assert q.schema.names == ["id", "name", "w", "w_scales", "w_zero_points", "w_numel", "ints", "nested"]
+    assert q.schema.names == [
+        "id",
+        "name",
+        "w",
+        "w_scales",
+        "w_zero_points",
+        "w_numel",
+        "ints",
+        "nested",
+    ]
     assert q.column("w").to_pylist()[1] is None
     assert q.column("w_numel").to_pylist() == [2, None, 1]
     q.validate(full=True)
@@ -142,9 +172,15 @@ def test_sliced_batch_gives_the_slice_answer():
     part = fq.quantize(batch.slice(2, 2), bits=4, group_size=16)
     part.validate(full=True)
     assert part.column("weights").equals(whole.column("weights").slice(2, 2))
-    assert part.column("weights_scales").to_pylist() == whole.column("weights_scales").slice(2, 2).to_pylist()
+    assert (
+        part.column("weights_scales").to_pylist()
+        == whole.column("weights_scales").slice(2, 2).to_pylist()
+    )
     d = fq.dequantize(part)
-    assert d.column("weights").to_pylist() == fq.dequantize(whole).column("weights").slice(2, 2).to_pylist()
+    assert (
+        d.column("weights").to_pylist()
+        == fq.dequantize(whole).column("weights").slice(2, 2).to_pylist()
+    )
 
 
 def test_sliced_child_values():
@@ -172,7 +208,8 @@ def test_zero_points_stored_apart_from_scales_decode_the_same():
     scales_i = q.schema.get_field_index("weights_scales")
     s = q.column(scales_i)
     padded = pa.ListArray.from_arrays(
-        s.offsets, pa.concat_arrays([s.values, pa.array([7.0] * 5, pa.float32())]))
+        s.offsets, pa.concat_arrays([s.values, pa.array([7.0] * 5, pa.float32())])
+    )
     q_long = q.set_column(scales_i, q.schema.field(scales_i), padded)
     assert fq.dequantize(q_long).column("weights").equals(want)
 
@@ -207,14 +244,25 @@ def test_stats_columns():
     batch, tensors = layer_batch(lengths=(256, 0, 100))
     q = fq.quantize(batch, bits=4, group_size=64, stats=True)
     d = fq.dequantize(q)
-    for t, back, mse, mx in zip(tensors, as_lists(d.column("weights")), q.column("weights_mse").to_pylist(),
-                                q.column("weights_max_abs_error").to_pylist()):
+    for t, back, mse, mx in zip(
+        tensors,
+        as_lists(d.column("weights")),
+        q.column("weights_mse").to_pylist(),
+        q.column("weights_max_abs_error").to_pylist(),
+    ):
         err = back.astype(np.float64) - t
         assert mse == pytest.approx(float(np.mean(err**2)) if t.size else 0.0, rel=1e-9)
         assert mx == pytest.approx(float(np.abs(err).max(initial=0)), rel=1e-9)
-    out, info = codec.quantize_batch(batch, QuantOptions.from_mapping({"stats": True, "group_size": 64}))
-    assert info.sse == pytest.approx(sum(float(np.sum((b.astype(np.float64) - t) ** 2))
-                                         for t, b in zip(tensors, as_lists(d.column("weights")))), rel=1e-9)
+    out, info = codec.quantize_batch(
+        batch, QuantOptions.from_mapping({"stats": True, "group_size": 64})
+    )
+    assert info.sse == pytest.approx(
+        sum(
+            float(np.sum((b.astype(np.float64) - t) ** 2))
+            for t, b in zip(tensors, as_lists(d.column("weights")))
+        ),
+        rel=1e-9,
+    )
     assert info.elements == 356 and info.rows == 3 and info.output_bytes < info.input_bytes
 
 
@@ -239,7 +287,9 @@ def test_nan_names_column_row_key_and_element():
     vals[10 + 7] = np.inf
     arr = pa.ListArray.from_arrays(pa.array([0, 10, 30, 60], pa.int32()), pa.array(vals))
     batch = batch.set_column(1, "weights", arr)
-    with pytest.raises(fq.NonFiniteError, match=r"'weights', row 1 \('layer\.1\.weight'\), element 7") as e:
+    with pytest.raises(
+        fq.NonFiniteError, match=r"'weights', row 1 \('layer\.1\.weight'\), element 7"
+    ) as e:
         fq.quantize(batch)
     assert isinstance(e.value, ValueError) and e.value.row == 1 and e.value.element == 7
 
@@ -250,26 +300,39 @@ def test_null_element_inside_a_list_is_an_error():
         fq.quantize(pa.record_batch({"w": arr}))
 
 
-@pytest.mark.parametrize("column,match", [
-    ("ints", r"column 'ints' has type list<item: int32>.*float16, float32 or float64"),
-    ("missing", r"column 'missing' named in 'columns' is not in the batch; its columns are: 'w', 'ints'"),
-])
+@pytest.mark.parametrize(
+    "column,match",
+    [
+        ("ints", r"column 'ints' has type list<item: int32>.*float16, float32 or float64"),
+        (
+            "missing",
+            r"column 'missing' named in 'columns' is not in the batch; its columns are: 'w', 'ints'",
+        ),
+    ],
+)
 def test_bad_columns(column, match):
-    batch = pa.record_batch({"w": pa.array([[1.0]], pa.list_(pa.float32())),
-                             "ints": pa.array([[1]], pa.list_(pa.int32()))})
+    batch = pa.record_batch(
+        {
+            "w": pa.array([[1.0]], pa.list_(pa.float32())),
+            "ints": pa.array([[1]], pa.list_(pa.int32())),
+        }
+    )
     with pytest.raises(fq.CodecError, match=match):
         fq.quantize(batch, columns=[column])
 
 
-@pytest.mark.parametrize("kwargs,match", [
-    ({"bits": 3}, r"bits must be one of 2, 4, 8, got 3"),
-    ({"scheme": "nf4"}, r"scheme must be one of 'asymmetric', 'symmetric', 'ternary'"),
-    ({"group_size": 0}, r"group_size must be an integer from 1"),
-    ({"method": "gptq"}, r"method must be one of 'rtn', 'mse'"),
-    ({"clip": -1.0}, r"clip must be a positive finite number"),
-    ({"scheme": "ternary", "bits": 4}, r"ternary codes .* always stored in 2 bits"),
-    ({"stats": "yes"}, r"stats must be true or false"),
-])
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"bits": 3}, r"bits must be one of 2, 4, 8, got 3"),
+        ({"scheme": "nf4"}, r"scheme must be one of 'asymmetric', 'symmetric', 'ternary'"),
+        ({"group_size": 0}, r"group_size must be an integer from 1"),
+        ({"method": "gptq"}, r"method must be one of 'rtn', 'mse'"),
+        ({"clip": -1.0}, r"clip must be a positive finite number"),
+        ({"scheme": "ternary", "bits": 4}, r"ternary codes .* always stored in 2 bits"),
+        ({"stats": "yes"}, r"stats must be true or false"),
+    ],
+)
 def test_bad_options_fail_before_any_work(kwargs, match):
     with pytest.raises(fq.OptionsError, match=match):
         fq.quantize(object(), **kwargs)  # validated before the data is even looked at
@@ -373,7 +436,9 @@ def test_quantize_arrays_equals_quantize():
     res = fq.quantize_arrays(arrays, bits=4, scheme="symmetric", group_size=64)
     batch, _ = layer_batch(lengths=(300,), seed=0)
     for name, t in arrays.items():
-        b = pa.record_batch({"layer_name": [name], "weights": pa.array([t], pa.list_(pa.float32()))})
+        b = pa.record_batch(
+            {"layer_name": [name], "weights": pa.array([t], pa.list_(pa.float32()))}
+        )
         q = fq.quantize(b, bits=4, scheme="symmetric", group_size=64)
         assert q.column("weights")[0].as_py() == res[name].codes.tobytes()
         assert q.column("weights_scales")[0].values.to_numpy().tolist() == res[name].scales.tolist()
@@ -386,14 +451,19 @@ def test_quantize_arrays_equals_quantize():
 def _strip_key(batch, column, key):
     field = batch.schema.field(column)
     md = {k: v for k, v in field.metadata.items() if k != key}
-    return batch.cast(batch.schema.set(batch.schema.get_field_index(column), field.with_metadata(md)))
+    return batch.cast(
+        batch.schema.set(batch.schema.get_field_index(column), field.with_metadata(md))
+    )
 
 
-@pytest.mark.parametrize("key,match", [
-    (b"flightquant.format_version", "lacks metadata key 'flightquant.format_version'"),
-    (b"flightquant.role", "lacks flightquant.role='codes'"),
-    (b"flightquant.bits", "lacks metadata key 'flightquant.bits'"),
-])
+@pytest.mark.parametrize(
+    "key,match",
+    [
+        (b"flightquant.format_version", "lacks metadata key 'flightquant.format_version'"),
+        (b"flightquant.role", "lacks flightquant.role='codes'"),
+        (b"flightquant.bits", "lacks metadata key 'flightquant.bits'"),
+    ],
+)
 def test_damaged_codes_metadata_is_an_error(key, match):
     q = fq.quantize(layer_batch()[0])
     with pytest.raises(fq.CodecError, match=match):
@@ -402,7 +472,10 @@ def test_damaged_codes_metadata_is_an_error(key, match):
 
 def test_orphan_derived_column_and_bad_nullable_are_errors():
     q = fq.quantize(layer_batch()[0])
-    with pytest.raises(fq.CodecError, match="'weights_scales' holds flightquant scales of quantized column 'weights', which is not in the batch"):
+    with pytest.raises(
+        fq.CodecError,
+        match="'weights_scales' holds flightquant scales of quantized column 'weights', which is not in the batch",
+    ):
         fq.dequantize(q.drop_columns(["weights"]))
     field = q.schema.field("weights")
     bad = field.with_metadata({**field.metadata, b"flightquant.value_nullable": b"maybe"})

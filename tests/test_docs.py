@@ -32,10 +32,19 @@ def test_readme_python_api_example_runs():
     assert namespace["q2"].equals(namespace["q"])
 
 
-@pytest.mark.parametrize("module", ["flightquant.options", "flightquant.reference", "flightquant.codec",
-                                    "flightquant.api", "flightquant.kernels",
-                                    "flightquant.validate", "flightquant.budget",
-                                    "flightquant.errors"])
+@pytest.mark.parametrize(
+    "module",
+    [
+        "flightquant.options",
+        "flightquant.reference",
+        "flightquant.codec",
+        "flightquant.api",
+        "flightquant.kernels",
+        "flightquant.validate",
+        "flightquant.budget",
+        "flightquant.errors",
+    ],
+)
 def test_docstring_examples(module):
     mod = importlib.import_module(module)
     result = doctest.testmod(mod, optionflags=doctest.NORMALIZE_WHITESPACE)
@@ -49,9 +58,14 @@ def test_readme_plain_flight_example_runs(capsys):
     import flightquant as fq
 
     block = next(b for b in code_blocks("python") if "flight.connect" in b)
-    table = pa.table({"layer_name": ["a", "b"],
-                      "weights": pa.array([np.ones(300, np.float32), np.arange(5, dtype=np.float32)],
-                                          pa.list_(pa.float32()))})
+    table = pa.table(
+        {
+            "layer_name": ["a", "b"],
+            "weights": pa.array(
+                [np.ones(300, np.float32), np.arange(5, dtype=np.float32)], pa.list_(pa.float32())
+            ),
+        }
+    )
     with fq.Server("grpc://127.0.0.1:0") as server:
         code = block.replace("grpc://127.0.0.1:8815", server.location)
         exec(compile(code, "README.md", "exec"), {"table": table})

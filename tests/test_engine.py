@@ -56,15 +56,22 @@ def test_batches_equal_the_reference(kind, dtype, opts):
     options = QuantOptions.from_mapping(opts)
     q, qi, d, di = check(batch, options, threads=2)
     elements = sum(len(r) for r in batch.column("weights").to_pylist() if r is not None)
-    assert (qi.rows, qi.elements, qi.input_bytes) == (batch.num_rows, elements,
-                                                       batch.get_total_buffer_size())
+    assert (qi.rows, qi.elements, qi.input_bytes) == (
+        batch.num_rows,
+        elements,
+        batch.get_total_buffer_size(),
+    )
     assert qi.kernel_seconds > 0 and qi.output_bytes == q.get_total_buffer_size()
     assert d.schema.equals(batch.schema)
     assert (di.rows, di.elements) == (batch.num_rows, elements)
     if options.stats:
         assert qi.sse is not None and qi.max_abs_error is not None
-        assert qi.sse == pytest.approx(sum(np.asarray(q.column("weights_mse").fill_null(0))
-                                           * [len(r or []) for r in batch.column("weights").to_pylist()]))
+        assert qi.sse == pytest.approx(
+            sum(
+                np.asarray(q.column("weights_mse").fill_null(0))
+                * [len(r or []) for r in batch.column("weights").to_pylist()]
+            )
+        )
 
 
 @pytest.mark.parametrize("kind", list(LIST_TYPES))
@@ -102,8 +109,10 @@ def test_many_columns_and_rows():
     rng = np.random.default_rng(3)
     cols = {"key": [f"k{i}" for i in range(300)]}
     for c in range(3):
-        cols[f"w{c}"] = pa.array([rng.standard_normal(rng.integers(0, 200)).astype(np.float32)
-                                  for _ in range(300)], pa.list_(pa.float32()))
+        cols[f"w{c}"] = pa.array(
+            [rng.standard_normal(rng.integers(0, 200)).astype(np.float32) for _ in range(300)],
+            pa.list_(pa.float32()),
+        )
         cols[f"extra{c}"] = pa.array(rng.integers(0, 9, 300))
     batch = pa.record_batch(cols)
     options = QuantOptions.from_mapping({"bits": 2, "group_size": 3})
@@ -150,17 +159,23 @@ def test_errors_keep_their_messages():
     bad = bad.set_column(1, "weights", col)
     with pytest.raises(NonFiniteError, match=r"'weights', row 2 \('layer.2'\).*element 5"):
         fq.quantize(bad, bits=4)
-    nulls = pa.ListArray.from_arrays(bad.column("weights").offsets,
-                                     pa.array(values.tolist()[:305] + [None] + values.tolist()[306:],
-                                              pa.float32()))
-    with pytest.raises(codec.CodecError, match=r"null element in column 'weights', row 2 "
-                                               r"\('layer.2'\), element 5"):
+    nulls = pa.ListArray.from_arrays(
+        bad.column("weights").offsets,
+        pa.array(values.tolist()[:305] + [None] + values.tolist()[306:], pa.float32()),
+    )
+    with pytest.raises(
+        codec.CodecError,
+        match=r"null element in column 'weights', row 2 "
+        r"\('layer.2'\), element 5",
+    ):
         fq.quantize(bad.set_column(1, "weights", nulls), bits=4)
 
 
 def test_malformed_codes_never_read_outside_their_buffer(monkeypatch):
     # offsets that only full validation rejects: row 0 ends past the 6 data bytes
-    q, _ = codec.quantize_batch(make_batch(lengths=[12, 12]), QuantOptions.from_mapping({"bits": 4}))
+    q, _ = codec.quantize_batch(
+        make_batch(lengths=[12, 12]), QuantOptions.from_mapping({"bits": 4})
+    )
     codes = q.column("weights")
     bad_offsets = pa.py_buffer(np.array([0, 64, 12], np.int32).tobytes())
     forged = pa.Array.from_buffers(pa.binary(), 2, [None, bad_offsets, codes.buffers()[2]])
@@ -188,7 +203,9 @@ def test_thread_counts_agree(threads):
     want, _ = codec.quantize_batch(batch, QuantOptions(), threads=1)
     got, _ = codec.quantize_batch(batch, QuantOptions(), threads=threads)
     assert_same(got, want)
-    assert_same(codec.dequantize_batch(got, threads=threads)[0], codec.dequantize_batch(want, threads=1)[0])
+    assert_same(
+        codec.dequantize_batch(got, threads=threads)[0], codec.dequantize_batch(want, threads=1)[0]
+    )
 
 
 def test_plans_are_built_once_per_schema():

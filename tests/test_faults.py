@@ -32,9 +32,19 @@ def test_soak_ci(tmp_path):
     report = tmp_path / "soak.json"
     batches = os.environ.get("FQ_SOAK_BATCHES", "2400")
     run = subprocess.run(
-        [sys.executable, os.path.join(ROOT, "benchmarks", "soak.py"), "--batches", batches,
-         "--warmup", "2000", "--json", str(report)],
-        capture_output=True, text=True, timeout=600,
+        [
+            sys.executable,
+            os.path.join(ROOT, "benchmarks", "soak.py"),
+            "--batches",
+            batches,
+            "--warmup",
+            "2000",
+            "--json",
+            str(report),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert report.exists(), run.stdout[-2000:] + run.stderr[-2000:]
     out = json.loads(report.read_text())

@@ -49,7 +49,13 @@ def _assert_same_tensors(got: dict, want: dict) -> None:
         if w.zero_points is not None:
             assert g.zero_points.tobytes() == w.zero_points.tobytes(), name
         assert (g.shape, g.dtype, g.bits, g.scheme, g.group_size, g.numel) == (
-            w.shape, w.dtype, w.bits, w.scheme, w.group_size, w.numel), name
+            w.shape,
+            w.dtype,
+            w.bits,
+            w.scheme,
+            w.group_size,
+            w.numel,
+        ), name
 
 
 # --------------------------------------------------------------------------- containers
@@ -85,8 +91,11 @@ def test_quantize_arrays_equals_in_process(server):
     s = server()
     arrays = _arrays()
     with Client(s.location) as client:
-        for options in ({}, {"bits": 8, "group_size": 32, "method": "mse"},
-                        {"scheme": "ternary", "group_size": 64}):
+        for options in (
+            {},
+            {"bits": 8, "group_size": 32, "method": "mse"},
+            {"scheme": "ternary", "group_size": 64},
+        ):
             got = client.quantize_arrays(arrays, **options)
             _assert_same_tensors(got, fq.quantize_arrays(arrays, **options))
         restored = fq.dequantize_arrays(client.quantize_arrays(arrays, bits=8))
@@ -184,7 +193,9 @@ def test_internal_error_with_read_ahead_is_not_retried(server, monkeypatch):
     monkeypatch.setattr(codec, "process_batch", flaky)
     a, b = server(), server()
     with Client([a.location, b.location]) as client:
-        with pytest.raises(flight.FlightInternalError, match="internal error: RuntimeError: kernel"):
+        with pytest.raises(
+            flight.FlightInternalError, match="internal error: RuntimeError: kernel"
+        ):
             list(client.quantize(make_layer_batch(2 * i, 2) for i in range(5)))
     wait_for(lambda: a.stats()["errors"]["internal"] == 1, what="a to count the error")
     assert b.stats()["batches"] == 0
@@ -304,7 +315,9 @@ def test_batches_with_different_schemas_go_in_separate_streams(server):
     )
     with Client(s.location) as client:
         out = list(client.quantize([b32, b64, b32]))
-    assert [o.equals(fq.quantize(b)) for o, b in zip(out, [b32, b64, b32], strict=True)] == [True] * 3
+    assert [o.equals(fq.quantize(b)) for o, b in zip(out, [b32, b64, b32], strict=True)] == [
+        True
+    ] * 3
     assert s.stats()["streams_served"] == 3
 
 
@@ -402,7 +415,9 @@ def test_failover_when_a_server_drains_mid_job(server):
 def _start_cli_server() -> tuple[subprocess.Popen, str]:
     proc = subprocess.Popen(
         [sys.executable, "-m", "flightquant", "serve", "--port", "0", "--log-level", "WARNING"],
-        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
     )
     lines: queue.Queue = queue.Queue()
     threading.Thread(target=lambda: lines.put(proc.stdout.readline()), daemon=True).start()
@@ -516,7 +531,11 @@ print("ok")
 def test_a_refused_stream_never_aborts_the_process():
     """The race itself, 3000 times in a child process (before the fix: SIGABRT in two
     runs of three of 2000 calls)."""
-    proc = subprocess.run([sys.executable, "-c", _REFUSED_MANY_TIMES, "3000"],
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-c", _REFUSED_MANY_TIMES, "3000"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.strip() == "ok"

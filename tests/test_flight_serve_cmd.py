@@ -25,7 +25,9 @@ class _Serve:
     def __init__(self, *args: str):
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "flightquant", "serve", *args],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
         )
         self.lines: queue.Queue = queue.Queue()
         threading.Thread(target=self._pump, daemon=True).start()
@@ -74,8 +76,18 @@ def _health(port: int) -> int:
 
 
 def test_serve_prints_location_answers_and_exits_zero_on_sigterm(serve):
-    s = serve("--port", "0", "--health-port", "0", "--max-streams", "3",
-              "--max-batch-bytes", "64MiB", "--threads", "1")
+    s = serve(
+        "--port",
+        "0",
+        "--health-port",
+        "0",
+        "--max-streams",
+        "3",
+        "--max-batch-bytes",
+        "64MiB",
+        "--threads",
+        "1",
+    )
     line = s.first_line()
     assert line.startswith("flightquant serving on grpc://127.0.0.1:"), line
     location = line.split()[3]
@@ -86,7 +98,10 @@ def test_serve_prints_location_answers_and_exits_zero_on_sigterm(serve):
         assert client.health()["status"] == "ok"
         config = client.config()
         assert (config["max_streams"], config["max_batch_bytes"], config["threads"]) == (
-            3, 64 << 20, 1)
+            3,
+            64 << 20,
+            1,
+        )
         assert client.quantize(batch, bits=8).equals(fq.quantize(batch, bits=8))
     s.proc.send_signal(signal.SIGTERM)
     assert s.proc.wait(30) == 0
@@ -133,7 +148,9 @@ def test_sigterm_drains_a_running_stream(serve):
 def test_bad_arguments_exit_2_with_one_line(args, fragment):
     proc = subprocess.run(
         [sys.executable, "-m", "flightquant", "serve", "--port", "0", *args],
-        capture_output=True, text=True, timeout=60,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert proc.returncode == 2
     assert fragment in proc.stderr
@@ -145,7 +162,9 @@ def test_busy_port_exits_2(serve):
     port = s.first_line().rsplit(":", 1)[1]
     proc = subprocess.run(
         [sys.executable, "-m", "flightquant", "serve", "--port", port],
-        capture_output=True, text=True, timeout=60,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert proc.returncode == 2
     assert "in use" in proc.stderr and "Traceback" not in proc.stderr

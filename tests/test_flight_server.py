@@ -127,15 +127,21 @@ def _nan_batch() -> pa.RecordBatch:
 
 BAD = [
     pytest.param(b"{not json", make_layer_batch, ["JSON", "bits"], id="invalid-json"),
-    pytest.param(b'{"bitz": 4}', make_layer_batch, ["unknown option", "bitz", "valid options"],
-                 id="unknown-key"),
+    pytest.param(
+        b'{"bitz": 4}',
+        make_layer_batch,
+        ["unknown option", "bitz", "valid options"],
+        id="unknown-key",
+    ),
     pytest.param(b'{"bits": 3}', make_layer_batch, ["bits", "2, 4, 8", "3"], id="bits-3"),
-    pytest.param(b'{"scheme": "fancy"}', make_layer_batch, ["scheme", "asymmetric", "fancy"],
-                 id="bad-scheme"),
+    pytest.param(
+        b'{"scheme": "fancy"}', make_layer_batch, ["scheme", "asymmetric", "fancy"], id="bad-scheme"
+    ),
     pytest.param(b"[4]", make_layer_batch, ["JSON object"], id="not-an-object"),
     pytest.param(b"{}", _nan_batch, ["nan", "layer.1", "element 17", "weights"], id="nan"),
-    pytest.param(b'{"columns": ["layer_name"]}', make_layer_batch, ["layer_name"],
-                 id="non-float-column"),
+    pytest.param(
+        b'{"columns": ["layer_name"]}', make_layer_batch, ["layer_name"], id="non-float-column"
+    ),
     pytest.param(b'{"columns": ["nope"]}', make_layer_batch, ["nope"], id="missing-column"),
 ]
 
@@ -268,8 +274,14 @@ def test_actions_health_stats_config(server):
     assert stats["rows"] == 6
     assert stats["elements"] == 2 * sum(len(x) for x in batch.column("weights").to_pylist())
     assert stats["bytes_in"] > stats["bytes_out"] > 0
-    assert set(stats["errors"]) == {"invalid_argument", "unavailable", "resource_exhausted",
-                                    "deadline_exceeded", "internal", "cancelled"}
+    assert set(stats["errors"]) == {
+        "invalid_argument",
+        "unavailable",
+        "resource_exhausted",
+        "deadline_exceeded",
+        "internal",
+        "cancelled",
+    }
     assert stats["memory"]["reserved"] == 0  # every reservation was given back
     assert stats["memory"]["peak_reserved"] >= 2 << 20  # 2 x max_batch_bytes before a read
 
@@ -308,7 +320,9 @@ def test_concurrent_clients_all_get_correct_results(server):
 
     def work(k: int) -> None:
         try:
-            batches = [make_layer_batch(100 * k + 3 * j, 3, elements=2000) for j in range(n_batches)]
+            batches = [
+                make_layer_batch(100 * k + 3 * j, 3, elements=2000) for j in range(n_batches)
+            ]
             with flight.connect(s.location) as client:
                 writer, reader = client.do_exchange(_cmd({"bits": 4, "group_size": 64}))
                 writer.begin(SEED_SCHEMA)
@@ -358,7 +372,8 @@ def test_killed_client_frees_its_stream_slot(server):
     s = server(max_streams=1)
     proc = subprocess.Popen(
         [sys.executable, "-c", _KILLED_CLIENT, s.location],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
     )
     try:
         assert proc.stdout.readline().strip() == b"streaming"
@@ -498,8 +513,15 @@ def test_one_log_line_per_stream_and_no_token_in_logs(server, caplog):
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("stream ")]
     assert len(lines) == 1, lines
     line = lines[0]
-    for fragment in ("peer=", "op=quantize", "batches=1", "bytes_in=", "bytes_out=", "seconds=",
-                     "outcome=ok"):
+    for fragment in (
+        "peer=",
+        "op=quantize",
+        "batches=1",
+        "bytes_in=",
+        "bytes_out=",
+        "seconds=",
+        "outcome=ok",
+    ):
         assert fragment in line, (fragment, line)
     assert all(token not in r.getMessage() for r in caplog.records)
     assert _action_with_token(s.location, token)["auth"] is True

@@ -37,8 +37,15 @@ TYPES = list(formats.GGML_TYPES)
 GGUF_QUANTIZES = ["Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "TQ1_0", "TQ2_0"]
 
 
-def ggml_batch(t: formats.GgmlType, kind="list", dtype=np.float32, blocks=(3, 0, 1, 2),
-               nulls=(), seed=0, heavy=True) -> pa.RecordBatch:
+def ggml_batch(
+    t: formats.GgmlType,
+    kind="list",
+    dtype=np.float32,
+    blocks=(3, 0, 1, 2),
+    nulls=(),
+    seed=0,
+    heavy=True,
+) -> pa.RecordBatch:
     """Rows of whole blocks of Student-t(3) weights (real weights are heavy-tailed)."""
     rng = np.random.default_rng(seed)
     if kind == "fixed_size_list":
@@ -49,11 +56,13 @@ def ggml_batch(t: formats.GgmlType, kind="list", dtype=np.float32, blocks=(3, 0,
         x = rng.standard_t(3, n) if heavy else rng.standard_normal(n)
         rows.append(None if i in nulls else (0.02 * x).astype(dtype))
     typ = LIST_TYPES[kind](pa.from_numpy_dtype(dtype), max(blocks) * t.block_size)
-    return pa.record_batch({
-        "layer_name": [f"blk.{i}.weight" for i in range(len(blocks))],
-        "weights": pa.array(rows, typ),
-        "step": pa.array(np.arange(len(blocks), dtype=np.int64)),
-    })
+    return pa.record_batch(
+        {
+            "layer_name": [f"blk.{i}.weight" for i in range(len(blocks))],
+            "weights": pa.array(rows, typ),
+            "step": pa.array(np.arange(len(blocks), dtype=np.int64)),
+        }
+    )
 
 
 @pytest.mark.parametrize("name", TYPES)
@@ -82,7 +91,9 @@ def test_codes_are_ggml_bytes_and_decode_as_gguf_py_decodes(name, method):
         blocks = np.frombuffer(codes, np.uint8).reshape(-1, t.type_size)
         decoded = gguf_dequantize(blocks, gguf.GGMLQuantizationType[name]).reshape(-1)
         got = np.asarray(back.column("weights")[i].values, np.float32)
-        np.testing.assert_array_equal(got.view(np.uint32), decoded.astype(np.float32).view(np.uint32))
+        np.testing.assert_array_equal(
+            got.view(np.uint32), decoded.astype(np.float32).view(np.uint32)
+        )
 
 
 @pytest.mark.parametrize("name", ["Q8_0", "Q4_K", "Q2_K", "TQ2_0", "Q5_1"])
@@ -91,16 +102,23 @@ def test_codes_are_ggml_bytes_and_decode_as_gguf_py_decodes(name, method):
 def test_batches_equal_the_reference(name, kind, dtype):
     t = formats.get(name)
     batch = ggml_batch(t, kind, dtype, nulls={2})
-    for opts in ({"format": name}, {"format": name, "method": "mse", "stats": True},
-                 {"format": name, "clip": 0.05}, {"format": name, "clip": 0.03, "stats": True}):
+    for opts in (
+        {"format": name},
+        {"format": name, "method": "mse", "stats": True},
+        {"format": name, "clip": 0.05},
+        {"format": name, "clip": 0.03, "stats": True},
+    ):
         options = QuantOptions.from_mapping(opts)
         q, info = codec.quantize_batch(batch, options, threads=2)
         assert_same(q, expected_quantize(batch, options))
         d, dinfo = codec.dequantize_batch(q, threads=2)
         assert_same(d, expected_dequantize(q))
         assert d.schema.equals(batch.schema)
-        assert info.elements == dinfo.elements == sum(
-            len(r) for r in batch.column("weights").to_pylist() if r is not None)
+        assert (
+            info.elements
+            == dinfo.elements
+            == sum(len(r) for r in batch.column("weights").to_pylist() if r is not None)
+        )
         if options.stats:
             assert info.sse > 0 and info.max_abs_error > 0
 
@@ -136,13 +154,23 @@ def test_mse_is_never_worse_than_rtn_on_heavy_tailed_weights():
 
 def test_errors_name_the_row_and_the_valid_values():
     t = formats.get("Q4_K")
-    bad = pa.record_batch({"layer_name": ["a", "b"],
-                           "weights": pa.array([np.ones(256, np.float32), np.ones(100, np.float32)],
-                                               pa.list_(pa.float32()))})
-    with pytest.raises(codec.CodecError, match=r"row 1 \('b'\): 100 elements is not a multiple of "
-                                               r"Q4_K block size 256"):
+    bad = pa.record_batch(
+        {
+            "layer_name": ["a", "b"],
+            "weights": pa.array(
+                [np.ones(256, np.float32), np.ones(100, np.float32)], pa.list_(pa.float32())
+            ),
+        }
+    )
+    with pytest.raises(
+        codec.CodecError,
+        match=r"row 1 \('b'\): 100 elements is not a multiple of "
+        r"Q4_K block size 256",
+    ):
         fq.quantize(bad, format="Q4_K")
-    fixed = pa.record_batch({"w": pa.array([np.ones(100, np.float32)], pa.list_(pa.float32(), 100))})
+    fixed = pa.record_batch(
+        {"w": pa.array([np.ones(100, np.float32)], pa.list_(pa.float32(), 100))}
+    )
     with pytest.raises(codec.CodecError, match="not whole Q4_K blocks of 256"):
         fq.quantize(fixed, format="Q4_K")
     for extra in ({"bits": 4}, {"group_size": 32}, {"scheme": "symmetric"}):
@@ -153,14 +181,23 @@ def test_errors_name_the_row_and_the_valid_values():
     nan = np.ones(t.block_size, np.float32)
     nan[7] = np.nan
     with pytest.raises(fq.NonFiniteError, match=r"row 0 \('a'\), element 7"):
-        fq.quantize(pa.record_batch({"layer_name": ["a"], "weights": pa.array([nan], pa.list_(pa.float32()))}),
-                    format="Q4_K")
+        fq.quantize(
+            pa.record_batch(
+                {"layer_name": ["a"], "weights": pa.array([nan], pa.list_(pa.float32()))}
+            ),
+            format="Q4_K",
+        )
     # truncated codes: not a whole number of blocks
     q = fq.quantize(bad.slice(0, 1), format="Q4_K")
     codes = q.column("weights")
-    cut = pa.Array.from_buffers(pa.binary(), 1, [None, pa.py_buffer(np.array([0, 143], np.int32).tobytes()),
-                                                 codes.buffers()[2]])
-    with pytest.raises(codec.CodecError, match="143 code bytes is not a whole number of Q4_K blocks of 144"):
+    cut = pa.Array.from_buffers(
+        pa.binary(),
+        1,
+        [None, pa.py_buffer(np.array([0, 143], np.int32).tobytes()), codes.buffers()[2]],
+    )
+    with pytest.raises(
+        codec.CodecError, match="143 code bytes is not a whole number of Q4_K blocks of 144"
+    ):
         fq.dequantize(q.set_column(1, q.schema.field("weights"), cut))
 
 
@@ -172,7 +209,9 @@ def test_quantize_arrays_with_a_ggml_format():
     back = r.dequantize()
     assert back.shape == w.shape
     blocks = r.codes.reshape(-1, 176)
-    np.testing.assert_array_equal(back.reshape(-1), gguf_dequantize(blocks, gguf.GGMLQuantizationType.Q5_K).reshape(-1))
+    np.testing.assert_array_equal(
+        back.reshape(-1), gguf_dequantize(blocks, gguf.GGMLQuantizationType.Q5_K).reshape(-1)
+    )
 
 
 @pytest.mark.parametrize("name", ["Q4_K", "Q8_0", "TQ2_0"])
@@ -180,7 +219,9 @@ def test_server_speaks_the_same_bytes_to_a_plain_flight_client(server, name):
     t = formats.get(name)
     s = server()
     batches = [ggml_batch(t, seed=i) for i in range(3)]
-    command = flight.FlightDescriptor.for_command(json.dumps({"format": name, "method": "mse"}).encode())
+    command = flight.FlightDescriptor.for_command(
+        json.dumps({"format": name, "method": "mse"}).encode()
+    )
     with flight.connect(s.location) as client:
         writer, reader = client.do_exchange(command)
         writer.begin(batches[0].schema)
@@ -201,6 +242,10 @@ def test_server_speaks_the_same_bytes_to_a_plain_flight_client(server, name):
     assert back.equals(fq.dequantize(pa.Table.from_batches(got)))
     with flight.connect(s.location) as client:
         with pytest.raises(pa.ArrowInvalid, match="cannot be given with format") as info:
-            exchange(client, json.dumps({"format": name, "bits": 4}).encode(), batches[0].schema,
-                     batches[:1])
+            exchange(
+                client,
+                json.dumps({"format": name, "bits": 4}).encode(),
+                batches[0].schema,
+                batches[:1],
+            )
         assert_clean(info.value)

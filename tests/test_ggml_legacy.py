@@ -96,7 +96,9 @@ LLAMA = llama_quantizer()
 
 
 @pytest.mark.llama
-@pytest.mark.skipif(LLAMA is None, reason="llama.cpp's libggml-base is not installed (llama-cpp-python)")
+@pytest.mark.skipif(
+    LLAMA is None, reason="llama.cpp's libggml-base is not installed (llama-cpp-python)"
+)
 @pytest.mark.parametrize("name", TYPES)
 def test_rtn_bytes_equal_llama_cpp(name):
     t = formats.get(name)

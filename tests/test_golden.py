@@ -17,7 +17,9 @@ OPTIONS = {
     "asym4_g32_list": dict(bits=4, scheme="asymmetric", group_size=32),
     "sym8_g7_fixed": dict(bits=8, scheme="symmetric", group_size=7),
     "ternary_g16_large": dict(scheme="ternary", group_size=16),
-    "asym2_g3_mse_f16_stats": dict(bits=2, scheme="asymmetric", group_size=3, method="mse", stats=True),
+    "asym2_g3_mse_f16_stats": dict(
+        bits=2, scheme="asymmetric", group_size=3, method="mse", stats=True
+    ),
 }
 
 

@@ -66,8 +66,15 @@ def _assert_same(got, want, stats=False):
 
 def _roundtrip_same(q, scheme, **kw):
     got = kernels.dequantize_rows(q.codes, q.layout, q.scales, q.zero_points, scheme=scheme, **kw)
-    want = reference.dequantize_rows(q.codes, q.layout, q.scales, q.zero_points, scheme=scheme,
-                                     out_starts=kw.get("out_starts"), out_size=kw.get("out_size"))
+    want = reference.dequantize_rows(
+        q.codes,
+        q.layout,
+        q.scales,
+        q.zero_points,
+        scheme=scheme,
+        out_starts=kw.get("out_starts"),
+        out_size=kw.get("out_size"),
+    )
     assert got.dtype == F32 and got.tobytes() == want.tobytes()
     return got
 
@@ -127,8 +134,10 @@ def test_mse_isa_default_is_the_best_available():
         _kernels.mse_isa("avx9000")
 
 
-@pytest.mark.parametrize("clip,stats,dtype", [(None, False, np.float32), (1.5, True, np.float32),
-                                              (None, True, np.float64)])
+@pytest.mark.parametrize(
+    "clip,stats,dtype",
+    [(None, False, np.float32), (1.5, True, np.float32), (None, True, np.float64)],
+)
 @pytest.mark.parametrize("group_size", [3, 33, 128, 1100])
 @pytest.mark.parametrize("scheme,bits", SCHEME_BITS)
 def test_parity_mse_every_isa(mse_isa, scheme, bits, group_size, clip, stats, dtype):
@@ -136,14 +145,15 @@ def test_parity_mse_every_isa(mse_isa, scheme, bits, group_size, clip, stats, dt
     x, starts, lens = _rows([1100, 33, 129, 5, 0, 64], seed=bits + group_size, dtype=dtype)
     if dtype == np.float64:  # values that do not round-trip through float32
         x = x + np.random.default_rng(2).standard_normal(x.size) * 1e-9
-    kw = dict(bits=bits, scheme=scheme, group_size=group_size, method="mse", clip=clip,
-              stats=stats)
+    kw = dict(bits=bits, scheme=scheme, group_size=group_size, method="mse", clip=clip, stats=stats)
     got = kernels.quantize_rows(x, starts, lens, threads=2, **kw)
     _assert_same(got, reference.quantize_rows(x, starts, lens, **kw), stats=stats)
 
 
-@pytest.mark.parametrize("scheme,bits,group_size", [("asymmetric", 4, 128), ("asymmetric", 2, 32),
-                                                    ("symmetric", 8, 64), ("ternary", 2, 64)])
+@pytest.mark.parametrize(
+    "scheme,bits,group_size",
+    [("asymmetric", 4, 128), ("asymmetric", 2, 32), ("symmetric", 8, 64), ("ternary", 2, 64)],
+)
 def test_mse_isas_agree_on_heavy_tails(scheme, bits, group_size):
     # many groups of heavy-tailed data, with exact zeros and repeats: every isa, 1 and 2
     # threads, give the same bytes (the reference is too slow for this size)
@@ -163,26 +173,29 @@ def test_mse_isas_agree_on_heavy_tails(scheme, bits, group_size):
         _kernels.mse_isa(previous)
     for other in results[1:]:
         _assert_same(other, results[0], stats=True)
-    rtn = kernels.quantize_rows(x, starts, lens, bits=bits, scheme=scheme,
-                                group_size=group_size, stats=True)
+    rtn = kernels.quantize_rows(
+        x, starts, lens, bits=bits, scheme=scheme, group_size=group_size, stats=True
+    )
     assert (results[0].scales != rtn.scales).mean() > 0.3  # the search did move most groups
 
 
 @pytest.mark.parametrize("method", ["rtn", "mse"])
 @pytest.mark.parametrize("clip", [None, 1.5])
 @pytest.mark.parametrize("group_size", [3, 32])
-@pytest.mark.parametrize("scheme,bits", [("asymmetric", 4), ("symmetric", 8), ("ternary", 2),
-                                         ("asymmetric", 2)])
+@pytest.mark.parametrize(
+    "scheme,bits", [("asymmetric", 4), ("symmetric", 8), ("ternary", 2), ("asymmetric", 2)]
+)
 def test_parity_clip_and_stats(scheme, bits, group_size, clip, method):
     lens = MSE_LENS if method == "mse" else RTN_LENS
     x, starts, lens = _rows(lens, seed=3)
-    kw = dict(bits=bits, scheme=scheme, group_size=group_size, method=method, clip=clip,
-              stats=True)
+    kw = dict(bits=bits, scheme=scheme, group_size=group_size, method=method, clip=clip, stats=True)
     got = kernels.quantize_rows(x, starts, lens, threads=2, **kw)
     _assert_same(got, reference.quantize_rows(x, starts, lens, **kw), stats=True)
     plain = dict(kw, stats=False)
-    _assert_same(kernels.quantize_rows(x, starts, lens, threads=2, **plain),
-                 reference.quantize_rows(x, starts, lens, **plain))
+    _assert_same(
+        kernels.quantize_rows(x, starts, lens, threads=2, **plain),
+        reference.quantize_rows(x, starts, lens, **plain),
+    )
 
 
 @pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
@@ -210,8 +223,11 @@ def test_unaligned_and_readonly_input(dtype, itemsize, readonly):
     _assert_same(got, reference.quantize_rows(x, starts, lens, **kw), stats=True)
     ro = x.copy()
     ro.flags.writeable = False
-    _assert_same(kernels.quantize_rows(ro, starts, lens, **kw),
-                 reference.quantize_rows(x, starts, lens, **kw), stats=True)
+    _assert_same(
+        kernels.quantize_rows(ro, starts, lens, **kw),
+        reference.quantize_rows(x, starts, lens, **kw),
+        stats=True,
+    )
 
 
 def test_non_contiguous_input():
@@ -219,12 +235,15 @@ def test_non_contiguous_input():
     strided = np.repeat(x, 2)[::2]
     assert not strided.flags.c_contiguous
     kw = dict(bits=8, scheme="symmetric", group_size=32)
-    _assert_same(kernels.quantize_rows(strided, starts, lens, **kw),
-                 reference.quantize_rows(x, starts, lens, **kw))
+    _assert_same(
+        kernels.quantize_rows(strided, starts, lens, **kw),
+        reference.quantize_rows(x, starts, lens, **kw),
+    )
 
 
-@pytest.mark.parametrize("scheme,bits", [("asymmetric", 4), ("symmetric", 2), ("ternary", 2),
-                                         ("asymmetric", 8)])
+@pytest.mark.parametrize(
+    "scheme,bits", [("asymmetric", 4), ("symmetric", 2), ("ternary", 2), ("asymmetric", 8)]
+)
 @pytest.mark.parametrize("group_size", [3, 32])
 def test_parity_fixed_row_len(scheme, bits, group_size):
     L = 77
@@ -252,19 +271,29 @@ def test_threads_agnostic_large_input():
     lens[5] = 20000  # longer than one scratch chunk of codes
     x = (rng.standard_normal(int(lens.sum())) * rng.uniform(0.01, 100)).astype(F32)
     starts = np.concatenate([[0], np.cumsum(lens)[:-1]]).astype(np.int64)
-    for scheme, bits, gs in [("asymmetric", 4, 128), ("symmetric", 2, 7), ("ternary", 2, 3),
-                             ("asymmetric", 8, 2**31 - 1)]:
+    for scheme, bits, gs in [
+        ("asymmetric", 4, 128),
+        ("symmetric", 2, 7),
+        ("ternary", 2, 3),
+        ("asymmetric", 8, 2**31 - 1),
+    ]:
         kw = dict(bits=bits, scheme=scheme, group_size=gs, stats=True, clip=50.0)
         results = [kernels.quantize_rows(x, starts, lens, threads=t, **kw) for t in (1, 2, 3)]
         for other in results[1:]:
             _assert_same(other, results[0], stats=True)
         q = results[0]
-        outs = [kernels.dequantize_rows(q.codes, q.layout, q.scales, q.zero_points,
-                                        scheme=scheme, threads=t).tobytes() for t in (1, 2, 3)]
+        outs = [
+            kernels.dequantize_rows(
+                q.codes, q.layout, q.scales, q.zero_points, scheme=scheme, threads=t
+            ).tobytes()
+            for t in (1, 2, 3)
+        ]
         assert outs[0] == outs[1] == outs[2]
     kw = dict(bits=4, scheme="asymmetric", group_size=128)
-    _assert_same(kernels.quantize_rows(x, starts, lens, threads=2, **kw),
-                 reference.quantize_rows(x, starts, lens, **kw))
+    _assert_same(
+        kernels.quantize_rows(x, starts, lens, threads=2, **kw),
+        reference.quantize_rows(x, starts, lens, **kw),
+    )
 
 
 @pytest.mark.parametrize("group_size", [128, 2**31 - 1])
@@ -274,8 +303,9 @@ def test_huge_row(group_size):
     kw = dict(bits=4, scheme="asymmetric", group_size=group_size)
     got = kernels.quantize_rows(x, [0], [n], threads=2, **kw)
     _assert_same(got, reference.quantize_rows(x, [0], [n], **kw))
-    out = kernels.dequantize_rows(got.codes, got.layout, got.scales, got.zero_points,
-                                  scheme="asymmetric", threads=2)
+    out = kernels.dequantize_rows(
+        got.codes, got.layout, got.scales, got.zero_points, scheme="asymmetric", threads=2
+    )
     # (reference.dequantize_rows repeats scales group_size times: 8 GiB for 2**31-1)
     q = reference.unpack_codes(got.codes, 4, n).astype(F32)
     g = np.arange(n) // group_size
@@ -285,11 +315,19 @@ def test_huge_row(group_size):
 
 def test_empty_inputs():
     for lens in ([], [0, 0, 0]):
-        q = kernels.quantize_rows(np.zeros(0, F32), [0] * len(lens), lens, bits=4,
-                                  scheme="asymmetric", group_size=32, stats=True)
+        q = kernels.quantize_rows(
+            np.zeros(0, F32),
+            [0] * len(lens),
+            lens,
+            bits=4,
+            scheme="asymmetric",
+            group_size=32,
+            stats=True,
+        )
         assert q.codes.size == 0 and q.scales.size == 0 and q.group_sse.size == 0
-        out = kernels.dequantize_rows(q.codes, q.layout, q.scales, q.zero_points,
-                                      scheme="asymmetric")
+        out = kernels.dequantize_rows(
+            q.codes, q.layout, q.scales, q.zero_points, scheme="asymmetric"
+        )
         assert out.size == 0
 
 
@@ -298,8 +336,9 @@ def test_dequantize_out_dtype(out_dtype):
     x, starts, lens = _rows(RTN_LENS, seed=2)
     q = kernels.quantize_rows(x, starts, lens, bits=4, scheme="symmetric", group_size=32)
     f32 = kernels.dequantize_rows(q.codes, q.layout, q.scales, None, scheme="symmetric")
-    out = kernels.dequantize_rows(q.codes, q.layout, q.scales, None, scheme="symmetric",
-                                  out_dtype=out_dtype, threads=2)
+    out = kernels.dequantize_rows(
+        q.codes, q.layout, q.scales, None, scheme="symmetric", out_dtype=out_dtype, threads=2
+    )
     assert out.dtype == out_dtype and out.size == lens.sum()
     np.testing.assert_array_equal(out, f32.astype(out_dtype))
 
@@ -308,8 +347,14 @@ def test_dequantize_out_dtype(out_dtype):
 # properties
 
 LIM = float(F32(1e30))
-finite32 = st.floats(min_value=-LIM, max_value=LIM, width=32, allow_nan=False,
-                     allow_infinity=False, allow_subnormal=True)
+finite32 = st.floats(
+    min_value=-LIM,
+    max_value=LIM,
+    width=32,
+    allow_nan=False,
+    allow_infinity=False,
+    allow_subnormal=True,
+)
 rows_strategy = st.lists(st.lists(finite32, max_size=70), min_size=1, max_size=5)
 
 
@@ -335,16 +380,22 @@ def _unpack_rows(q):
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(rows=rows_strategy, bits=st.sampled_from([2, 4, 8]),
-       scheme=st.sampled_from(["asymmetric", "symmetric"]),
-       group_size=st.integers(1, 40), clip=st.one_of(st.none(), st.floats(1e-3, 1e3)),
-       threads=st.sampled_from([1, 2]))
+@given(
+    rows=rows_strategy,
+    bits=st.sampled_from([2, 4, 8]),
+    scheme=st.sampled_from(["asymmetric", "symmetric"]),
+    group_size=st.integers(1, 40),
+    clip=st.one_of(st.none(), st.floats(1e-3, 1e3)),
+    threads=st.sampled_from([1, 2]),
+)
 def test_property_rtn_error_bound(rows, bits, scheme, group_size, clip, threads):
     x, starts, lens = _flatten(rows)
-    q = kernels.quantize_rows(x, starts, lens, bits=bits, scheme=scheme,
-                              group_size=group_size, clip=clip, threads=threads)
-    x_hat = kernels.dequantize_rows(q.codes, q.layout, q.scales, q.zero_points,
-                                    scheme=scheme, threads=threads)
+    q = kernels.quantize_rows(
+        x, starts, lens, bits=bits, scheme=scheme, group_size=group_size, clip=clip, threads=threads
+    )
+    x_hat = kernels.dequantize_rows(
+        q.codes, q.layout, q.scales, q.zero_points, scheme=scheme, threads=threads
+    )
     assert x_hat.size == x.size and x_hat.dtype == F32
     xc = x if clip is None else np.clip(x, -F32(clip), F32(clip))
     lay = q.layout
@@ -361,13 +412,18 @@ def test_property_rtn_error_bound(rows, bits, scheme, group_size, clip, threads)
 
 
 @settings(max_examples=100, deadline=None)
-@given(rows=rows_strategy, scheme_bits=st.sampled_from(SCHEME_BITS),
-       group_size=st.integers(1, 40), method=st.sampled_from(["rtn", "mse"]))
+@given(
+    rows=rows_strategy,
+    scheme_bits=st.sampled_from(SCHEME_BITS),
+    group_size=st.integers(1, 40),
+    method=st.sampled_from(["rtn", "mse"]),
+)
 def test_property_codes_in_range_and_lengths(rows, scheme_bits, group_size, method):
     scheme, bits = scheme_bits
     x, starts, lens = _flatten(rows)
-    q = kernels.quantize_rows(x, starts, lens, bits=bits, scheme=scheme,
-                              group_size=group_size, method=method, threads=2)
+    q = kernels.quantize_rows(
+        x, starts, lens, bits=bits, scheme=scheme, group_size=group_size, method=method, threads=2
+    )
     lay = q.layout
     assert q.codes.size == int(np.sum(-(-lens * bits // 8)))
     assert q.scales.size == int(np.sum(-(-lens // group_size)))
@@ -384,17 +440,21 @@ def test_property_codes_in_range_and_lengths(rows, scheme_bits, group_size, meth
 
 
 @settings(max_examples=100, deadline=None)
-@given(value=finite32 | st.sampled_from([0.0, -0.0, 1e-45, -1e-45]),
-       lens=st.lists(st.integers(0, 90), min_size=1, max_size=4),
-       scheme_bits=st.sampled_from(SCHEME_BITS), group_size=st.integers(1, 50),
-       method=st.sampled_from(["rtn", "mse"]))
+@given(
+    value=finite32 | st.sampled_from([0.0, -0.0, 1e-45, -1e-45]),
+    lens=st.lists(st.integers(0, 90), min_size=1, max_size=4),
+    scheme_bits=st.sampled_from(SCHEME_BITS),
+    group_size=st.integers(1, 50),
+    method=st.sampled_from(["rtn", "mse"]),
+)
 def test_property_constant_groups_exact(value, lens, scheme_bits, group_size, method):
     scheme, bits = scheme_bits
     lens = np.array(lens, np.int64)
     x = np.full(int(lens.sum()), value, F32)
     starts = np.concatenate([[0], np.cumsum(lens)[:-1]]).astype(np.int64)
-    q = kernels.quantize_rows(x, starts, lens, bits=bits, scheme=scheme,
-                              group_size=group_size, method=method, stats=True)
+    q = kernels.quantize_rows(
+        x, starts, lens, bits=bits, scheme=scheme, group_size=group_size, method=method, stats=True
+    )
     out = kernels.dequantize_rows(q.codes, q.layout, q.scales, q.zero_points, scheme=scheme)
     np.testing.assert_array_equal(out, x)  # -0.0 may come back as 0.0, which compares equal
     assert not q.group_sse.any() and not q.group_max_err.any()
@@ -416,8 +476,16 @@ def test_non_finite_is_located(bad, dtype, threads):
     x[starts[4] - 1] = np.nan  # in a gap between rows: never read
     for clip in (None, 1.0):  # the clamp must not hide an infinity
         with pytest.raises(NonFiniteError) as info:
-            kernels.quantize_rows(x, starts, lens, bits=4, scheme="asymmetric",
-                                  group_size=32, clip=clip, threads=threads)
+            kernels.quantize_rows(
+                x,
+                starts,
+                lens,
+                bits=4,
+                scheme="asymmetric",
+                group_size=32,
+                clip=clip,
+                threads=threads,
+            )
         assert (info.value.row, info.value.element) == (r1, e1)
         assert np.isnan(info.value.value) if np.isnan(bad) else info.value.value == bad
 
@@ -442,8 +510,9 @@ def test_nan_outside_rows_is_ignored():
         mask[s : s + n] = False
     x[mask] = np.nan
     kw = dict(bits=4, scheme="asymmetric", group_size=4)
-    _assert_same(kernels.quantize_rows(x, starts, lens, **kw),
-                 reference.quantize_rows(x, starts, lens, **kw))
+    _assert_same(
+        kernels.quantize_rows(x, starts, lens, **kw), reference.quantize_rows(x, starts, lens, **kw)
+    )
 
 
 def test_bad_arguments():
@@ -457,22 +526,28 @@ def test_bad_arguments():
     with pytest.raises(ValueError, match="scheme"):
         kernels.quantize_rows(x, [0], [4], bits=4, scheme="nf4", group_size=4)
     with pytest.raises(ValueError, match="method"):
-        kernels.quantize_rows(x, [0], [4], bits=4, scheme="asymmetric", group_size=4,
-                              method="gptq")
+        kernels.quantize_rows(x, [0], [4], bits=4, scheme="asymmetric", group_size=4, method="gptq")
     with pytest.raises(ValueError, match="group_size"):
         kernels.quantize_rows(x, [0], [4], bits=4, scheme="asymmetric", group_size=0)
     with pytest.raises(TypeError, match="float"):
-        kernels.quantize_rows(np.ones(4, np.int32), [0], [4], bits=4, scheme="asymmetric",
-                              group_size=4)
+        kernels.quantize_rows(
+            np.ones(4, np.int32), [0], [4], bits=4, scheme="asymmetric", group_size=4
+        )
     q = kernels.quantize_rows(x, [0], [10], bits=4, scheme="asymmetric", group_size=4)
     with pytest.raises(ValueError, match="zero_points"):
         kernels.dequantize_rows(q.codes, q.layout, q.scales, None, scheme="asymmetric")
     with pytest.raises(ValueError, match="outside"):
-        kernels.dequantize_rows(q.codes, q.layout, q.scales, q.zero_points,
-                                scheme="asymmetric", out_starts=[3], out_size=12)
+        kernels.dequantize_rows(
+            q.codes,
+            q.layout,
+            q.scales,
+            q.zero_points,
+            scheme="asymmetric",
+            out_starts=[3],
+            out_size=12,
+        )
     with pytest.raises(ValueError, match="codes"):
-        kernels.dequantize_rows(q.codes[:2], q.layout, q.scales, q.zero_points,
-                                scheme="asymmetric")
+        kernels.dequantize_rows(q.codes[:2], q.layout, q.scales, q.zero_points, scheme="asymmetric")
 
 
 @pytest.mark.parametrize("bad", [0, -1, True, False, 1.5, "2"])
@@ -486,8 +561,9 @@ def test_resolve_threads_values():
     assert kernels.resolve_threads(3) == 3
     assert kernels.resolve_threads(np.int64(2)) == 2
     with pytest.raises(ValueError):
-        kernels.quantize_rows(np.ones(4, F32), [0], [4], bits=4, scheme="asymmetric",
-                              group_size=4, threads=0)
+        kernels.quantize_rows(
+            np.ones(4, F32), [0], [4], bits=4, scheme="asymmetric", group_size=4, threads=0
+        )
 
 
 def test_build_info_reports_the_build():
@@ -537,10 +613,17 @@ def test_dequantize_unaligned_read_only_buffers():
         return v
 
     codes = np.frombuffer(q.codes.tobytes(), np.uint8)  # read-only
-    got = kernels.dequantize_rows(codes, q.layout, unaligned(q.scales),
-                                  unaligned(q.zero_points), scheme="asymmetric", threads=2)
-    want = reference.dequantize_rows(q.codes, q.layout, q.scales, q.zero_points,
-                                     scheme="asymmetric")
+    got = kernels.dequantize_rows(
+        codes,
+        q.layout,
+        unaligned(q.scales),
+        unaligned(q.zero_points),
+        scheme="asymmetric",
+        threads=2,
+    )
+    want = reference.dequantize_rows(
+        q.codes, q.layout, q.scales, q.zero_points, scheme="asymmetric"
+    )
     assert got.tobytes() == want.tobytes()
 
 

@@ -43,6 +43,7 @@ FUZZ = settings(
     database=None,
 )
 
+
 def assert_clean(exc: BaseException) -> None:
     """A status a person can act on (common.assert_clean), counted."""
     common.assert_clean(exc)

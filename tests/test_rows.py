@@ -109,8 +109,14 @@ def test_check_quantized():
     assert _rows.check_quantized(*args, s_starts, s_lens - 1, 2**40, 2, bo) == 0
     assert _rows.check_quantized(*args, s_starts, s_lens, 4, 2, bo) == 0  # 5 > max_len
     bad_codes = np.array([3, 0, 1], np.int64)
-    assert _rows.check_quantized(lens, 4, 2, False, bad_codes, s_starts, s_lens,
-                                 no, no, 2**40, 2, bo) == 2
+    assert (
+        _rows.check_quantized(lens, 4, 2, False, bad_codes, s_starts, s_lens, no, no, 2**40, 2, bo)
+        == 2
+    )
     # fixed-size rows may have more scales than they need, not fewer
-    assert _rows.check_quantized(lens, 4, 2, True, bad_codes, s_starts, s_lens + 1,
-                                 no, no, 2**40, 2, bo) == -1
+    assert (
+        _rows.check_quantized(
+            lens, 4, 2, True, bad_codes, s_starts, s_lens + 1, no, no, 2**40, 2, bo
+        )
+        == -1
+    )

@@ -73,36 +73,77 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
             "(DoExchange; the command is the options JSON). SIGTERM drains and exits."
         ),
     )
-    p.add_argument("--host", default="127.0.0.1",
-                   help="interface to bind (default 127.0.0.1; 0.0.0.0 for all)")
+    p.add_argument(
+        "--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1; 0.0.0.0 for all)"
+    )
     p.add_argument("--port", type=_port, default=8815, help="port (default 8815; 0 = any free)")
-    p.add_argument("--threads", type=_positive_int, default=None,
-                   help="kernel threads per batch (default: auto, the cores less one shared by the streams)")
-    p.add_argument("--max-streams", type=_positive_int, default=64,
-                   help="concurrent streams; more are refused with UNAVAILABLE (default 64)")
-    p.add_argument("--max-batch-bytes", type=_size, default=256 << 20,
-                   help="largest input batch, e.g. 268435456 or 256MiB (default 256MiB)")
-    p.add_argument("--memory-limit", type=_size, default=None,
-                   help="bytes all streams together may hold, e.g. 4GiB (default: half of the "
-                        "smallest of the cgroup limit, RLIMIT_AS and physical memory)")
-    p.add_argument("--memory-wait", type=_seconds, default=10.0,
-                   help="seconds a stream waits for memory before RESOURCE_EXHAUSTED (default 10)")
-    p.add_argument("--idle-timeout", type=_seconds, default=60.0,
-                   help="seconds a stream may wait on its client before the server ends it; "
-                        "0 = never (default 60)")
+    p.add_argument(
+        "--threads",
+        type=_positive_int,
+        default=None,
+        help="kernel threads per batch (default: auto, the cores less one shared by the streams)",
+    )
+    p.add_argument(
+        "--max-streams",
+        type=_positive_int,
+        default=64,
+        help="concurrent streams; more are refused with UNAVAILABLE (default 64)",
+    )
+    p.add_argument(
+        "--max-batch-bytes",
+        type=_size,
+        default=256 << 20,
+        help="largest input batch, e.g. 268435456 or 256MiB (default 256MiB)",
+    )
+    p.add_argument(
+        "--memory-limit",
+        type=_size,
+        default=None,
+        help="bytes all streams together may hold, e.g. 4GiB (default: half of the "
+        "smallest of the cgroup limit, RLIMIT_AS and physical memory)",
+    )
+    p.add_argument(
+        "--memory-wait",
+        type=_seconds,
+        default=10.0,
+        help="seconds a stream waits for memory before RESOURCE_EXHAUSTED (default 10)",
+    )
+    p.add_argument(
+        "--idle-timeout",
+        type=_seconds,
+        default=60.0,
+        help="seconds a stream may wait on its client before the server ends it; "
+        "0 = never (default 60)",
+    )
     p.add_argument("--tls-cert", help="PEM certificate chain; serves grpc+tls://")
     p.add_argument("--tls-key", help="PEM private key for --tls-cert")
-    p.add_argument("--tls-client-ca",
-                   help="PEM CA bundle: require client certificates signed by it (mutual TLS)")
-    p.add_argument("--token-file",
-                   help="file holding the bearer token clients must send "
-                        "(default: $FLIGHTQUANT_TOKEN when set, else no authentication)")
-    p.add_argument("--health-port", type=_port, default=None,
-                   help="serve grpc.health.v1 on this port (0 = any free)")
-    p.add_argument("--drain-timeout", type=float, default=30.0,
-                   help="seconds running streams get to finish on SIGTERM (default 30)")
-    p.add_argument("--log-level", default="INFO",
-                   choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="default INFO")
+    p.add_argument(
+        "--tls-client-ca",
+        help="PEM CA bundle: require client certificates signed by it (mutual TLS)",
+    )
+    p.add_argument(
+        "--token-file",
+        help="file holding the bearer token clients must send "
+        "(default: $FLIGHTQUANT_TOKEN when set, else no authentication)",
+    )
+    p.add_argument(
+        "--health-port",
+        type=_port,
+        default=None,
+        help="serve grpc.health.v1 on this port (0 = any free)",
+    )
+    p.add_argument(
+        "--drain-timeout",
+        type=float,
+        default=30.0,
+        help="seconds running streams get to finish on SIGTERM (default 30)",
+    )
+    p.add_argument(
+        "--log-level",
+        default="INFO",
+        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+        help="default INFO",
+    )
     p.set_defaults(func=run)
     return p
 
@@ -130,8 +171,12 @@ def _tune_for_address_space_limit() -> None:
     for key, value in _AS_ENV.items():
         env.setdefault(key, value)
     argv = getattr(sys, "orig_argv", None) or [sys.executable, *sys.argv]
-    print(f"flightquant serve: RLIMIT_AS is {soft} bytes: restarting with "
-          + " ".join(f"{k}={env[k]}" for k in _AS_ENV), file=sys.stderr, flush=True)
+    print(
+        f"flightquant serve: RLIMIT_AS is {soft} bytes: restarting with "
+        + " ".join(f"{k}={env[k]}" for k in _AS_ENV),
+        file=sys.stderr,
+        flush=True,
+    )
     try:
         os.execve(sys.executable, argv, env)
     except OSError as exc:  # pragma: no cover - keep serving as we are
@@ -188,9 +233,11 @@ def run(args: argparse.Namespace) -> int:
     except (ValueError, OSError) as exc:
         return _fail(f"cannot start the server on {scheme}://{host}:{args.port}: {exc}")
     except Exception as exc:  # pyarrow reports a busy port as ArrowException/FlightError
-        return _fail(f"cannot start the server on {scheme}://{host}:{args.port}: "
-                     f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__} "
-                     "(is the port already in use?)")
+        return _fail(
+            f"cannot start the server on {scheme}://{host}:{args.port}: "
+            f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__} "
+            "(is the port already in use?)"
+        )
 
     stop = threading.Event()
 
@@ -203,11 +250,19 @@ def run(args: argparse.Namespace) -> int:
     if server.health_port is not None:
         line += f" (health on port {server.health_port})"
     print(line, flush=True)
-    log.info("%s; max_streams=%d max_batch_bytes=%d memory_limit=%d (%s) idle_timeout=%s "
-             "threads=%s tls=%s auth=%s", line, args.max_streams, args.max_batch_bytes,
-             server.memory_limit, server.config()["memory_limit_source"],
-             server.idle_timeout, args.threads or "auto (cores - 1, shared by streams)",
-             bool(certs), token is not None)
+    log.info(
+        "%s; max_streams=%d max_batch_bytes=%d memory_limit=%d (%s) idle_timeout=%s "
+        "threads=%s tls=%s auth=%s",
+        line,
+        args.max_streams,
+        args.max_batch_bytes,
+        server.memory_limit,
+        server.config()["memory_limit_source"],
+        server.idle_timeout,
+        args.threads or "auto (cores - 1, shared by streams)",
+        bool(certs),
+        token is not None,
+    )
     try:
         while not stop.wait(0.5):
             pass

@@ -194,7 +194,10 @@ def _quantize_row(x, bits, scheme, group_size, method):
     n = x.size
     nfull = n // group_size
     parts_q, parts_s, parts_z = [], [], []
-    for start, count, length in ((0, nfull, group_size), (nfull * group_size, 1 if n % group_size else 0, n % group_size)):
+    for start, count, length in (
+        (0, nfull, group_size),
+        (nfull * group_size, 1 if n % group_size else 0, n % group_size),
+    ):
         if count == 0:
             continue
         g = x[start : start + count * length].reshape(count, length)
