@@ -481,3 +481,29 @@ def test_orphan_derived_column_and_bad_nullable_are_errors():
     bad = field.with_metadata({**field.metadata, b"flightquant.value_nullable": b"maybe"})
     with pytest.raises(fq.CodecError, match="value_nullable"):
         fq.dequantize(q.cast(q.schema.set(1, bad)))
+
+
+def test_in_process_progress_rises_to_exactly_one_and_survives_a_failing_callback(caplog):
+    batches = [layer_batch(lengths=(64, 3), seed=i)[0] for i in range(3)]
+    table = pa.Table.from_batches(batches)
+    seen = []
+    fq.quantize(table, bits=4, progress=lambda label, f: seen.append((label, f)))
+    assert [f for _, f in seen] == [2 / 6, 4 / 6, 1.0]
+    assert seen[0][0] == "layer.0.weight"  # the row key of the batch
+    seen.clear()
+    list(fq.quantize(iter(batches), bits=4, progress=lambda label, f: seen.append(f)))
+    assert seen == [None, None, None, 1.0]  # unknown total: 1.0 once at the end
+    seen.clear()
+    fq.dequantize(fq.quantize(batches[0], bits=4), progress=lambda label, f: seen.append(f))
+    assert seen == [1.0]
+    seen.clear()
+    arrays = {f"w{i}": np.ones((4, 8), np.float32) * i for i in range(3)}
+    fq.quantize_arrays(arrays, bits=8, progress=lambda label, f: seen.append((label, f)))
+    assert seen[-1][1] == 1.0 and seen[0][0] == "w0"
+
+    def broken(label, fraction):
+        raise RuntimeError("callback bug")
+
+    out = fq.quantize(table, bits=4, progress=broken)  # logged once, never breaks the work
+    assert out.equals(fq.quantize(table, bits=4))
+    assert "progress callback raised" in caplog.text
