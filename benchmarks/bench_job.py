@@ -190,7 +190,7 @@ def main() -> None:
     ap.add_argument("--vocab", type=int, default=8192)
     ap.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
     ap.add_argument("--cases", default=",".join(CASES), help="of: " + ", ".join(CASES))
-    ap.add_argument("--repeat", type=int, default=1, help="best of N for in-memory timings")
+    ap.add_argument("--repeat", type=int, default=2, help="best of N for in-memory timings")
     ap.add_argument("--no-server", action="store_true")
     ap.add_argument("--no-llama", action="store_true")
     ap.add_argument("--no-dequantize", action="store_true")
