@@ -96,6 +96,9 @@ def _apply_iter(
         out = codec.process_batch(batch, options, threads=threads)[0]
         tracker.done(batch)
         yield out
+        # the caller has this batch now: hold neither it nor its input while computing the
+        # next one (a streamed job's peak memory is then one batch, not two)
+        del out, batch
     tracker.finish()
 
 
