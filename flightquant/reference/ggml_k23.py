@@ -30,18 +30,13 @@ from __future__ import annotations
 import numpy as np
 
 from .. import formats
+from .ggml_common import nearest_int as nint
+from .ggml_common import seq_sum as _seq_sum
 
 F32 = np.float32
 QK = 256
 NSUB = 16
 _TYPE_SIZE = {n: formats.get(n).type_size for n in ("Q2_K", "Q3_K")}
-
-
-def nint(v: np.ndarray) -> np.ndarray:
-    """ggml's ``nearest_int`` of float32 values, as int32."""
-    with np.errstate(invalid="ignore", over="ignore"):
-        b = (np.asarray(v, F32) + F32(12582912.0)).view(np.int32)
-    return (b & np.int32(0x007FFFFF)) - np.int32(0x00400000)
 
 
 def nintc(v: np.ndarray, lo: int, hi: int) -> np.ndarray:
@@ -71,14 +66,6 @@ def _unpack2(qs: np.ndarray) -> np.ndarray:
 
 def _clamp(a: np.ndarray, lo: int, hi: int) -> np.ndarray:
     return np.minimum(np.maximum(a, np.int32(lo)), np.int32(hi))
-
-
-def _seq_sum(terms: np.ndarray) -> np.ndarray:
-    """float32 sum over the last axis, element after element from +0."""
-    acc = np.zeros(terms.shape[:-1], F32)
-    for i in range(terms.shape[-1]):
-        acc = acc + terms[..., i]
-    return acc
 
 
 # ---------------------------------------------------------------------------------------

@@ -45,6 +45,9 @@ from __future__ import annotations
 import numpy as np
 
 from ..formats import get as _get_type
+from .ggml_common import nearest_int
+from .ggml_common import round_f16 as _round_f16
+from .ggml_common import seq_sum as _seq_sum
 
 F32 = np.float32
 F64 = np.float64
@@ -62,13 +65,6 @@ def _f32(v) -> np.ndarray:
     return np.asarray(v, F32)
 
 
-def nearest_int(v) -> np.ndarray:
-    """ggml's nearest_int (round half to even via the 1.5*2**23 trick), int32, bit for bit
-    the C result for every float32, including the garbage it gives past 2**22."""
-    s = (_f32(v) + _MAGIC).view(np.int32)
-    return (s & np.int32(0x007FFFFF)) - np.int32(0x00400000)
-
-
 def _f16_to_f32(u: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(u).view(np.float16).astype(F32)
 
@@ -77,19 +73,6 @@ def _f32_to_f16_bytes(v: np.ndarray) -> np.ndarray:
     """(n,) float32 -> (n, 2) uint8, round to nearest even (numpy's astype)."""
     with np.errstate(over="ignore"):
         return _f32(v).astype(np.float16).view(np.uint8).reshape(-1, 2)
-
-
-def _round_f16(v: np.ndarray) -> np.ndarray:
-    with np.errstate(over="ignore"):
-        return _f32(v).astype(np.float16).astype(F32)
-
-
-def _seq_sum(terms: np.ndarray) -> np.ndarray:
-    """Sum float32 terms over the last axis strictly in index order, from 0 (C's loop)."""
-    acc = np.zeros(terms.shape[:-1], F32)
-    for i in range(terms.shape[-1]):
-        acc = acc + terms[..., i]
-    return acc
 
 
 def _fits(v: np.ndarray) -> np.ndarray:

@@ -62,6 +62,8 @@ from __future__ import annotations
 import numpy as np
 
 from .. import formats
+from .ggml_common import f16_bits as _f16_bits
+from .ggml_common import round_f16 as _f16
 
 F32 = np.float32
 F64 = np.float64
@@ -89,18 +91,6 @@ ASYM_GRID = {
 TERN_THRESHOLDS = tuple(k / 64 for k in (32, 16, 8, 4, 2, 1))
 _SYM = {"Q4_0": 8, "Q5_0": 16}
 _ASYM = {"Q4_1": 15, "Q5_1": 31}
-
-
-def _f16(a) -> np.ndarray:
-    """float32 -> float16 -> float32 (round to nearest even; NumPy's cast is the one the
-    kernels reproduce)."""
-    with np.errstate(over="ignore"):
-        return np.asarray(a, F32).astype(np.float16).astype(F32)
-
-
-def _f16_bits(a) -> np.ndarray:
-    with np.errstate(over="ignore"):
-        return np.asarray(a, F32).astype(np.float16).view(np.uint16)
 
 
 def _rint(v: np.ndarray) -> np.ndarray:
