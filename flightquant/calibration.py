@@ -44,6 +44,7 @@ __all__ = [
     "BatchSums",
     "CalibrationError",
     "activation_batch",
+    "array_sums",
     "batch_sums",
     "imatrix_ticket",
     "parse_drop",
@@ -299,6 +300,37 @@ def batch_sums(batch: pa.RecordBatch, *, max_width: int | None = None) -> BatchS
     )
 
 
+def array_sums(name: str, x: np.ndarray, *, max_width: int | None = None) -> BatchSums:
+    """The reduction of one layer's activations ``x`` (``[..., width]``), checked as a
+    batch row is: a name, at least one column, finite values."""
+    x = np.asarray(x)
+    if not isinstance(name, str) or not name:
+        raise CalibrationError(f"a layer name must be a non-empty string, got {echo(name)}")
+    if x.ndim == 0 or x.shape[-1] < 1 or x.dtype.kind not in "fiu":
+        raise CalibrationError(
+            f"layer {echo(name)}: activations must be numbers shaped [..., width] with width "
+            f">= 1, got {x.dtype} {x.shape}"
+        )
+    width = int(x.shape[-1])
+    if max_width is not None and width > max_width:
+        raise CalibrationError(
+            f"layer {echo(name)} is {width} wide, over this session's limit of {max_width} "
+            "(--max-session-width)"
+        )
+    x = x.reshape(-1, width)
+    if x.dtype.kind == "f":
+        finite = np.isfinite(x)
+        if not finite.all():
+            i = int(np.flatnonzero(~finite.reshape(-1))[0])
+            raise CalibrationError(
+                f"non-finite value {float(x.reshape(-1)[i])!r} in the activations of layer "
+                f"{echo(name)}, element {i}: activations must be finite"
+            )
+    s = np.zeros(width, np.float64)
+    _add_squares(s, x)
+    return BatchSums({name: (s, x.shape[0])}, 1, x.shape[0], x.size, x.nbytes)
+
+
 def _add_squares(out: np.ndarray, x: np.ndarray) -> None:
     """``out += (x * x).sum(axis=0)`` in float64, a bounded block of tokens at a time."""
     step = max(1, _CHUNK_ELEMENTS // max(1, x.shape[1]))
@@ -319,7 +351,7 @@ class Accumulator:
     Examples
     --------
     >>> acc = Accumulator()
-    >>> acc.add("w", np.array([[1.0, 2.0], [3.0, 4.0]], np.float32))
+    >>> _ = acc.add("w", np.array([[1.0, 2.0], [3.0, 4.0]], np.float32))
     >>> acc.table().to_pylist()
     [{'layer_name': 'w', 'in_sum2': [10.0, 20.0], 'count': 2}]
     """
@@ -341,12 +373,12 @@ class Accumulator:
         self.add_sums(sums)
         return sums
 
-    def add(self, name: str, x: np.ndarray) -> None:
-        """Add the activations ``x`` (``[..., width]``: leading dimensions are tokens)."""
-        x = np.asarray(x)
-        if x.ndim == 0:
-            raise CalibrationError(f"layer {name!r}: activations need at least one dimension")
-        self.add_batch(activation_batch([(name, x)]))
+    def add(self, name: str, x: np.ndarray) -> BatchSums:
+        """Add the activations ``x`` of layer ``name`` (``[..., width]``: the leading
+        dimensions are tokens), as one row of a batch would be."""
+        sums = array_sums(name, x, max_width=self.max_width)
+        self.add_sums(sums)
+        return sums
 
     def new_layers(self, sums: BatchSums) -> dict[str, int]:
         """The layers of ``sums`` not held yet, with their widths; raises for a width that
