@@ -171,12 +171,13 @@ def _from_model(args: argparse.Namespace, token: str | None, fmt: str) -> dict[s
     if args.threads:
         torch.set_num_threads(args.threads)
     transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()  # ours is the one bar
     try:
         tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
+        chunks = _chunks(tokenizer, text, args.chunk_size, args.max_chunks, args.text)
         model = _load_model(transformers, model_dir)
     except (OSError, ValueError) as exc:
         raise JobError(f"{model_dir}: cannot load the model ({_first(exc)})") from None
-    chunks = _chunks(tokenizer, text, args.chunk_size, args.max_chunks, args.text)
     names = _gguf_names(model.config) if args.names == "gguf" else None
 
     client = session = None
