@@ -335,8 +335,9 @@ def _add_squares(out: np.ndarray, x: np.ndarray) -> None:
     """``out += (x * x).sum(axis=0)`` in float64, a bounded block of tokens at a time."""
     step = max(1, _CHUNK_ELEMENTS // max(1, x.shape[1]))
     for start in range(0, x.shape[0], step):
-        block = x[start : start + step].astype(np.float64)
-        out += np.einsum("ij,ij->j", block, block)
+        block = x[start : start + step]
+        # dtype: the products and sums in float64, without a float64 copy of the block
+        out += np.einsum("ij,ij->j", block, block, dtype=np.float64)
 
 
 # --------------------------------------------------------------------------- the statistic

@@ -43,6 +43,9 @@ def test_readme_python_api_example_runs():
         "flightquant.validate",
         "flightquant.budget",
         "flightquant.errors",
+        "flightquant.calibration",
+        "flightquant.sessions",
+        "flightquant.modelfiles.imatrix",
     ],
 )
 def test_docstring_examples(module):
