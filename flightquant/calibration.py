@@ -24,7 +24,7 @@ from __future__ import annotations
 import json
 import math
 import threading
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -190,13 +190,20 @@ def _row_key(names: list, row: int) -> str:
     return f"row {row} (layer {echo(names[row])})"
 
 
-def batch_sums(batch: pa.RecordBatch, *, max_width: int | None = None) -> BatchSums:
+def batch_sums(
+    batch: pa.RecordBatch,
+    *,
+    max_width: int | None = None,
+    reserve: Callable[[int], None] | None = None,
+) -> BatchSums:
     """Validate a batch of activations as a whole and reduce it per layer.
 
     Raises :class:`CalibrationError` naming the row and layer for a missing name, shape or
     value, a non-finite value, a shape that does not match the values, or a layer whose
     width differs between rows (or exceeds ``max_width``). Nothing is reduced until the
-    whole batch is known to be valid.
+    whole batch is known to be valid. ``reserve(nbytes)`` is called with the bytes the
+    reduction will hold (8 per column of each layer) before they are allocated (a server
+    reserves them from its memory budget); the rest of the work is bounded blocks.
 
     Examples
     --------
@@ -230,9 +237,8 @@ def batch_sums(batch: pa.RecordBatch, *, max_width: int | None = None) -> BatchS
         )
     values, offsets = _flat(values_arr, f"column {vname!r}")
     lengths = np.diff(offsets)
-    finite = np.isfinite(values)
-    if not finite.all():
-        i = int(np.flatnonzero(~finite)[0])
+    i = _first_non_finite(values)
+    if i is not None:
         row = int(np.searchsorted(offsets, i, side="right") - 1)
         raise CalibrationError(
             f"non-finite value {float(values[i])!r} in column {vname!r}, {_row_key(names, row)}, "
@@ -282,6 +288,8 @@ def batch_sums(batch: pa.RecordBatch, *, max_width: int | None = None) -> BatchS
                 f"{_row_key(names, row)} is {w} wide, but an earlier row of the same layer "
                 f"is {width_of[name]} wide"
             )
+    if reserve is not None:
+        reserve(8 * sum(width_of.values()))
     layers: dict[str, list] = {}
     for row, name in enumerate(names):
         t, w = int(tokens[row]), int(widths[row])
@@ -318,17 +326,27 @@ def array_sums(name: str, x: np.ndarray, *, max_width: int | None = None) -> Bat
             "(--max-session-width)"
         )
     x = x.reshape(-1, width)
-    if x.dtype.kind == "f":
-        finite = np.isfinite(x)
-        if not finite.all():
-            i = int(np.flatnonzero(~finite.reshape(-1))[0])
-            raise CalibrationError(
-                f"non-finite value {float(x.reshape(-1)[i])!r} in the activations of layer "
-                f"{echo(name)}, element {i}: activations must be finite"
-            )
+    i = _first_non_finite(x.reshape(-1))
+    if i is not None:
+        raise CalibrationError(
+            f"non-finite value {float(x.reshape(-1)[i])!r} in the activations of layer "
+            f"{echo(name)}, element {i}: activations must be finite"
+        )
     s = np.zeros(width, np.float64)
     _add_squares(s, x)
     return BatchSums({name: (s, x.shape[0])}, 1, x.shape[0], x.size, x.nbytes)
+
+
+def _first_non_finite(values: np.ndarray) -> int | None:
+    """Index of the first NaN or infinity (checked in bounded blocks), or None."""
+    if values.dtype.kind != "f":
+        return None
+    for start in range(0, values.size, _CHUNK_ELEMENTS):
+        block = values[start : start + _CHUNK_ELEMENTS]
+        finite = np.isfinite(block)
+        if not finite.all():
+            return start + int(np.flatnonzero(~finite)[0])
+    return None
 
 
 def _add_squares(out: np.ndarray, x: np.ndarray) -> None:
@@ -409,10 +427,11 @@ class Accumulator:
             self._merge(sums)
 
     def _merge(self, sums: BatchSums) -> None:
+        """Add ``sums`` (whose arrays a new layer takes over: no copy)."""
         for name, (s, t) in sums.layers.items():
             held = self.layers.get(name)
             if held is None:
-                self.layers[name] = [s.copy(), t]
+                self.layers[name] = [s, t]
             else:
                 held[0] += s
                 held[1] += t

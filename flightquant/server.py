@@ -689,8 +689,15 @@ class Server(flight.FlightServerBase):
                             f"of {self.max_batch_bytes} bytes (max_batch_bytes); send smaller "
                             "record batches"
                         )
-                    # the float64 reduction of a row block is bounded (calibration module)
-                    totals = self._sessions.add(session, batch)
+                    totals = self._sessions.add(
+                        session,
+                        batch,
+                        reserve=lambda n, held=held, index=index: held.resize(
+                            held.nbytes + n,
+                            self.memory_wait,
+                            f"input batch {index} ({n} bytes of float64 sums)",
+                        ),
+                    )
                 finally:
                     run.activity.end_work()
                 totals["batch_index"] = index

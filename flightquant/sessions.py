@@ -215,15 +215,19 @@ class SessionStore:
             s.busy -= 1
             s.last_used = self._clock()
 
-    def add(self, name: str, batch: pa.RecordBatch) -> dict[str, Any]:
+    def add(self, name: str, batch: pa.RecordBatch, reserve=None) -> dict[str, Any]:
         """Add a batch of activations to session ``name`` (created if new).
 
-        Returns the batch's totals and the session's (layers, tokens). Raises
-        :class:`CalibrationError` for a bad batch, :class:`SessionsExhausted` or
-        :class:`budget.BudgetExhausted` when there is no room; either way the session
-        keeps what it had.
+        ``reserve(nbytes)`` is called before the batch's reduction allocates (the server
+        grows the batch's reservation). Returns the batch's totals and the session's
+        (layers, tokens). Raises :class:`CalibrationError` for a bad batch,
+        :class:`SessionsExhausted` or :class:`budget.BudgetExhausted` when there is no
+        room; either way the session keeps what it had. A new layer takes over the
+        reduction's array, so the session's reservation and the batch's overlap until the
+        batch's is released: counted twice for a moment, never not at all.
         """
-        sums = batch_sums(batch, max_width=self.max_width)  # outside every lock
+        # outside every lock: the costly part
+        sums = batch_sums(batch, max_width=self.max_width, reserve=reserve)
         while True:
             s = self._session(name)
             try:
