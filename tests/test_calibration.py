@@ -410,3 +410,21 @@ def test_linear_hooks_in_process_and_over_flight(server):
     with torch.no_grad():
         model(xs[0])
     assert hooks.totals["tokens"] == 66
+
+
+def test_ray_callable_without_ray(server):
+    from flightquant.ray_data import FlightCalibrator
+
+    s = server()
+    batches = activations(6, n_batches=2)
+    table = pa.Table.from_batches(batches[:1])
+    f = FlightCalibrator(s.location, "blocks", max_batch_bytes=2000)  # several batches
+    out = f(table)
+    assert out.column_names == ["batches", "rows", "tokens", "elements"]
+    assert out.column("rows").to_pylist() == [table.num_rows]
+    assert out.column("batches").to_pylist()[0] > 1
+    f(batches[1])
+    f.close()
+    assert_statistic(read_session(s.location, "blocks"), numpy_statistic(batches[:2]))
+    with pytest.raises(fq.OptionsError, match="session"):
+        FlightCalibrator(s.location, "")

@@ -642,3 +642,25 @@ def test_memory_pressure_calibration_sessions():
         assert _action(server.location, "stats")["memory"]["reserved"] == 0
     finally:
         server.stop()
+
+
+def test_budget_waiters_of_the_same_size_are_distinct():
+    """A waiter that gives up removes itself, not another waiter asking for as much."""
+    memory = budget.MemoryBudget(100)
+    held = memory.reserve(100, 0)
+    got: dict = {}
+
+    def wait(name, timeout):
+        try:
+            got[name] = memory.reserve(60, timeout)
+        except budget.BudgetExhausted:
+            got[name] = None
+
+    patient = threading.Thread(target=wait, args=("patient", 20))
+    patient.start()
+    wait_for(lambda: memory.snapshot()["waiting"] == 1, what="the first waiter")
+    wait("hasty", 0.05)
+    assert got["hasty"] is None
+    held.release()
+    patient.join(20)
+    assert got["patient"] is not None and got["patient"].nbytes == 60
