@@ -25,7 +25,7 @@ from socketserver import ThreadingMixIn
 from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
 
-__all__ = ["Counters", "ServerMetrics", "MetricsEndpoint", "KINDS", "UNKNOWN"]
+__all__ = ["Counters", "ServerMetrics", "MetricsEndpoint", "KINDS", "UNKNOWN", "format_label"]
 
 #: error kinds: the ``status`` label of a stream that failed, the keys of ``errors``
 KINDS = (
@@ -43,6 +43,24 @@ UNKNOWN = "unknown"
 #: upper bounds (seconds) of the histogram buckets: engine time of one batch, one stream
 BATCH_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 STREAM_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 1800.0)
+
+
+def format_label(op: str, fmt: str, schema) -> str:
+    """The ``format`` label of a stream: the option for quantize; for dequantize (whose
+    options name no format) the format of the quantized columns in ``schema``, "mixed"
+    when they differ."""
+    if op != "dequantize":
+        return fmt
+    from . import wire
+
+    found = set()
+    for field in schema:
+        if wire.is_quantized_field(field):
+            try:
+                found.add(wire.parse_codes_field(field).format)
+            except ValueError:
+                return UNKNOWN
+    return found.pop() if len(found) == 1 else ("mixed" if found else fmt)
 
 
 class _Histogram:

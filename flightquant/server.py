@@ -300,6 +300,7 @@ class Server(flight.FlightServerBase):
                 if self._health is not None:
                     self._health.stop()
                 super().shutdown()
+                self._watchdog.stop()
                 raise
 
     # -- properties ----------------------------------------------------------------------
@@ -609,6 +610,7 @@ class Server(flight.FlightServerBase):
         run.activity.touch()
         validate_schema(schema, where="the stream's schema")
         out_schema = codec.output_schema(schema, options)
+        run.format = metrics.format_label(options.op, options.format, schema)
         out = _Writer(writer, run.activity)
         out.begin(out_schema)
         batches = _Receiver(

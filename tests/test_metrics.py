@@ -20,6 +20,7 @@ import pyarrow.flight as flight
 import pytest
 from common import make_layer_batch, wait_for
 
+import flightquant as fq
 from flightquant import logs, metrics
 from flightquant.security import auth_headers
 
@@ -310,11 +311,12 @@ def test_embedded_servers_have_their_own_registries(server):
     b = server(metrics_port=0)
     assert a.metrics.registry is not b.metrics.registry and a.metrics_port != b.metrics_port
     _exchange(a.location, b"{}", [_batch(0)], token=None)
-    wait_for(lambda: a.stats()["streams_served"] == 1, what="a to count the stream")
-    assert (
-        value(scrape(a.metrics_port), "flightquant_batches_total", op="quantize", format="native")
-        == 1
-    )
+    q = fq.quantize(_batch(0, rows=1), format="Q8_0")  # dequantize: labelled by the batch
+    _exchange(a.location, b'{"op": "dequantize"}', [q], token=None)
+    wait_for(lambda: a.stats()["streams_served"] == 2, what="a to count the streams")
+    m = scrape(a.metrics_port)
+    assert value(m, "flightquant_batches_total", op="quantize", format="native") == 1
+    assert value(m, "flightquant_streams_total", op="dequantize", format="Q8_0", status="ok") == 1
     assert not any(n == "flightquant_batches_total" for n, _ in scrape(b.metrics_port))
     assert a.config()["metrics_port"] == a.metrics_port and server().metrics_port is None
 
