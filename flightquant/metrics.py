@@ -10,7 +10,8 @@ Prometheus alone: a scrape reads, a batch only adds.
 without ``metrics_port`` never loads it. Each server has its own ``CollectorRegistry``:
 several servers in one process never share or collide.
 
-Adding a gauge later takes one line (a calibration session count, say)::
+Adding a gauge (or a counter, ``add_counter``) later takes one line (a calibration
+session count, say)::
 
     server.metrics.add_gauge("flightquant_sessions_active", "open sessions", lambda: n)
 """
@@ -195,7 +196,7 @@ class ServerMetrics:
 
     def __init__(self, server) -> None:
         self._server = server
-        self._gauges: list[tuple[str, str, Callable[[], float]]] = []
+        self._extra: list[tuple[str, str, str, Callable[[], float]]] = []
         self._registry = None
         self._lock = threading.Lock()
 
@@ -204,7 +205,12 @@ class ServerMetrics:
 
         A ``read`` that raises is left out of that scrape; the others still answer.
         """
-        self._gauges.append((name, documentation, read))
+        self._extra.append(("gauge", name, documentation, read))
+
+    def add_counter(self, name: str, documentation: str, read: Callable[[], float]) -> None:
+        """Expose ``read()`` (a count that only rises) as the counter ``name`` (``_total``
+        is added to the sample's name when missing), as :meth:`add_gauge`."""
+        self._extra.append(("counter", name, documentation, read))
 
     @property
     def registry(self):
@@ -306,12 +312,13 @@ class ServerMetrics:
         ):
             yield GaugeMetricFamily(name, doc, value=value)
 
-        for name, doc, read in list(self._gauges):
+        for kind, name, doc, read in list(self._extra):
             try:
                 value = float(read())
             except Exception:
                 continue
-            yield GaugeMetricFamily(name, doc, value=value)
+            family = GaugeMetricFamily if kind == "gauge" else CounterMetricFamily
+            yield family(name, doc, value=value)
 
 
 class _Handler(WSGIRequestHandler):

@@ -328,6 +328,7 @@ def test_refused_streams_count_as_unavailable_and_extra_gauges_are_read(server):
     sessions = [1, 2]
     s.metrics.add_gauge("flightquant_test_sessions", "a gauge added later", lambda: len(sessions))
     s.metrics.add_gauge("flightquant_test_broken", "a read that fails", lambda: 1 / 0)
+    s.metrics.add_counter("flightquant_test_sessions_opened", "a counter added later", lambda: 5)
     batch = _batch(0)
     with flight.connect(s.location) as client:
         writer, reader = client.do_exchange(flight.FlightDescriptor.for_command(b"{}"))
@@ -350,6 +351,7 @@ def test_refused_streams_count_as_unavailable_and_extra_gauges_are_read(server):
     )
     assert value(m, "flightquant_streams_total", op="quantize", format="native", status="ok") == 1
     assert value(m, "flightquant_test_sessions") == 2
+    assert value(m, "flightquant_test_sessions_opened_total") == 5
     assert not any(n == "flightquant_test_broken" for n, _ in m)
     port = s.metrics_port
     s.shutdown()
