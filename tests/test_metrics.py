@@ -389,3 +389,29 @@ def test_serve_refuses_a_busy_metrics_port():
         )
     assert proc.returncode == 2, proc.stderr
     assert "metrics endpoint" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_json_formatter_keeps_a_traceback_on_one_line():
+    import io
+    import logging
+
+    out = io.StringIO()
+    handler = logging.StreamHandler(out)
+    handler.setFormatter(logs.JsonFormatter())
+    log = logging.getLogger("flightquant.test_json")
+    log.addHandler(handler)
+    log.propagate = False
+    log.setLevel(logging.INFO)
+    try:
+        try:
+            raise RuntimeError("kernel exploded")
+        except RuntimeError:
+            log.exception("internal error in stream")
+        logs.event(log, "drain", "draining", deadline=3.0)
+    finally:
+        log.removeHandler(handler)
+    first, second = out.getvalue().splitlines()
+    record = json.loads(first)
+    assert record["event"] == "log" and record["level"] == "ERROR"
+    assert "RuntimeError: kernel exploded" in record["exception"]
+    assert json.loads(second) == {"event": "drain", "deadline": 3.0}
