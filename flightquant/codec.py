@@ -26,7 +26,13 @@ import pyarrow as pa
 from . import _engine, kernels, wire
 from .errors import CodecError, NonFiniteError, echo, echo_list, shorten
 from .layout import groups_per_block
-from .options import METHOD_CODES, SCHEME_CODES, OptionsError, QuantOptions
+from .options import (
+    METHOD_CODES,
+    SCHEME_CODES,
+    OptionsError,
+    QuantOptions,
+    check_importance_method,
+)
 from .reference import qparams
 from .validate import validate_batch, validate_schema
 from .wire import is_quantized_field, is_quantized_schema  # noqa: F401 (public here too)
@@ -162,12 +168,9 @@ def _importance_plan(schema: pa.Schema, picked: set[int], options: QuantOptions)
                 f"has type {shorten(str(f.type))}: importance is a list, large_list or "
                 "fixed_size_list of float32, one vector of k weights per row"
             )
-        if options.ggml is None and options.method != "mse":
-            raise OptionsError(
-                f"column {echo(schema.field(i).name)} has importance ({echo(f.name)}), which "
-                f"method={options.method!r} cannot use with format='native': pass method='mse' "
-                "(the importance-weighted search), or drop the importance"
-            )
+        check_importance_method(
+            options, f"column {echo(schema.field(i).name)} (its column {echo(f.name)})"
+        )
     return out
 
 
@@ -384,11 +387,11 @@ def _derived_index(schema, index, codes: str, m: wire.CodesMeta, role: str) -> i
 
 def _row_key(batch: pa.RecordBatch, row: int) -> str | None:
     """The value of the batch's first string column at ``row`` (e.g. the layer name)."""
-    for i, f in enumerate(batch.schema):
-        if pa.types.is_string(f.type) or pa.types.is_large_string(f.type):
-            value = batch.column(i)[row].as_py()
-            return None if value is None else shorten(str(value), 100)
-    return None
+    i = wire.key_column(batch.schema)
+    if i is None:
+        return None
+    value = batch.column(i)[row].as_py()
+    return None if value is None else shorten(str(value), 100)
 
 
 def _where(batch: pa.RecordBatch, column: str, row: int) -> str:

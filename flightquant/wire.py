@@ -86,6 +86,14 @@ def is_importance_type(t: pa.DataType) -> bool:
     return list_kind(t) is not None and t.value_type == pa.float32()
 
 
+def key_column(schema: pa.Schema) -> int | None:
+    """The column holding each row's key (e.g. the layer name): the first string column."""
+    for i, f in enumerate(schema):
+        if pa.types.is_string(f.type) or pa.types.is_large_string(f.type):
+            return i
+    return None
+
+
 def importance_columns(schema: pa.Schema) -> dict[int, int]:
     """``{tensor column index: importance column index}`` for every float list column ``c``
     of ``schema`` that has a column named ``c + "_importance"`` (its first such column).
