@@ -452,88 +452,95 @@ cdef extern from *:
        sum(w), sum(w*x), sum(w*L), sum(w*(L*L)), sum(w*(x*L)) and the error
        sum(w*(d*d)), each in index order (reference._mse_group with w). ------------------ */
 
-    static void fq_wlsq_asym(const double* xd, const double* wd, int64_t m, double mn,
-                             double qmax, const double* isc, double* sl, double* sl2,
-                             double* sxl, double* sw, double* swx)
-    {
-        double a[FQ_LSQ], a2[FQ_LSQ], ax[FQ_LSQ], ic[FQ_LSQ], s = *swx, t0 = *sw;
-        int64_t i;
-        int k;
-        for (k = 0; k < FQ_LSQ; k++) {
-            a[k] = sl[k]; a2[k] = sl2[k]; ax[k] = sxl[k]; ic[k] = isc[k];
-        }
-        for (i = 0; i < m; i++) {
-            double v = xd[i], w = wd[i], t = v - mn;
-            t0 = t0 + w;
-            s = s + w * v;
-            for (k = 0; k < FQ_LSQ; k++) {
-                double l = ic[k] * t;
-                l = l > qmax ? qmax : l;
-                l = (l + FQ_MAGIC_D) - FQ_MAGIC_D;
-                a[k] = a[k] + w * l;
-                a2[k] = a2[k] + w * (l * l);
-                ax[k] = ax[k] + w * (v * l);
-            }
-        }
-        for (k = 0; k < FQ_LSQ; k++) {
-            sl[k] = a[k]; sl2[k] = a2[k]; sxl[k] = ax[k];
-        }
-        *sw = t0;
-        *swx = s;
-    }
+    #define FQ_WEIGHTED(NAME, ATTR)                                                            \\
+    ATTR static void fq_wlsq_asym_##NAME(const double* xd, const double* wd, int64_t m,        \\
+            double mn, double qmax, const double* isc, double* sl, double* sl2,                \\
+            double* sxl, double* sw, double* swx)                                              \\
+    {                                                                                          \\
+        double a[FQ_LSQ], a2[FQ_LSQ], ax[FQ_LSQ], ic[FQ_LSQ], s = *swx, t0 = *sw;              \\
+        int64_t i;                                                                             \\
+        int k;                                                                                 \\
+        for (k = 0; k < FQ_LSQ; k++) {                                                         \\
+            a[k] = sl[k]; a2[k] = sl2[k]; ax[k] = sxl[k]; ic[k] = isc[k];                      \\
+        }                                                                                      \\
+        for (i = 0; i < m; i++) {                                                              \\
+            double v = xd[i], w = wd[i], t = v - mn;                                           \\
+            t0 = t0 + w;                                                                       \\
+            s = s + w * v;                                                                     \\
+            for (k = 0; k < FQ_LSQ; k++) {                                                     \\
+                double l = ic[k] * t;                                                          \\
+                l = l > qmax ? qmax : l;                                                       \\
+                l = (l + FQ_MAGIC_D) - FQ_MAGIC_D;                                             \\
+                a[k] = a[k] + w * l;                                                           \\
+                a2[k] = a2[k] + w * (l * l);                                                   \\
+                ax[k] = ax[k] + w * (v * l);                                                   \\
+            }                                                                                  \\
+        }                                                                                      \\
+        for (k = 0; k < FQ_LSQ; k++) {                                                         \\
+            sl[k] = a[k]; sl2[k] = a2[k]; sxl[k] = ax[k];                                      \\
+        }                                                                                      \\
+        *sw = t0;                                                                              \\
+        *swx = s;                                                                              \\
+    }                                                                                          \\
+                                                                                               \\
+    ATTR static void fq_wlsq_symm_##NAME(const double* xd, const double* wd, int64_t m,        \\
+            double qmin, double qmax, const double* isc, double* sl2, double* sxl)             \\
+    {                                                                                          \\
+        double a2[FQ_LSQ], ax[FQ_LSQ], ic[FQ_LSQ];                                             \\
+        int64_t i;                                                                             \\
+        int k;                                                                                 \\
+        for (k = 0; k < FQ_LSQ; k++) {                                                         \\
+            a2[k] = sl2[k]; ax[k] = sxl[k]; ic[k] = isc[k];                                    \\
+        }                                                                                      \\
+        for (i = 0; i < m; i++) {                                                              \\
+            double v = xd[i], w = wd[i];                                                       \\
+            for (k = 0; k < FQ_LSQ; k++) {                                                     \\
+                double l = ic[k] * v;                                                          \\
+                l = l < qmin ? qmin : l;                                                       \\
+                l = l > qmax ? qmax : l;                                                       \\
+                l = (l + FQ_MAGIC_D) - FQ_MAGIC_D;                                             \\
+                a2[k] = a2[k] + w * (l * l);                                                   \\
+                ax[k] = ax[k] + w * (v * l);                                                   \\
+            }                                                                                  \\
+        }                                                                                      \\
+        for (k = 0; k < FQ_LSQ; k++) {                                                         \\
+            sl2[k] = a2[k]; sxl[k] = ax[k];                                                    \\
+        }                                                                                      \\
+    }                                                                                          \\
+                                                                                               \\
+    ATTR static void fq_wsse_##NAME(const float* xs, const double* xd, const double* wd,       \\
+            int64_t m, float qmin, float qmax, const float* b, const float* s,                 \\
+            const float* z, double* e)                                                         \\
+    {                                                                                          \\
+        float cb[FQ_CAND], cs[FQ_CAND], cz[FQ_CAND];                                           \\
+        double ce[FQ_CAND];                                                                    \\
+        int64_t i;                                                                             \\
+        int j;                                                                                 \\
+        for (j = 0; j < FQ_CAND; j++) {                                                        \\
+            cb[j] = b[j]; cs[j] = s[j]; cz[j] = z[j]; ce[j] = e[j];                            \\
+        }                                                                                      \\
+        for (i = 0; i < m; i++) {                                                              \\
+            float xc = xs[i];                                                                  \\
+            double xv = xd[i], w = wd[i];                                                      \\
+            for (j = 0; j < FQ_CAND; j++) {                                                    \\
+                float v = (xc - cb[j]) / cs[j];                                                \\
+                v = v < qmin ? qmin : v;                                                       \\
+                v = v > qmax ? qmax : v;                                                       \\
+                v = (v + FQ_MAGIC_F) - FQ_MAGIC_F;                                             \\
+                v = (v - cz[j]) * cs[j];                                                       \\
+                double d = (double)v - xv;                                                     \\
+                ce[j] = ce[j] + w * (d * d);                                                   \\
+            }                                                                                  \\
+        }                                                                                      \\
+        for (j = 0; j < FQ_CAND; j++)                                                          \\
+            e[j] = ce[j];                                                                      \\
+    }                                                                                          \\
 
-    static void fq_wlsq_symm(const double* xd, const double* wd, int64_t m, double qmin,
-                             double qmax, const double* isc, double* sl2, double* sxl)
-    {
-        double a2[FQ_LSQ], ax[FQ_LSQ], ic[FQ_LSQ];
-        int64_t i;
-        int k;
-        for (k = 0; k < FQ_LSQ; k++) {
-            a2[k] = sl2[k]; ax[k] = sxl[k]; ic[k] = isc[k];
-        }
-        for (i = 0; i < m; i++) {
-            double v = xd[i], w = wd[i];
-            for (k = 0; k < FQ_LSQ; k++) {
-                double l = ic[k] * v;
-                l = l < qmin ? qmin : l;
-                l = l > qmax ? qmax : l;
-                l = (l + FQ_MAGIC_D) - FQ_MAGIC_D;
-                a2[k] = a2[k] + w * (l * l);
-                ax[k] = ax[k] + w * (v * l);
-            }
-        }
-        for (k = 0; k < FQ_LSQ; k++) {
-            sl2[k] = a2[k]; sxl[k] = ax[k];
-        }
-    }
-
-    static void fq_wsse(const float* xs, const double* xd, const double* wd, int64_t m,
-                        float qmin, float qmax, const float* b, const float* s, const float* z,
-                        double* e)
-    {
-        float cb[FQ_CAND], cs[FQ_CAND], cz[FQ_CAND];
-        double ce[FQ_CAND];
-        int64_t i;
-        int j;
-        for (j = 0; j < FQ_CAND; j++) {
-            cb[j] = b[j]; cs[j] = s[j]; cz[j] = z[j]; ce[j] = e[j];
-        }
-        for (i = 0; i < m; i++) {
-            float xc = xs[i];
-            double xv = xd[i], w = wd[i];
-            for (j = 0; j < FQ_CAND; j++) {
-                float v = (xc - cb[j]) / cs[j];
-                v = v < qmin ? qmin : v;
-                v = v > qmax ? qmax : v;
-                v = (v + FQ_MAGIC_F) - FQ_MAGIC_F;
-                v = (v - cz[j]) * cs[j];
-                double d = (double)v - xv;
-                ce[j] = ce[j] + w * (d * d);
-            }
-        }
-        for (j = 0; j < FQ_CAND; j++)
-            e[j] = ce[j];
-    }
+    FQ_WEIGHTED(portable, )
+    #if FQ_X86
+    /* the same loops compiled for AVX2 (wider vectors over the lanes, no FMA) */
+    FQ_WEIGHTED(avx2, __attribute__((target("avx2"))))
+    #endif
 
     /* which loops the mse search runs: FQ_ISA_PORTABLE, _SSE2 or _AVX2 (set at import to the
        best this CPU runs, changed only by tests and benchmarks between calls) */
@@ -594,6 +601,34 @@ cdef extern from *:
                        int symm)
     {
         FQ_DISPATCH(fq_sse, (xs, xd, m, qmin, qmax, b, s, z, e, nc, symm))
+    }
+
+    #if FQ_X86
+    #define FQ_WDISPATCH(FN, ARGS)                                                             \\
+        if (fq_isa == FQ_ISA_AVX2) { FN##_avx2 ARGS; return; }                                 \\
+        FN##_portable ARGS;
+    #else
+    #define FQ_WDISPATCH(FN, ARGS) FN##_portable ARGS;
+    #endif
+
+    static void fq_wlsq_asym(const double* xd, const double* wd, int64_t m, double mn,
+                             double qmax, const double* isc, double* sl, double* sl2,
+                             double* sxl, double* sw, double* swx)
+    {
+        FQ_WDISPATCH(fq_wlsq_asym, (xd, wd, m, mn, qmax, isc, sl, sl2, sxl, sw, swx))
+    }
+
+    static void fq_wlsq_symm(const double* xd, const double* wd, int64_t m, double qmin,
+                             double qmax, const double* isc, double* sl2, double* sxl)
+    {
+        FQ_WDISPATCH(fq_wlsq_symm, (xd, wd, m, qmin, qmax, isc, sl2, sxl))
+    }
+
+    static void fq_wsse(const float* xs, const double* xd, const double* wd, int64_t m,
+                        float qmin, float qmax, const float* b, const float* s, const float* z,
+                        double* e)
+    {
+        FQ_WDISPATCH(fq_wsse, (xs, xd, wd, m, qmin, qmax, b, s, z, e))
     }
     """
     enum:
