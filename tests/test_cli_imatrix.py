@@ -163,3 +163,24 @@ def test_imatrix_errors_are_one_line(files, tmp_path, capsys):
     err = capsys.readouterr().err
     assert name in err and "256 importance weights" in err and "512" in err
     assert not out.exists()
+
+
+def test_table_input_with_its_own_importance_column(files, tmp_path, capsys):
+    d, model, importance = files
+    names = [n for n in importance]
+    table = pa.table(
+        {
+            "name": names,
+            "w": pa.array([model[n].ravel() for n in names], pa.list_(pa.float32())),
+            "w_importance": pa.array([importance[n] for n in names], pa.list_(pa.float32())),
+        }
+    )
+    src, out = tmp_path / "t.arrow", tmp_path / "q.arrow"
+    with ipc.new_file(str(src), table.schema) as f:
+        f.write_table(table)
+    assert _run("quantize", src, "-o", out, "--method", "mse", "-q") == 0
+    got = ipc.open_file(str(out)).read_all()
+    assert "w_importance" not in got.column_names
+    want = fq.quantize(table, method="mse")
+    assert got.column("w").to_pylist() == want.column("w").to_pylist()
+    assert got.column("w_scales").to_pylist() == want.column("w_scales").to_pylist()
