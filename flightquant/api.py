@@ -144,8 +144,10 @@ def quantize(
         Row key (the value of the first string column, e.g. the layer name) -> that
         tensor's importance vector ``w`` of ``k`` weights (its row length): the tensor is
         quantized as rows of ``k``, element ``j`` of each weighted by ``w[j]`` (ggml types:
-        ``rtn`` is llama.cpp's imatrix path; native: needs ``method="mse"``). A column
-        ``<c>_importance`` (list of float32, one vector per row) in the data does the same.
+        ``rtn`` is llama.cpp's imatrix path; native: needs ``method="mse"``). Rows whose
+        key is not in it get none; a key no row has is an error for a Table or RecordBatch
+        (an iterable is not read ahead to check). A column ``<c>_importance`` (list of
+        float32, one vector per row) in the data does the same.
     threads : int, optional
         Kernel threads; None uses every allowed core.
     progress : callable, optional
