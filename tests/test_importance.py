@@ -180,6 +180,14 @@ def test_native_engine_weighs_mse_per_row(kind):
         assert scales.tobytes() == want.scales.tobytes()
 
 
+@pytest.mark.parametrize("kind", ["list", "large_list", "fixed_size_list"])
+def test_sliced_batches_read_their_own_importance_rows(kind):
+    x = _realistic(4, 512, seed=13)
+    b = _batch(list(x), [_importance(512, i) for i in range(4)], kind)
+    for opts in ({"format": "Q4_K"}, {"method": "mse"}):
+        assert _q(b.slice(1, 2), **opts).equals(_q(b, **opts).slice(1, 2))
+
+
 @pytest.mark.parametrize("opts", [{"format": "Q4_K"}, {"format": "Q4_0", "method": "mse"},
                                   {"method": "mse", "bits": 2, "group_size": 16}])  # fmt: skip
 def test_null_importance_is_no_importance(opts):
