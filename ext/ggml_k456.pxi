@@ -374,7 +374,8 @@ cdef extern from *:
     }
 
     #define KQ_ROUNDS 2    /* mse with importance: rounds of (scale search, d refit) */
-    #define KQ_REACH 1     /* ... scales tried: the current one +- KQ_REACH */
+    #define KQ_REACH 1     /* ... scales (and mins) tried: the current one +- KQ_REACH */
+    #define KQ_REACH_SYM 2 /* ... scales tried by the symmetric types (no min) */
 
     /* All sub-blocks' codes and errors for (d, dmin, sc, m); the block's error (the float32
        sub-block errors added in double, in order). dmin < 0 ... symmetric when m NULL. */
@@ -415,7 +416,8 @@ cdef extern from *:
                 else
                     best = kq_err_sym(xs, ws, n, lo, hi, *d * (float)bs, NULL);
                 int s0 = sc[j], m0 = bm;
-                for (a = s0 - KQ_REACH; a <= s0 + KQ_REACH; a++) {
+                int reach = m ? KQ_REACH : KQ_REACH_SYM;
+                for (a = s0 - reach; a <= s0 + reach; a++) {
                     if (a < smin || a > smax) continue;
                     if (m) {
                         for (b = m0 - KQ_REACH; b <= m0 + KQ_REACH; b++) {

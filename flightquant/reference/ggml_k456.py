@@ -629,9 +629,11 @@ def _mse_q6(x: np.ndarray) -> np.ndarray:
 
 #: make_qkx3_quants' grid in every K-quant impl: (rmin, rdelta, nstep)
 QKX3_GRID = (-0.9, 0.05, 36)
-#: mse with importance: rounds of (scale search, d refit), and the scales tried (+- reach)
+#: mse with importance: rounds of (scale search, d refit), and the scales tried: +- reach
+#: (scale and min of Q2_K/Q4_K/Q5_K), +- reach_sym (the scale of Q3_K/Q6_K)
 KQ_ROUNDS = 2
 KQ_REACH = 1
+KQ_REACH_SYM = 2
 
 
 def imp_weights(x: np.ndarray, qw: np.ndarray, f: int, n: int):
@@ -696,11 +698,13 @@ def make_qp_quants(x: np.ndarray, nmax: int, qw: np.ndarray):
 def make_qx_quants_w(x: np.ndarray, nmax: int, qw: np.ndarray):
     """ggml's make_qx_quants(n, nmax, x, L, rmse_type=1, qw) on every row of ``x``: (L
     int32 holding l + nmax, or 0 for an all-zero row, scale (N,))."""
-    ax = np.abs(x)
-    imax = np.argmax(ax, axis=1)
-    rows = np.arange(x.shape[0])
-    amax = ax[rows, imax]
-    xmax = x[rows, imax]
+    amax = np.zeros(x.shape[0], F32)
+    xmax = np.zeros(x.shape[0], F32)
+    for i in range(x.shape[1]):  # the C's strict '>' (a NaN never wins)
+        ax = np.abs(x[:, i])
+        t = ax > amax
+        amax = np.where(t, ax, amax)
+        xmax = np.where(t, x[:, i], xmax)
     zero = amax < GROUP_MAX_EPS
     wx = qw * x
     with np.errstate(all="ignore"):
@@ -757,7 +761,8 @@ def kq_search(x3, w3, lo, hi, smin, smax, mmax, d, dmin, sc, m):
     (int32 (B, S); m None: symmetric x_hat = d*sc*q, q in lo..hi; else x_hat = d*sc*q -
     dmin*m, q in 0..hi). ``KQ_ROUNDS`` rounds of:
 
-    1. each sub-block's (sc, m) among sc +- KQ_REACH, m +- KQ_REACH (in range), codes to
+    1. each sub-block's (sc, m) among sc +- KQ_REACH, m +- KQ_REACH (in range; symmetric:
+       sc +- KQ_REACH_SYM), codes to
        nearest, the smallest float32 weighted error (the current pair first, then the
        others in order, each kept only when strictly lower);
     2. d (and dmin) refit by weighted least squares on those codes (float64 sums in element
@@ -773,7 +778,9 @@ def kq_search(x3, w3, lo, hi, smin, smax, mmax, d, dmin, sc, m):
     m = m.copy() if m is not None else None
     aff = m is not None
     live = np.ones(B, bool)
-    reach = range(-KQ_REACH, KQ_REACH + 1)
+    reach = (
+        range(-KQ_REACH, KQ_REACH + 1) if m is not None else range(-KQ_REACH_SYM, KQ_REACH_SYM + 1)
+    )
     for _ in range(KQ_ROUNDS):
         best, _q = _kq_err(
             x3,
