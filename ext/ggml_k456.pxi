@@ -87,6 +87,8 @@ cdef extern from *:
     #define q6_lanes_w8 q6_lanes_w4
     #define q6_requant_w8 q6_requant_w4
     #define q6_pairs_w8 q6_pairs_w4
+    #define kq_qx_lanes_w8 kq_qx_lanes_w4
+    #define kq_err_w8 kq_err_w4
     #endif
     #else
     /* other compilers: the same code one lane at a time */
@@ -108,6 +110,8 @@ cdef extern from *:
     #define q6_lanes K456_PICK(q6_lanes)
     #define q6_requant K456_PICK(q6_requant)
     #define q6_pairs K456_PICK(q6_pairs)
+    #define kq_qx_lanes K456_PICK(kq_qx_lanes)
+    #define kq_err K456_PICK(kq_err)
 
     /* Q4_K/Q5_K: transpose a block (xt[i*8 + s] = x[32*s + i]) and ggml's weights
        av_x + |x|, av_x = sqrtf(sum(x*x)/32) per sub-block (a sequential sum). */
@@ -128,8 +132,8 @@ cdef extern from *:
     """
     float K_GROUP_MAX_EPS
     int k456_lane_width(int w) noexcept nogil
-    int k45_lanes(const float* xt, const float* wt, int nmax, float rmin, float rdelta,
-                  int nstep, float* scales, float* mins, float* l_isc, float* l_mn,
+    int k45_lanes(const float* xt, const float* wt, int ns, int n, int nmax, float rmin,
+                  float rdelta, int nstep, float* scales, float* mins, float* l_isc, float* l_mn,
                   float* u_s, float* u_m, float* u_x) noexcept nogil
     void k45_requant(const float* xt, int nmax, const float* d, const float* dm,
                      const float* isc, const float* mn, float* qt, float* err) noexcept nogil
@@ -339,116 +343,81 @@ cdef extern from *:
     }
 
     /* ---- mse with importance: a local search from the impl's block ----
-       affine sub-blocks x_hat = (d*sc)*q - dmin*m (q in 0..nmax), or (dmin NULL)
-       symmetric x_hat = (d*sc)*q (q in lo..hi); codes to nearest for a given (sc, m). */
-    static float kq_err_aff(const float* x, const float* w, int n, int nmax, float ds,
-                            float dm, int8_t* q) {
-        float e = 0;
-        for (int i = 0; i < n; i++) {
-            int l = 0;
-            if (ds != 0) {
-                l = fq_nearest_int((x[i] + dm) / ds);
-                l = l < 0 ? 0 : (l > nmax ? nmax : l);
-            }
-            if (q) q[i] = (int8_t)l;
-            float t = (ds * (float)l - dm) - x[i];
-            e = e + w[i] * (t * t);
-        }
-        return e;
-    }
+       ns sub-blocks of n, transposed (xt[i*ns + s]; wt: the importance weights alike);
+       affine x_hat = (d*sc)*q - dmin*m (q in 0..hi), or (m NULL) symmetric (d*sc)*q (q in
+       lo..hi); codes to nearest for a given (sc, m), as floats in qt (transposed). */
+    #define KQ_ROUNDS 2    /* rounds of (scale search, d refit) */
+    #define KQ_REACH 1     /* scales and mins tried: the current ones +- KQ_REACH */
+    #define KQ_REACH_SYM 2 /* scales tried by the symmetric types (no min) */
 
-    static float kq_err_sym(const float* x, const float* w, int n, int lo, int hi, float ds,
-                            int8_t* q) {
-        float e = 0;
-        for (int i = 0; i < n; i++) {
-            int l = 0;
-            if (ds != 0) {
-                l = fq_nearest_int(x[i] / ds);
-                l = l < lo ? lo : (l > hi ? hi : l);
-            }
-            if (q) q[i] = (int8_t)l;
-            float t = ds * (float)l - x[i];
-            e = e + w[i] * (t * t);
-        }
-        return e;
-    }
-
-    #define KQ_ROUNDS 2    /* mse with importance: rounds of (scale search, d refit) */
-    #define KQ_REACH 1     /* ... scales (and mins) tried: the current one +- KQ_REACH */
-    #define KQ_REACH_SYM 2 /* ... scales tried by the symmetric types (no min) */
-
-    /* All sub-blocks' codes and errors for (d, dmin, sc, m); the block's error (the float32
-       sub-block errors added in double, in order). dmin < 0 ... symmetric when m NULL. */
-    static double kq_eval(const float* x, const float* w, int ns, int n, int lo, int hi,
-                          float d, float dmin, const int* sc, const int* m, int8_t* q) {
+    /* all sub-blocks' codes for (d, dmin, sc, m); the block's error (the float32
+       sub-block errors added in double, in order) */
+    static double kq_eval(const float* xt, const float* wt, int ns, int n, int lo, int hi,
+                          float d, float dmin, const int* sc, const int* m, float* qt) {
+        float ds[16], dm[16], e[16];
         double tot = 0;
-        for (int j = 0; j < ns; j++) {
-            float e;
-            if (m)
-                e = kq_err_aff(x + n * j, w + n * j, n, hi, d * (float)sc[j],
-                               dmin * (float)m[j], q + n * j);
-            else
-                e = kq_err_sym(x + n * j, w + n * j, n, lo, hi, d * (float)sc[j], q + n * j);
-            tot = tot + (double)e;
+        int j;
+        for (j = 0; j < ns; j++) {
+            ds[j] = d * (float)sc[j];
+            dm[j] = m ? dmin * (float)m[j] : 0.f;
         }
+        kq_err(xt, wt, ns, n, (float)lo, (float)hi, m != NULL, ds, dm, e, qt);
+        for (j = 0; j < ns; j++) tot = tot + (double)e[j];
         return tot;
     }
 
-    /* The search: ns sub-blocks of n; scales in [smin, smax], mins in [0, mmax] (m NULL:
-       symmetric, codes lo..hi). Starts from (d, dmin, sc, m) and changes them (and q) only
-       where the weighted error drops; returns the block's error. */
-    static double kq_search(const float* x, const float* w, int ns, int n, int lo, int hi,
+    /* The search (the reference's kq_search): scales in [smin, smax], mins in [0, mmax];
+       starts from (d, dmin, sc, m) and changes them (and the codes qt) only where the
+       weighted error drops; returns the block's error. */
+    static double kq_search(const float* xt, const float* wt, int ns, int n, int lo, int hi,
                             int smin, int smax, int mmax, float* d, float* dmin, int* sc,
-                            int* m, int8_t* q) {
-        int8_t qc[256];
-        int j, r, a, b, i;
-        double tot = kq_eval(x, w, ns, n, lo, hi, *d, m ? *dmin : 0, sc, m, q);
+                            int* m, float* qt) {
+        float qc[256], ds[16], dm[16], e[16], best[16];
+        int bs[16], bm[16];
+        int j, r, da, db, i, aff = m != NULL;
+        int reach = aff ? KQ_REACH : KQ_REACH_SYM, mreach = aff ? KQ_REACH : 0;
+        float dmn = aff ? *dmin : 0.f;
+        double tot = kq_eval(xt, wt, ns, n, lo, hi, *d, dmn, sc, m, qt);
         for (r = 0; r < KQ_ROUNDS; r++) {
-            /* each sub-block's scale (and min) among its neighbours */
-            tot = 0;
+            /* each sub-block's scale (and min) among its neighbours, all side by side */
             for (j = 0; j < ns; j++) {
-                const float* xs = x + n * j;
-                const float* ws = w + n * j;
-                float best, e;
-                int bs = sc[j], bm = m ? m[j] : 0;
-                if (m)
-                    best = kq_err_aff(xs, ws, n, hi, *d * (float)bs, *dmin * (float)bm, NULL);
-                else
-                    best = kq_err_sym(xs, ws, n, lo, hi, *d * (float)bs, NULL);
-                int s0 = sc[j], m0 = bm;
-                int reach = m ? KQ_REACH : KQ_REACH_SYM;
-                for (a = s0 - reach; a <= s0 + reach; a++) {
-                    if (a < smin || a > smax) continue;
-                    if (m) {
-                        for (b = m0 - KQ_REACH; b <= m0 + KQ_REACH; b++) {
-                            if (b < 0 || b > mmax || (a == s0 && b == m0)) continue;
-                            e = kq_err_aff(xs, ws, n, hi, *d * (float)a, *dmin * (float)b, NULL);
-                            if (e < best) {
-                                best = e;
-                                bs = a;
-                                bm = b;
-                            }
-                        }
-                    } else if (a != s0) {
-                        e = kq_err_sym(xs, ws, n, lo, hi, *d * (float)a, NULL);
-                        if (e < best) {
-                            best = e;
-                            bs = a;
+                bs[j] = sc[j];
+                bm[j] = aff ? m[j] : 0;
+                ds[j] = *d * (float)bs[j];
+                dm[j] = dmn * (float)bm[j];
+            }
+            kq_err(xt, wt, ns, n, (float)lo, (float)hi, aff, ds, dm, best, NULL);
+            for (da = -reach; da <= reach; da++) {
+                for (db = -mreach; db <= mreach; db++) {
+                    if (da == 0 && db == 0) continue;
+                    for (j = 0; j < ns; j++) {
+                        ds[j] = *d * (float)(sc[j] + da);
+                        dm[j] = dmn * (float)((aff ? m[j] : 0) + db);
+                    }
+                    kq_err(xt, wt, ns, n, (float)lo, (float)hi, aff, ds, dm, e, NULL);
+                    for (j = 0; j < ns; j++) {
+                        int a = sc[j] + da, b = (aff ? m[j] : 0) + db;
+                        if (a < smin || a > smax || (aff && (b < 0 || b > mmax))) continue;
+                        if (e[j] < best[j]) {
+                            best[j] = e[j];
+                            bs[j] = a;
+                            bm[j] = b;
                         }
                     }
                 }
-                sc[j] = bs;
-                if (m) m[j] = bm;
-                tot = tot + (double)best;
+            }
+            for (j = 0; j < ns; j++) {
+                sc[j] = bs[j];
+                if (aff) m[j] = bm[j];
             }
             /* d (and dmin) refit by weighted least squares on those codes */
-            tot = kq_eval(x, w, ns, n, lo, hi, *d, m ? *dmin : 0, sc, m, q);
+            tot = kq_eval(xt, wt, ns, n, lo, hi, *d, dmn, sc, m, qt);
             double saa = 0, sab = 0, sbb = 0, sax = 0, sbx = 0, nd, nm = 0;
             for (j = 0; j < ns; j++) {
+                double bv = aff ? (double)m[j] : 0.0;
                 for (i = 0; i < n; i++) {
-                    double wi = w[n * j + i], xi = x[n * j + i];
-                    double av = (double)sc[j] * (double)q[n * j + i];
-                    double bv = m ? (double)m[j] : 0.0;
+                    double wi = wt[ns * i + j], xi = xt[ns * i + j];
+                    double av = (double)sc[j] * (double)qt[ns * i + j];
                     saa = saa + wi * av * av;
                     sab = sab + wi * av * bv;
                     sbb = sbb + wi * bv * bv;
@@ -457,26 +426,27 @@ cdef extern from *:
                 }
             }
             double det = saa * sbb - sab * sab;
-            if (m && det > 0) {
+            if (aff && det > 0) {
                 nd = (sax * sbb - sab * sbx) / det;
                 nm = (sab * sax - saa * sbx) / det;
             } else if (saa > 0) {
                 nd = sax / saa;
-                nm = m ? (double)*dmin : 0.0;
+                nm = aff ? (double)dmn : 0.0;
             } else {
                 break;
             }
             float d2 = fq_fp16_to_fp32(fq_fp32_to_fp16((float)nd));
             float m2 = fq_fp16_to_fp32(fq_fp32_to_fp16((float)nm));
             if (!(d2 == d2) || !(m2 == m2) || isinf(d2) || isinf(m2)) break;
-            if (d2 == *d && (!m || m2 == *dmin)) break;
-            double t2 = kq_eval(x, w, ns, n, lo, hi, d2, m2, sc, m, qc);
+            if (d2 == *d && (!aff || m2 == dmn)) break;
+            double t2 = kq_eval(xt, wt, ns, n, lo, hi, d2, m2, sc, m, qc);
             if (!(t2 < tot)) break;
             tot = t2;
             *d = d2;
-            if (m) *dmin = m2;
-            memcpy(q, qc, ns * n);
+            dmn = m2;
+            memcpy(qt, qc, sizeof(float) * ns * n);
         }
+        if (aff) *dmin = dmn;
         return tot;
     }
     """
@@ -486,11 +456,13 @@ cdef extern from *:
     float kq_qx(int n, int nmax, const float* x, int8_t* L, const float* qw) noexcept nogil
     void kq_weights(const float* x, const float* qw, float f, int n, float* w,
                     float* sw) noexcept nogil
-    double kq_eval(const float* x, const float* w, int ns, int n, int lo, int hi, float d,
-                   float dmin, const int* sc, const int* m, int8_t* q) noexcept nogil
-    double kq_search(const float* x, const float* w, int ns, int n, int lo, int hi, int smin,
-                     int smax, int mmax, float* d, float* dmin, int* sc, int* m,
-                     int8_t* q) noexcept nogil
+    double kq_eval(const float* xt, const float* wt, int ns, int n, int lo, int hi, float d,
+                   float dmin, const int* sc, const int* m, float* qt) noexcept nogil
+    double kq_search(const float* xt, const float* wt, int ns, int n, int lo, int hi,
+                     int smin, int smax, int mmax, float* d, float* dmin, int* sc, int* m,
+                     float* qt) noexcept nogil
+    void kq_qx_lanes(const float* xt, const float* wt, int nmax, float* scales,
+                     float* l_isc) noexcept nogil
 
 
 k456_lane_width(8)
@@ -635,7 +607,7 @@ cdef int k45_quantize(const float* x, uint8_t* y, int method, int nmax, float rm
     cdef float max_scale = 0, max_min = 0, inv_scale, inv_min, d16, dmin16, md16, mdmin16
     cdef double e_rtn = 0, e_mse = 0
     k45_prep(x, xt, wt)
-    lanes = k45_lanes(xt, wt, nmax, rmin, rdelta, nstep, scales, mins, l_isc, l_mn,
+    lanes = k45_lanes(xt, wt, 8, 32, nmax, rmin, rdelta, nstep, scales, mins, l_isc, l_mn,
                       u_s if mse else NULL, u_m, u_x) != 0
     if not lanes:
         for s in range(8):
@@ -846,7 +818,6 @@ cdef int k45_quantize_imp(const float* x, uint8_t* y, int method, int nmax,
     cdef uint8_t m8[8]
     cdef int sc[8]
     cdef int m[8]
-    cdef int8_t q[256]
     cdef int i, s, lv
     cdef uint8_t ls, lm
     cdef bint lanes
@@ -857,7 +828,7 @@ cdef int k45_quantize_imp(const float* x, uint8_t* y, int method, int nmax,
         for s in range(8):
             xt[8 * i + s] = x[32 * s + i]
             wt[8 * i + s] = w[32 * s + i]
-    lanes = k45_lanes(xt, wt, nmax, <float>-0.9, <float>0.05, 36, scales, mins, l_isc, l_mn,
+    lanes = k45_lanes(xt, wt, 8, 32, nmax, <float>-0.9, <float>0.05, 36, scales, mins, l_isc, l_mn,
                       NULL, dummy, dummy) != 0
     if not lanes:
         for s in range(8):
@@ -901,14 +872,15 @@ cdef int k45_quantize_imp(const float* x, uint8_t* y, int method, int nmax,
     memcpy(y + 4, sb, 12)
     if method != METHOD_MSE:
         return 0
-    e0 = kq_eval(x, qw, 8, 32, 0, nmax, d16, dmin16, sc, m, q)
-    e1 = kq_search(x, qw, 8, 32, 0, nmax, 0, 63, 63, &d16, &dmin16, sc, m, q)
+    for i in range(32):
+        for s in range(8):
+            wt[8 * i + s] = qw[32 * s + i]
+    e0 = kq_eval(xt, wt, 8, 32, 0, nmax, d16, dmin16, sc, m, qt)
+    e1 = kq_search(xt, wt, 8, 32, 0, nmax, 0, 63, 63, &d16, &dmin16, sc, m, qt)
     if e1 < e0 * MSE_MARGIN:
         for s in range(8):
             sc8[s] = <uint8_t>sc[s]
             m8[s] = <uint8_t>m[s]
-            for i in range(32):
-                qt[8 * i + s] = <float>q[32 * s + i]
         k45_pack(&d16, &dmin16, sc8, m8, qt, y, nmax)
     return 0
 
@@ -916,17 +888,22 @@ cdef int k45_quantize_imp(const float* x, uint8_t* y, int method, int nmax,
 cdef int q6_quantize_imp(const float* x, uint8_t* y, int method, const float* qw) noexcept nogil:
     """One Q6_K block with importance ``qw``: rtn is ggml's quantize_row_q6_K_impl; mse
     searches from it."""
-    cdef float scales[16]
+    cdef float xt[256]
+    cdef float wt[256]
     cdef float qt[256]
-    cdef int8_t L[256]
-    cdef int8_t q[256]
+    cdef float scales[16]
+    cdef float l_isc[16]
     cdef int8_t sc8[16]
     cdef int sc[16]
     cdef int i, s, lv
     cdef float max_scale = 0, max_abs = 0, a, iscale, d16, ds
     cdef double e0, e1
+    for i in range(16):
+        for s in range(16):
+            xt[16 * i + s] = x[16 * s + i]
+            wt[16 * i + s] = qw[16 * s + i]
+    kq_qx_lanes(xt, wt, 32, scales, l_isc)
     for s in range(16):
-        scales[s] = kq_qx(16, 32, x + 16 * s, L + 16 * s, qw + 16 * s)
         a = fabsf(scales[s])
         if a > max_abs:
             max_abs = a
@@ -941,21 +918,23 @@ cdef int q6_quantize_imp(const float* x, uint8_t* y, int method, const float* qw
         sc[s] = sc8[s]
         ds = d16 * <float>sc8[s]
         for i in range(16):
-            if ds == 0:
-                lv = L[16 * s + i]
+            if ds != 0:
+                lv = max(-32, min(31, fq_nearest_int(xt[16 * i + s] / ds))) + 32
+            elif l_isc[s] == 0:
+                lv = 0  # ggml's all-zero sub-block
             else:
-                lv = max(-32, min(31, fq_nearest_int(x[16 * s + i] / ds))) + 32
+                lv = max(-32, min(31, fq_nearest_int(l_isc[s] * xt[16 * i + s]))) + 32
             qt[16 * i + s] = <float>lv
     q6_pack(d16, sc8, qt, y)
     if method != METHOD_MSE:
         return 0
-    e0 = kq_eval(x, qw, 16, 16, -32, 31, d16, 0, sc, NULL, q)
-    e1 = kq_search(x, qw, 16, 16, -32, 31, -128, 127, 0, &d16, NULL, sc, NULL, q)
+    e0 = kq_eval(xt, wt, 16, 16, -32, 31, d16, 0, sc, NULL, qt)
+    e1 = kq_search(xt, wt, 16, 16, -32, 31, -128, 127, 0, &d16, NULL, sc, NULL, qt)
     if e1 < e0 * MSE_MARGIN:
         for s in range(16):
             sc8[s] = <int8_t>sc[s]
-            for i in range(16):
-                qt[16 * i + s] = <float>(q[16 * s + i] + 32)
+        for i in range(256):
+            qt[i] = qt[i] + 32
         q6_pack(d16, sc8, qt, y)
     return 0
 
