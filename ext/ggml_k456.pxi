@@ -346,9 +346,9 @@ cdef extern from *:
        ns sub-blocks of n, transposed (xt[i*ns + s]; wt: the importance weights alike);
        affine x_hat = (d*sc)*q - dmin*m (q in 0..hi), or (m NULL) symmetric (d*sc)*q (q in
        lo..hi); codes to nearest for a given (sc, m), as floats in qt (transposed). */
-    #define KQ_ROUNDS 2    /* rounds of (scale search, d refit) */
-    #define KQ_REACH 1     /* scales and mins tried: the current ones +- KQ_REACH */
-    #define KQ_REACH_SYM 2 /* scales tried by the symmetric types (no min) */
+    #define KQ_ROUNDS 3    /* rounds of (scale search, d refit) */
+    #define KQ_REACH 2     /* scales and mins tried: the current ones +- KQ_REACH */
+    #define KQ_REACH_SYM 3 /* scales tried by the symmetric types (no min) */
 
     /* all sub-blocks' codes for (d, dmin, sc, m); the block's error (the float32
        sub-block errors added in double, in order) */

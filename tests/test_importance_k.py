@@ -149,3 +149,21 @@ def test_importance_changes_the_result(name):
     x, w = realistic(4, 256, seed=9)
     plain = np.asarray(quantize_ggml(x, name, "rtn")).view(np.uint8).reshape(-1)
     assert not np.array_equal(kernel(x, name, "rtn", w), plain)
+
+
+@pytest.mark.parametrize("name", TYPES)
+@pytest.mark.parametrize("method", ["rtn", "mse"])
+def test_lane_widths_and_scales_with_importance(name, method):
+    """The lanes give the same bytes at every width, over a wide range of magnitudes."""
+    from flightquant import _ggml
+
+    x, w = realistic(2, 512, seed=13)
+    x = np.concatenate([x * F32(1e-6), x * F32(1e5)])
+    want = ref.quantize_row(x, name, method, importance=w)
+    old = _ggml._k456_lane_width()
+    try:
+        for width in (4, 8):
+            _ggml._k456_lane_width(width)
+            assert np.array_equal(kernel(x, name, method, w), want)
+    finally:
+        _ggml._k456_lane_width(old)

@@ -631,9 +631,9 @@ def _mse_q6(x: np.ndarray) -> np.ndarray:
 QKX3_GRID = (-0.9, 0.05, 36)
 #: mse with importance: rounds of (scale search, d refit), and the scales tried: +- reach
 #: (scale and min of Q2_K/Q4_K/Q5_K), +- reach_sym (the scale of Q3_K/Q6_K)
-KQ_ROUNDS = 2
-KQ_REACH = 1
-KQ_REACH_SYM = 2
+KQ_ROUNDS = 3
+KQ_REACH = 2
+KQ_REACH_SYM = 3
 
 
 def imp_weights(x: np.ndarray, qw: np.ndarray, f: int, n: int):
