@@ -4,6 +4,8 @@ consumed (never in the output) and weighs the quantization of ``c``'s rows of k.
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pyarrow as pa
 import pytest
@@ -360,4 +362,9 @@ def test_bad_importance_over_flight_is_invalid_argument_naming_the_tensor(server
                                                                           pa.list_(pa.float32()))))  # fmt: skip
         with pytest.raises(ValueError, match="'blk.9'"):
             client.quantize_arrays({"blk.9": x}, importance={"blk.9": bad}, format="Q4_K")
+    # a stream is counted when its handler ends, which may be just after the client saw
+    # the error
+    deadline = time.monotonic() + 10
+    while s.stats()["errors"]["invalid_argument"] < 3 and time.monotonic() < deadline:
+        time.sleep(0.01)
     assert s.stats()["errors"]["invalid_argument"] >= 3
