@@ -46,6 +46,8 @@ def test_readme_python_api_example_runs():
         "flightquant.calibration",
         "flightquant.sessions",
         "flightquant.modelfiles.imatrix",
+        "flightquant.metrics",
+        "flightquant.logs",
     ],
 )
 def test_docstring_examples(module):
