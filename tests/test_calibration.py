@@ -428,3 +428,24 @@ def test_ray_callable_without_ray(server):
     assert_statistic(read_session(s.location, "blocks"), numpy_statistic(batches[:2]))
     with pytest.raises(fq.OptionsError, match="session"):
         FlightCalibrator(s.location, "")
+
+
+def test_sessions_on_metrics(server):
+    from prometheus_client import generate_latest, parser
+
+    s = server()
+    batches = activations(7, n_batches=2)
+    send(s.location, "m", batches)
+    text = generate_latest(s.metrics.registry).decode()
+    samples = {
+        (x.name, tuple(sorted(x.labels.items()))): x.value
+        for family in parser.text_string_to_metric_families(text)
+        for x in family.samples
+    }
+    want = SESSION_OVERHEAD + sum(layer_bytes(w) for w in WIDTHS.values())
+    assert samples[("flightquant_calibration_sessions", ())] == 1
+    assert samples[("flightquant_calibration_bytes", ())] == want
+    assert samples[("flightquant_calibration_sessions_expired_total", ())] == 0
+    assert s.stats()["batches"] == len(batches)  # calibration batches are counted too
+    ok = [k for k in samples if k[0] == "flightquant_streams_total" and ("op", "calibrate") in k[1]]
+    assert ok and sum(samples[k] for k in ok) == len(batches)  # send() opens one per batch
