@@ -3,9 +3,13 @@ expected output of the codec built independently of it from the NumPy reference.
 
 from __future__ import annotations
 
+import os
 import struct
+import subprocess
+import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import grpc
 import numpy as np
@@ -345,3 +349,13 @@ def ipc_layout(meta: bytes) -> tuple[int, list[int], list[int]]:
         vec = f + _u32(meta, f)
         out.append([vec + 4 + 16 * i for i in range(_u32(meta, vec))])
     return length, out[0], out[1]
+
+
+# --------------------------------------------------------------------------- child processes
+def run_isolated(code: str, timeout: float = 240) -> subprocess.CompletedProcess:
+    """Python ``code`` in a child process (tests/ and this tree first on the path)."""
+    here = Path(__file__).resolve().parent
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(here), str(here.parent)])}
+    return subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=timeout
+    )

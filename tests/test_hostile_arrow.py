@@ -22,7 +22,6 @@ import io
 import json
 import os
 import struct
-import subprocess
 import sys
 import types
 from pathlib import Path
@@ -30,12 +29,10 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pytest
-from common import _field_pos, _u32, ipc_layout
+from common import _field_pos, _u32, ipc_layout, run_isolated
 
 from flightquant.cli import main
 
-HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent
 FUZZ_CASES = int(os.environ.get("FQ_HOSTILE_ARROW_CASES", "60"))
 
 
@@ -174,14 +171,6 @@ class Capture:
         return types.SimpleNamespace(out=out, err=err)
 
 
-def run_isolated(code: str, timeout: float = 240) -> subprocess.CompletedProcess:
-    """Python ``code`` in a child process (tests/ and this tree first on the path)."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE), str(ROOT)])}
-    return subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=timeout
-    )
-
-
 # --------------------------------------------------------------------------- named cases
 
 
@@ -298,8 +287,30 @@ def fuzz(tmp: Path, capsys, seed: int, cases: int) -> dict[str, int]:
     return counts
 
 
-def test_structural_fuzz_every_command(tmp_path, capsys):
-    counts = fuzz(tmp_path, capsys, int(os.environ.get("FQ_HOSTILE_SEED", "18")), FUZZ_CASES)
+FUZZ = """
+import json
+from pathlib import Path
+import flightquant.modelfiles.arrow_files as arrow_files
+import test_hostile_arrow as t
+
+if {unchecked}:
+    arrow_files.validate_batch = lambda *args, **kwargs: None  # the validation switched off
+capture = t.Capture()
+counts = t.fuzz(Path({tmp!r}), capture, {seed}, {cases})
+capture.real.write(json.dumps(counts))
+"""
+
+
+def run_fuzz(tmp: Path, seed: int, cases: int, unchecked: bool = False):
+    """The fuzz in a child process: a crash fails the test instead of killing pytest."""
+    code = FUZZ.format(unchecked=unchecked, tmp=str(tmp), seed=seed, cases=cases)
+    return run_isolated(code)
+
+
+def test_structural_fuzz_every_command(tmp_path):
+    proc = run_fuzz(tmp_path, int(os.environ.get("FQ_HOSTILE_SEED", "18")), FUZZ_CASES)
+    assert proc.returncode == 0, (proc.returncode, proc.stderr[-3000:])
+    counts = json.loads(proc.stdout)
     # both outcomes, on both files: broken files refused, harmless edits accepted
     for kind in ("plain", "quantized"):
         assert counts.get(f"{kind}:invalid:error", 0) > 0, counts
@@ -307,23 +318,14 @@ def test_structural_fuzz_every_command(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_structural_fuzz_every_command_long(tmp_path, capsys):
-    fuzz(tmp_path, capsys, 19, 10 * FUZZ_CASES)
-
-
-FUZZ_UNCHECKED = """
-from pathlib import Path
-import flightquant.modelfiles.arrow_files as arrow_files
-import test_hostile_arrow as t
-
-arrow_files.validate_batch = lambda *args, **kwargs: None  # the validation switched off
-t.fuzz(Path({tmp!r}), t.Capture(), 18, {cases})
-"""
+def test_structural_fuzz_every_command_long(tmp_path):
+    proc = run_fuzz(tmp_path, 19, 10 * FUZZ_CASES)
+    assert proc.returncode == 0, (proc.returncode, proc.stderr[-3000:])
 
 
 def test_fuzz_needs_the_validation(tmp_path):
     """With the file validation switched off, the same fuzz fails: a command reads an
     invalid file (an AssertionError) or the process dies of it (a signal)."""
-    proc = run_isolated(FUZZ_UNCHECKED.format(tmp=str(tmp_path), cases=FUZZ_CASES))
+    proc = run_fuzz(tmp_path, 18, FUZZ_CASES, unchecked=True)
     assert proc.returncode != 0, proc.stderr[-2000:]
     assert proc.returncode < 0 or "an invalid file was read" in proc.stderr, proc.stderr[-2000:]

@@ -67,6 +67,7 @@ def run(args: argparse.Namespace) -> int:
             "(it must be an .arrow/.parquet file written by `flightquant quantize`)"
         )
     check_not_same(args.input, args.output)
+    modelfiles.check_output_path(args.output)  # before any work
     tensor_out = fmt in ("safetensors", "npz")
     if tensor_out and not modelfiles.is_tensor_layout(source.schema):
         raise JobError(

@@ -78,6 +78,7 @@ def run(args: argparse.Namespace, source: GGUFFile) -> int:
             raise JobError("quantize needs -o OUTPUT.gguf, or --estimate")
         modelfiles.output_format(args.output, ("gguf",))
         check_not_same(args.input, args.output)
+        modelfiles.check_output_path(args.output)  # before any work
         from ..options import QuantOptions
 
         QuantOptions.from_mapping({"method": args.method, "clip": args.clip})  # validates

@@ -208,13 +208,13 @@ def check_input_path(path: str | os.PathLike) -> Path:
 
 def parse_json(raw: bytes | str, where: str):
     """``json.loads(raw)``; bad JSON and deep nesting are one :class:`ModelIOError` that
-    starts with ``where`` (the file, and the part of it)."""
+    starts with ``where`` (the file, and the part of it: ``"x.safetensors: the header"``)."""
     try:
         return json.loads(raw)
     except RecursionError:
-        raise ModelIOError(f"{where}: JSON nested too deeply to read") from None
+        raise ModelIOError(f"{where} is JSON nested too deeply to read") from None
     except (UnicodeDecodeError, ValueError) as exc:  # JSONDecodeError is a ValueError
-        raise ModelIOError(f"{where}: not valid JSON ({first_line(exc)})") from None
+        raise ModelIOError(f"{where} is not JSON ({first_line(exc)})") from None
 
 
 def read_json(path: str | os.PathLike, *, max_bytes: int = MAX_JSON_BYTES):
@@ -278,8 +278,13 @@ def copy_file(src: str | os.PathLike, dst: str | os.PathLike) -> None:
     one :class:`ModelIOError` naming the file."""
     try:
         with open(src, "rb") as fin, open(dst, "xb") as fout:
-            while chunk := fin.read(16 << 20):
-                fout.write(chunk)
+            try:
+                while chunk := fin.read(16 << 20):
+                    fout.write(chunk)
+            except BaseException:
+                fout.close()
+                os.unlink(dst)
+                raise
     except OSError as exc:
         raise ModelIOError(f"{os.fspath(src)}: cannot copy ({exc.strerror or exc})") from None
 
