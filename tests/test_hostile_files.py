@@ -353,6 +353,20 @@ def test_estimate_refuses_what_quantize_refuses(case, tmp_path, capsys):
         assert rc == 1 and err.count("\n") == 1 and "m.gguf" in err, (argv, err)
 
 
+@pytest.mark.parametrize("flags", [["--method", "bogus"], ["--clip", "-1"]])
+def test_estimate_refuses_the_options_quantize_refuses(flags, tmp_path, capsys):
+    """Found with issue 18: a GGUF `--estimate` took a --method or --clip the job refused."""
+    (tmp_path / "m.gguf").write_bytes(gguf())
+    for argv in (
+        ["quantize", "--estimate"],
+        ["inspect", "--estimate"],
+        ["quantize", "-o", "o.gguf"],
+    ):
+        rc = main([argv[0], str(tmp_path / "m.gguf"), *argv[1:], "--format", "Q8_0", *flags])
+        err = capsys.readouterr().err
+        assert rc == 1 and err.count("\n") == 1 and flags[0][2:] in err, (argv, err)
+
+
 def test_padding_is_never_built_in_memory(tmp_path, capsys):
     """Issue 18 defect 3: the largest alignment read (1 MiB here; 2**30 is refused above)
     is padding written from a small zero block, not a list of 8-byte ints per byte."""
