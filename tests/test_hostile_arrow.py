@@ -329,3 +329,44 @@ def test_fuzz_needs_the_validation(tmp_path):
     proc = run_fuzz(tmp_path, 18, FUZZ_CASES, unchecked=True)
     assert proc.returncode != 0, proc.stderr[-2000:]
     assert proc.returncode < 0 or "an invalid file was read" in proc.stderr, proc.stderr[-2000:]
+
+
+SHRINK = """
+import sys
+from pathlib import Path
+from flightquant.cli import accounting, main
+
+path = Path({path!r})
+record = accounting.Ledger._record
+
+def record_then_shrink(self, batch, infos):  # another process truncates the input mid-job
+    with open(path, "r+b") as fh:
+        fh.truncate({cut})
+    return record(self, batch, infos)
+
+accounting.Ledger._record = record_then_shrink
+sys.exit(main(["quantize", str(path), "-o", str(path.with_name("out.arrow")), "-q"]))
+"""
+
+
+@pytest.mark.parametrize("kind", ["ipc-file", "ipc-stream", "parquet"])
+def test_table_shrinking_during_the_job_is_a_clean_error(kind, tmp_path):
+    """Found with issue 18 defect 5: Parquet and IPC-stream inputs are read through a
+    memory map, so a file truncated mid-job must be an error before the next read."""
+    import pyarrow.parquet as pq
+
+    table = pa.concat_tables([plain_table()] * 8)
+    path = tmp_path / ("in.parquet" if kind == "parquet" else "in.arrow")
+    if kind == "parquet":
+        pq.write_table(table, path, row_group_size=3)
+    elif kind == "ipc-stream":
+        with pa.ipc.new_stream(str(path), table.schema) as w:
+            w.write_table(table, max_chunksize=3)
+    else:
+        with pa.ipc.new_file(str(path), table.schema) as w:
+            w.write_table(table, max_chunksize=3)
+    proc = run_isolated(SHRINK.format(path=str(path), cut=path.stat().st_size // 3))
+    assert proc.returncode == 1, (proc.returncode, proc.stderr[-2000:])
+    lines = proc.stderr.splitlines()
+    assert len(lines) == 1 and path.name in lines[0], proc.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == [path.name]

@@ -32,6 +32,7 @@ class TableFile:
         self.format = fmt
         self._ipc_file = None
         self._ipc_stream_path = False
+        self._size = path.stat().st_size
         try:
             if fmt == "parquet":
                 import pyarrow.parquet as pq
@@ -91,6 +92,19 @@ class TableFile:
         except (pa.ArrowException, OSError) as exc:
             raise ModelIOError(f"{self.path}: cannot read ({first_line(exc)})") from None
 
+    def _check_size(self) -> None:
+        """Batches read through a memory map are touched only while the file still holds
+        them: a file that shrank since it was opened would make reading them SIGBUS."""
+        try:
+            size = self.path.stat().st_size
+        except OSError as exc:
+            raise ModelIOError(f"{self.path}: cannot read ({exc.strerror or exc})") from None
+        if size < self._size:
+            raise ModelIOError(
+                f"{self.path}: the file shrank from {self._size} to {size} bytes since it was "
+                "opened (truncated by another process?)"
+            )
+
     def _validate(self, batch: pa.RecordBatch, index: int) -> None:
         try:
             validate_batch(batch, where=f"{self.path}: batch {index}")
@@ -102,10 +116,12 @@ class TableFile:
         ``columns``); :meth:`iter_batches` validates each before selecting ``columns``."""
         if self.format == "parquet":
             for rg in range(self._pq.num_row_groups):
+                self._check_size()
                 table = self._pq.read_row_group(rg, columns=columns)
                 yield from table.combine_chunks().to_batches() or []
         elif self._ipc_file is not None and columns:  # a few columns: from the memory map
             for i in range(self._ipc_file.num_record_batches):
+                self._check_size()
                 yield self._ipc_file.get_batch(i)
         elif self._ipc_file is not None:
             # a whole pass reads each batch into memory that is freed (and reused) after it:
@@ -116,7 +132,13 @@ class TableFile:
                     yield reader.get_batch(i)
         elif self._ipc_stream_path:
             with ipc.open_stream(pa.memory_map(str(self.path), "r")) as reader:
-                yield from reader
+                while True:
+                    self._check_size()
+                    try:
+                        batch = reader.read_next_batch()
+                    except StopIteration:
+                        return
+                    yield batch
         else:
             yield from self._table.to_batches()
 
