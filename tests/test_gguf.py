@@ -217,7 +217,8 @@ def test_no_fallback_for_32_blocks_and_refusals():
 def test_file_types_are_llama_cpps():
     # llama.h's llama_ftype values, as llama-quantize writes them for each TYPE name
     expected = {"Q4_0": 2, "Q4_1": 3, "Q8_0": 7, "Q5_0": 8, "Q5_1": 9, "Q2_K": 10, "Q3_K": 12,
-                "Q4_K": 15, "Q5_K": 17, "Q6_K": 18, "TQ1_0": 36, "TQ2_0": 37}  # fmt: skip
+                "Q4_K": 15, "Q5_K": 17, "Q6_K": 18, "TQ1_0": 36, "TQ2_0": 37,
+                "IQ4_NL": 25, "IQ4_XS": 30}  # fmt: skip
     assert {k: int(v) for k, v in gguf_policy.FILE_TYPES.items() if k in expected} == expected
     assert set(fq.formats.GGML_TYPES) <= set(gguf_policy.FILE_TYPES)
     for t in fq.formats.GGML_TYPES.values():  # the registry agrees with gguf-py
