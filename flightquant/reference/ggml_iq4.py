@@ -69,9 +69,7 @@ NTRY = 7
 #: mse: the inverse scales c/max tried per 32 weights: max -> c, from well inside to well
 #: outside either end of the table (a wide range pays off with importance, where the
 #: largest element need not be the one that matters)
-MSE_GRID = tuple(float(c) for c in range(-175, -78, 6)) + tuple(
-    float(c) for c in range(65, 172, 6)
-)
+MSE_GRID = tuple(float(c) for c in range(-175, -78, 6)) + tuple(float(c) for c in range(65, 172, 6))
 #: mse: least-squares refits of IQ4_NL's scale
 NL_REFITS = 2
 #: mse: IQ4_XS's super-block scales s_max * f (s_max -> sub-block scale -32 or +31 and near)
@@ -99,9 +97,9 @@ def _first_absmax(x: np.ndarray):
     """(amax, max): the largest |x| of each row and the first element that has it."""
     a = np.abs(x)
     i = np.argmax(a, axis=-1)
-    return np.take_along_axis(a, i[..., None], -1)[..., 0], np.take_along_axis(
-        x, i[..., None], -1
-    )[..., 0]
+    return np.take_along_axis(a, i[..., None], -1)[..., 0], np.take_along_axis(x, i[..., None], -1)[
+        ..., 0
+    ]
 
 
 def _fit(x, w, id_):
@@ -229,10 +227,10 @@ def _rtn_xs(x: np.ndarray, qw) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     s = _rtn_scales(x, qw)
     d = -_xs_max_scale(s) / F32(32)
     with np.errstate(all="ignore"):
-        l = np.clip(nearest_int(_inv(d)[:, None] * s), -32, 31)
-        dl = (d[:, None] * l.astype(F32)).astype(F32)
+        sub = np.clip(nearest_int(_inv(d)[:, None] * s), -32, 31)
+        dl = (d[:, None] * sub.astype(F32)).astype(F32)
     L = _xs_codes(x.reshape(nb, 8, 32), dl).reshape(nb, 256)
-    return f16_bits(d), l + 32, L
+    return f16_bits(d), sub + 32, L
 
 
 # ---------------------------------------------------------------------------------------
@@ -297,14 +295,14 @@ def _mse_xs(x: np.ndarray, e: np.ndarray, rtn_bits, rtn_ls, rtn_L):
         sub_l = np.zeros((nb, 8), np.int64)
         sub_L = np.zeros((nb, 8, 32), np.int64)
         for dlt in (-1, 0, 1):
-            l = np.clip(l0 + dlt, -32, 31)
+            sub = np.clip(l0 + dlt, -32, 31)
             with np.errstate(all="ignore"):
-                dl = (D[:, None] * l.astype(F32)).astype(F32)
+                dl = (D[:, None] * sub.astype(F32)).astype(F32)
                 L = _xs_codes(x3, dl)
                 err = _err(x3, e3, dl[..., None] * KVALUES[L])
             take = err < sub_err
             sub_err = np.where(take, err, sub_err)
-            sub_l = np.where(take, l, sub_l)
+            sub_l = np.where(take, sub, sub_l)
             sub_L = np.where(take[..., None], L, sub_L)
         tot = _seq64(sub_err)
         tot = np.where(np.isfinite(D) & (D != 0), tot, np.inf)
@@ -384,6 +382,6 @@ def dequantize_blocks(data: np.ndarray, name: str) -> np.ndarray:
         if name == "IQ4_NL":
             d = data[:, 0:2].copy().view(np.float16).astype(F32).reshape(nb, 1)
             return d * KVALUES[_unpack_qs(data[:, 2:])]
-        d, l, L = _unpack_xs(data)
-        dl = (d[:, None] * l.astype(F32)).astype(F32)
+        d, sub, L = _unpack_xs(data)
+        dl = (d[:, None] * sub.astype(F32)).astype(F32)
         return (dl[..., None] * KVALUES[L.reshape(nb, 8, 32)]).reshape(nb, 256)
