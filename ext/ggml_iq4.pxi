@@ -15,7 +15,8 @@ cdef extern from *:
 
     #define IQ4_EPS 1e-15f   /* ggml's GROUP_MAX_EPS */
     #define IQ4_NTRY 7
-    #define IQ4_NGRID 35
+    #define IQ4_NGRID 26
+    #define IQ4_NPLAIN 12
     #define IQ4_NREFIT 2
     #define IQ4_NXS 4
 
@@ -27,8 +28,10 @@ cdef extern from *:
     /* index and value of the nearest entry for floor(2 v) = i - 256, i in 0..512 */
     static uint8_t IQ4_IDX[513];
     static float IQ4_VAL[513];
-    /* mse's inverse scales c/max: -175..-79 and 65..167 in steps of 6 */
+    /* mse's inverse scales c/max: with importance -175..-79 and 65..161 in steps of 8,
+       without -145..-103 and 107..125 in steps of 6 */
     static float IQ4_GRID[IQ4_NGRID];
+    static float IQ4_PLAIN[IQ4_NPLAIN];
     /* rtn's inverse scales (t - 127)/max, t = -7..7 */
     static float IQ4_RTN[2 * IQ4_NTRY + 1];
     /* IQ4_XS mse: super-block scales s_max * num/den */
@@ -43,8 +46,11 @@ cdef extern from *:
             IQ4_VAL[i] = IQ4_K[n];
         }
         int g = 0;
-        for (int c = -175; c <= -79; c += 6) IQ4_GRID[g++] = (float)c;
-        for (int c = 65; c <= 167; c += 6) IQ4_GRID[g++] = (float)c;
+        for (int c = -175; c <= -79; c += 8) IQ4_GRID[g++] = (float)c;
+        for (int c = 65; c <= 161; c += 8) IQ4_GRID[g++] = (float)c;
+        g = 0;
+        for (int c = -145; c <= -103; c += 6) IQ4_PLAIN[g++] = (float)c;
+        for (int c = 107; c <= 125; c += 6) IQ4_PLAIN[g++] = (float)c;
         for (int t = -IQ4_NTRY; t <= IQ4_NTRY; t++) IQ4_RTN[t + IQ4_NTRY] = (float)(t - 127);
     }
 
@@ -118,6 +124,19 @@ cdef extern from *:
         return s;
     }
 
+    /* iq4_codes then iq4_err, in one pass */
+    static inline double iq4_codes_err(const float* x, const float* e, float dl, uint8_t* L) {
+        const float id = iq4_inv(dl);
+        double s = 0.0;
+        for (int j = 0; j < 32; j++) {
+            const int k = iq4_slot(id * x[j]);
+            L[j] = IQ4_IDX[k];
+            const double df = (double)x[j] - (double)(dl * IQ4_VAL[k]);
+            s += (double)e[j] * (df * df);
+        }
+        return s;
+    }
+
     /* rtn's search weights: x^2, or qw sqrt(sigma2 + x^2), sigma2 = 2 mean(x^2) over n */
     static inline void iq4_rtn_weights(const float* x, const float* qw, int n, float* w) {
         if (qw == NULL) {
@@ -143,14 +162,18 @@ cdef extern from *:
         iq4_codes(x, s, L);
         if (method == 1) {
             const float* e = qw;
+            const float* grid = IQ4_GRID;
+            int ng = IQ4_NGRID;
             if (e == NULL) {
                 for (int j = 0; j < 32; j++) ones[j] = 1.0f;
                 e = ones;
+                grid = IQ4_PLAIN;
+                ng = IQ4_NPLAIN;
             }
             uint8_t Lb[32], Ln[32];
-            float d = iq4_f16_round(iq4_search(x, e, 0, IQ4_GRID, IQ4_NGRID));
-            iq4_codes(x, d, Lb);
-            double err = isfinite(d) && d != 0.0f ? iq4_err(x, e, d, Lb) : INFINITY;
+            float d = iq4_f16_round(iq4_search(x, e, 0, grid, ng));
+            double err = iq4_codes_err(x, e, d, Lb);
+            if (!(isfinite(d) && d != 0.0f)) err = INFINITY;
             for (int it = 0; it < IQ4_NREFIT; it++) {
                 float a = 0.0f, b = 0.0f;
                 for (int j = 0; j < 32; j++) {
@@ -161,8 +184,7 @@ cdef extern from *:
                 }
                 const float dn = iq4_f16_round(b > 0.0f ? a / b : 0.0f);
                 if (!isfinite(dn) || dn == 0.0f || dn == d) break;
-                iq4_codes(x, dn, Ln);
-                const double en = iq4_err(x, e, dn, Ln);
+                const double en = iq4_codes_err(x, e, dn, Ln);
                 if (!(en < err)) break;
                 d = dn;
                 err = en;
@@ -208,14 +230,18 @@ cdef extern from *:
         }
         if (method == 1) {
             const float* e = qw;
+            const float* grid = IQ4_GRID;
+            int ng = IQ4_NGRID;
             float ones[256];
             if (e == NULL) {
                 for (int j = 0; j < 256; j++) ones[j] = 1.0f;
                 e = ones;
+                grid = IQ4_PLAIN;
+                ng = IQ4_NPLAIN;
             }
             float sm[8];
             for (int ib = 0; ib < 8; ib++)
-                sm[ib] = iq4_search(x + 32 * ib, e + 32 * ib, 0, IQ4_GRID, IQ4_NGRID);
+                sm[ib] = iq4_search(x + 32 * ib, e + 32 * ib, 0, grid, ng);
             const float smax = iq4_max_scale(sm);
             double best_err = INFINITY;
             float best_d = 0.0f;
@@ -235,8 +261,7 @@ cdef extern from *:
                     for (int dlt = -1; dlt <= 1; dlt++) {
                         const int l = iq4_clamp_l(l0 + dlt);
                         const float dl = D * (float)l;
-                        iq4_codes(x + 32 * ib, dl, Lc);
-                        const double err = iq4_err(x + 32 * ib, e + 32 * ib, dl, Lc);
+                        const double err = iq4_codes_err(x + 32 * ib, e + 32 * ib, dl, Lc);
                         if (err < sub_err) {
                             sub_err = err;
                             sub_l[ib] = l;

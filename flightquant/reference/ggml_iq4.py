@@ -32,8 +32,8 @@ float32 (the subtraction it compares is exact near a midpoint).
 ``method="mse"`` minimises ``sum(e * (x - x_hat)^2)``, ``e = qw`` with importance, else 1:
 
 1. Per 32 weights the same fit as rtn but with the weights ``e`` and over the inverse
-   scales ``c/max``, ``c`` in ``MSE_GRID`` (both orientations of the table: ``max`` near
-   -127 or near 113); the best fit's scale ``s``.
+   scales ``c/max``, ``c`` in ``MSE_GRID`` (``MSE_GRID_PLAIN`` without importance; both
+   orientations of the table: ``max`` near -127 or near 113); the best fit's scale ``s``.
 2. IQ4_NL: ``d = fp16(s)``, codes for ``1/d``; then up to ``NL_REFITS`` least-squares refits
    of ``d`` on the codes (rounded to float16, codes again), each kept only when its error is
    strictly lower. IQ4_XS: for each super-block scale ``D = fp16(s_max * f)``, ``f`` in
@@ -66,10 +66,16 @@ MIDPOINTS = (KVALUES[:-1] + KVALUES[1:]) / F32(2)
 GROUP_MAX_EPS = F32(1e-15)
 #: rtn's ntry (quantize_iq4_nl / quantize_iq4_xs)
 NTRY = 7
-#: mse: the inverse scales c/max tried per 32 weights: max -> c, from well inside to well
-#: outside either end of the table (a wide range pays off with importance, where the
-#: largest element need not be the one that matters)
-MSE_GRID = tuple(float(c) for c in range(-175, -78, 6)) + tuple(float(c) for c in range(65, 172, 6))
+#: mse: the inverse scales c/max tried per 32 weights (max -> c), with importance: from well
+#: inside to well outside either end of the table (the largest element need not be the
+#: one that matters)
+MSE_GRID = tuple(float(c) for c in range(-175, -78, 8)) + tuple(
+    float(c) for c in range(65, 162, 8)
+)
+#: ... and without: the plain error's best fits sit close to either end
+MSE_GRID_PLAIN = tuple(float(c) for c in range(-145, -102, 6)) + tuple(
+    float(c) for c in range(107, 126, 6)
+)
 #: mse: least-squares refits of IQ4_NL's scale
 NL_REFITS = 2
 #: mse: IQ4_XS's super-block scales s_max * f (s_max -> sub-block scale -32 or +31 and near)
@@ -252,8 +258,8 @@ def _nl_eval(x, e, d16):
     return L, np.where(ok, err, np.inf)
 
 
-def _mse_nl(x: np.ndarray, e: np.ndarray, rtn_bits, rtn_L):
-    s = _search(x, e, None, MSE_GRID)
+def _mse_nl(x: np.ndarray, e: np.ndarray, grid, rtn_bits, rtn_L):
+    s = _search(x, e, None, grid)
     d = round_f16(s)
     L, err = _nl_eval(x, e, d)
     active = np.ones(x.shape[0], bool)
@@ -277,11 +283,11 @@ def _mse_nl(x: np.ndarray, e: np.ndarray, rtn_bits, rtn_L):
     return np.where(use, f16_bits(d), rtn_bits), np.where(use[:, None], L, rtn_L)
 
 
-def _mse_xs(x: np.ndarray, e: np.ndarray, rtn_bits, rtn_ls, rtn_L):
+def _mse_xs(x: np.ndarray, e: np.ndarray, grid, rtn_bits, rtn_ls, rtn_L):
     nb = x.shape[0]
     x3 = x.reshape(nb, 8, 32)
     e3 = e.reshape(nb, 8, 32)
-    s = _search(x.reshape(-1, 32), e.reshape(-1, 32), None, MSE_GRID).reshape(nb, 8)
+    s = _search(x.reshape(-1, 32), e.reshape(-1, 32), None, grid).reshape(nb, 8)
     smax = _xs_max_scale(s)
     best_err = np.full(nb, np.inf)
     best_d = np.zeros(nb, F32)
@@ -357,17 +363,18 @@ def quantize_blocks(
         qw = np.ascontiguousarray(qw, F32).reshape(x.shape)
     nb = x.shape[0]
     e = qw if qw is not None else np.ones_like(x)
+    grid = MSE_GRID if qw is not None else MSE_GRID_PLAIN
     if name == "IQ4_NL":
         bits, L = _rtn_nl(x, qw)
         if method == "mse":
-            bits, L = _mse_nl(x, e, bits, L)
+            bits, L = _mse_nl(x, e, grid, bits, L)
         out = np.zeros((nb, 18), np.uint8)
         out[:, 0:2] = bits.astype(np.uint16).reshape(nb, 1).view(np.uint8)
         out[:, 2:] = _pack_qs(L)
         return out
     bits, ls, L = _rtn_xs(x, qw)
     if method == "mse":
-        bits, ls, L = _mse_xs(x, e, bits, ls, L)
+        bits, ls, L = _mse_xs(x, e, grid, bits, ls, L)
     return _pack_xs(bits, ls, L)
 
 
