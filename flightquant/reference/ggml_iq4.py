@@ -69,9 +69,7 @@ NTRY = 7
 #: mse: the inverse scales c/max tried per 32 weights (max -> c), with importance: from well
 #: inside to well outside either end of the table (the largest element need not be the
 #: one that matters)
-MSE_GRID = tuple(float(c) for c in range(-175, -78, 8)) + tuple(
-    float(c) for c in range(65, 162, 8)
-)
+MSE_GRID = tuple(float(c) for c in range(-175, -78, 8)) + tuple(float(c) for c in range(65, 162, 8))
 #: ... and without: the plain error's best fits sit close to either end
 MSE_GRID_PLAIN = tuple(float(c) for c in range(-145, -102, 6)) + tuple(
     float(c) for c in range(107, 126, 6)
