@@ -32,7 +32,7 @@ from dataclasses import dataclass
 
 import pyarrow as pa
 
-from . import formats
+from . import formats, wire
 
 __all__ = [
     "DEFAULT_FRACTION",
@@ -51,6 +51,8 @@ RECEIVE_COPIES = 2
 
 _FLOAT_SIZES = {"halffloat": 2, "float": 4, "double": 8}
 _DTYPE_SIZES = {"float16": 2, "float32": 4, "float64": 8}
+#: working bytes per row of an importance column (three int64 per row in the engine)
+_IMPORTANCE_ROW = 3 * 8 + 16
 _LIST_IDS = {pa.lib.Type_LIST, pa.lib.Type_LARGE_LIST, pa.lib.Type_FIXED_SIZE_LIST}
 #: bytes per row of the codec's own bookkeeping (starts, lengths, blocks... as int64),
 #: and per output column for its offsets and validity (a fixed allowance per row)
@@ -246,7 +248,8 @@ def output_bound(batch: pa.RecordBatch, options) -> int:
     ``quantize``, each float list column: codes, scales (and zero points) and offsets,
     per element and per row, as the options and the value type give them, plus the
     codec's working arrays; the elements are counted from the child array, which bounds
-    them from above. For ``dequantize``, each codes column: at most
+    them from above. An importance column (``c_importance``, consumed by quantizing ``c``)
+    costs its per-row bookkeeping and a float32 per weight. For ``dequantize``, each codes column: at most
     ``8 * code_bytes / bits`` elements of the original value type, plus offsets and
     working arrays. A ``format`` this module does not know costs as much as float64
     values (quantize) or one bit per element (dequantize).
@@ -270,9 +273,15 @@ def output_bound(batch: pa.RecordBatch, options) -> int:
             total += math.ceil(elements * (size + (4 if size == 2 else 0)))
             total += rows * (_ROW_OUT + _ROW_WORK) + _buffer_bytes(arr)  # e.g. realigned copies
         return total
-    for field, arr in zip(batch.schema, batch.columns, strict=True):
+    importance = set(wire.importance_columns(batch.schema).values())
+    for i, (field, arr) in enumerate(zip(batch.schema, batch.columns, strict=True)):
         t = field.type
         if t.id not in _LIST_IDS or str(t.value_type) not in _FLOAT_SIZES:
+            continue
+        if i in importance:
+            # read in place, never output: its rows' starts, lengths and extents, and the
+            # ggml kernels' mean square of each importance row (at most one per weight)
+            total += rows * _IMPORTANCE_ROW + 4 * len(arr.values)
             continue
         value_size = _FLOAT_SIZES[str(t.value_type)]
         elements = len(arr.values)

@@ -72,6 +72,46 @@ def derived_name(codes: str, role: str) -> str:
     return f"{codes}_{role}"
 
 
+#: the input column holding the importance of quantized column ``c`` is ``c + IMPORTANCE``
+IMPORTANCE = "_importance"
+
+
+def importance_name(column: str) -> str:
+    """The name of the input column that holds ``column``'s importance vectors."""
+    return column + IMPORTANCE
+
+
+def is_importance_type(t: pa.DataType) -> bool:
+    """An importance column's type: a list, large_list or fixed_size_list of float32."""
+    return list_kind(t) is not None and t.value_type == pa.float32()
+
+
+def key_column(schema: pa.Schema) -> int | None:
+    """The column holding each row's key (e.g. the layer name): the first string column."""
+    for i, f in enumerate(schema):
+        if pa.types.is_string(f.type) or pa.types.is_large_string(f.type):
+            return i
+    return None
+
+
+def importance_columns(schema: pa.Schema) -> dict[int, int]:
+    """``{tensor column index: importance column index}`` for every float list column ``c``
+    of ``schema`` that has a column named ``c + "_importance"`` (its first such column).
+
+    An importance column is consumed by quantizing ``c``: never quantized itself, never in
+    the output. Its type is the codec's to check (:func:`is_importance_type`).
+    """
+    index: dict[str, int] = {}
+    for i, f in enumerate(schema):
+        index.setdefault(f.name, i)
+    out = {}
+    for i, f in enumerate(schema):
+        j = index.get(importance_name(f.name))
+        if j is not None and j != i and is_float_list(f.type):
+            out[i] = j
+    return out
+
+
 def is_quantized_field(field: pa.Field) -> bool:
     """A flightquant codes column (either marker is enough, so a damaged one is not
     mistaken for a plain binary column and passed through)."""
