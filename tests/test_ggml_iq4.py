@@ -14,6 +14,7 @@ import gguf
 import numpy as np
 import pytest
 
+import flightquant as fq
 from flightquant import formats
 from flightquant.kernels import dequantize_ggml, quantize_ggml
 from flightquant.reference import ggml as ref_ggml
@@ -211,6 +212,21 @@ def test_best_index_is_ggmls_binary_search():
     v = np.array(vals, F32)
     assert ref.best_index(v).tolist() == [binary(u) for u in v]
     assert ref.best_index(np.array([np.nan], F32)).tolist() == [15]
+
+
+@pytest.mark.parametrize("name", TYPES)
+@pytest.mark.parametrize("method", METHODS)
+def test_importance_through_the_api_and_codec(name, method):
+    """Per-tensor importance reaches the IQ4 block functions through the engine: the bytes
+    of the reference's importance path, and a tensor without importance as before."""
+    x = weights(6, 512, seed=13)
+    w = importance(512, seed=14)
+    got = fq.quantize_arrays({"a": x, "b": x}, format=name, method=method, importance={"a": w})
+    want = ref_ggml.quantize_row(x, name, method, importance=w)
+    assert got["a"].codes.tobytes() == want.tobytes()
+    assert got["b"].codes.tobytes() == ref_ggml.quantize_row(x, name, method).tobytes()
+    assert got["a"].codes.tobytes() != got["b"].codes.tobytes()
+    assert got["a"].dequantize().shape == (6, 512)
 
 
 # ---------------------------------------------------------------------------------------
