@@ -209,22 +209,16 @@ def _quantized_bytes_per_row(options) -> int:
     return per_row + stats + _ROW_OUT + _ROW_WORK
 
 
-def _codes_bits_per_element(field: pa.Field) -> float:
-    """The fewest bits per element a codes column may use (fewer: more output)."""
-    md = field.metadata or {}
-    fmt = md.get(b"flightquant.format", b"").decode(errors="replace")
-    if fmt and fmt != formats.NATIVE:
-        return formats.get(fmt).bits_per_weight if formats.is_ggml(fmt) else 1.0
+def _codes_cost(field: pa.Field) -> tuple[float, int]:
+    """(bits per element, bytes per decoded value) of a codes column, from the one reading
+    of its metadata the codec decodes by (:func:`wire.parse_codes_field`); a field it
+    refuses is never decoded, and costs the most any field may (1 bit, float64)."""
     try:
-        bits = int(md.get(b"flightquant.bits", b"2"))
-    except ValueError:
-        bits = 2
-    return float(min(max(bits, 1), 8))
-
-
-def _codes_value_size(field: pa.Field) -> int:
-    md = field.metadata or {}
-    return _DTYPE_SIZES.get(md.get(b"flightquant.dtype", b"").decode(errors="replace"), 8)
+        meta = wire.parse_codes_field(field)
+    except wire.WireError:
+        return 1.0, 8
+    bits = meta.ggml.bits_per_weight if meta.ggml is not None else float(meta.bits)
+    return bits, _DTYPE_SIZES[meta.dtype]
 
 
 def _buffer_bytes(arr: pa.Array) -> int:
@@ -267,8 +261,8 @@ def output_bound(batch: pa.RecordBatch, options) -> int:
             md = field.metadata or {}
             if md.get(b"flightquant.role") != b"codes" and b"flightquant.format_version" not in md:
                 continue
-            elements = 8 * _data_bytes(arr) / _codes_bits_per_element(field)
-            size = _codes_value_size(field)
+            bits, size = _codes_cost(field)
+            elements = 8 * _data_bytes(arr) / bits
             # float16 output goes through float32
             total += math.ceil(elements * (size + (4 if size == 2 else 0)))
             total += rows * (_ROW_OUT + _ROW_WORK) + _buffer_bytes(arr)  # e.g. realigned copies

@@ -37,6 +37,9 @@ K_CODES = b"flightquant.codes_column"
 #: format version of native batches (v1, unchanged byte for byte) and of ggml batches
 VERSION_NATIVE = 1
 VERSION_GGML = 2
+#: codes-field keys that belong to one format version only; the other version's key on a
+#: field is an error (a native field that also says ``format: Q8_0`` is neither)
+VERSION_KEYS = {VERSION_NATIVE: ("bits", "scheme", "group_size"), VERSION_GGML: ("format",)}
 #: derived columns of a quantized column, in schema order
 ROLES = ("scales", "zero_points", "numel", "mse", "max_abs_error")
 LIST_KINDS = ("list", "large_list", "fixed_size_list")
@@ -296,6 +299,18 @@ def parse_codes_field(field: pa.Field) -> CodesMeta:
         raise WireError(
             f"quantized column {name!r} has format version {_short(version)!r}; this flightquant "
             f"reads versions {VERSION_NATIVE} and {VERSION_GGML} (upgrade flightquant to read newer files)"
+        )
+    foreign = [
+        key
+        for v, keys in VERSION_KEYS.items()
+        if str(v) != version
+        for key in keys
+        if PREFIX + key in md
+    ]
+    if foreign:
+        raise WireError(
+            f"quantized column {name!r}: format version {version} has no "
+            f"flightquant.{foreign[0]} key (a field with it is neither version)"
         )
     bits = scheme = group_size = None
     if version == str(VERSION_GGML):

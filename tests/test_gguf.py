@@ -51,9 +51,9 @@ QUANTIZED = ["token_embd.weight", "blk.0.attn_q.weight", "blk.0.attn_k.weight",
              "blk.0.attn_v.weight", "blk.0.attn_output.weight", "blk.0.ffn_gate.weight",
              "blk.0.ffn_up.weight", "blk.0.ffn_down.weight", "output.weight"]  # fmt: skip
 #: the 384-wide ffn_down falls back (llama.cpp's tensor_type_fallback)
-FALLBACK = {"Q4_K": "Q5_0", "Q2_K": "Q4_0"}
+FALLBACK = {"Q4_K": "Q5_0", "Q2_K": "Q4_0", "IQ4_XS": "IQ4_NL"}
 #: relative error bound of each target (4.5-5.5 and 2.6-4.5 bits/weight)
-ERROR = {"Q4_K": 0.02, "Q2_K": 0.25}
+ERROR = {"Q4_K": 0.02, "Q2_K": 0.25, "IQ4_XS": 0.02}
 
 
 def expected(target: str) -> dict[str, str]:
@@ -187,6 +187,7 @@ def test_which_tensors_llama_cpp_quantizes():
         ("Q4_K", 384, "Q5_0"), ("Q5_K", 384, "Q5_1"), ("Q6_K", 96, "Q8_0"),
         ("Q2_K", 384, "Q4_0"), ("Q3_K", 384, "Q4_0"), ("TQ1_0", 160, "Q4_0"),
         ("TQ2_0", 32, "Q4_0"), ("Q4_K", 48, "F16"), ("Q4_K", 512, "Q4_K"), ("Q8_0", 96, "Q8_0"),
+        ("IQ4_XS", 384, "IQ4_NL"), ("IQ4_XS", 48, "F16"),
     ],
 )  # fmt: skip
 def test_fallback_table(target, ne0, expected):
@@ -217,7 +218,8 @@ def test_no_fallback_for_32_blocks_and_refusals():
 def test_file_types_are_llama_cpps():
     # llama.h's llama_ftype values, as llama-quantize writes them for each TYPE name
     expected = {"Q4_0": 2, "Q4_1": 3, "Q8_0": 7, "Q5_0": 8, "Q5_1": 9, "Q2_K": 10, "Q3_K": 12,
-                "Q4_K": 15, "Q5_K": 17, "Q6_K": 18, "TQ1_0": 36, "TQ2_0": 37}  # fmt: skip
+                "Q4_K": 15, "Q5_K": 17, "Q6_K": 18, "TQ1_0": 36, "TQ2_0": 37,
+                "IQ4_NL": 25, "IQ4_XS": 30}  # fmt: skip
     assert {k: int(v) for k, v in gguf_policy.FILE_TYPES.items() if k in expected} == expected
     assert set(fq.formats.GGML_TYPES) <= set(gguf_policy.FILE_TYPES)
     for t in fq.formats.GGML_TYPES.values():  # the registry agrees with gguf-py
@@ -263,7 +265,7 @@ def test_metadata_order_and_types_as_llama_cpp(model, tmp_path, capsys):
     assert summary["bytes_out"] == sum(t.n_bytes for t in r.tensors)
 
 
-@pytest.mark.parametrize("target", ["Q4_K", "Q2_K"])
+@pytest.mark.parametrize("target", ["Q4_K", "Q2_K", "IQ4_XS"])
 def test_values_decode_as_gguf_py_decodes_them(model, tmp_path, target, capsys):
     src, arrays = model
     out = _quantize(model, tmp_path, "-q", target=target)

@@ -139,6 +139,7 @@ def run(args: argparse.Namespace) -> int:
         raise JobError("quantize needs -o OUTPUT (.arrow or .parquet), or --estimate")
     fmt = modelfiles.output_format(args.output, ("arrow", "parquet"))
     check_not_same(args.input, args.output)
+    modelfiles.check_output_path(args.output)  # before any work
     runner = Runner(args)
     t0 = time.perf_counter()
     meta: dict[bytes, bytes] = {b"flightquant.source_format": source.format.encode()}

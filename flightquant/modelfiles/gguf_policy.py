@@ -11,7 +11,7 @@ Q4_K_M are what ``--type GLOB=TYPE`` writes by hand):
   conv/RWKV/multimodal tensors, :data:`EXCLUDED_SUBSTRINGS`). Its kernels add position and
   token-type embeddings as float: a GGUF with those quantized makes llama.cpp abort.
 * A row (``ne[0]``, the first GGUF dimension) that is not a multiple of the type's block size
-  falls back: Q2_K/Q3_K/TQ1_0/TQ2_0 -> Q4_0, Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0, and to
+  falls back: Q2_K/Q3_K/TQ1_0/TQ2_0 -> Q4_0, Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0, IQ4_XS -> IQ4_NL, and to
   F16 when the row does not fit 32 either; a 32-block type has no fallback (an error, as in
   llama.cpp).
 * Only F32, F16 and BF16 tensors are quantized. Tensors already quantized pass through
@@ -56,6 +56,8 @@ FILE_TYPES = {
     "Q6_K": LlamaFileType.MOSTLY_Q6_K,
     "TQ1_0": LlamaFileType.MOSTLY_TQ1_0,
     "TQ2_0": LlamaFileType.MOSTLY_TQ2_0,
+    "IQ4_NL": LlamaFileType.MOSTLY_IQ4_NL,
+    "IQ4_XS": LlamaFileType.MOSTLY_IQ4_XS,
 }
 
 #: tensor_type_fallback: the type a row that does not fit the block size falls back to
@@ -67,6 +69,7 @@ FALLBACK = {
     "Q4_K": "Q5_0",
     "Q5_K": "Q5_1",
     "Q6_K": "Q8_0",
+    "IQ4_XS": "IQ4_NL",
 }
 
 #: whole names tensor_allows_quantization never quantizes (BERT-style position and
