@@ -741,10 +741,9 @@ cdef extern from *:
     static const float LEG_F_Q4_0[3] = {65.f / 64, 62.f / 64, 58.f / 64};
     static const float LEG_F_Q5_0[4] = {68.f / 64, 66.f / 64, 64.f / 64, 62.f / 64};
     /* with importance: a wider span, for a block whose largest value weighs little */
-    #define LEG_NWF 8
-    static const float LEG_WF[LEG_NWF] = {72.f / 64, 68.f / 64, 64.f / 64, 60.f / 64,
-                                          56.f / 64, 52.f / 64, 48.f / 64, 44.f / 64};
-    #define LEG_NREF_W 3
+    #define LEG_NWF 6
+    static const float LEG_WF[LEG_NWF] = {72.f / 64, 66.f / 64, 60.f / 64, 54.f / 64,
+                                          48.f / 64, 42.f / 64};
 
     /* Q4_0 / Q5_0: levels -nmax .. nmax-1 times d; mse also tries the flipped orientation
        d1 = max/(nmax-1) that puts the largest magnitude on the short side */
@@ -765,7 +764,7 @@ cdef extern from *:
             float e, xr[32], xb[32];
             const float lo = -nmax, hi = nmax - 1.0f;
             float b = qw ? leg_sym_search(x, qw, d16, max / -nmax, max / hi, LEG_WF, LEG_NWF,
-                                          lo, hi, LEG_NREF_W, &e)
+                                          lo, hi, 2, &e)
                          : leg_sym_search(x, NULL, 0.0f, d, max / hi, f, nf, lo, hi, 2, &e);
             if (b != 0.0f) {
                 int32_t q[32];
@@ -839,7 +838,7 @@ cdef extern from *:
             const float d16 = fq_fp16_to_fp32(dh), m16 = fq_fp16_to_fp32(mh);
             float bd, bm, e, xr[32], xb[32];
             if (qw)
-                leg_asym_search(x, qw, d16, m16, mn, mx, qmax, wga, wgb, LEG_NWG, LEG_NREF_W,
+                leg_asym_search(x, qw, d16, m16, mn, mx, qmax, wga, wgb, LEG_NWG, 2,
                                 &bd, &bm, &e);
             else
                 leg_asym_search(x, NULL, 0.0f, 0.0f, mn, mx, qmax, ga, gb, ng, 2, &bd, &bm,
