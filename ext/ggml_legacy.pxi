@@ -1038,13 +1038,13 @@ cdef extern from *:
     }
     """
     int leg_q4_0_quant(const float* x, uint8_t* y, int method, const float* qw,
-                        float sigma2) noexcept nogil
+                       float sigma2) noexcept nogil
     int leg_q4_1_quant(const float* x, uint8_t* y, int method, const float* qw,
-                        float sigma2) noexcept nogil
+                       float sigma2) noexcept nogil
     int leg_q5_0_quant(const float* x, uint8_t* y, int method, const float* qw,
-                        float sigma2) noexcept nogil
+                       float sigma2) noexcept nogil
     int leg_q5_1_quant(const float* x, uint8_t* y, int method, const float* qw,
-                        float sigma2) noexcept nogil
+                       float sigma2) noexcept nogil
     int leg_q8_0_quant(const float* x, uint8_t* y, int method) noexcept nogil
     int leg_tq1_0_quant(const float* x, uint8_t* y, int method) noexcept nogil
     int leg_tq2_0_quant(const float* x, uint8_t* y, int method) noexcept nogil

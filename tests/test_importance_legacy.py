@@ -139,7 +139,7 @@ _weight = st.one_of(st.just(0.0), st.floats(2.0**-20, 2.0**20, width=32))
 @given(name=st.sampled_from(WEIGHTED), data=st.data())
 def test_property_kernel_equals_reference(name, data):
     scale = data.draw(st.sampled_from([1e-3, 1.0, 1e2]))
-    x = (np.array(data.draw(st.lists(_value, min_size=64, max_size=64)), F32) * F32(scale))
+    x = np.array(data.draw(st.lists(_value, min_size=64, max_size=64)), F32) * F32(scale)
     imp = np.array(data.draw(st.lists(_weight, min_size=64, max_size=64)), F32)
     for method in ("rtn", "mse"):
         np.testing.assert_array_equal(

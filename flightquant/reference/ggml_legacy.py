@@ -1,6 +1,6 @@
 """NumPy reference of ggml's legacy blocks (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0) and ternary
 blocks (TQ1_0, TQ2_0): the definition the kernels in ``ext/ggml_legacy.pxi`` match bit for
-bit, rtn and mse, for float32 input.
+bit, rtn and mse, with and without importance, for float32 input.
 
 Layouts (little-endian, ``d`` and ``m`` are IEEE float16; code ``c`` of element ``i``):
 
@@ -50,11 +50,32 @@ strictly lower score. Scores are float32 sums in 8 lanes (element ``i`` adds to 
   ``d <- mean{|x| : |x| > d/2}`` while the error drops. Codes: ``sign(x)`` where
   ``|x| > d/2``, else 0.
 
-The best candidate replaces rtn's bytes only when its squared error is strictly lower:
+Importance (``qw``: a weight per element, ``sigma2``: the mean square of the block's ggml
+row; Q8_0 and the ternary types ignore both, as ggml's ``quantize_q8_0`` / ``quantize_tq*``
+do):
+
+* ``rtn`` is ggml's ``quantize_row_*_impl`` with ``quant_weights``: weights
+  ``w = qw * sqrt(sigma2 + x*x)``; Q4_0 / Q5_0 take ``make_qx_quants(32, nmax, x, L, 1, w)``
+  (19 scales ``-(nmax + is/10) / max``, the one whose weighted least-squares fit explains
+  most, codes all 0 when ``|max| < 1e-15``), Q4_1 / Q5_1 ``make_qkx3_quants(32, qmax, x,
+  w, ...)`` (``min = min(x, 0)``, 37 scales ``(qmax - 0.9 + 0.05*is) / (max - min)`` each
+  refitted by weighted least squares and kept on a lower weighted error; a kept one moves
+  the ``min`` the next start from). Every sum runs in element order in float32, as ggml
+  adds it.
+* ``mse`` minimises ``sum(qw * (x - x_hat)**2)`` (``qw`` itself, not ggml's ``w``): the
+  same searches with every error term ``qw * e*e`` and every least-squares sum weighted by
+  ``qw``, and as first candidate rtn's stored scale (and minimum) with nearest codes.
+  Q4_0 / Q5_0 try the factors ``WSYM_FACTORS`` of both bases (wider than without
+  importance: a block whose largest value weighs little does better clipped); Q4_1 / Q5_1
+  the clip fractions ``WASYM_GRID``. Up to ``REFITS`` least-squares refits follow, as
+  without importance.
+
+The best candidate replaces rtn's bytes only when its squared error (with importance: its
+weighted squared error) is strictly lower:
 judged by the float32 scores when they differ by more than their rounding can explain
 (``eb < er * MARGIN`` and ``er > 2**-100``), else by float64 sums in index order of
-``(x - x_hat)**2`` (the driver's per-block ``stats``). So mse is never worse than rtn on
-any block.
+``(x - x_hat)**2`` (the driver's per-block ``stats``; with importance ``qw * (x -
+x_hat)**2``). So mse is never worse than rtn on any block.
 """
 
 from __future__ import annotations
@@ -266,7 +287,9 @@ def _asym_search(x, mn, mx, qmax, grid, qw, first=None):
         if first is not None:
             d, m = first
             ok = _valid(d) & np.isfinite(m)
-            be = np.where(ok, _asym_err(x, np.where(ok, d, one), np.where(ok, m, F32(0)), qmax, qw), be)
+            be = np.where(
+                ok, _asym_err(x, np.where(ok, d, one), np.where(ok, m, F32(0)), qmax, qw), be
+            )
             bd = np.where(ok, d, bd)
             bm = np.where(ok, m, bm)
         for a, b in grid:
@@ -412,7 +435,6 @@ def _impl_sym(x, w, nmax):
 def _impl_asym(x, w, nmax):
     """ggml's make_qkx3_quants(32, nmax, x, w, L, &min, Laux, -0.9, 0.05, 36, false):
     (scale, min, codes 0..nmax); ggml stores d = scale and m = min."""
-    nb = x.shape[0]
     mn, mx = _minmax(x)
     mn = np.where(mn > 0, F32(0), mn)
     flat = ~(mx > mn)
