@@ -360,29 +360,48 @@ cdef extern from *:
         return 1;
     }
 
+    /* the candidate m = mn + a*r, d = ((mx - b*r) - m)/qmax in fp16: its error (INFINITY
+       when invalid), kept in (bd, bm, be) when lower */
+    static inline float leg_asym_try(const float* x, const float* w, float mn, float mx,
+                                     float r, float a, float b, float qmax, float* bd,
+                                     float* bm, float* be) {
+        float m0 = mn + a * r;
+        float t0 = mx - b * r;
+        float d = leg_f16_round((t0 - m0) / qmax);
+        float m = leg_f16_round(m0);
+        if (!leg_ok(d) || !isfinite(m)) return INFINITY;
+        float e = leg_asym_err(x, w, d, m, qmax);
+        if (e < *be) { *be = e; *bd = d; *bm = m; }
+        return e;
+    }
+
+    /* the 8 neighbours of a grid pair, in steps of the refinement */
+    static const float LEG_NB_A[8] = {-1, 1, 0, 0, -1, 1, -1, 1};
+    static const float LEG_NB_B[8] = {0, 0, -1, 1, -1, 1, 1, -1};
+
     /* Candidates (dfirst, mfirst) (stored fp16 values; dfirst 0: none), then the clip
-       fractions (ga[k], gb[k]) of the range [mn, mx], then up to nref least-squares refits
-       of the best. */
+       fractions (ga[k], gb[k]) of the range [mn, mx], then (step > 0) the 8 neighbours at
+       +-step of the best of those pairs, then up to nref least-squares refits of the best. */
     static float leg_asym_search(const float* x, const float* w, float dfirst, float mfirst,
                                  float mn, float mx, float qmax, const float* ga,
-                                 const float* gb, int ng, int nref, float* pd, float* pm,
-                                 float* err) {
+                                 const float* gb, int ng, float step, int nref, float* pd,
+                                 float* pm, float* err) {
         const float r = mx - mn;
-        float bd = 0.0f, bm = 0.0f, be = INFINITY;
+        float bd = 0.0f, bm = 0.0f, be = INFINITY, bge = INFINITY;
+        int bk = -1;
         if (leg_ok(dfirst) && isfinite(mfirst)) {
             be = leg_asym_err(x, w, dfirst, mfirst, qmax);
             bd = dfirst;
             bm = mfirst;
         }
         for (int k = 0; k < ng; k++) {
-            float m0 = mn + ga[k] * r;
-            float t0 = mx - gb[k] * r;
-            float d = leg_f16_round((t0 - m0) / qmax);
-            float m = leg_f16_round(m0);
-            if (!leg_ok(d) || !isfinite(m)) continue;
-            float e = leg_asym_err(x, w, d, m, qmax);
-            if (e < be) { be = e; bd = d; bm = m; }
+            float e = leg_asym_try(x, w, mn, mx, r, ga[k], gb[k], qmax, &bd, &bm, &be);
+            if (e < bge) { bge = e; bk = k; }
         }
+        if (step > 0.0f && bk >= 0)
+            for (int i = 0; i < 8; i++)
+                leg_asym_try(x, w, mn, mx, r, ga[bk] + LEG_NB_A[i] * step,
+                             gb[bk] + LEG_NB_B[i] * step, qmax, &bd, &bm, &be);
         if (bd != 0.0f) {
             leg_f4 acc[2] = {leg_set(0.0f), leg_set(0.0f)};
             leg_f4 accw[2] = {leg_set(0.0f), leg_set(0.0f)};
@@ -805,7 +824,7 @@ cdef extern from *:
     static const float LEG_GA_Q5_1[4] = {0, 1.f / 64, 0, 1.f / 64};
     static const float LEG_GB_Q5_1[4] = {0, 0, 1.f / 64, 1.f / 64};
     /* with importance: 0..4 half-steps (h = 1/32, 1/64) at the bottom (ga) and at the top
-       (gb) of the range, 25 pairs */
+       (gb) of the range, 25 pairs, then the neighbours of the best at +-h/2 */
     #define LEG_NWG 25
     #define LEG_ROW5(a) a, a, a, a, a
     #define LEG_STEP5(h) 0.f, h, 2 * h, 3 * h, 4 * h
@@ -823,7 +842,7 @@ cdef extern from *:
     static inline void leg_asym_block(const float* x, uint8_t* y, int method, const float* qw,
                                       float sigma2, float qmax, const float* ga,
                                       const float* gb, int ng, const float* wga,
-                                      const float* wgb, int32_t* c) {
+                                      const float* wgb, float wstep, int32_t* c) {
         float mn, mx, d, m, w[32];
         if (qw) {
             leg_imp_weights(x, qw, sigma2, w);
@@ -838,11 +857,11 @@ cdef extern from *:
             const float d16 = fq_fp16_to_fp32(dh), m16 = fq_fp16_to_fp32(mh);
             float bd, bm, e, xr[32], xb[32];
             if (qw)
-                leg_asym_search(x, qw, d16, m16, mn, mx, qmax, wga, wgb, LEG_NWG, 2,
-                                &bd, &bm, &e);
+                leg_asym_search(x, qw, d16, m16, mn, mx, qmax, wga, wgb, LEG_NWG, wstep,
+                                2, &bd, &bm, &e);
             else
-                leg_asym_search(x, NULL, 0.0f, 0.0f, mn, mx, qmax, ga, gb, ng, 2, &bd, &bm,
-                                &e);
+                leg_asym_search(x, NULL, 0.0f, 0.0f, mn, mx, qmax, ga, gb, ng, 0.0f, 2, &bd,
+                                &bm, &e);
             if (bd != 0.0f) {
                 const float id = 1.0f / bd;
                 int32_t q[32];
@@ -869,7 +888,7 @@ cdef extern from *:
                               float sigma2) {
         int32_t c[32];
         leg_asym_block(x, y, method, qw, sigma2, 15.0f, LEG_GA_Q4_1, LEG_GB_Q4_1, 4,
-                       LEG_WGA_Q4_1, LEG_WGB_Q4_1, c);
+                       LEG_WGA_Q4_1, LEG_WGB_Q4_1, 1.f / 64, c);
         leg_pack_nibbles(c, y + 4);
         return 0;
     }
@@ -878,7 +897,7 @@ cdef extern from *:
                               float sigma2) {
         int32_t c[32];
         leg_asym_block(x, y, method, qw, sigma2, 31.0f, LEG_GA_Q5_1, LEG_GB_Q5_1, 4,
-                       LEG_WGA_Q5_1, LEG_WGB_Q5_1, c);
+                       LEG_WGA_Q5_1, LEG_WGB_Q5_1, 1.f / 128, c);
         leg_pack_qh(c, y + 4);
         leg_pack_nibbles(c, y + 8);
         return 0;

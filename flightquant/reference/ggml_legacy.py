@@ -67,8 +67,9 @@ do):
   ``qw``, and as first candidate rtn's stored scale (and minimum) with nearest codes.
   Q4_0 / Q5_0 try the factors ``WSYM_FACTORS`` of both bases (wider than without
   importance: a block whose largest value weighs little does better clipped); Q4_1 / Q5_1
-  the clip fractions ``WASYM_GRID``. Up to ``REFITS`` least-squares refits follow, as
-  without importance.
+  the clip fractions ``WASYM_GRID``, then the ``ASYM_NEIGHBOURS`` of the best of those
+  pairs at ``WASYM_STEP``. Up to ``REFITS`` least-squares refits follow, as without
+  importance.
 
 The best candidate replaces rtn's bytes only when its squared error (with importance: its
 weighted squared error) is strictly lower:
@@ -118,6 +119,10 @@ WASYM_GRID = {
     name: tuple((a * h, b * h) for a in range(5) for b in range(5))
     for name, h in (("Q4_1", 1 / 32), ("Q5_1", 1 / 64))
 }
+#: with importance, Q4_1 / Q5_1: then the 8 neighbours (a + da*s, b + db*s) of the best grid
+#: pair, s = half the grid's step
+ASYM_NEIGHBOURS = ((-1, 0), (1, 0), (0, -1), (0, 1), (-1, -1), (1, 1), (-1, 1), (1, -1))
+WASYM_STEP = {"Q4_1": 1 / 64, "Q5_1": 1 / 128}
 #: least-squares refits of the best candidate, at most
 REFITS = 2
 #: thresholds (times amax) of the ternary scan
@@ -276,13 +281,25 @@ def _asym_err(x, d, m, qmax, qw):
     return _lanesum(qw * (e * e))
 
 
-def _asym_search(x, mn, mx, qmax, grid, qw, first=None):
+def _asym_search(x, mn, mx, qmax, grid, qw, first=None, step=None):
     nb = x.shape[0]
     r = mx - mn
     bd = np.zeros(nb, F32)
     bm = np.zeros(nb, F32)
     be = np.full(nb, np.inf, F32)
     one = F32(1)
+
+    def try_pair(a, b):
+        m0 = mn + a * r
+        t0 = mx - b * r
+        d = _f16((t0 - m0) / F32(qmax))
+        m = _f16(m0)
+        ok = _valid(d) & np.isfinite(m)
+        e = _asym_err(x, np.where(ok, d, one), np.where(ok, m, F32(0)), qmax, qw)
+        e = np.where(ok, e, F32(np.inf))
+        take = e < be
+        return e, take, np.where(take, e, be), np.where(take, d, bd), np.where(take, m, bm)
+
     with np.errstate(over="ignore", invalid="ignore"):
         if first is not None:
             d, m = first
@@ -292,17 +309,24 @@ def _asym_search(x, mn, mx, qmax, grid, qw, first=None):
             )
             bd = np.where(ok, d, bd)
             bm = np.where(ok, m, bm)
+        bge = np.full(nb, np.inf, F32)  # the best grid pair, for the refinement
+        ga = np.zeros(nb, F32)
+        gb = np.zeros(nb, F32)
         for a, b in grid:
-            m0 = mn + F32(a) * r
-            t0 = mx - F32(b) * r
-            d = _f16((t0 - m0) / F32(qmax))
-            m = _f16(m0)
-            ok = _valid(d) & np.isfinite(m)
-            e = _asym_err(x, np.where(ok, d, one), np.where(ok, m, F32(0)), qmax, qw)
-            take = ok & (e < be)
-            be = np.where(take, e, be)
-            bd = np.where(take, d, bd)
-            bm = np.where(take, m, bm)
+            e, _, be, bd, bm = try_pair(F32(a), F32(b))
+            tg = e < bge
+            bge = np.where(tg, e, bge)
+            ga = np.where(tg, F32(a), ga)
+            gb = np.where(tg, F32(b), gb)
+        if step is not None:
+            has = bge < np.inf
+            for da, db in ASYM_NEIGHBOURS:
+                a = ga + F32(da) * F32(step)
+                b = gb + F32(db) * F32(step)
+                e, take, be2, bd2, bm2 = try_pair(a, b)
+                be = np.where(has, be2, be)
+                bd = np.where(has, bd2, bd)
+                bm = np.where(has, bm2, bm)
         sx = _lanesum(qw * x)
         sw = _lanesum(qw)
         active = bd != 0
@@ -575,7 +599,8 @@ def _quant_asym(x, name, mse, qw, sigma2):
             bd, bm, eb = _asym_search(x, mn, mx, qmax, ASYM_GRID[name], np.ones_like(x))
         else:
             grid = WASYM_GRID[name]
-            bd, bm, eb = _asym_search(x, mn, mx, qmax, grid, qw, first=(d16, m16))
+            first = (d16, m16)
+            bd, bm, eb = _asym_search(x, mn, mx, qmax, grid, qw, first, WASYM_STEP[name])
         cand = bd != 0
         bd1 = np.where(cand, bd, F32(1))
         bm1 = np.where(cand, bm, F32(0))
