@@ -53,6 +53,10 @@ def plan(args: argparse.Namespace, source: GGUFFile) -> list[Choice]:
     for flag in ("bits", "group_size", "scheme"):
         if getattr(args, flag, None) is not None:
             raise JobError(f"--{flag.replace('_', '-')}: implied by --format {target}")
+    from ..options import QuantOptions
+
+    # validated here, so --estimate refuses what the job refuses
+    QuantOptions.from_mapping({"method": args.method, "clip": args.clip})
     if source.value("split.count", 1) != 1:
         raise JobError(
             f"{source.path} is one shard of a split model; merge the shards first "
@@ -78,9 +82,7 @@ def run(args: argparse.Namespace, source: GGUFFile) -> int:
             raise JobError("quantize needs -o OUTPUT.gguf, or --estimate")
         modelfiles.output_format(args.output, ("gguf",))
         check_not_same(args.input, args.output)
-        from ..options import QuantOptions
-
-        QuantOptions.from_mapping({"method": args.method, "clip": args.clip})  # validates
+        modelfiles.check_output_path(args.output)  # before any work
     except BaseException:
         source.close()
         raise
