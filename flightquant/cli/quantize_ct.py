@@ -11,12 +11,11 @@ import argparse
 import json
 import math
 import time
-
-from .accounting import json_float, shape_text
 from collections.abc import Iterator, Mapping
 
 import numpy as np
 
+from .accounting import json_float, shape_text
 from .common import JobError, Runner, imatrix_feed, progress
 from .summary import MAX_TABLE_ROWS, fmt_bytes, fmt_db, table
 
