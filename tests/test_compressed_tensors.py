@@ -172,8 +172,15 @@ def test_codes_are_the_engines_native_codes(dtype, scheme, method):
     )  # fmt: skip
     assert p.weight_packed.tobytes() == ref.codes.tobytes()
     assert np.array_equal(p.weight_scale.astype(np.float32).reshape(-1), ref.scales)
-    got = fq.quantize_arrays({"w": x}, bits=4, group_size=32, scheme=scheme, method=method,
-                             scale_dtype=dtype, importance=None if imp is None else {"w": imp})
+    got = fq.quantize_arrays(
+        {"w": x},
+        bits=4,
+        group_size=32,
+        scheme=scheme,
+        method=method,
+        scale_dtype=dtype,
+        importance=None if imp is None else {"w": imp},
+    )
     assert got["w"].codes.tobytes() == ref.codes.tobytes()  # fmt: skip
     if scheme == "asymmetric":
         z = unpack_codes(np.ascontiguousarray(p.weight_zero_point.T), 4, 12).T
@@ -456,7 +463,9 @@ def test_hostile_shape_is_refused_before_allocation(tmp_path):
     blob = json.dumps(header).encode()
     (src / "model.safetensors").write_bytes(struct.pack("<Q", len(blob)) + blob + bytes(16))
     (src / "config.json").write_text("{}")
-    with pytest.raises(CompressedTensorsError, match=r"16 bytes do not hold shape \[1099511627776, 1099511627776\]"):
+    with pytest.raises(
+        CompressedTensorsError, match=r"16 bytes do not hold shape \[1099511627776, 1099511627776\]"
+    ):
         write_compressed_tensors(src, tmp_path / "o")
 
 
