@@ -918,6 +918,20 @@ cdef inline void store_params(GroupQ* g, const Params* p) noexcept nogil:
         g.base = -(z * s)
 
 
+cdef inline void store_candidate(float* b, float* s, float* z, bint asym,
+                                 const Params* p) noexcept nogil:
+    """An mse candidate (base, scale, zero point) as store_params stores it."""
+    cdef GroupQ g
+    g.base = b[0]
+    g.scale = s[0]
+    g.zp = z[0]
+    store_params(&g, p)
+    s[0] = g.scale
+    if asym:
+        b[0] = g.base
+        z[0] = g.zp
+
+
 # ---------------------------------------------------------------------------------------
 # pass 2: codes (and, with stats, the error against the unclamped input)
 
@@ -1116,6 +1130,15 @@ cdef GroupQ mse_search(const floating* x, int64_t n, const Params* p, GroupQ g0,
     nc = fq_candidates(cd, cs_d, cm_d, asym, cb, cs, cz)
     if nc == 1:
         return g0
+    if p.scale_dtype:       # every candidate as it would be stored (store_params)
+        if not round_scale(g0.scale, p.scale_dtype) > 0:
+            return g0
+        for j in range(nc):
+            store_candidate(&cb[j], &cs[j], &cz[j], asym, p)
+            if not cs[j] > 0:   # its scale underflows: lane 0's again (never better)
+                cb[j] = cb[0]
+                cs[j] = cs[0]
+                cz[j] = cz[0]
     for j in range(SSE_PAD):
         err[j] = -0.0
     # sweep 2: the squared error of every candidate against the clamped input

@@ -593,3 +593,90 @@ def _read_torch_folder(torch, folder: Path) -> dict[str, np.ndarray]:
                 else:
                     out[k] = t.numpy()
     return out
+
+
+def _weighted_error(torch, written: dict, source: dict, importance: dict, bits: int) -> float:
+    """sum over the Linear weights of sum_j w_j * (W - W_hat)[:, j]**2 (float64)."""
+    total = 0.0
+    for name, w in importance.items():
+        prefix = name[: -len(".weight")]
+        deq = dequantize_weight(_packed_from(written, prefix, bits, 32)).astype(np.float64)
+        x = source[name].float().numpy().astype(np.float64)
+        total += float((((deq - x) ** 2) * w.astype(np.float64)[None, :]).sum())
+    return total
+
+
+@pytest.mark.filterwarnings("ignore:You passed `quantization_config`")
+@pytest.mark.parametrize("scheme", ["symmetric", "asymmetric"])
+def test_cli_mse_server_and_imatrix(hf, tmp_path, server, scheme):
+    """`quantize MODEL_DIR --format compressed-tensors --method mse`: transformers loads it,
+    every Linear weight is flightquant's dequantized weight bit for bit, the logits are
+    closer to the float model's than rtn's; --server writes the same bytes; --imatrix
+    changes the codes and lowers the importance-weighted error."""
+    import flightquant as fq
+    from flightquant.cli import main
+    from flightquant.modelfiles.imatrix import Imatrix, ImatrixEntry, write_imatrix
+
+    torch, transformers = hf
+    model = _tiny_llama(hf, tmp_path / "src", False)
+    source = dict(model.state_dict())
+    linear = sorted(
+        n + ".weight"
+        for n, m in model.named_modules()
+        if isinstance(m, torch.nn.Linear) and n != "lm_head"
+    )
+    argv = ["--format", "compressed-tensors", "--bits", "4", "--group-size", "32"]
+    argv += ["--scheme", scheme, "-q"]
+
+    def quantize(out: str, *extra: str) -> Path:
+        rc = main(["quantize", str(tmp_path / "src"), "-o", str(tmp_path / out), *argv, *extra])
+        assert rc == 0
+        return tmp_path / out
+
+    rtn = quantize("rtn")
+    mse = quantize("mse", "--method", "mse")
+    remote = quantize("remote", "--method", "mse", "--server", server().location)
+    for name in ("model.safetensors", "config.json"):
+        assert (mse / name).read_bytes() == (remote / name).read_bytes(), name
+    assert (mse / "model.safetensors").read_bytes() != (rtn / "model.safetensors").read_bytes()
+
+    kwargs = {}
+    if scheme == "asymmetric":  # see test_transformers_loads_the_output
+        kwargs["quantization_config"] = transformers.CompressedTensorsConfig(dequantize=True)
+    ids = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = model(ids).logits
+    errors = {}
+    for out in (rtn, mse):
+        loaded = transformers.AutoModelForCausalLM.from_pretrained(out, **kwargs).eval()
+        with torch.no_grad():
+            errors[out.name] = _relative_error(want, loaded(ids).logits)
+        if out is mse:  # every Linear weight: the engine's mse result, dequantized
+            modules = dict(loaded.named_modules())
+            arrays = {n: source[n].float().numpy() for n in linear}
+            theirs = fq.quantize_arrays(
+                arrays, bits=4, group_size=32, scheme=scheme, method="mse",
+                scale_dtype="bfloat16",
+            )  # fmt: skip
+            for n in linear:
+                mine = theirs[n].dequantize().astype(BF16)
+                got = modules[n[: -len(".weight")]].weight.data
+                assert torch.equal(got, _torch_bf16(torch, mine)), n
+    print(f"{scheme}: logits relative error rtn {errors['rtn']:.4f}, mse {errors['mse']:.4f}")
+    assert errors["mse"] < errors["rtn"]
+
+    rng = np.random.default_rng(4)
+    entries = {}
+    for n in linear:
+        k = source[n].shape[1]
+        sums = np.exp(2.0 * rng.standard_normal(k)).astype(np.float32)
+        entries[n] = ImatrixEntry(n, sums.reshape(1, k), np.array([1.0], np.float32))
+    imx = Imatrix(entries, chunk_count=1)
+    write_imatrix(tmp_path / "m.imatrix.gguf", imx)
+    weighted = quantize("imx", "--method", "mse", "--imatrix", str(tmp_path / "m.imatrix.gguf"))
+    assert (weighted / "model.safetensors").read_bytes() != (mse / "model.safetensors").read_bytes()
+    importance = {n: imx.importance(n) for n in linear}
+    plain = _weighted_error(torch, _read_torch_folder(torch, mse), source, importance, 4)
+    imp = _weighted_error(torch, _read_torch_folder(torch, weighted), source, importance, 4)
+    print(f"{scheme}: importance-weighted error mse {plain:.6g}, mse + imatrix {imp:.6g}")
+    assert imp < plain

@@ -47,7 +47,7 @@ input, on the float32 reconstruction) is strictly lower:
 the scale is stored in that dtype and codes are chosen against it, for a layout such as
 compressed-tensors' whose zero points are integers. Asymmetric groups then span zero
 (``mn = min(mn, 0)``, ``mx = max(mx, 0)``) in rtn and mse alike. After rtn (and the mse
-search, which picks its candidate in float32 as above), with ``s`` and ``zp`` the result::
+search, see below), with ``s`` and ``zp`` the result::
 
     s' = round(s, scale_dtype)                  # to nearest, ties to even
     symmetric:   q = o + rint(clamp(x / s', -qpos, qpos))
@@ -55,7 +55,11 @@ search, which picks its candidate in float32 as above), with ``s`` and ``zp`` th
                  q = rint(clamp((x - base) / s', 0, qmax));  zero_point = Z
     s' == 0 (not > 0): every code is the offset, zero_point = 0
 
-so ``x_hat = (q - zero_point) * s'`` with an integer zero point.
+so ``x_hat = (q - zero_point) * s'`` with an integer zero point. The mse search then
+compares its candidates as stored: the rtn result and each candidate ``(scale, min)`` go
+through the same rounding before their error is measured (a candidate whose stored scale
+is 0 is skipped; a group whose stored rtn scale is 0 is not searched), so the kept group
+is never worse, as stored, than rtn's.
 
 *Importance* (``mse`` only): a row with importance ``w`` (``k`` weights, ``k`` dividing the
 row's length) weighs its element ``e`` by ``w[e % k]`` (as float64, ``wd``). The search is
@@ -204,7 +208,22 @@ def _mse_group(x: np.ndarray, bits: int, scheme: str, q0, scale0, zp0, w=None, s
     qmin, qmax, offset = qparams(bits, scheme)
     wd = None if w is None else np.asarray(w, F32).astype(F64)
     best = (q0, scale0, zp0)
-    best_err = _sse(x, _reconstruct(q0, scale0, zp0, offset), wd)
+    lo, hi = _range(x, scheme, scale_dtype)
+    if scheme != "ternary" and lo == hi:
+        return best  # a constant group: rtn is exact, or (stored) there is no search
+
+    def stored(q, sc, zp):  # a candidate as it is stored (the codes against it)
+        if scale_dtype is None:
+            return q, sc, zp
+        z = None if zp is None else np.array([zp], F32)
+        qs, ss, zs = _stored(x[None, :], bits, scheme, None, np.array([sc], F32), z, scale_dtype)
+        return qs[0], ss[0], (None if zs is None else zs[0])
+
+    if scale_dtype is not None:
+        if not round_scale(scale0, scale_dtype) > 0:
+            return best
+        best = stored(*best)
+    best_err = _sse(x, _reconstruct(*best, offset), wd)
     if best_err == 0.0 or not scale0 > 0:
         return best
     n = x.size if wd is None else float(_seqsum(wd))
@@ -234,10 +253,12 @@ def _mse_group(x: np.ndarray, bits: int, scheme: str, q0, scale0, zp0, w=None, s
                     continue
                 mc = F32(m)
                 q = (np.rint(np.clip((x - mc) / sc, F32(0), F32(qmax)))).astype(np.uint8)
-                zp = F32(-mc / sc)
-                err = _sse(x, _reconstruct(q, sc, zp, offset), wd)
+                cand = stored(q, sc, F32(-mc / sc))
+                if not cand[1] > 0:
+                    continue
+                err = _sse(x, _reconstruct(*cand, offset), wd)
                 if err < best_err:
-                    best, best_err = (q, sc, zp), err
+                    best, best_err = cand, err
         else:
             for k in range(MSE_STEPS):
                 iscale = (0.5 + 0.05 * k) / float(F64(scale0))
@@ -251,9 +272,12 @@ def _mse_group(x: np.ndarray, bits: int, scheme: str, q0, scale0, zp0, w=None, s
                     continue
                 q = np.rint(np.clip(x / sc, F32(qmin), F32(qmax)))
                 q = (q + F32(offset)).astype(np.uint8)
-                err = _sse(x, _reconstruct(q, sc, None, offset), wd)
+                cand = stored(q, sc, None)
+                if not cand[1] > 0:
+                    continue
+                err = _sse(x, _reconstruct(*cand, offset), wd)
                 if err < best_err:
-                    best, best_err = (q, sc, None), err
+                    best, best_err = cand, err
     return best
 
 
