@@ -680,3 +680,42 @@ def test_cli_mse_server_and_imatrix(hf, tmp_path, server, scheme):
     imp = _weighted_error(torch, _read_torch_folder(torch, weighted), source, importance, 4)
     print(f"{scheme}: importance-weighted error mse {plain:.6g}, mse + imatrix {imp:.6g}")
     assert imp < plain
+
+
+def test_one_reader_for_model_folders(tmp_path):
+    """SafetensorsFolder: the shards of the index as one source (the quantize job,
+    inspect and this writer read through it); shards outside the folder, a tensor in two
+    shards and a bad index are one clear error."""
+    from flightquant.modelfiles import SafetensorsFolder, open_input
+
+    original = _numpy_model(tmp_path / "m", np.float32, shards=3)
+    src = open_input(tmp_path / "m")
+    assert isinstance(src, SafetensorsFolder) and len(src.shards) == 3
+    assert {i.name for i in src.infos} == set(original)
+    for info in src.infos:
+        assert np.array_equal(src.read(info), original[info.name])
+        offset, nbytes = src.span(info)
+        raw = src.path_of(info).read_bytes()[offset : offset + nbytes]
+        assert raw == np.ascontiguousarray(original[info.name]).tobytes()
+    index = tmp_path / "m" / "model.safetensors.index.json"
+    weight_map = json.loads(index.read_text())["weight_map"]
+    (tmp_path / "outside.safetensors").write_bytes(
+        (tmp_path / "m" / "model-00001-of-00003.safetensors").read_bytes()
+    )
+    for bad, message in (
+        ({**weight_map, "x": "../outside.safetensors"}, "is not a file in"),
+        ({**weight_map, "x": "missing.safetensors"}, "is not a file in"),
+        ([1, 2], "not a safetensors index"),
+    ):
+        index.write_text(json.dumps({"weight_map": bad}))
+        with pytest.raises(CompressedTensorsError, match=message):
+            SafetensorsFolder(tmp_path / "m")
+    link = tmp_path / "m" / "model-00004-of-00003.safetensors"
+    link.symlink_to(tmp_path / "outside.safetensors")
+    index.write_text(json.dumps({"weight_map": {**weight_map, "y": link.name}}))
+    with pytest.raises(CompressedTensorsError, match="outside|symbolic link|inside"):
+        SafetensorsFolder(tmp_path / "m")
+    link.unlink()
+    (tmp_path / "m" / link.name).write_bytes((tmp_path / "outside.safetensors").read_bytes())
+    with pytest.raises(CompressedTensorsError, match="is in both"):
+        SafetensorsFolder(tmp_path / "m")

@@ -75,7 +75,9 @@ class SafetensorsFile(TensorSource):
                     f"the file holds {size - 8} after the length"
                     + (f", and at most {MAX_HEADER_BYTES} are accepted)" if n <= size - 8 else ")")
                 )
-            header = parse_json(fh.read(n), f"{self.path}: the safetensors header")
+            header = parse_json(
+                fh.read(n), f"{self.path}: not a valid safetensors file: the header"
+            )
         if not isinstance(header, dict):
             raise ModelIOError(f"{self.path}: not a valid safetensors file (header is not a map)")
         self._base = 8 + n
