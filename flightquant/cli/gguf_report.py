@@ -14,6 +14,7 @@ from typing import Any
 
 from gguf import LlamaFileType
 
+from ..modelfiles import gguf_policy
 from ..modelfiles.gguf_files import GGUFFile
 from ..modelfiles.gguf_policy import Choice
 from .accounting import TensorStat, json_float, snr
@@ -39,6 +40,35 @@ def _file_type(value) -> str:
         return str(value)
 
 
+def recipe_label(args) -> str:
+    """``Q4_K_M``, ``Q4_K_M --pure`` or ``target 412.0 MiB``: what a job writes."""
+    target = getattr(args, "target_bytes", None)
+    if target is not None:
+        return f"target {fmt_bytes(target)} (from {gguf_policy.recipe(args.format).name})"
+    name = gguf_policy.recipe(args.format).name
+    return f"{name} --pure" if getattr(args, "pure", False) else name
+
+
+def _recipe_name(file_type) -> str | None:
+    """The llama-quantize name of a ``general.file_type`` (``15`` -> ``Q4_K_M``)."""
+    return next(
+        (r.name for r in gguf_policy.RECIPES.values() if int(r.file_type) == file_type), None
+    )
+
+
+def _per_type(tensors) -> dict[str, dict[str, Any]]:
+    """Per ggml type: tensors, parameters, bytes and bits per weight (largest share first)."""
+    out: dict[str, dict[str, Any]] = {}
+    for t in tensors:
+        d = out.setdefault(t.type, {"tensors": 0, "parameters": 0, "bytes": 0})
+        d["tensors"] += 1
+        d["parameters"] += t.numel
+        d["bytes"] += t.nbytes
+    for d in out.values():
+        d["bits_per_weight"] = 8 * d["bytes"] / d["parameters"] if d["parameters"] else None
+    return dict(sorted(out.items(), key=lambda kv: -kv[1]["bytes"]))
+
+
 def inspect_gguf(source: GGUFFile, args: argparse.Namespace) -> int:
     """``flightquant inspect model.gguf``: tensors, types, sizes, bits per weight."""
     tensors = source.tensors
@@ -61,6 +91,8 @@ def inspect_gguf(source: GGUFFile, args: argparse.Namespace) -> int:
                     "bytes": nbytes,
                     "bits_per_weight": 8 * nbytes / numel if numel else None,
                     "types": dict(Counter(t.type for t in tensors)),
+                    "recipe": None if file_type is None else _recipe_name(file_type),
+                    "per_type": _per_type(tensors),
                     "per_tensor": [
                         {
                             "name": t.name,
@@ -84,7 +116,16 @@ def inspect_gguf(source: GGUFFile, args: argparse.Namespace) -> int:
     if len(shown) < len(tensors):
         print(f"... {len(tensors) - len(shown)} more tensors (-v lists all)")
     print()
+    per = _per_type(tensors)
+    rows = [[typ, str(d["tensors"]), f"{d['parameters']:,}", fmt_bytes(d["bytes"]),
+             f"{100 * d['bytes'] / nbytes:.1f}%" if nbytes else "-",
+             _bpw(d["bytes"], d["parameters"])] for typ, d in per.items()]  # fmt: skip
+    print(table(["type", "tensors", "parameters", "size", "share", "bits/w"], rows,
+                {1, 2, 3, 4, 5}))  # fmt: skip
+    print()
+    name = None if file_type is None else _recipe_name(file_type)
     ft = "" if file_type is None else f", file type {_file_type(file_type)}"
+    ft += f" (llama-quantize {name})" if name else ""
     print(f"{source.path}: GGUF v{source.version}, {source.architecture or '?'}{ft}")
     print(f"metadata    {len(source.keys)} keys, alignment {source.alignment}")
     print(f"tensors     {len(tensors)} ({_types(t.type for t in tensors)})")
@@ -108,7 +149,8 @@ def print_gguf_estimate(source: GGUFFile, choices: list[Choice], args) -> int:
             json.dumps(
                 {
                     "file": str(source.path),
-                    "format": args.format.upper(),
+                    "format": gguf_policy.recipe(args.format).name,
+                    "recipe": recipe_label(args),
                     "tensors": len(choices),
                     "changed": len(changed),
                     "fallbacks": len(fallbacks),
@@ -144,7 +186,7 @@ def print_gguf_estimate(source: GGUFFile, choices: list[Choice], args) -> int:
         print(f"... {len(choices) - len(shown)} more tensors (-v lists all)")
     print()
     print(
-        f"estimate    {args.format.upper()}: {len(choices)} tensors ({len(changed)} changed: "
+        f"estimate    {recipe_label(args)}: {len(choices)} tensors ({len(changed)} changed: "
         f"{_types(c.dst for c in changed) or 'none'}; {len(choices) - len(changed)} kept)"
     )
     if fallbacks:
@@ -191,7 +233,8 @@ def print_gguf_summary(
             json.dumps(
                 {
                     "where": where,
-                    "format": args.format.upper(),
+                    "format": gguf_policy.recipe(args.format).name,
+                    "recipe": recipe_label(args),
                     "method": method,
                     "tensors": len(stats),
                     "quantized": sum(1 for c in choices if c.quantize),
@@ -247,7 +290,7 @@ def print_gguf_summary(
             + ", ".join(f"{c.name} -> {c.dst}" for c in fallbacks[:3])
             + (" ..." if len(fallbacks) > 3 else "")
         )
-    print(f"options     {args.format.upper()} {method} ({where})")
+    print(f"options     {recipe_label(args)} {method} ({where})")
     ratio = f"{bytes_in / bytes_out:.2f}x" if bytes_out else "-"
     print(
         f"bytes       {fmt_bytes(bytes_in)} in -> {fmt_bytes(bytes_out)} out (ratio {ratio}, "

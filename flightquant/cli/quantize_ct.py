@@ -13,7 +13,7 @@ import math
 import time
 
 from .accounting import json_float, shape_text
-from .common import JobError, progress
+from .common import JobError, gguf_flags_given, progress
 from .summary import MAX_TABLE_ROWS, fmt_bytes, fmt_db, table
 
 FORMAT = "compressed-tensors"
@@ -26,8 +26,7 @@ def run(args: argparse.Namespace) -> int:
         ("--server", args.servers),
         ("--estimate", args.estimate),
         ("--column", args.columns),
-        ("--type", args.types),
-        ("--allow-requantize", args.allow_requantize),
+        *((f, True) for f in gguf_flags_given(args)),
         ("--clip", args.clip),
     ):
         if value:

@@ -30,7 +30,6 @@ from .common import (
     JobError,
     Runner,
     check_not_same,
-    format_name,
     never_empty,
     progress,
     read_ahead,
@@ -42,30 +41,61 @@ from .gguf_report import print_gguf_estimate, print_gguf_summary
 QUANTIZATION_VERSION = 2
 
 
+def recipe_of(args: argparse.Namespace, source: GGUFFile) -> gguf_policy.Recipe:
+    """The llama-quantize recipe ``--format`` names (``Q4_K`` = ``Q4_K_M``, as there)."""
+    fmt = getattr(args, "format", None)
+    if fmt is None or fmt.lower() == formats.NATIVE:
+        raise JobError(
+            f"{source.path}: a GGUF input needs --format, the recipe to write (as "
+            f"llama-quantize's TYPE): {', '.join(gguf_policy.RECIPE_NAMES)}"
+        )
+    return gguf_policy.recipe(fmt)
+
+
 def plan(args: argparse.Namespace, source: GGUFFile) -> list[Choice]:
     """The type of every tensor of ``source`` for this job."""
-    target = format_name(args)
-    if target == formats.NATIVE:
-        raise JobError(
-            f"{source.path}: a GGUF input needs --format, the ggml type to write "
-            f"(as llama-quantize's TYPE): {', '.join(formats.GGML_TYPES)}"
-        )
+    rec = recipe_of(args, source)
     for flag in ("bits", "group_size", "scheme"):
         if getattr(args, flag, None) is not None:
-            raise JobError(f"--{flag.replace('_', '-')}: implied by --format {target}")
+            raise JobError(f"--{flag.replace('_', '-')}: implied by --format {rec.name}")
     if source.value("split.count", 1) != 1:
         raise JobError(
             f"{source.path} is one shard of a split model; merge the shards first "
             "(llama-gguf-split --merge)"
         )
-    return gguf_policy.choose(
+
+    def type_flag(dest: str, flag: str) -> str | None:
+        value = getattr(args, dest, None)
+        return None if value is None else gguf_policy.parse_type(value, flag)
+
+    choices = gguf_policy.choose(
         [(t.name, t.ne, t.type) for t in source.tensors],
-        target,
+        rec,
+        gguf_policy.ModelParams.from_gguf(source.value),
+        pure=getattr(args, "pure", False),
+        output_type=type_flag("output_tensor_type", "--output-tensor-type"),
+        token_embd_type=type_flag("token_embedding_type", "--token-embedding-type"),
+        leave_output=getattr(args, "leave_output_tensor", False),
+        types=gguf_policy.parse_type_overrides(getattr(args, "types", None) or ()),
         only=args.only or (),
         keep=args.keep or (),
-        types=gguf_policy.parse_type_overrides(getattr(args, "types", None) or ()),
         allow_requantize=getattr(args, "allow_requantize", False),
+        has_imatrix=getattr(args, "imatrix", None) is not None,
     )
+    unwritable = sorted({c.dst for c in choices if c.quantize and c.dst not in formats.GGML_TYPES})
+    if unwritable:
+        raise JobError(
+            f"--format {rec.name}: flightquant does not write {', '.join(unwritable)} "
+            f"(it writes {', '.join(formats.GGML_TYPES)})"
+        )
+    needs = next((c for c in choices if c.requires_imatrix), None)
+    if needs is not None and getattr(args, "imatrix", None) is None:
+        raise JobError(
+            f"--format {rec.name} needs an importance matrix (--imatrix FILE, from "
+            f"llama-imatrix): llama.cpp refuses to write {needs.name} as {needs.dst} without "
+            'one ("this quantization requires an imatrix")'
+        )
+    return choices
 
 
 def run(args: argparse.Namespace, source: GGUFFile) -> int:
@@ -94,7 +124,7 @@ class _Job:
         self.choices = choices
         self.by_name: dict[str, GGUFTensor] = {t.name: t for t in source.tensors}
         self.stats: dict[str, TensorStat] = {}
-        self.target = format_name(args)
+        self.recipe = recipe_of(args, source)
 
     def run(self) -> int:
         args, source = self.args, self.source
@@ -115,7 +145,7 @@ class _Job:
                         ),
                         "general.file_type": (
                             GGUFValueType.UINT32,
-                            int(gguf_policy.FILE_TYPES[self.target]),
+                            int(self.recipe.file_type),
                         ),
                     },
                 )
