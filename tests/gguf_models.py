@@ -145,3 +145,34 @@ def write_bert(
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
+
+
+def write_imatrix(path: Path, model: Path, *, chunks: int = 4, chunk_size: int = 128,
+                  seed: int = 2) -> None:  # fmt: skip
+    """An importance matrix for ``model`` in llama-imatrix's GGUF layout: per matrix
+    ``<name>.in_sum2`` (sums of squared activations, one per input column) and
+    ``<name>.counts`` (tokens seen), ``imatrix.datasets/chunk_count/chunk_size``. The values
+    are synthetic, a few columns much more important than the rest, as real activations are.
+    """
+    from gguf import GGUFReader
+
+    rng = np.random.default_rng(seed)
+    w = GGUFWriter(str(path), "imatrix")
+    w.add_type("imatrix")
+    w.add_array("imatrix.datasets", ["synthetic.txt"])
+    w.add_uint32("imatrix.chunk_count", chunks)
+    w.add_uint32("imatrix.chunk_size", chunk_size)
+    tokens = float(chunks * chunk_size)
+    for t in GGUFReader(str(model)).tensors:
+        ne = [int(d) for d in t.shape]
+        if len(ne) < 2 or not t.name.endswith(".weight") or t.name in (
+            "token_embd.weight", "token_types.weight", "position_embd.weight"
+        ):  # fmt: skip
+            continue
+        mean_sq = rng.lognormal(0.0, 1.0, size=ne[0]).astype(np.float32)
+        w.add_tensor(f"{t.name}.in_sum2", mean_sq * np.float32(tokens))
+        w.add_tensor(f"{t.name}.counts", np.array([tokens], np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
