@@ -82,12 +82,6 @@ def plan(args: argparse.Namespace, source: GGUFFile) -> list[Choice]:
         allow_requantize=getattr(args, "allow_requantize", False),
         has_imatrix=getattr(args, "imatrix", None) is not None,
     )
-    unwritable = sorted({c.dst for c in choices if c.quantize and c.dst not in formats.GGML_TYPES})
-    if unwritable:
-        raise JobError(
-            f"--format {rec.name}: flightquant does not write {', '.join(unwritable)} "
-            f"(it writes {', '.join(formats.GGML_TYPES)})"
-        )
     needs = next((c for c in choices if c.requires_imatrix), None)
     if needs is not None and getattr(args, "imatrix", None) is None:
         raise JobError(
@@ -106,6 +100,12 @@ def run(args: argparse.Namespace, source: GGUFFile) -> int:
             return print_gguf_estimate(source, choices, args)
         if not args.output:
             raise JobError("quantize needs -o OUTPUT.gguf, or --estimate")
+        unwritable = sorted({c.dst for c in choices if c.quantize} - set(formats.GGML_TYPES))
+        if unwritable:
+            raise JobError(
+                f"--format {args.format}: flightquant does not write {', '.join(unwritable)} "
+                f"(it writes {', '.join(formats.GGML_TYPES)})"
+            )
         modelfiles.output_format(args.output, ("gguf",))
         check_not_same(args.input, args.output)
         from ..options import QuantOptions
