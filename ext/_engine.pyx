@@ -686,7 +686,8 @@ cdef class QuantizePlan(_Plan):
             with nogil:
                 b = ggml_quantize_rows(values, c.itemsize, starts, bo, co, n, c.ggml,
                                        c.block_size, c.type_size, self.method, p.has_clip,
-                                       p.lo, p.hi, <uint8_t*>codes, bsse, bmax, n_threads)
+                                       p.lo, p.hi, NULL, NULL, NULL, <uint8_t*>codes, bsse,
+                                       bmax, n_threads)
             seconds[0] += now() - t0
             if b < 0:
                 raise MemoryError()

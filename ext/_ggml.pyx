@@ -5,11 +5,19 @@
 # and threads. Blocks are independent, so the bytes are the same for any thread count.
 #
 # Block function contract (see ggml_common.pxi for the shared helpers):
-#   int  <type>_quantize_block(const float* x, uint8_t* y, int method) noexcept nogil
+#   int  <type>_quantize_block(const float* x, uint8_t* y, int method, const float* qw,
+#                              float sigma2) noexcept nogil
 #        x: float32[block_size], finite, 32-byte aligned (a per-thread stage);
 #        y: type_size bytes at ANY address (write multi-byte fields with memcpy/fq_store_f16);
 #        method: METHOD_RTN (ggml's quantize_row_*_ref, byte for byte) or METHOD_MSE
 #        (flightquant's search, same bytes format, lower squared error); returns 0.
+#        qw: NULL (no importance) or the block's importance weights, float32[block_size],
+#        non-negative and finite, 32-byte aligned (a per-thread stage). With qw, METHOD_RTN is
+#        ggml's importance path (quantize_row_*_impl with quant_weights, byte for byte) and
+#        METHOD_MSE minimises sum(qw[j] * (x[j] - x_hat[j])^2), never worse than that path.
+#        sigma2: with qw, the mean square of the block's whole ggml row (ne[0] elements,
+#        summed in order in float32, divided by ne[0]) where ROW_SIGMA2[code] says the type's
+#        importance path uses it (the legacy types), else 0.
 #   void <type>_dequantize_block(const uint8_t* y, float* x) noexcept nogil
 #        y: type_size bytes at ANY address; x: float32[block_size], aligned stage;
 #        the float32 values gguf-py's quants.dequantize gives, bit for bit.
@@ -34,7 +42,8 @@ cdef enum:
     QK_MAX = 256        # the largest block_size
     CHUNK = 64          # blocks a thread takes at a time (one row search per chunk)
 
-ctypedef int (*quant_fn)(const float* x, uint8_t* y, int method) noexcept nogil
+ctypedef int (*quant_fn)(const float* x, uint8_t* y, int method, const float* qw,
+                         float sigma2) noexcept nogil
 ctypedef void (*dequant_fn)(const uint8_t* y, float* x) noexcept nogil
 
 include "ggml_common.pxi"
@@ -49,6 +58,9 @@ QUANT[:] = [q4_0_quantize_block, q4_1_quantize_block, q5_0_quantize_block,
             q5_1_quantize_block, q8_0_quantize_block, q2_k_quantize_block,
             q3_k_quantize_block, q4_k_quantize_block, q5_k_quantize_block,
             q6_k_quantize_block, tq1_0_quantize_block, tq2_0_quantize_block]
+# whether the type's importance path weighs by the row's mean square (sigma2 above)
+cdef bint ROW_SIGMA2[N_TYPES]
+ROW_SIGMA2[:] = [True, True, True, True, False, False, False, False, False, False, False, False]
 DEQUANT[:] = [q4_0_dequantize_block, q4_1_dequantize_block, q5_0_dequantize_block,
               q5_1_dequantize_block, q8_0_dequantize_block, q2_k_dequantize_block,
               q3_k_dequantize_block, q4_k_dequantize_block, q5_k_dequantize_block,
@@ -105,41 +117,89 @@ cdef inline bint stage_block(const uint8_t* src, int itemsize, int64_t n, float*
     return ok
 
 
+cdef float row_sumsq(const uint8_t* src, int itemsize, int64_t n, bint has_clip, float lo,
+                     float hi) noexcept nogil:
+    """sum(x[j] * x[j]) of ``n`` values as the kernels stage them (float32, clamped with
+    ``has_clip``), added in order in float32 as ggml's importance paths add them."""
+    cdef float st[QK_MAX]
+    cdef float s = 0
+    cdef int64_t i = 0, m, j
+    while i < n:
+        m = n - i if n - i < QK_MAX else QK_MAX
+        stage_block(src + i * itemsize, itemsize, m, st, has_clip, lo, hi)
+        for j in range(m):
+            s = s + st[j] * st[j]
+        i = i + m
+    return s
+
+
 cdef int64_t quantize_rows(const uint8_t* values, int itemsize, const int64_t* row_starts,
                            const int64_t* bo, const int64_t* out_starts, int64_t nrows,
                            int code, int block_size, int type_size, int method,
                            bint has_clip, float lo, float hi,
+                           const uint8_t* imp, const int64_t* imp_starts, const int64_t* imp_k,
                            uint8_t* out, double* block_sse, float* block_maxerr,
                            int n_threads) noexcept nogil:
     """Quantize every block of every row (clamped to [lo, hi] first with ``has_clip``).
     Row r's values start at element ``row_starts[r]`` of ``values``; its blocks are the
-    global blocks [bo[r], bo[r+1]) and its bytes start at ``out_starts[r]``. With
-    ``block_sse`` (and ``block_maxerr``) each block's squared error and largest absolute
-    error are stored too (decoded again from the bytes just written). Returns the number
-    of blocks holding a non-finite value (their bytes are not written), or -1 when out of
-    memory."""
+    global blocks [bo[r], bo[r+1]) and its bytes start at ``out_starts[r]``. With ``imp``
+    (float32 values at any address; NULL for none) a row r whose ``imp_starts[r]`` is not
+    -1 is quantized as ggml rows of ``imp_k[r]`` elements (a multiple of ``block_size`` that
+    divides the row's length: the caller checked), element j of each weighted by
+    ``imp[imp_starts[r] + j]``. With ``block_sse`` (and ``block_maxerr``) each block's
+    squared error and largest absolute error are stored too (decoded again from the bytes
+    just written). Returns the number of blocks holding a non-finite value (their bytes are
+    not written), or -1 when out of memory."""
     cdef int64_t total = bo[nrows], nchunks = (total + CHUNK - 1) // CHUNK
-    cdef int64_t c, b, r, end, k, j
+    cdef int64_t c, b, r, end, k, j, kr
     cdef int64_t bad = 0
     cdef int t
     cdef float* stage
     cdef float* back
+    cdef float* wst
+    cdef float* wptr
+    cdef float sig
     cdef double s, e
     cdef float m
     cdef quant_fn qf = QUANT[code]
     cdef dequant_fn df = DEQUANT[code]
+    cdef int64_t* kbase = NULL    # rows' first index into ksig
+    cdef float* ksig = NULL       # each ggml row's mean square (ROW_SIGMA2 types)
     if total == 0:
         return 0
-    # two aligned float stages per thread
+    if imp != NULL and ROW_SIGMA2[code]:
+        kbase = <int64_t*>malloc(<size_t>(nrows + 1) * sizeof(int64_t))
+        if kbase == NULL:
+            return -1
+        kbase[0] = 0
+        for r in range(nrows):
+            kbase[r + 1] = kbase[r]
+            if imp_starts[r] >= 0:
+                kbase[r + 1] += (bo[r + 1] - bo[r]) * block_size // imp_k[r]
+        ksig = <float*>malloc(<size_t>(kbase[nrows] + 1) * sizeof(float))
+        if ksig == NULL:
+            free(kbase)
+            return -1
+        for kr in prange(kbase[nrows], nogil=True, schedule="static",
+                         num_threads=n_threads if FLIGHTQUANT_OPENMP else 1):
+            r = row_of(kbase, nrows, kr)
+            while kbase[r + 1] <= kr:
+                r = r + 1
+            ksig[kr] = row_sumsq(values + (row_starts[r] + (kr - kbase[r]) * imp_k[r]) * itemsize,
+                                 itemsize, imp_k[r], has_clip, lo, hi) / <float>imp_k[r]
+    # three aligned float stages per thread: values, decoded values, importance
     cdef int nt = n_threads if FLIGHTQUANT_OPENMP else 1
-    cdef float* stages = <float*>malloc(<size_t>nt * 2 * QK_MAX * sizeof(float) + 64)
+    cdef float* stages = <float*>malloc(<size_t>nt * 3 * QK_MAX * sizeof(float) + 64)
     if stages == NULL:
+        free(kbase)
+        free(ksig)
         return -1
     cdef float* base = <float*>((<size_t>stages + 63) & ~(<size_t>63))
     for c in prange(nchunks, nogil=True, schedule="static", num_threads=nt):
         t = omp_get_thread_num()
-        stage = base + <int64_t>t * 2 * QK_MAX
+        stage = base + <int64_t>t * 3 * QK_MAX
         back = stage + QK_MAX
+        wst = stage + 2 * QK_MAX
         b = c * CHUNK
         end = b + CHUNK
         if end > total:
@@ -154,7 +214,15 @@ cdef int64_t quantize_rows(const uint8_t* values, int itemsize, const int64_t* r
                 bad += 1
                 b = b + 1
                 continue
-            qf(stage, out + out_starts[r] + k * type_size, method)
+            wptr = NULL
+            sig = 0
+            if imp != NULL and imp_starts[r] >= 0:
+                j = k * block_size % imp_k[r]   # the block's place in its ggml row
+                memcpy(wst, imp + (imp_starts[r] + j) * 4, block_size * 4)
+                wptr = wst
+                if ksig != NULL:
+                    sig = ksig[kbase[r] + k * block_size // imp_k[r]]
+            qf(stage, out + out_starts[r] + k * type_size, method, wptr, sig)
             if block_sse != NULL:
                 # the error against the input as sent (before clip), as native stats are
                 df(out + out_starts[r] + k * type_size, back)
@@ -172,6 +240,8 @@ cdef int64_t quantize_rows(const uint8_t* values, int itemsize, const int64_t* r
                 block_maxerr[b] = m
             b = b + 1
     free(stages)
+    free(kbase)
+    free(ksig)
     return bad
 
 
@@ -228,9 +298,11 @@ cdef int dequantize_rows(const uint8_t* data, const int64_t* in_starts, const in
 
 
 def quantize_blocks(const uint8_t[::1] values, int itemsize, int code, int block_size,
-                    int type_size, int method, int threads, bint stats=False):
+                    int type_size, int method, int threads, bint stats=False,
+                    const float[::1] importance=None):
     """Quantize a contiguous buffer of whole blocks (one row): ``(bytes, n_bad, sse,
-    maxerr)``. The Python wrapper (flightquant/kernels.py) validates the arguments."""
+    maxerr)``. With ``importance`` (``k`` weights) the buffer is ggml rows of ``k``
+    elements. The Python wrapper (flightquant/kernels.py) validates the arguments."""
     cdef int64_t n = values.shape[0] // itemsize
     cdef int64_t nblocks = n // block_size
     out = np.empty(nblocks * type_size, np.uint8)
@@ -238,6 +310,9 @@ def quantize_blocks(const uint8_t[::1] values, int itemsize, int code, int block
     cdef int64_t starts[1]
     cdef int64_t bo[2]
     cdef int64_t ostarts[1]
+    cdef int64_t istarts[1]
+    cdef int64_t ik[1]
+    cdef const uint8_t* imp = NULL
     sse = np.empty(nblocks if stats else 0, np.float64)
     mx = np.empty(nblocks if stats else 0, np.float32)
     cdef double[::1] s = sse
@@ -247,12 +322,17 @@ def quantize_blocks(const uint8_t[::1] values, int itemsize, int code, int block
     ostarts[0] = 0
     bo[0] = 0
     bo[1] = nblocks
+    istarts[0] = 0
+    ik[0] = n
     if nblocks == 0:
         return out, 0, sse, mx
+    if importance is not None:
+        imp = <const uint8_t*>&importance[0]
+        ik[0] = importance.shape[0]
     with nogil:
         bad = quantize_rows(&values[0], itemsize, starts, bo, ostarts, 1, code, block_size,
-                            type_size, method, False, 0.0, 0.0, &o[0], &s[0] if stats else NULL,
-                            &m[0] if stats else NULL, threads)
+                            type_size, method, False, 0.0, 0.0, imp, istarts, ik, &o[0],
+                            &s[0] if stats else NULL, &m[0] if stats else NULL, threads)
     if bad < 0:
         raise MemoryError("no memory for the ggml kernel's stages")
     return out, bad, sse, mx

@@ -686,7 +686,8 @@ cdef inline void k23_q3_mse(const float* x, uint8_t* y) noexcept nogil:
 # block functions (the driver's contract)
 
 
-cdef int q2_k_quantize_block(const float* x, uint8_t* y, int method) noexcept nogil:
+cdef int q2_k_quantize_block(const float* x, uint8_t* y, int method, const float* qw,
+                             float sigma2) noexcept nogil:
     if method == METHOD_MSE:
         k23_q2_mse(x, y)
     else:
@@ -713,7 +714,8 @@ cdef void q2_k_dequantize_block(const uint8_t* y, float* x) noexcept nogil:
                                             - ml[8 * h + 2 * p + (li >> 4)])
 
 
-cdef int q3_k_quantize_block(const float* x, uint8_t* y, int method) noexcept nogil:
+cdef int q3_k_quantize_block(const float* x, uint8_t* y, int method, const float* qw,
+                             float sigma2) noexcept nogil:
     if method == METHOD_MSE:
         k23_q3_mse(x, y)
     else:

@@ -461,7 +461,8 @@ cdef void q6_dequantize(const uint8_t* y, float* x) noexcept nogil:
 # ---------------------------------------------------------------------------------------
 # the block functions
 
-cdef int q4_k_quantize_block(const float* x, uint8_t* y, int method) noexcept nogil:
+cdef int q4_k_quantize_block(const float* x, uint8_t* y, int method, const float* qw,
+                             float sigma2) noexcept nogil:
     return k45_quantize(x, y, method, 15, <float>-1.0, <float>0.1, 20)
 
 
@@ -469,7 +470,8 @@ cdef void q4_k_dequantize_block(const uint8_t* y, float* x) noexcept nogil:
     k45_dequantize(y, x, 15)
 
 
-cdef int q5_k_quantize_block(const float* x, uint8_t* y, int method) noexcept nogil:
+cdef int q5_k_quantize_block(const float* x, uint8_t* y, int method, const float* qw,
+                             float sigma2) noexcept nogil:
     return k45_quantize(x, y, method, 31, <float>-0.5, <float>0.1, 15)
 
 
@@ -477,7 +479,8 @@ cdef void q5_k_dequantize_block(const uint8_t* y, float* x) noexcept nogil:
     k45_dequantize(y, x, 31)
 
 
-cdef int q6_k_quantize_block(const float* x, uint8_t* y, int method) noexcept nogil:
+cdef int q6_k_quantize_block(const float* x, uint8_t* y, int method, const float* qw,
+                             float sigma2) noexcept nogil:
     return q6_quantize(x, y, method)
 
 

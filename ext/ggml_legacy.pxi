@@ -785,7 +785,8 @@ cdef extern from *:
     void leg_tq2_0_dequant(const uint8_t* y, float* x) noexcept nogil
 
 
-cdef int q4_0_quantize_block(const float* x, uint8_t* y, int method) noexcept nogil:
+cdef int q4_0_quantize_block(const float* x, uint8_t* y, int method, const float* qw,
+                             float sigma2) noexcept nogil:
     return leg_q4_0_quant(x, y, method)
 
 
@@ -793,7 +794,8 @@ cdef void q4_0_dequantize_block(const uint8_t* y, float* x) noexcept nogil:
     leg_q4_0_dequant(y, x)
 
 
-cdef int q4_1_quantize_block(const float* x, uint8_t* y, int method) noexcept nogil:
+cdef int q4_1_quantize_block(const float* x, uint8_t* y, int method, const float* qw,
+                             float sigma2) noexcept nogil:
     return leg_q4_1_quant(x, y, method)
 
 
@@ -801,7 +803,8 @@ cdef void q4_1_dequantize_block(const uint8_t* y, float* x) noexcept nogil:
     leg_q4_1_dequant(y, x)
 
 
-cdef int q5_0_quantize_block(const float* x, uint8_t* y, int method) noexcept nogil:
+cdef int q5_0_quantize_block(const float* x, uint8_t* y, int method, const float* qw,
+                             float sigma2) noexcept nogil:
     return leg_q5_0_quant(x, y, method)
 
 
@@ -809,7 +812,8 @@ cdef void q5_0_dequantize_block(const uint8_t* y, float* x) noexcept nogil:
     leg_q5_0_dequant(y, x)
 
 
-cdef int q5_1_quantize_block(const float* x, uint8_t* y, int method) noexcept nogil:
+cdef int q5_1_quantize_block(const float* x, uint8_t* y, int method, const float* qw,
+                             float sigma2) noexcept nogil:
     return leg_q5_1_quant(x, y, method)
 
 
@@ -817,7 +821,8 @@ cdef void q5_1_dequantize_block(const uint8_t* y, float* x) noexcept nogil:
     leg_q5_1_dequant(y, x)
 
 
-cdef int q8_0_quantize_block(const float* x, uint8_t* y, int method) noexcept nogil:
+cdef int q8_0_quantize_block(const float* x, uint8_t* y, int method, const float* qw,
+                             float sigma2) noexcept nogil:
     return leg_q8_0_quant(x, y, method)
 
 
@@ -825,7 +830,8 @@ cdef void q8_0_dequantize_block(const uint8_t* y, float* x) noexcept nogil:
     leg_q8_0_dequant(y, x)
 
 
-cdef int tq1_0_quantize_block(const float* x, uint8_t* y, int method) noexcept nogil:
+cdef int tq1_0_quantize_block(const float* x, uint8_t* y, int method, const float* qw,
+                              float sigma2) noexcept nogil:
     return leg_tq1_0_quant(x, y, method)
 
 
@@ -833,7 +839,8 @@ cdef void tq1_0_dequantize_block(const uint8_t* y, float* x) noexcept nogil:
     leg_tq1_0_dequant(y, x)
 
 
-cdef int tq2_0_quantize_block(const float* x, uint8_t* y, int method) noexcept nogil:
+cdef int tq2_0_quantize_block(const float* x, uint8_t* y, int method, const float* qw,
+                              float sigma2) noexcept nogil:
     return leg_tq2_0_quant(x, y, method)
 
 

@@ -365,13 +365,22 @@ def dequantize_rows(
 
 
 def quantize_ggml(
-    values, fmt: str, method: str = "rtn", *, threads: int | None = None, stats: bool = False
+    values,
+    fmt: str,
+    method: str = "rtn",
+    *,
+    importance=None,
+    threads: int | None = None,
+    stats: bool = False,
 ):
     """Quantize one row of whole blocks into ggml's bytes for type ``fmt``.
 
     ``values`` is a 1-D float16/float32/float64 array whose length is a multiple of the
-    type's block size. Returns the bytes (``uint8``), or with ``stats`` the tuple
-    ``(bytes, block_sse, block_max_abs_error)``.
+    type's block size. With ``importance`` (a 1-D float32 vector of ``k`` non-negative
+    finite weights, ``k`` a multiple of the block size that divides the length) the values
+    are ggml rows of ``k`` elements, element ``j`` of each weighted by ``importance[j]``:
+    ``rtn`` is then ggml's importance path (``llama-quantize --imatrix``). Returns the bytes
+    (``uint8``), or with ``stats`` the tuple ``(bytes, block_sse, block_max_abs_error)``.
 
     Examples
     --------
@@ -391,6 +400,9 @@ def quantize_ggml(
         raise ValueError(
             f"method must be one of {', '.join(map(repr, METHOD_CODES))}, got {method!r}"
         )
+    w = None
+    if importance is not None:
+        w = check_importance(importance, x.size, t.block_size)
     out, bad, sse, mx = _ggml.quantize_blocks(
         x.view(np.uint8),
         x.itemsize,
@@ -400,11 +412,38 @@ def quantize_ggml(
         METHOD_CODES[method],
         resolve_threads(threads),
         stats,
+        w,
     )
     if bad:
         row, element, value = _first_non_finite(x, np.zeros(1, np.int64), np.array([x.size]))
         raise NonFiniteError(row, element, value)
     return (out, sse, mx) if stats else out
+
+
+def check_importance(importance, n: int, block_size: int = 1) -> np.ndarray:
+    """``importance`` as a contiguous float32 vector of ``k`` weights for a tensor of ``n``
+    elements quantized as rows of ``k`` (``k`` a multiple of ``block_size`` that divides
+    ``n``); a ``ValueError`` that says what is wrong otherwise."""
+    w = np.asarray(importance)
+    if w.ndim != 1 or w.dtype.kind != "f":
+        raise ValueError(
+            f"importance must be a 1-D float vector (one weight per column), "
+            f"got {w.dtype}{list(w.shape)}"
+        )
+    w = np.ascontiguousarray(w, np.float32)
+    k = w.size
+    if k == 0 or k % block_size or n % k:
+        raise ValueError(
+            f"importance has {k} weights: it must be the row length, a multiple of the block "
+            f"size {block_size} that divides the tensor's {n} elements"
+        )
+    bad = ~np.isfinite(w) | (w < 0)
+    if bad.any():
+        j = int(np.flatnonzero(bad)[0])
+        raise ValueError(
+            f"importance must be finite and non-negative; element {j} is {float(w[j])!r}"
+        )
+    return w
 
 
 def dequantize_ggml(data, fmt: str, dtype=np.float32, *, threads: int | None = None) -> np.ndarray:

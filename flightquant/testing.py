@@ -55,8 +55,9 @@ def proc_usage(pid: int) -> dict[str, int]:
 
 class LlamaQuantizer:
     """llama.cpp's own quantizers (``ggml_quantize_chunk``: its ``quantize_row_*_ref``
-    without an importance matrix) from llama-cpp-python's ``libggml-base``, through ctypes:
-    the oracle of the ggml kernels' rtn bytes. ``FLIGHTQUANT_LLAMA_LIB`` names another
+    without an importance matrix, its ``quantize_row_*_impl`` with one) from
+    llama-cpp-python's ``libggml-base``, through ctypes: the oracle of the ggml kernels' rtn
+    bytes. ``FLIGHTQUANT_LLAMA_LIB`` names another
     ``libggml-base.so``. Use :func:`llama_quantizer`, which gives None when there is none.
     """
 
@@ -70,15 +71,20 @@ class LlamaQuantizer:
         f.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
                       ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]  # fmt: skip
 
-    def quantize(self, x, name: str, n_per_row: int | None = None):
+    def quantize(self, x, name: str, n_per_row: int | None = None, importance=None):
         """ggml's bytes of the rows of ``x`` (float32; ``n_per_row`` weights a row, by
-        default the largest multiple of the block size up to 4096 that divides ``x``)."""
+        default the largest multiple of the block size up to 4096 that divides ``x``; with
+        ``importance``, float32 weights of a row, the rows are that long)."""
         import numpy as np
 
         from . import formats
 
         t = formats.get(name)
         x = np.ascontiguousarray(x, np.float32).reshape(-1)
+        imatrix = None
+        if importance is not None:
+            imatrix = np.ascontiguousarray(importance, np.float32).reshape(-1)
+            n_per_row = imatrix.size
         if n_per_row is None:
             n_per_row = t.block_size
             while n_per_row * 2 <= min(x.size, 4096) and x.size % (n_per_row * 2) == 0:
@@ -88,7 +94,13 @@ class LlamaQuantizer:
             self.lib.ggml_quantize_init(t.ggml_type)
         if x.size:
             self.lib.ggml_quantize_chunk(
-                t.ggml_type, x.ctypes.data, out.ctypes.data, 0, x.size // n_per_row, n_per_row, None
+                t.ggml_type,
+                x.ctypes.data,
+                out.ctypes.data,
+                0,
+                x.size // n_per_row,
+                n_per_row,
+                None if imatrix is None else imatrix.ctypes.data,
             )
         return out
 

@@ -7,6 +7,7 @@ cdef int64_t quantize_rows(const uint8_t* values, int itemsize, const int64_t* r
                            const int64_t* bo, const int64_t* out_starts, int64_t nrows,
                            int code, int block_size, int type_size, int method,
                            bint has_clip, float lo, float hi,
+                           const uint8_t* imp, const int64_t* imp_starts, const int64_t* imp_k,
                            uint8_t* out, double* block_sse, float* block_maxerr,
                            int n_threads) noexcept nogil
 cdef int dequantize_rows(const uint8_t* data, const int64_t* in_starts, const int64_t* bo,

@@ -582,7 +582,9 @@ def _check_name(name: str) -> None:
         raise ValueError(f"this reference holds Q2_K and Q3_K, not {name!r}")
 
 
-def quantize_blocks(x: np.ndarray, name: str, method: str = "rtn") -> np.ndarray:
+def quantize_blocks(
+    x: np.ndarray, name: str, method: str = "rtn", qw=None, sigma2=None
+) -> np.ndarray:
     """Quantize float32 blocks ``x`` of shape (n_blocks, 256) into (n_blocks, type_size)
     bytes of ggml type ``name`` ("Q2_K" or "Q3_K") with ``method`` "rtn" or "mse".
 
@@ -592,6 +594,8 @@ def quantize_blocks(x: np.ndarray, name: str, method: str = "rtn") -> np.ndarray
     >>> quantize_blocks(np.zeros((2, 256), np.float32), "Q3_K").shape
     (2, 110)
     """
+    if qw is not None:
+        raise NotImplementedError(f"importance for {name} is not in the reference yet")
     _check_name(name)
     x = np.ascontiguousarray(x, F32).reshape(-1, QK)
     if method not in ("rtn", "mse"):

@@ -629,7 +629,9 @@ def _check(x: np.ndarray, name: str) -> np.ndarray:
     return x
 
 
-def quantize_blocks(x: np.ndarray, name: str, method: str = "rtn") -> np.ndarray:
+def quantize_blocks(
+    x: np.ndarray, name: str, method: str = "rtn", qw=None, sigma2=None
+) -> np.ndarray:
     """Quantize float32 blocks ``x`` (n_blocks, 256) into ggml ``name`` bytes
     (n_blocks, type_size); ``method`` is ``"rtn"`` (ggml's reference) or ``"mse"``.
 
@@ -638,6 +640,8 @@ def quantize_blocks(x: np.ndarray, name: str, method: str = "rtn") -> np.ndarray
     >>> quantize_blocks(np.zeros((1, 256), np.float32), "Q6_K").shape
     (1, 210)
     """
+    if qw is not None:
+        raise NotImplementedError(f"importance for {name} is not in the reference yet")
     x = _check(x, name)
     if method == "rtn":
         return _rtn_q6(x) if name == "Q6_K" else _rtn_k45(x, name)

@@ -473,7 +473,9 @@ def _quant_tern(x, name, mse):
     return np.concatenate([packed, _u16(dh)], axis=1)
 
 
-def quantize_blocks(x: np.ndarray, name: str, method: str = "rtn") -> np.ndarray:
+def quantize_blocks(
+    x: np.ndarray, name: str, method: str = "rtn", qw=None, sigma2=None
+) -> np.ndarray:
     """Quantize ``x`` (float32, shape ``(n_blocks, block_size)``) into ggml blocks of type
     ``name``: uint8 ``(n_blocks, type_size)``.
 
@@ -483,6 +485,8 @@ def quantize_blocks(x: np.ndarray, name: str, method: str = "rtn") -> np.ndarray
     >>> quantize_blocks(np.ones((1, 32), np.float32), "Q8_0")[0, :4].tolist()
     [8, 32, 127, 127]
     """
+    if qw is not None:
+        raise NotImplementedError(f"importance for {name} is not in the reference yet")
     t = formats.get(name)
     if name not in TYPES:
         raise ValueError(f"{name} is not one of this module's types {TYPES}")
