@@ -224,3 +224,74 @@ def test_estimate_works_for_every_recipe(bert_file, fmt, capsys):
     want = {c.name: c.dst for c in choose(bert_model(), fmt, BERT)}
     got = {t["name"]: t["type_out"] for t in est["per_tensor"]}
     assert {k: got[k] for k in want} == want and est["format"] == fmt
+
+
+# --------------------------------------------------------------------------- size target
+
+
+def test_the_knapsack_takes_the_most_error_removed_per_byte():
+    from flightquant.modelfiles.gguf_target import Option, hull, parse_size, solve
+
+    a = [Option("Q2_K", 10, 100.0), Option("Q4_K", 20, 10.0), Option("Q8_0", 40, 1.0)]
+    b = [Option("Q2_K", 10, 50.0), Option("Q3_K", 15, 49.0), Option("Q4_K", 20, 5.0)]
+    assert [o.type for o in hull(b)] == ["Q2_K", "Q4_K"]  # Q3_K lies above the chord
+    assert {k: o.type for k, o in solve({"a": a, "b": b}, 30).items()} == {"a": "Q4_K",
+                                                                            "b": "Q2_K"}  # fmt: skip
+    assert {k: o.type for k, o in solve({"a": a, "b": b}, 40).items()} == {"a": "Q4_K",
+                                                                            "b": "Q4_K"}  # fmt: skip
+    # a budget between hull points is spent on the best single move that still fits
+    assert solve({"a": a, "b": b}, 35)["b"].type == "Q3_K"
+    with pytest.raises(ModelIOError, match="below"):
+        solve({"a": a, "b": b}, 19)
+    assert parse_size("2M") == 2 << 20 and parse_size("1.5GB") == 1_500_000_000
+    assert parse_size("123") == 123 and parse_size("4 KiB") == 4096
+    with pytest.raises(ModelIOError, match="expected bytes"):
+        parse_size("big")
+
+
+def test_a_size_target_beats_the_recipe_at_its_size(bert_file, tmp_path, capsys):
+    recipe_out, target_out = tmp_path / "recipe.gguf", tmp_path / "target.gguf"
+    assert main(["quantize", str(bert_file), "-o", str(recipe_out), "--format", "Q4_K_M",
+                 "--json"]) == 0  # fmt: skip
+    ref = json.loads(capsys.readouterr().out)
+    size = recipe_out.stat().st_size
+    assert main(["quantize", str(bert_file), "-o", str(target_out), "--target-size", str(size),
+                 "--json"]) == 0  # fmt: skip
+    got = json.loads(capsys.readouterr().out)
+    assert target_out.stat().st_size <= size
+    t = got["target"]
+    assert t["bytes"] <= t["budget_bytes"] and t["tensors_chosen"] == 6 * 6 + 1
+    # per tensor: the type chosen among those measured, predicted and achieved error
+    per = {p["name"]: p for p in got["per_tensor"]}
+    emb = per["token_embd.weight"]
+    assert emb["type_out"] in emb["options"] and "Q4_K" not in emb["options"]  # 384 wide
+    assert emb["predicted_error"] == pytest.approx(emb["achieved_error"], rel=0.05)
+    # the least total error: below the recipe's, over the same tensors
+    assert t["achieved_error"] < _total_sse(ref, per)
+    assert got["snr_db"] > ref["snr_db"]
+
+
+def _total_sse(ref: dict, chosen: dict) -> float:
+    """The recipe's squared error over the tensors the target chose, as the target measured
+    each type's error on them."""
+    total = 0.0
+    for p in ref["per_tensor"]:
+        if p["name"] in chosen and "options" in chosen[p["name"]]:
+            total += chosen[p["name"]]["options"][p["type_out"]][1]
+    return total
+
+
+def test_target_bpw_and_estimate(bert_file, capsys):
+    argv = ["inspect", str(bert_file), "--estimate", "--target-bpw", "5.5", "--json"]
+    assert main(argv) == 0
+    est = json.loads(capsys.readouterr().out)
+    numel = sum(p["bytes_in"] // 2 for p in est["per_tensor"] if p["type_in"] == "F16")
+    numel += sum(p["bytes_in"] // 4 for p in est["per_tensor"] if p["type_in"] == "F32")
+    assert est["bytes_out"] <= 5.5 * numel / 8 and est["bits_per_weight"] <= 5.5
+    assert est["target"]["predicted_error"] > 0 and est["format"] in ("Q5_K_M", "Q5_0", "Q5_1",
+                                                                      "Q6_K", "Q4_K_M", "Q8_0")  # fmt: skip
+    with pytest.raises(SystemExit):
+        main(["inspect", str(bert_file), "--estimate", "--target-bpw", "x"])
+    capsys.readouterr()
+    assert main(["inspect", str(bert_file), "--estimate", "--target-bpw", "1"]) == 1
+    assert "below" in capsys.readouterr().err

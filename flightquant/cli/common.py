@@ -320,11 +320,11 @@ class Runner:
     """The in-process API (``quantize``/``dequantize``) or a ``Client`` over --server."""
 
     def __init__(self, args: argparse.Namespace):
-        self.servers = list(args.servers or [])
-        self.threads = args.threads
+        self.servers = list(getattr(args, "servers", None) or [])
+        self.threads = getattr(args, "threads", None)
         self.client = None
         token = None
-        if args.token_file:
+        if getattr(args, "token_file", None):
             token = read_token(args.token_file)
             if not self.servers:
                 raise JobError("--token-file needs --server")

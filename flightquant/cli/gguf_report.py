@@ -41,12 +41,34 @@ def _file_type(value) -> str:
 
 
 def recipe_label(args) -> str:
-    """``Q4_K_M``, ``Q4_K_M --pure`` or ``target 412.0 MiB``: what a job writes."""
-    target = getattr(args, "target_bytes", None)
-    if target is not None:
-        return f"target {fmt_bytes(target)} (from {gguf_policy.recipe(args.format).name})"
-    name = gguf_policy.recipe(args.format).name
-    return f"{name} --pure" if getattr(args, "pure", False) else name
+    """``Q4_K_M``, ``Q4_K_M --pure`` or the size target: what a job writes."""
+    return getattr(args, "recipe_label", None) or gguf_policy.recipe(args.format).name
+
+
+def _target_dict(target, choices: list[Choice], stats=None) -> dict[str, Any] | None:
+    if target is None:
+        return None
+    out: dict[str, Any] = {
+        "budget_bytes": target.budget,
+        "bytes": sum(c.dst_bytes for c in choices),
+        "predicted_error": sum(target.predicted.values()),
+        "tensors_chosen": len(target.predicted),
+    }
+    if stats is not None:
+        by = {s.name: s for s in stats}
+        got = [by[n].sse for n in target.predicted if by[n].sse is not None]
+        out["achieved_error"] = sum(got) if len(got) == len(target.predicted) else None
+    return out
+
+
+def _target_fields(target, name: str, stat=None) -> dict[str, Any]:
+    if target is None or name not in target.predicted:
+        return {}
+    d: dict[str, Any] = {"predicted_error": target.predicted[name],
+                         "options": {o.type: [o.bytes, o.error] for o in target.options[name]}}  # fmt: skip
+    if stat is not None:
+        d["achieved_error"] = stat.sse
+    return d
 
 
 def _recipe_name(file_type) -> str | None:
@@ -137,7 +159,7 @@ def inspect_gguf(source: GGUFFile, args: argparse.Namespace) -> int:
     return 0
 
 
-def print_gguf_estimate(source: GGUFFile, choices: list[Choice], args) -> int:
+def print_gguf_estimate(source: GGUFFile, choices: list[Choice], target, args) -> int:
     """The types and sizes a GGUF job would give, from the headers alone."""
     bytes_in = sum(c.src_bytes for c in choices)
     bytes_out = sum(c.dst_bytes for c in choices)
@@ -149,8 +171,9 @@ def print_gguf_estimate(source: GGUFFile, choices: list[Choice], args) -> int:
             json.dumps(
                 {
                     "file": str(source.path),
-                    "format": gguf_policy.recipe(args.format).name,
+                    "format": args.recipe_name,
                     "recipe": recipe_label(args),
+                    "target": _target_dict(target, choices),
                     "tensors": len(choices),
                     "changed": len(changed),
                     "fallbacks": len(fallbacks),
@@ -159,7 +182,9 @@ def print_gguf_estimate(source: GGUFFile, choices: list[Choice], args) -> int:
                     "bytes_out": bytes_out,
                     "ratio": bytes_in / bytes_out if bytes_out else None,
                     "bits_per_weight": 8 * bytes_out / numel if numel else None,
-                    "per_tensor": [_choice_dict(c) for c in choices],
+                    "per_tensor": [
+                        {**_choice_dict(c), **_target_fields(target, c.name)} for c in choices
+                    ],
                 },
                 indent=2,
             )
@@ -211,6 +236,7 @@ def print_gguf_summary(
     seconds: float,
     where: str,
     file_bytes: int,
+    target=None,
 ) -> None:
     """The end of a GGUF job: per tensor, types, sizes and SNR; then the totals."""
     changed = [(c, s) for c, s in zip(choices, stats, strict=True) if c.dst != c.src]
@@ -228,13 +254,15 @@ def print_gguf_summary(
         for c, s in zip(choices, stats, strict=True):
             d = _choice_dict(c)
             d["snr_db"] = json_float(s.snr_db)
+            d.update(_target_fields(target, c.name, s))
             per.append(d)
         print(
             json.dumps(
                 {
                     "where": where,
-                    "format": gguf_policy.recipe(args.format).name,
+                    "format": args.recipe_name,
                     "recipe": recipe_label(args),
+                    "target": _target_dict(target, choices, stats),
                     "method": method,
                     "tensors": len(stats),
                     "quantized": sum(1 for c in choices if c.quantize),
@@ -297,5 +325,14 @@ def print_gguf_summary(
         f"{_bpw(bytes_out, numel)} bits/weight); file {fmt_bytes(file_bytes)}"
     )
     print(f"SNR         {fmt_db(overall)} dB over the tensors changed")
+    t = _target_dict(target, choices, stats)
+    if t is not None:
+        achieved = t["achieved_error"]
+        print(
+            f"target      {fmt_bytes(t['budget_bytes'])} for the tensors: "
+            f"{fmt_bytes(t['bytes'])} used; squared error predicted {t['predicted_error']:.4g}, "
+            f"achieved {'-' if achieved is None else f'{achieved:.4g}'} "
+            f"over the {t['tensors_chosen']} tensors chosen"
+        )
     rate = bytes_in / seconds if seconds > 0 else 0
     print(f"time        {seconds:.2f} s ({fmt_bytes(rate)}/s)")

@@ -25,6 +25,7 @@ from .. import formats, modelfiles
 from ..modelfiles import gguf_policy
 from ..modelfiles.gguf_files import GGUFFile, GGUFTensor
 from ..modelfiles.gguf_policy import Choice
+from . import gguf_target_job
 from .accounting import TensorStat, shape_text
 from .common import (
     JobError,
@@ -36,6 +37,8 @@ from .common import (
     release,
 )
 from .gguf_report import print_gguf_estimate, print_gguf_summary
+from .gguf_target_job import Target
+from .summary import fmt_bytes
 
 #: ``general.quantization_version`` llama-quantize writes (GGML_QNT_VERSION)
 QUANTIZATION_VERSION = 2
@@ -44,6 +47,8 @@ QUANTIZATION_VERSION = 2
 def recipe_of(args: argparse.Namespace, source: GGUFFile) -> gguf_policy.Recipe:
     """The llama-quantize recipe ``--format`` names (``Q4_K`` = ``Q4_K_M``, as there)."""
     fmt = getattr(args, "format", None)
+    if fmt is None and gguf_target_job.wants_target(args):
+        return gguf_policy.recipe(gguf_target_job.BASE_RECIPE)
     if fmt is None or fmt.lower() == formats.NATIVE:
         raise JobError(
             f"{source.path}: a GGUF input needs --format, the recipe to write (as "
@@ -82,24 +87,43 @@ def plan(args: argparse.Namespace, source: GGUFFile) -> list[Choice]:
         allow_requantize=getattr(args, "allow_requantize", False),
         has_imatrix=getattr(args, "imatrix", None) is not None,
     )
-    needs = next((c for c in choices if c.requires_imatrix), None)
-    if needs is not None and getattr(args, "imatrix", None) is None:
-        raise JobError(
-            f"--format {rec.name} needs an importance matrix (--imatrix FILE, from "
-            f"llama-imatrix): llama.cpp refuses to write {needs.name} as {needs.dst} without "
-            'one ("this quantization requires an imatrix")'
-        )
+    args.recipe_name = rec.name
+    args.recipe_label = f"{rec.name} --pure" if getattr(args, "pure", False) else rec.name
     return choices
+
+
+def prepare(args: argparse.Namespace, source: GGUFFile) -> tuple[list[Choice], Target | None]:
+    """The choices of the recipe, or of the size target (measured: this reads the tensors)."""
+    choices = plan(args, source)
+    budget = gguf_target_job.budget_of(args, source)
+    if budget is None:
+        return choices, None
+    runner = Runner(args)
+    try:
+        target = gguf_target_job.choose(args, source, choices, runner, budget)
+    finally:
+        runner.close()
+    if getattr(args, "format", None) is None:
+        args.recipe_name = target.file_type
+    args.recipe_label = f"target {fmt_bytes(budget)} of tensors (base {args.recipe_label})"
+    return target.choices, target
 
 
 def run(args: argparse.Namespace, source: GGUFFile) -> int:
     """Quantize a GGUF file into a GGUF file (or print the estimate)."""
     try:
-        choices = plan(args, source)
+        choices, target = prepare(args, source)
         if args.estimate:
-            return print_gguf_estimate(source, choices, args)
+            return print_gguf_estimate(source, choices, target, args)
         if not args.output:
             raise JobError("quantize needs -o OUTPUT.gguf, or --estimate")
+        needs = next((c for c in choices if c.requires_imatrix), None)
+        if needs is not None and getattr(args, "imatrix", None) is None:
+            raise JobError(
+                f"--format {args.recipe_name} needs an importance matrix (--imatrix FILE, from "
+                f"llama-imatrix): llama.cpp refuses to write {needs.name} as {needs.dst} "
+                'without one ("this quantization requires an imatrix")'
+            )
         unwritable = sorted({c.dst for c in choices if c.quantize} - set(formats.GGML_TYPES))
         if unwritable:
             raise JobError(
@@ -114,17 +138,18 @@ def run(args: argparse.Namespace, source: GGUFFile) -> int:
     except BaseException:
         source.close()
         raise
-    return _Job(args, source, choices).run()
+    return _Job(args, source, choices, target).run()
 
 
 class _Job:
-    def __init__(self, args: argparse.Namespace, source: GGUFFile, choices: list[Choice]):
+    def __init__(self, args, source: GGUFFile, choices: list[Choice], target: Target | None):
         self.args = args
         self.source = source
         self.choices = choices
+        self.target = target
         self.by_name: dict[str, GGUFTensor] = {t.name: t for t in source.tensors}
         self.stats: dict[str, TensorStat] = {}
-        self.recipe = recipe_of(args, source)
+        self.recipe = gguf_policy.recipe(args.recipe_name)
 
     def run(self) -> int:
         args, source = self.args, self.source
@@ -158,7 +183,7 @@ class _Job:
         if not args.quiet:
             stats = [self.stats[c.name] for c in self.choices]
             size = Path(args.output).stat().st_size
-            print_gguf_summary(args, self.choices, stats, seconds, runner.where, size)
+            print_gguf_summary(args, self.choices, stats, seconds, runner.where, size, self.target)
         return 0
 
     # ------------------------------------------------------------------ writing
