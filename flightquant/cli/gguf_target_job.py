@@ -20,6 +20,7 @@ from ..modelfiles import gguf_target
 from ..modelfiles.gguf_files import GGUFFile, GGUFTensor
 from ..modelfiles.gguf_policy import FLOAT_TYPES, Choice, is_quantized_type, recipe, tensor_bytes
 from ..modelfiles.gguf_target import Option
+from . import gguf_imatrix
 from .common import JobError, Runner
 
 #: the recipe whose tensors a size target chooses types for when --format is not given
@@ -141,9 +142,12 @@ def _measure(args, source, tensors: list[GGUFTensor], runner: Runner, importance
                 "layer_name": pa.array(names, pa.string()),
                 "weights": pa.array(
                     [samples[n][0].reshape(-1) for n in names], pa.list_(pa.float32())
-                ),  # fmt: skip
+                ),
             }
         )
+        vecs = {n: weights[n] for n in names if weights[n] is not None}
+        if vecs:
+            batch = gguf_imatrix.with_importance(batch, vecs)
         opts = {"format": typ, "method": args.method, "columns": ["weights"]}
         if args.clip is not None:
             opts["clip"] = args.clip

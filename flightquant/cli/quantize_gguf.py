@@ -25,7 +25,7 @@ from .. import formats, modelfiles
 from ..modelfiles import gguf_policy
 from ..modelfiles.gguf_files import GGUFFile, GGUFTensor
 from ..modelfiles.gguf_policy import Choice
-from . import gguf_target_job
+from . import gguf_imatrix, gguf_target_job
 from .accounting import TensorStat, shape_text
 from .common import (
     JobError,
@@ -95,18 +95,37 @@ def plan(args: argparse.Namespace, source: GGUFFile) -> list[Choice]:
 def prepare(args: argparse.Namespace, source: GGUFFile) -> tuple[list[Choice], Target | None]:
     """The choices of the recipe, or of the size target (measured: this reads the tensors)."""
     choices = plan(args, source)
+    args.imatrix_data = None
+    if getattr(args, "imatrix", None) is not None:
+        args.imatrix_data = gguf_imatrix.load(args.imatrix)
     budget = gguf_target_job.budget_of(args, source)
     if budget is None:
         return choices, None
+    importance = _importance_of(args.imatrix_data, source)
     runner = Runner(args)
     try:
-        target = gguf_target_job.choose(args, source, choices, runner, budget)
+        target = gguf_target_job.choose(args, source, choices, runner, budget, importance)
     finally:
         runner.close()
     if getattr(args, "format", None) is None:
         args.recipe_name = target.file_type
     args.recipe_label = f"target {fmt_bytes(budget)} of tensors (base {args.recipe_label})"
     return target.choices, target
+
+
+def _importance_of(imatrix, source: GGUFFile):
+    """name -> the importance vector a tensor's rows are weighted by (``None`` without)."""
+    if imatrix is None:
+        return lambda name: None
+    ne = {t.name: t.ne for t in source.tensors}
+
+    def importance(name: str):
+        w = imatrix.importance(name)
+        if w is None or np.asarray(w).size % ne[name][0]:
+            return None
+        return np.asarray(w, np.float32).reshape(-1, ne[name][0])[0]
+
+    return importance
 
 
 def run(args: argparse.Namespace, source: GGUFFile) -> int:
@@ -150,6 +169,8 @@ class _Job:
         self.by_name: dict[str, GGUFTensor] = {t.name: t for t in source.tensors}
         self.stats: dict[str, TensorStat] = {}
         self.recipe = gguf_policy.recipe(args.recipe_name)
+        imatrix = getattr(args, "imatrix_data", None)
+        self.importance = {} if imatrix is None else gguf_imatrix.vectors(imatrix, choices)
 
     def run(self) -> int:
         args, source = self.args, self.source
@@ -172,6 +193,7 @@ class _Job:
                             GGUFValueType.UINT32,
                             int(self.recipe.file_type),
                         ),
+                        **self._imatrix_keys(),
                     },
                 )
                 self._write_all(writer, runner, bar)
@@ -185,6 +207,10 @@ class _Job:
             size = Path(args.output).stat().st_size
             print_gguf_summary(args, self.choices, stats, seconds, runner.where, size, self.target)
         return 0
+
+    def _imatrix_keys(self) -> dict:
+        imatrix = getattr(self.args, "imatrix_data", None)
+        return {} if imatrix is None else gguf_imatrix.metadata(self.args.imatrix, imatrix)
 
     # ------------------------------------------------------------------ writing
     def _write_all(self, writer, runner: Runner, bar) -> None:
@@ -242,12 +268,15 @@ class _Job:
                 self.stats[info.name].signal = float(s)
 
         threads = self.args.threads
-        return modelfiles.tensor_batches(
+        batches = modelfiles.tensor_batches(
             tensors(),
             max_batch_bytes=self.args.max_batch_bytes,
             on_batch=signals,
             threads=None if threads is None else max(1, threads // 2),
         )
+        if not self.importance:
+            return batches
+        return (gguf_imatrix.with_importance(b, self.importance) for b in batches)
 
     def _settle(self, out: pa.RecordBatch, pending, direct, writer, bar) -> None:
         codes = out.column("weights")
