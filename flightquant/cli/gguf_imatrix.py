@@ -27,7 +27,11 @@ MAX_STR = 127
 
 def load(path: str):
     """The importance matrix in ``path`` (llama-imatrix's GGUF or legacy ``.dat``)."""
+    from .. import arrays
     from ..modelfiles.imatrix import read_imatrix
+
+    if not hasattr(arrays, "with_importance"):  # the codec takes no importance column
+        raise JobError("--imatrix: this flightquant's codec does not take importance vectors")
 
     return read_imatrix(path)
 
