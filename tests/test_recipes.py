@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import random
 
+import numpy as np
 import pytest
 from gguf import GGUFReader
 from gguf_models import llama_tensors, write_bert, write_llama
@@ -295,3 +296,43 @@ def test_target_bpw_and_estimate(bert_file, capsys):
     capsys.readouterr()
     assert main(["inspect", str(bert_file), "--estimate", "--target-bpw", "1"]) == 1
     assert "below" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- imatrix
+
+
+def test_imatrix_vectors_and_keys_as_llama_quantize(bert_file, tmp_path):
+    from gguf import GGUFValueType
+    from gguf_models import write_imatrix
+
+    from flightquant.cli import gguf_imatrix
+    from flightquant.cli.common import JobError
+    from flightquant.modelfiles.imatrix import read_imatrix
+
+    path = tmp_path / "bert.imatrix.gguf"
+    write_imatrix(path, bert_file)
+    imatrix = read_imatrix(path)
+    choices = choose(bert_model(), "Q4_K_M", BERT, has_imatrix=True)
+    vecs = gguf_imatrix.vectors(imatrix, choices)
+    # every matrix quantized but the token embedding (llama-imatrix records no entry for it)
+    assert set(vecs) == {c.name for c in choices if c.quantize} - {"token_embd.weight"}
+    v = vecs["blk.0.attn_q.weight"]
+    assert v.dtype == np.float32 and v.shape == (384,)
+    np.testing.assert_array_equal(v, imatrix.importance("blk.0.attn_q.weight"))
+    keys = gguf_imatrix.metadata(str(path), imatrix)
+    assert list(keys) == ["quantize.imatrix.file", "quantize.imatrix.dataset",
+                          "quantize.imatrix.entries_count", "quantize.imatrix.chunks_count"]  # fmt: skip
+    assert keys["quantize.imatrix.entries_count"] == (GGUFValueType.UINT32, len(imatrix.entries))
+    assert keys["quantize.imatrix.chunks_count"] == (GGUFValueType.UINT32, 4)
+    long = "/" + "x" * 200 + ".gguf"
+    assert len(gguf_imatrix.metadata(long, imatrix)["quantize.imatrix.file"][1]) == 127
+    # Q2_K_S: a tensor that needs one and has no entry is an error, as llama-quantize's
+    need = choose(bert_model(), "Q2_K_S", BERT, has_imatrix=True)
+    del imatrix.entries["blk.3.ffn_down.weight"]
+    with pytest.raises(JobError, match="no entry for 'blk.3.ffn_down.weight'"):
+        gguf_imatrix.vectors(imatrix, need)
+    # an entry of the wrong length is an error (but for token_embd, which llama.cpp ignores)
+    e = imatrix.entries["blk.0.attn_k.weight"]
+    imatrix.entries["blk.0.attn_k.weight"] = type(e)(e.name, e.in_sum2[:, :128], e.counts)
+    with pytest.raises(JobError, match="'blk.0.attn_k.weight' has 128 values"):
+        gguf_imatrix.vectors(imatrix, choices)
