@@ -132,3 +132,40 @@ def test_a_type_the_rows_do_not_fit_is_refused_as_in_llama_quantize(models, tmp_
             "Q4_K_M", *flags]  # fmt: skip
     assert main(argv) != 0
     assert "token_embd.weight" in capsys.readouterr().err
+
+
+def next_token_probs(llama_cpp, path: Path, tokens: list[int]):
+    import numpy as np
+
+    m = llama_cpp.Llama(model_path=str(path), n_ctx=len(tokens) + 8, logits_all=True,
+                        n_threads=2, verbose=False)  # fmt: skip
+    m.eval(tokens)
+    z = np.array(m.scores[: len(tokens)], np.float64)
+    m.close()
+    z -= z.max(axis=1, keepdims=True)
+    p = np.exp(z)
+    return p / p.sum(axis=1, keepdims=True)
+
+
+def test_a_size_target_is_closer_to_the_float_model_than_the_recipe(models, tmp_path):
+    """Quality on the model, not only in the tensors' error: at llama-quantize's Q4_K_M file
+    size, the size target's next-token distributions are closer to the F16 model's (KL)."""
+    import numpy as np
+
+    llama_cpp = pytest.importorskip("llama_cpp")
+    src = models["llama"]
+    recipe = tmp_path / "lc-Q4_K_M.gguf"
+    assert llama_quantize(src, recipe, "Q4_K_M").returncode == 0
+    size = recipe.stat().st_size
+    target = tmp_path / "fq-target.gguf"
+    argv = ["quantize", str(src), "-o", str(target), "--target-size", str(size), "-q"]
+    assert main(argv) == 0
+    assert target.stat().st_size <= size
+    tokens = [1, *np.random.default_rng(0).integers(259, 320, 48).tolist()]
+    ref = next_token_probs(llama_cpp, src, tokens)
+
+    def kl(path):
+        p = next_token_probs(llama_cpp, path, tokens)
+        return float(np.mean(np.sum(ref * (np.log(ref) - np.log(p)), axis=1)))
+
+    assert kl(target) < kl(recipe)
