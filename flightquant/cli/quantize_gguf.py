@@ -107,9 +107,12 @@ def prepare(args: argparse.Namespace, source: GGUFFile) -> tuple[list[Choice], T
         target = gguf_target_job.choose(args, source, choices, runner, budget, importance)
     finally:
         runner.close()
+    label = f"target {fmt_bytes(budget)} of tensor data"
     if getattr(args, "format", None) is None:
         args.recipe_name = target.file_type
-    args.recipe_label = f"target {fmt_bytes(budget)} of tensors (base {args.recipe_label})"
+        args.recipe_label = label
+    else:
+        args.recipe_label = f"{label} (tensors of {args.recipe_label})"
     return target.choices, target
 
 
