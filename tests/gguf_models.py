@@ -6,7 +6,9 @@
   ``output.weight``), position and token-type embeddings and biases.
 
 Weights are heavy-tailed (Student t, 4 degrees of freedom) with row scales spread over a
-decade, as trained weights are, so a type's error depends on the tensor.
+decade, as trained weights are, so a type's error depends on the tensor; the llama's
+residual branches are scaled by 1/sqrt(2 n_layer) (GPT-2's initialisation), so a small change
+of the weights makes a small change of the logits.
 """
 
 from __future__ import annotations
@@ -83,6 +85,8 @@ def write_llama(
             w.add_tensor(name, np.ones(shape, np.float32))
             continue
         scale = 0.5 if name == "token_embd.weight" else 1.0 / np.sqrt(shape[1])
+        if name.endswith(("attn_output.weight", "ffn_down.weight")):
+            scale /= np.sqrt(2 * n_layer)  # GPT-2's residual scaling: a model, not chaos
         w.add_tensor(name, _weights(rng, *shape, scale).astype(dtype))
     w.write_header_to_file()
     w.write_kv_data_to_file()

@@ -267,9 +267,16 @@ def test_a_size_target_beats_the_recipe_at_its_size(bert_file, tmp_path, capsys)
     emb = per["token_embd.weight"]
     assert emb["type_out"] in emb["options"] and "Q4_K" not in emb["options"]  # 384 wide
     assert emb["predicted_error"] == pytest.approx(emb["achieved_error"], rel=0.05)
-    # the least total error: below the recipe's, over the same tensors
-    assert t["achieved_error"] < _total_sse(ref, per)
-    assert got["snr_db"] > ref["snr_db"]
+    # the least total error: below the recipe's, over the same tensors (by default each
+    # tensor's error relative to its mean square, times its size)
+    assert t["error"] == "relative" and t["achieved_error"] < _total_sse(ref, per)
+    # --target-error absolute minimises the plain sum: the pooled SNR beats the recipe's
+    absolute = tmp_path / "absolute.gguf"
+    assert main(["quantize", str(bert_file), "-o", str(absolute), "--target-size", str(size),
+                 "--target-error", "absolute", "--json"]) == 0  # fmt: skip
+    got = json.loads(capsys.readouterr().out)
+    assert got["target"]["error"] == "absolute" and got["snr_db"] > ref["snr_db"]
+    assert absolute.stat().st_size <= size
 
 
 def _total_sse(ref: dict, chosen: dict) -> float:

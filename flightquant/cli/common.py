@@ -124,6 +124,13 @@ def add_gguf_options(p: argparse.ArgumentParser) -> None:
         help="GGUF: as --target-size, for X bits per weight over all tensors",
     )
     p.add_argument(
+        "--target-error",
+        choices=("relative", "absolute"),
+        default="relative",
+        help="GGUF size target: minimise the sum of each tensor's squared error relative to "
+        "its own mean square times its size (relative, default), or the plain sum (absolute)",
+    )
+    p.add_argument(
         "--allow-requantize",
         action="store_true",
         help="GGUF: re-quantize tensors that are already quantized (default: they pass through)",

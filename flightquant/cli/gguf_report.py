@@ -51,13 +51,14 @@ def _target_dict(target, choices: list[Choice], stats=None) -> dict[str, Any] | 
     out: dict[str, Any] = {
         "budget_bytes": target.budget,
         "bytes": sum(c.dst_bytes for c in choices),
+        "error": target.error,
         "predicted_error": sum(target.predicted.values()),
         "tensors_chosen": len(target.predicted),
     }
     if stats is not None:
         by = {s.name: s for s in stats}
-        got = [by[n].sse for n in target.predicted if by[n].sse is not None]
-        out["achieved_error"] = sum(got) if len(got) == len(target.predicted) else None
+        got = [target.achieved(by[n]) for n in target.predicted]
+        out["achieved_error"] = None if None in got else sum(got)
     return out
 
 
@@ -67,7 +68,7 @@ def _target_fields(target, name: str, stat=None) -> dict[str, Any]:
     d: dict[str, Any] = {"predicted_error": target.predicted[name],
                          "options": {o.type: [o.bytes, o.error] for o in target.options[name]}}  # fmt: skip
     if stat is not None:
-        d["achieved_error"] = stat.sse
+        d["achieved_error"] = target.achieved(stat)
     return d
 
 
@@ -330,7 +331,8 @@ def print_gguf_summary(
         achieved = t["achieved_error"]
         print(
             f"target      {fmt_bytes(t['budget_bytes'])} for the tensors: "
-            f"{fmt_bytes(t['bytes'])} used; squared error predicted {t['predicted_error']:.4g}, "
+            f"{fmt_bytes(t['bytes'])} used; {t['error']} squared error predicted "
+            f"{t['predicted_error']:.4g}, "
             f"achieved {'-' if achieved is None else f'{achieved:.4g}'} "
             f"over the {t['tensors_chosen']} tensors chosen"
         )
