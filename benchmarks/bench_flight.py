@@ -2,7 +2,7 @@
 
     python benchmarks/bench_flight.py [--quick] [--sizes 1,4,16] [--streams 1,2]
                                       [--repeat 5] [--threads N] [--rss-batches 2000]
-                                      [--plot out.png]
+                                      [--metrics] [--plot out.png]
 
 Three servers, each in its own process (so the driver and the servers never share a GIL;
 on a 2-core machine they do share the cores, as a real client and server on one host would):
@@ -24,6 +24,12 @@ flightquant/echo measured in the same run. A last row runs the same job through
 ``flightquant.Client`` (the product's Python client). Then the server's resident memory
 over a long run (``--rss-batches`` 4 MiB batches in one stream): RSS after warm-up, in the
 middle and at the end, the peak, and the growth in %.
+
+``--metrics`` adds a fourth server, ``flightquant serve --metrics-port 0 --log-format json``
+(INFO: one JSON line per stream), scraped every ``--scrape-interval`` seconds (default
+0.5, far more often than Prometheus would) while it works, and the column ``fq 4b+m``: the
+same 4-bit job with metrics and JSON logs on, and its ratio to ``fq 4b`` (metrics off),
+measured in the same run.
 """
 
 from __future__ import annotations
@@ -90,6 +96,11 @@ class _Proc:
             self.proc.kill()
             raise SystemExit(f"{name} server did not start") from None
         self.location = next(w for w in line.split() if w.startswith("grpc://"))
+        self.metrics_port = (
+            int(line.rsplit("metrics on port ", 1)[1].split(")")[0])
+            if "metrics on port" in line
+            else None
+        )
 
     def rss(self) -> tuple[int, int]:
         """(VmRSS, VmHWM) in bytes."""
@@ -201,6 +212,30 @@ def run_client(location: str, bits: int, batch: pa.RecordBatch, n: int, streams:
     return time.perf_counter() - t0
 
 
+class _Scraper:
+    """GETs ``/metrics`` every ``interval`` seconds on its own thread until stopped."""
+
+    def __init__(self, port: int, interval: float):
+        import urllib.request
+
+        self.scrapes = 0
+        self._stop = threading.Event()
+
+        def run():
+            while not self._stop.wait(interval):
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics") as r:
+                    r.read()
+                self.scrapes += 1
+
+        self._thread = threading.Thread(target=run, daemon=True)
+        self._thread.start()
+
+    def stop(self) -> int:
+        self._stop.set()
+        self._thread.join()
+        return self.scrapes
+
+
 def gbps(batch: pa.RecordBatch, n: int, streams: int, seconds: float) -> float:
     floats = batch.column("weights").values.nbytes
     return floats * n * streams / seconds / 1e9
@@ -216,6 +251,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--mib-per-run", type=int, default=None, help="MiB sent per stream per run")
     p.add_argument("--threads", type=int, default=None, help="flightquant serve --threads")
     p.add_argument("--rss-batches", type=int, default=None, help="batches of the memory run")
+    p.add_argument(
+        "--metrics",
+        action="store_true",
+        help="also time a server with --metrics-port and --log-format json (scraped)",
+    )
+    p.add_argument("--scrape-interval", type=float, default=0.5, help="seconds between scrapes")
     p.add_argument("--plot", help="write a PNG bar chart here")
     args = p.parse_args(argv)
     if args.serve:
@@ -248,6 +289,12 @@ def main(argv: list[str] | None = None) -> int:
         "echo": _Proc("echo", [sys.executable, me, "--serve", "echo"]),
         "flightquant": _Proc("flightquant", fq_argv),
     }
+    scraper = None
+    if args.metrics:
+        on = [*fq_argv, "--metrics-port", "0", "--log-format", "json"]
+        on[on.index("--log-level") + 1] = "INFO"
+        procs["metrics"] = _Proc("flightquant", on)
+        scraper = _Scraper(procs["metrics"].metrics_port, args.scrape_interval)
     try:
         import flightquant as fq
 
@@ -263,7 +310,9 @@ def main(argv: list[str] | None = None) -> int:
         rows = []
         header = (
             f"{'MiB':>4} {'streams':>7} {'sink':>7} {'echo':>7} {'fq 4b':>7} {'fq 8b':>7}"
-            f" {'4b/sink':>8} {'4b/echo':>8} {'8b/sink':>8} {'8b/echo':>8}  (GB/s of float32 input)"
+            f" {'4b/sink':>8} {'4b/echo':>8} {'8b/sink':>8} {'8b/echo':>8}"
+            + (f" {'fq 4b+m':>7} {'on/off':>7}" if args.metrics else "")
+            + "  (GB/s of float32 input)"
         )
         print(header)
         for mib in sizes:
@@ -275,6 +324,8 @@ def main(argv: list[str] | None = None) -> int:
                 "fq4": ("flightquant", b'{"bits": 4}'),
                 "fq8": ("flightquant", b'{"bits": 8}'),
             }
+            if args.metrics:
+                cells["fq4m"] = ("metrics", b'{"bits": 4}')
             for streams in stream_counts:
                 for _name, (server, cmd) in cells.items():  # warm-up
                     run_streams(procs[server].location, cmd, batch, max(1, n // 4), streams)
@@ -289,9 +340,21 @@ def main(argv: list[str] | None = None) -> int:
                     f"{mib:>4} {streams:>7} {med['sink']:>7.2f} {med['echo']:>7.2f} "
                     f"{med['fq4']:>7.2f} {med['fq8']:>7.2f} "
                     f"{med['fq4'] / med['sink']:>8.2f} {med['fq4'] / med['echo']:>8.2f} "
-                    f"{med['fq8'] / med['sink']:>8.2f} {med['fq8'] / med['echo']:>8.2f}",
+                    f"{med['fq8'] / med['sink']:>8.2f} {med['fq8'] / med['echo']:>8.2f}"
+                    + (
+                        f" {med['fq4m']:>7.2f} {med['fq4m'] / med['fq4']:>7.3f}"
+                        if args.metrics
+                        else ""
+                    ),
                     flush=True,
                 )
+                if args.metrics:
+                    on, off = sorted(samples["fq4m"]), sorted(samples["fq4"])
+                    print(
+                        f"     4-bit metrics on  (GB/s, sorted): {' '.join(f'{v:.2f}' for v in on)}"
+                        f"\n     4-bit metrics off (GB/s, sorted): "
+                        f"{' '.join(f'{v:.2f}' for v in off)}"
+                    )
 
         # the product's Python client against the same server
         mib = 4 if 4 in sizes else sizes[0]
@@ -338,7 +401,12 @@ def main(argv: list[str] | None = None) -> int:
 
         if args.plot:
             _plot(rows, args.plot)
+        if scraper is not None:
+            print(f"metrics server scraped {scraper.stop()} times during the run")
+            scraper = None
     finally:
+        if scraper is not None:
+            scraper.stop()
         for proc in procs.values():
             proc.stop()
     return 0

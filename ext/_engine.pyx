@@ -42,6 +42,7 @@ cdef enum:
     LARGE_LIST = 1
     FIXED_SIZE_LIST = 2
     NATIVE = -1         # QColumn.ggml / DColumn.ggml of a native column
+    CONSUMED = -2       # an importance column: read by its tensor's column, not output
 
 # statuses (codec._STATUS has the message of each)
 cdef enum:
@@ -57,6 +58,8 @@ cdef enum:
     E_SCALE_NULLS = 9
     E_VALUES_INT32 = 10     # more than 2**31 elements in one list batch
     E_GGML_BYTES = 11       # row, code bytes (not whole ggml blocks)
+    E_IMP_LENGTH = 12       # row, importance length k, row elements, block size (ggml)
+    E_IMP_VALUE = 13        # row, element, null (1) or not (value)
 
 cdef int64_t INT32_MAX = 2147483647
 cdef int64_t STAGE_MAX = 1 << 20    # kernels.STAGE_MAX
@@ -67,7 +70,8 @@ STATUS_NAMES = {OK: "ok", E_NONFINITE: "nonfinite", E_NULL_IN_TENSOR: "null_in_t
                 E_ROW_OUTSIDE: "row_outside", E_CODES_INT32: "codes_int32",
                 E_GROUPS_INT32: "groups_int32", E_NOT_BLOCKS: "not_blocks",
                 E_BAD_ROW: "bad_row", E_NUMEL_NULL: "numel_null", E_SCALE_NULLS: "scale_nulls",
-                E_VALUES_INT32: "values_int32", E_GGML_BYTES: "ggml_bytes"}
+                E_VALUES_INT32: "values_int32", E_GGML_BYTES: "ggml_bytes",
+                E_IMP_LENGTH: "importance_length", E_IMP_VALUE: "importance_value"}
 
 
 cdef struct Failure:
@@ -82,12 +86,15 @@ cdef struct Failure:
 
 
 cdef struct QColumn:
-    int kind            # PASS, LIST, LARGE_LIST or FIXED_SIZE_LIST
+    int kind            # PASS, CONSUMED, LIST, LARGE_LIST or FIXED_SIZE_LIST
     int itemsize        # of the float values: 2, 4 or 8
     int64_t list_size   # FIXED_SIZE_LIST
     int ggml            # ggml type code, NATIVE for native
     int block_size      # ggml
     int type_size       # ggml
+    int64_t imp         # input column of the rows' importance (list of float32), -1: none
+    int imp_kind        # its LIST, LARGE_LIST or FIXED_SIZE_LIST
+    int64_t imp_size    # its list size (FIXED_SIZE_LIST)
 
 
 cdef struct DColumn:
@@ -420,8 +427,10 @@ cdef class QuantizePlan(_Plan):
     def __cinit__(self, schema, list columns, int bits, int scheme, int method,
                   int64_t group_size, int64_t groups_per_block, int qmin, int qmax,
                   int offset, bint has_clip, float clip, bint asymmetric, bint stats):
-        """``columns``: per input column ``None`` (passed through) or ``(kind, itemsize,
-        list_size, ggml code or -1, block_size, type_size)`` of a float list column."""
+        """``columns``: per input column ``None`` (passed through), ``"consumed"`` (an
+        importance column: read, not output) or ``(kind, itemsize, list_size, ggml code or
+        -1, block_size, type_size, importance column or -1, its kind, its list size)`` of a
+        float list column."""
         cdef Py_ssize_t i
         cdef QColumn* c
         self.schema = schema
@@ -436,7 +445,11 @@ cdef class QuantizePlan(_Plan):
                 c.kind = PASS
                 self.n_out += 1
                 continue
-            c.kind, c.itemsize, c.list_size, c.ggml, c.block_size, c.type_size = columns[i]
+            if isinstance(columns[i], str):
+                c.kind = CONSUMED
+                continue
+            (c.kind, c.itemsize, c.list_size, c.ggml, c.block_size, c.type_size, c.imp,
+             c.imp_kind, c.imp_size) = columns[i]
             if c.ggml == NATIVE:
                 # codes, scales, zero points, numel
                 self.n_out += 2 + asymmetric + (c.kind != FIXED_SIZE_LIST)
@@ -460,13 +473,20 @@ cdef class QuantizePlan(_Plan):
                     Failure* f) except -1:
         """Quantize input column ``i`` into root's next children."""
         cdef const QColumn* c = &self.cols[i]
-        cdef const ArrowArray* a = src.children[i]
-        cdef const ArrowArray* vals = a.children[0]
-        cdef int64_t n = a.length, r, bad, elem = 0
+        cdef const ArrowArray* a
+        cdef const ArrowArray* vals
+        cdef int64_t n, r, bad, elem = 0
         cdef int64_t* starts
         cdef int64_t* lens
         cdef int64_t* scratch = NULL
-        scratch = <int64_t*>PyMem_RawMalloc((8 * n + 4) * sizeof(int64_t))
+        cdef const uint8_t* imp
+        if c.kind == CONSUMED:
+            return OK
+        a = src.children[i]
+        vals = a.children[0]
+        n = a.length
+        # 8n + 4 for the column's layout, 3n for its importance rows
+        scratch = <int64_t*>PyMem_RawMalloc((11 * n + 4) * sizeof(int64_t))
         if scratch == NULL:
             raise MemoryError()
         starts, lens = scratch, scratch + n
@@ -482,13 +502,65 @@ cdef class QuantizePlan(_Plan):
             r = first_null(vals, starts, lens, n, &elem)
             if r >= 0:
                 return fail(f, E_NULL_IN_TENSOR, i, r, elem, 0, 0, 0)
+            imp = NULL
+            if c.imp >= 0:
+                if self.importance(c, src, i, lens, scratch + 8 * n + 4, f) != OK:
+                    return f.status
+                for r in range(n):
+                    if scratch[8 * n + 4 + r] >= 0:  # a row with importance
+                        imp = data_at(src.children[c.imp].children[0], 4)
+                        break
             if c.ggml == NATIVE:
-                return self.native(c, a, i, scratch, root, n_threads, elements, seconds, sse,
-                                   maxerr, f)
-            return self.ggml(c, a, i, scratch, root, n_threads, elements, seconds, sse, maxerr,
-                             f)
+                return self.native(c, a, i, scratch, imp, root, n_threads, elements, seconds,
+                                   sse, maxerr, f)
+            return self.ggml(c, a, i, scratch, imp, root, n_threads, elements, seconds, sse,
+                             maxerr, f)
         finally:
             PyMem_RawFree(scratch)
+
+    cdef int importance(self, const QColumn* c, ArrowArray* src, Py_ssize_t i,
+                        const int64_t* lens, int64_t* istarts, Failure* f) except -1:
+        """Read and check column ``i``'s importance rows: ``istarts[r]`` gets where row r's
+        weights start among the importance values (-1: none, a null importance row or a
+        null tensor row) and ``istarts[n + r]`` their count k. Every weight is finite and
+        non-negative, k >= 1 divides the row's length (a multiple of the block size for
+        ggml); OK or a status, before any value of the tensor is read."""
+        cdef const ArrowArray* a = src.children[i]
+        cdef const ArrowArray* w = src.children[c.imp]
+        cdef const ArrowArray* wv = w.children[0]
+        cdef int64_t n = a.length, r, j, k, bad, elem = 0
+        cdef int64_t* ik = istarts + n
+        cdef int64_t* ilens = istarts + 2 * n
+        cdef const uint8_t* wvals = data_at(wv, 4)
+        cdef float v
+        if c.imp_kind == FIXED_SIZE_LIST:
+            bad = extents(NULL, 0, c.imp_size, w.offset, validity(w), wv.length, n, istarts,
+                          ilens)
+        else:
+            bad = extents(<const uint8_t*>w.buffers[1], 8 if c.imp_kind == LARGE_LIST else 4,
+                          0, w.offset, validity(w), wv.length, n, istarts, ilens)
+        if bad != -1:
+            return fail(f, E_ROW_OUTSIDE, c.imp, bad, 0, 0, 0, 0)
+        for r in range(n):
+            if not (is_valid(a, r) and is_valid(w, r)):
+                istarts[r] = -1
+                ik[r] = 0
+                continue
+            k = ilens[r]
+            ik[r] = k
+            if k < 1 or lens[r] % k or (c.ggml != NATIVE and k % c.block_size):
+                return fail(f, E_IMP_LENGTH, i, r, k, lens[r],
+                            c.block_size if c.ggml != NATIVE else 0, 0)
+        r = first_null(wv, istarts, ik, n, &elem)
+        if r >= 0:
+            return fail(f, E_IMP_VALUE, i, r, elem, 1, 0, 0)
+        for r in range(n):
+            for j in range(ik[r]):
+                memcpy(&v, wvals + 4 * (istarts[r] + j), 4)
+                if not (isfinite(v) and v >= 0):
+                    f.value = v
+                    return fail(f, E_IMP_VALUE, i, r, j, 0, 0, 0)
+        return OK
 
     cdef int codes_column(self, const QColumn* c, const ArrowArray* a, ArrowArray* root,
                           const int64_t* co, void** codes) except -1:
@@ -529,8 +601,11 @@ cdef class QuantizePlan(_Plan):
         return 0
 
     cdef int native(self, const QColumn* c, const ArrowArray* a, Py_ssize_t i,
-                    int64_t* scratch, ArrowArray* root, int n_threads, int64_t* elements,
-                    double* seconds, double* sse, double* maxerr, Failure* f) except -1:
+                    int64_t* scratch, const uint8_t* imp, ArrowArray* root, int n_threads,
+                    int64_t* elements, double* seconds, double* sse, double* maxerr,
+                    Failure* f) except -1:
+        """Native column ``i``; with ``imp`` (the importance values, float32 at any address)
+        the rows whose scratch[8n + 4 + r] is not -1 are importance-weighted (mse)."""
         cdef const Params* p = &self.p
         cdef const ArrowArray* vals = a.children[0]
         cdef int64_t n = a.length, r, g, n_groups, n_codes, stage = 0, fixed = -1, bad
@@ -600,11 +675,13 @@ cdef class QuantizePlan(_Plan):
                 if kitemsize == 4:
                     bad = quantize_f32(<const float*>kvalues, kstarts, lens, go, co, bo, n, p,
                                        <uint8_t*>codes, <float*>scales, <float*>zps, gsse,
-                                       gmax, n_threads, stage)
+                                       gmax, n_threads, stage, imp, scratch + 8 * n + 4,
+                                       scratch + 9 * n + 4)
                 else:
                     bad = quantize_f64(<const double*>kvalues, kstarts, lens, go, co, bo, n, p,
                                        <uint8_t*>codes, <float*>scales, <float*>zps, gsse,
-                                       gmax, n_threads, stage)
+                                       gmax, n_threads, stage, imp, scratch + 8 * n + 4,
+                                       scratch + 9 * n + 4)
             seconds[0] += now() - t0
             if bad < 0:
                 raise MemoryError()
@@ -641,8 +718,10 @@ cdef class QuantizePlan(_Plan):
             PyMem_RawFree(row_sse)
 
     cdef int ggml(self, const QColumn* c, const ArrowArray* a, Py_ssize_t i,
-                  int64_t* scratch, ArrowArray* root, int n_threads, int64_t* elements,
-                  double* seconds, double* sse, double* maxerr, Failure* f) except -1:
+                  int64_t* scratch, const uint8_t* imp, ArrowArray* root, int n_threads,
+                  int64_t* elements, double* seconds, double* sse, double* maxerr,
+                  Failure* f) except -1:
+        """ggml column ``i``; with ``imp`` as in native(), ggml's importance paths."""
         cdef const ArrowArray* vals = a.children[0]
         cdef int64_t n = a.length, r, b, nb, total = 0, elem = 0, slot = 0
         cdef int64_t* starts = scratch
@@ -686,8 +765,9 @@ cdef class QuantizePlan(_Plan):
             with nogil:
                 b = ggml_quantize_rows(values, c.itemsize, starts, bo, co, n, c.ggml,
                                        c.block_size, c.type_size, self.method, p.has_clip,
-                                       p.lo, p.hi, NULL, NULL, NULL, <uint8_t*>codes, bsse,
-                                       bmax, n_threads)
+                                       p.lo, p.hi, imp, scratch + 8 * n + 4,
+                                       scratch + 9 * n + 4, <uint8_t*>codes, bsse, bmax,
+                                       n_threads)
             seconds[0] += now() - t0
             if b < 0:
                 raise MemoryError()

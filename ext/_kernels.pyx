@@ -447,6 +447,101 @@ cdef extern from *:
     FQ_X86_LOOPS(AV, avx2)
     #endif  /* FQ_X86 */
 
+    /* ---- importance-weighted search (element i weighted by wd[i]): plain loops over the
+       lanes, the same operations whatever the ISA. The least-squares sums become
+       sum(w), sum(w*x), sum(w*L), sum(w*(L*L)), sum(w*(x*L)) and the error
+       sum(w*(d*d)), each in index order (reference._mse_group with w). ------------------ */
+
+    #define FQ_WEIGHTED(NAME, ATTR)                                                            \\
+    ATTR static void fq_wlsq_asym_##NAME(const double* xd, const double* wd, int64_t m,        \\
+            double mn, double qmax, const double* isc, double* sl, double* sl2,                \\
+            double* sxl, double* sw, double* swx)                                              \\
+    {                                                                                          \\
+        double a[FQ_LSQ], a2[FQ_LSQ], ax[FQ_LSQ], ic[FQ_LSQ], s = *swx, t0 = *sw;              \\
+        int64_t i;                                                                             \\
+        int k;                                                                                 \\
+        for (k = 0; k < FQ_LSQ; k++) {                                                         \\
+            a[k] = sl[k]; a2[k] = sl2[k]; ax[k] = sxl[k]; ic[k] = isc[k];                      \\
+        }                                                                                      \\
+        for (i = 0; i < m; i++) {                                                              \\
+            double v = xd[i], w = wd[i], t = v - mn;                                           \\
+            t0 = t0 + w;                                                                       \\
+            s = s + w * v;                                                                     \\
+            for (k = 0; k < FQ_LSQ; k++) {                                                     \\
+                double l = ic[k] * t;                                                          \\
+                l = l > qmax ? qmax : l;                                                       \\
+                l = (l + FQ_MAGIC_D) - FQ_MAGIC_D;                                             \\
+                a[k] = a[k] + w * l;                                                           \\
+                a2[k] = a2[k] + w * (l * l);                                                   \\
+                ax[k] = ax[k] + w * (v * l);                                                   \\
+            }                                                                                  \\
+        }                                                                                      \\
+        for (k = 0; k < FQ_LSQ; k++) {                                                         \\
+            sl[k] = a[k]; sl2[k] = a2[k]; sxl[k] = ax[k];                                      \\
+        }                                                                                      \\
+        *sw = t0;                                                                              \\
+        *swx = s;                                                                              \\
+    }                                                                                          \\
+                                                                                               \\
+    ATTR static void fq_wlsq_symm_##NAME(const double* xd, const double* wd, int64_t m,        \\
+            double qmin, double qmax, const double* isc, double* sl2, double* sxl)             \\
+    {                                                                                          \\
+        double a2[FQ_LSQ], ax[FQ_LSQ], ic[FQ_LSQ];                                             \\
+        int64_t i;                                                                             \\
+        int k;                                                                                 \\
+        for (k = 0; k < FQ_LSQ; k++) {                                                         \\
+            a2[k] = sl2[k]; ax[k] = sxl[k]; ic[k] = isc[k];                                    \\
+        }                                                                                      \\
+        for (i = 0; i < m; i++) {                                                              \\
+            double v = xd[i], w = wd[i];                                                       \\
+            for (k = 0; k < FQ_LSQ; k++) {                                                     \\
+                double l = ic[k] * v;                                                          \\
+                l = l < qmin ? qmin : l;                                                       \\
+                l = l > qmax ? qmax : l;                                                       \\
+                l = (l + FQ_MAGIC_D) - FQ_MAGIC_D;                                             \\
+                a2[k] = a2[k] + w * (l * l);                                                   \\
+                ax[k] = ax[k] + w * (v * l);                                                   \\
+            }                                                                                  \\
+        }                                                                                      \\
+        for (k = 0; k < FQ_LSQ; k++) {                                                         \\
+            sl2[k] = a2[k]; sxl[k] = ax[k];                                                    \\
+        }                                                                                      \\
+    }                                                                                          \\
+                                                                                               \\
+    ATTR static void fq_wsse_##NAME(const float* xs, const double* xd, const double* wd,       \\
+            int64_t m, float qmin, float qmax, const float* b, const float* s,                 \\
+            const float* z, double* e)                                                         \\
+    {                                                                                          \\
+        float cb[FQ_CAND], cs[FQ_CAND], cz[FQ_CAND];                                           \\
+        double ce[FQ_CAND];                                                                    \\
+        int64_t i;                                                                             \\
+        int j;                                                                                 \\
+        for (j = 0; j < FQ_CAND; j++) {                                                        \\
+            cb[j] = b[j]; cs[j] = s[j]; cz[j] = z[j]; ce[j] = e[j];                            \\
+        }                                                                                      \\
+        for (i = 0; i < m; i++) {                                                              \\
+            float xc = xs[i];                                                                  \\
+            double xv = xd[i], w = wd[i];                                                      \\
+            for (j = 0; j < FQ_CAND; j++) {                                                    \\
+                float v = (xc - cb[j]) / cs[j];                                                \\
+                v = v < qmin ? qmin : v;                                                       \\
+                v = v > qmax ? qmax : v;                                                       \\
+                v = (v + FQ_MAGIC_F) - FQ_MAGIC_F;                                             \\
+                v = (v - cz[j]) * cs[j];                                                       \\
+                double d = (double)v - xv;                                                     \\
+                ce[j] = ce[j] + w * (d * d);                                                   \\
+            }                                                                                  \\
+        }                                                                                      \\
+        for (j = 0; j < FQ_CAND; j++)                                                          \\
+            e[j] = ce[j];                                                                      \\
+    }                                                                                          \\
+
+    FQ_WEIGHTED(portable, )
+    #if FQ_X86
+    /* the same loops compiled for AVX2 (wider vectors over the lanes, no FMA) */
+    FQ_WEIGHTED(avx2, __attribute__((target("avx2"))))
+    #endif
+
     /* which loops the mse search runs: FQ_ISA_PORTABLE, _SSE2 or _AVX2 (set at import to the
        best this CPU runs, changed only by tests and benchmarks between calls) */
     #define FQ_ISA_PORTABLE 0
@@ -507,6 +602,34 @@ cdef extern from *:
     {
         FQ_DISPATCH(fq_sse, (xs, xd, m, qmin, qmax, b, s, z, e, nc, symm))
     }
+
+    #if FQ_X86
+    #define FQ_WDISPATCH(FN, ARGS)                                                             \\
+        if (fq_isa == FQ_ISA_AVX2) { FN##_avx2 ARGS; return; }                                 \\
+        FN##_portable ARGS;
+    #else
+    #define FQ_WDISPATCH(FN, ARGS) FN##_portable ARGS;
+    #endif
+
+    static void fq_wlsq_asym(const double* xd, const double* wd, int64_t m, double mn,
+                             double qmax, const double* isc, double* sl, double* sl2,
+                             double* sxl, double* sw, double* swx)
+    {
+        FQ_WDISPATCH(fq_wlsq_asym, (xd, wd, m, mn, qmax, isc, sl, sl2, sxl, sw, swx))
+    }
+
+    static void fq_wlsq_symm(const double* xd, const double* wd, int64_t m, double qmin,
+                             double qmax, const double* isc, double* sl2, double* sxl)
+    {
+        FQ_WDISPATCH(fq_wlsq_symm, (xd, wd, m, qmin, qmax, isc, sl2, sxl))
+    }
+
+    static void fq_wsse(const float* xs, const double* xd, const double* wd, int64_t m,
+                        float qmin, float qmax, const float* b, const float* s, const float* z,
+                        double* e)
+    {
+        FQ_WDISPATCH(fq_wsse, (xs, xd, wd, m, qmin, qmax, b, s, z, e))
+    }
     """
     enum:
         MSE_STEPS "FQ_STEPS"
@@ -526,6 +649,14 @@ cdef extern from *:
     void fq_sse(const float* xs, const double* xd, int64_t m, float qmin, float qmax,
                 const float* b, const float* s, const float* z, double* e, int nc,
                 bint symm) noexcept nogil
+    void fq_wlsq_asym(const double* xd, const double* wd, int64_t m, double mn, double qmax,
+                      const double* isc, double* sl, double* sl2, double* sxl, double* sw,
+                      double* swx) noexcept nogil
+    void fq_wlsq_symm(const double* xd, const double* wd, int64_t m, double qmin,
+                      double qmax, const double* isc, double* sl2, double* sxl) noexcept nogil
+    void fq_wsse(const float* xs, const double* xd, const double* wd, int64_t m, float qmin,
+                 float qmax, const float* b, const float* s, const float* z,
+                 double* e) noexcept nogil
 
 cdef enum:
     SCHEME_ASYMMETRIC = 0
@@ -862,10 +993,28 @@ cdef inline void stage_chunk(const floating* x, int64_t m, const Params* p, floa
         xd[i] = v
 
 
+cdef inline void stage_weights(const uint8_t* wrow, int64_t k, int64_t e, int64_t m,
+                               double* wd) noexcept nogil:
+    """wd[i] = the weight of row element e + i: float32 wrow[(e + i) % k] (any address)."""
+    cdef int64_t i, j = e % k
+    cdef float v
+    for i in range(m):
+        memcpy(&v, wrow + 4 * j, 4)
+        wd[i] = v
+        j += 1
+        if j == k:
+            j = 0
+
+
 cdef GroupQ mse_search(const floating* x, int64_t n, const Params* p, GroupQ g0,
-                       float mn, float mx) noexcept nogil:
+                       float mn, float mx, const uint8_t* wrow, int64_t wk,
+                       int64_t e0) noexcept nogil:
+    """The mse search of one group; with ``wrow`` (the row's ``wk`` importance weights,
+    float32 at any address; ``x[0]`` is element ``e0`` of the row) every sum and error is
+    importance-weighted."""
     cdef float xs[MSE_CHUNK]
     cdef double xd[MSE_CHUNK]
+    cdef double wd[MSE_CHUNK]
     cdef double isc[LSQ_PAD]
     cdef double sl[LSQ_PAD]
     cdef double sl2[LSQ_PAD]
@@ -877,7 +1026,7 @@ cdef GroupQ mse_search(const floating* x, int64_t n, const Params* p, GroupQ g0,
     cdef float cs[SSE_PAD]
     cdef float cz[SSE_PAD]
     cdef double err[SSE_PAD]
-    cdef double qmaxd = p.qmax, qmind = p.qmin, nd = <double>n, sum_x = -0.0
+    cdef double qmaxd = p.qmax, qmind = p.qmin, nd = <double>n, sum_x = -0.0, sum_w = -0.0
     cdef double rng, step0, step, best_err
     cdef float qlo
     cdef int64_t c0, m
@@ -907,11 +1056,19 @@ cdef GroupQ mse_search(const floating* x, int64_t n, const Params* p, GroupQ g0,
         m = n - c0
         m = MSE_CHUNK if m > MSE_CHUNK else m
         stage_chunk(x + c0, m, p, xs, xd)
-        if asym:
+        if wrow != NULL:
+            stage_weights(wrow, wk, e0 + c0, m, wd)
+            if asym:
+                fq_wlsq_asym(xd, wd, m, <double>mn, qmaxd, isc, sl, sl2, sxl, &sum_w, &sum_x)
+            else:
+                fq_wlsq_symm(xd, wd, m, qmind, qmaxd, isc, sl2, sxl)
+        elif asym:
             fq_lsq_asym(xd, m, <double>mn, qmaxd, isc, sl, sl2, sxl, &sum_x)
         else:
             fq_lsq_symm(xd, m, qmind, qmaxd, isc, sl2, sxl)
         c0 += m
+    if wrow != NULL:
+        nd = sum_w          # the weighted fit: n -> sum(w), sum(x) -> sum(w*x)
     # the candidates (lane 0: the rtn result), each distinct one once
     cb[0] = g0.base if asym else 0
     cs[0] = g0.scale
@@ -928,9 +1085,14 @@ cdef GroupQ mse_search(const floating* x, int64_t n, const Params* p, GroupQ g0,
     while c0 < n:
         m = n - c0
         m = MSE_CHUNK if m > MSE_CHUNK else m
-        if n > MSE_CHUNK:   # else xs / xd still hold the whole group
+        if n > MSE_CHUNK:   # else xs / xd (and wd) still hold the whole group
             stage_chunk(x + c0, m, p, xs, xd)
-        fq_sse(xs, xd, m, qlo, p.qmax, cb, cs, cz, err, nc, not asym)
+            if wrow != NULL:
+                stage_weights(wrow, wk, e0 + c0, m, wd)
+        if wrow != NULL:
+            fq_wsse(xs, xd, wd, m, qlo, p.qmax, cb, cs, cz, err)
+        else:
+            fq_sse(xs, xd, m, qlo, p.qmax, cb, cs, cz, err, nc, not asym)
         c0 += m
     best_err = err[0]
     for j in range(1, nc):
@@ -977,7 +1139,8 @@ cdef int quant_block(const floating* values, const int64_t* row_starts,
                      const int64_t* row_lens, const int64_t* go, const int64_t* co,
                      const int64_t* bo, int64_t nrows, int64_t blk, int64_t* hint,
                      const Params* p, uint8_t* codes, float* scales, float* zps,
-                     double* gsse, double* gmax, floating* stage) noexcept nogil:
+                     double* gsse, double* gmax, floating* stage, const uint8_t* imp,
+                     const int64_t* imp_starts, const int64_t* imp_k) noexcept nogil:
     """Quantize one block; returns 1 when it holds a non-finite value (outputs then junk).
 
     ``stage`` is NULL for aligned input. For input at an address that is not a multiple
@@ -995,7 +1158,10 @@ cdef int quant_block(const floating* values, const int64_t* row_starts,
     cdef double lanes[SSE_LANES]
     cdef int j
     cdef GroupQ g
+    cdef const uint8_t* wrow = NULL
     r = find_row(bo, nrows, blk, hint)
+    if imp != NULL and imp_starts[r] >= 0:
+        wrow = imp + 4 * imp_starts[r]
     n = row_lens[r]
     ngr = (n + gs - 1) // gs
     gi0 = (blk - bo[r]) * p.groups_per_block
@@ -1016,7 +1182,8 @@ cdef int quant_block(const floating* values, const int64_t* row_starts,
             return 1
         g = rtn_params(xg, glen, p, mn, mx)
         if p.method == METHOD_MSE:
-            g = mse_search(xg, glen, p, g, mn, mx)
+            g = mse_search(xg, glen, p, g, mn, mx, wrow, imp_k[r] if wrow != NULL else 1,
+                           gstart)
         scales[go[r] + gi] = g.scale
         if p.scheme == SCHEME_ASYMMETRIC:
             zps[go[r] + gi] = g.zp
@@ -1075,7 +1242,8 @@ cdef int64_t quantize_run(const floating* values, const int64_t* row_starts,
                           const int64_t* row_lens, const int64_t* go, const int64_t* co,
                           const int64_t* bo, int64_t nrows, const Params* p, uint8_t* codes,
                           float* scales, float* zps, double* gsse, double* gmax,
-                          int n_threads, int64_t stage_elems) noexcept nogil:
+                          int n_threads, int64_t stage_elems, const uint8_t* imp,
+                          const int64_t* imp_starts, const int64_t* imp_k) noexcept nogil:
     """Every block of the layout, in parallel; the number of blocks holding a non-finite
     value, or -1 when scratch memory cannot be had."""
     cdef int64_t n_blocks = bo[nrows]
@@ -1108,14 +1276,14 @@ cdef int64_t quantize_run(const floating* values, const int64_t* row_starts,
                                hints + HINT_STRIDE * omp_get_thread_num(), p,
                                codes, scales, zps, gsse, gmax,
                                stages + stride * omp_get_thread_num() if stages != NULL
-                               else NULL)
+                               else NULL, imp, imp_starts, imp_k)
     else:
         for blk in prange(n_blocks, schedule="static", num_threads=n_threads):
             bad += quant_block(values, row_starts, row_lens, go, co, bo, nrows, blk,
                                hints + HINT_STRIDE * omp_get_thread_num(), p,
                                codes, scales, zps, gsse, gmax,
                                stages + stride * omp_get_thread_num() if stages != NULL
-                               else NULL)
+                               else NULL, imp, imp_starts, imp_k)
     free(hints)
     free(stages)
     return bad
@@ -1127,18 +1295,20 @@ cdef int64_t quantize_f32(const float* values, const int64_t* row_starts,
                           const int64_t* row_lens, const int64_t* go, const int64_t* co,
                           const int64_t* bo, int64_t nrows, const Params* p, uint8_t* codes,
                           float* scales, float* zps, double* gsse, double* gmax,
-                          int n_threads, int64_t stage_elems) noexcept nogil:
+                          int n_threads, int64_t stage_elems, const uint8_t* imp,
+                          const int64_t* imp_starts, const int64_t* imp_k) noexcept nogil:
     return quantize_run(values, row_starts, row_lens, go, co, bo, nrows, p, codes, scales,
-                        zps, gsse, gmax, n_threads, stage_elems)
+                        zps, gsse, gmax, n_threads, stage_elems, imp, imp_starts, imp_k)
 
 
 cdef int64_t quantize_f64(const double* values, const int64_t* row_starts,
                           const int64_t* row_lens, const int64_t* go, const int64_t* co,
                           const int64_t* bo, int64_t nrows, const Params* p, uint8_t* codes,
                           float* scales, float* zps, double* gsse, double* gmax,
-                          int n_threads, int64_t stage_elems) noexcept nogil:
+                          int n_threads, int64_t stage_elems, const uint8_t* imp,
+                          const int64_t* imp_starts, const int64_t* imp_k) noexcept nogil:
     return quantize_run(values, row_starts, row_lens, go, co, bo, nrows, p, codes, scales,
-                        zps, gsse, gmax, n_threads, stage_elems)
+                        zps, gsse, gmax, n_threads, stage_elems, imp, imp_starts, imp_k)
 
 
 def quantize_kernel(const floating[::1] values, const int64_t[::1] row_starts,
@@ -1149,16 +1319,22 @@ def quantize_kernel(const floating[::1] values, const int64_t[::1] row_starts,
                     float clip, uint8_t[::1] codes, float[::1] scales,
                     float[::1] zero_points, double[::1] group_sse,
                     double[::1] group_max_err, bint stats, int n_threads,
-                    int64_t stage_elems=0):
+                    int64_t stage_elems=0, const float[::1] importance=None,
+                    const int64_t[::1] imp_starts=None, const int64_t[::1] imp_k=None):
     """Fill codes/scales/zero_points (and stats) for every block; return the number of
     blocks that hold a non-finite value (0 on success). Inputs are validated by the
     caller: every row lies inside ``values`` and the outputs match the layout.
 
     ``stage_elems > 0`` (the longest group, for misaligned ``values``) makes every thread
-    read its groups through an aligned scratch of that many elements."""
+    read its groups through an aligned scratch of that many elements. With ``importance``
+    (and per row ``imp_starts``, -1 for none, and ``imp_k``) the mse search of row r
+    weighs element e by ``importance[imp_starts[r] + e % imp_k[r]]``."""
     cdef Params p
     cdef int64_t nrows = row_lens.shape[0]
     cdef int64_t bad
+    cdef const uint8_t* imp = NULL
+    if importance is not None and importance.shape[0] > 0:
+        imp = <const uint8_t*>&importance[0]
     if block_offsets[nrows] == 0:
         return 0
     set_params(&p, bits, scheme, method, group_size, groups_per_block, qmin, qmax, offset,
@@ -1168,7 +1344,9 @@ def quantize_kernel(const floating[::1] values, const int64_t[::1] row_starts,
                            &code_offsets[0], &block_offsets[0], nrows, &p, &codes[0],
                            &scales[0], &zero_points[0] if zero_points.shape[0] > 0 else NULL,
                            &group_sse[0] if stats else NULL,
-                           &group_max_err[0] if stats else NULL, n_threads, stage_elems)
+                           &group_max_err[0] if stats else NULL, n_threads, stage_elems,
+                           imp, &imp_starts[0] if imp != NULL else NULL,
+                           &imp_k[0] if imp != NULL else NULL)
     if bad < 0:
         raise MemoryError()
     return bad

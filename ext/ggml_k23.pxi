@@ -300,6 +300,10 @@ cdef inline void k23_q3_rtn(const float* x, uint8_t* y) noexcept nogil:
 # ---------------------------------------------------------------------------------------
 # mse (flightquant/reference/ggml_k23.py: _q2_mse, _q3_mse)
 
+# mse with importance keeps its block only when its error is below rtn's by this factor
+# (the float32 sub-block sums are exact to ~2e-6)
+cdef double K23_MSE_MARGIN = 1.0 - 1.0 / 65536
+
 cdef enum:
     K23_Q2_STEPS = 4
     K23_Q3_STEPS = 4
@@ -683,12 +687,143 @@ cdef inline void k23_q3_mse(const float* x, uint8_t* y) noexcept nogil:
 
 
 # ---------------------------------------------------------------------------------------
+# importance: ggml's quantize_row_q{2,3}_K_impl (rtn) and the weighted search (mse); the
+# helpers (kq_*) are in ggml_k456.pxi
+
+
+cdef inline void k23_transpose(const float* x, float* xt) noexcept nogil:
+    """xt[16*i + j] = x[16*j + i]: sub-blocks side by side (the lanes' layout)."""
+    cdef int i, j
+    for i in range(16):
+        for j in range(K23_NSUB):
+            xt[16 * i + j] = x[16 * j + i]
+
+
+cdef inline void k23_q2_imp(const float* x, uint8_t* y, int method, const float* qw) noexcept nogil:
+    cdef float w[K23_QK]
+    cdef float xt[K23_QK]
+    cdef float wt[K23_QK]
+    cdef float qt[K23_QK]
+    cdef float sw[K23_NSUB]
+    cdef float scales[K23_NSUB]
+    cdef float mins[K23_NSUB]
+    cdef float l_isc[K23_NSUB]
+    cdef float l_mn[K23_NSUB]
+    cdef float dummy[K23_NSUB]
+    cdef uint8_t L[K23_QK]
+    cdef uint8_t Ls[K23_NSUB]
+    cdef uint8_t Lm[K23_NSUB]
+    cdef int sc[K23_NSUB]
+    cdef int m[K23_NSUB]
+    cdef float dm, mm
+    cdef double e0, e1
+    cdef uint16_t hd, hm
+    cdef int i, j
+    kq_weights(x, qw, 1, 16, w, sw)
+    k23_transpose(x, xt)
+    k23_transpose(w, wt)
+    if k45_lanes(xt, wt, 16, 16, 3, <float>-0.9, <float>0.05, 36, scales, mins, l_isc, l_mn,
+                 NULL, dummy, dummy):
+        # the search's codes (inside the lanes' range, where nearest_int is exact)
+        for j in range(K23_NSUB):
+            for i in range(16):
+                L[16 * j + i] = <uint8_t>k23_clamp(
+                    fq_nearest_int(l_isc[j] * (x[16 * j + i] - l_mn[j])), 0, 3)
+    else:
+        for j in range(K23_NSUB):
+            scales[j] = kq_qkx3(16, 3, x + 16 * j, w + 16 * j, L + 16 * j, &mins[j],
+                                <float>-0.9, <float>0.05, 36)
+    hd = fq_fp32_to_fp16(kq_qp(K23_NSUB, 15, scales, Ls, sw))
+    hm = fq_fp32_to_fp16(kq_qp(K23_NSUB, 15, mins, Lm, sw))
+    dm = fq_fp16_to_fp32(hd)
+    mm = fq_fp16_to_fp32(hm)
+    for j in range(K23_NSUB):
+        y[j] = <uint8_t>(Ls[j] | (Lm[j] << 4))
+    k23_q2_codes(x, L, y, dm, mm)
+    k23_pack2(L, y + 16)
+    memcpy(y + 80, &hd, 2)
+    memcpy(y + 82, &hm, 2)
+    if method != METHOD_MSE:
+        return
+    for j in range(K23_NSUB):
+        sc[j] = y[j] & 0xF
+        m[j] = y[j] >> 4
+    k23_transpose(qw, wt)
+    e0 = kq_eval(xt, wt, K23_NSUB, 16, 0, 3, dm, mm, sc, m, qt)
+    e1 = kq_search(xt, wt, K23_NSUB, 16, 0, 3, 0, 15, 15, &dm, &mm, sc, m, qt)
+    if e1 < e0 * K23_MSE_MARGIN:
+        for j in range(K23_NSUB):
+            y[j] = <uint8_t>(sc[j] | (m[j] << 4))
+            for i in range(16):
+                L[16 * j + i] = <uint8_t>qt[16 * i + j]
+        k23_pack2(L, y + 16)
+        hd = fq_fp32_to_fp16(dm)
+        hm = fq_fp32_to_fp16(mm)
+        memcpy(y + 80, &hd, 2)
+        memcpy(y + 82, &hm, 2)
+
+
+cdef inline void k23_q3_imp(const float* x, uint8_t* y, int method, const float* qw) noexcept nogil:
+    cdef float w[K23_QK]
+    cdef float xt[K23_QK]
+    cdef float wt[K23_QK]
+    cdef float qt[K23_QK]
+    cdef float sw[K23_NSUB]
+    cdef float scales[K23_NSUB]
+    cdef float l_isc[K23_NSUB]
+    cdef int8_t L[K23_QK]
+    cdef int8_t Ls[K23_NSUB]
+    cdef int ls[K23_NSUB]
+    cdef float d
+    cdef double e0, e1
+    cdef uint16_t hd
+    cdef int i, j
+    kq_weights(x, qw, 2, 16, w, sw)
+    k23_transpose(x, xt)
+    k23_transpose(w, wt)
+    kq_qx_lanes(xt, wt, 4, scales, l_isc)
+    for j in range(K23_NSUB):
+        for i in range(16):
+            if l_isc[j] == 0:
+                L[16 * j + i] = 0  # ggml's all-zero sub-block
+            else:
+                L[16 * j + i] = <int8_t>(k23_clamp(fq_nearest_int(l_isc[j] * x[16 * j + i]),
+                                                   -4, 3) + 4)
+    hd = fq_fp32_to_fp16(kq_qx(K23_NSUB, 32, scales, Ls, sw))
+    for j in range(K23_NSUB):
+        ls[j] = Ls[j]
+    k23_q3_put_scales(ls, y + 96)
+    d = fq_fp16_to_fp32(hd)
+    k23_q3_codes(x, L, y + 96, d)
+    k23_q3_store(L, y)
+    memcpy(y + 108, &hd, 2)
+    if method != METHOD_MSE:
+        return
+    for j in range(K23_NSUB):
+        ls[j] = k23_q3_get_scale(y + 96, j) - 32
+    k23_transpose(qw, wt)
+    e0 = kq_eval(xt, wt, K23_NSUB, 16, -4, 3, d, 0, ls, NULL, qt)
+    e1 = kq_search(xt, wt, K23_NSUB, 16, -4, 3, -32, 31, 0, &d, NULL, ls, NULL, qt)
+    if e1 < e0 * K23_MSE_MARGIN:
+        for j in range(K23_NSUB):
+            ls[j] = ls[j] + 32
+            for i in range(16):
+                L[16 * j + i] = <int8_t>(<int>qt[16 * i + j] + 4)
+        k23_q3_put_scales(ls, y + 96)
+        k23_q3_store(L, y)
+        hd = fq_fp32_to_fp16(d)
+        memcpy(y + 108, &hd, 2)
+
+
+# ---------------------------------------------------------------------------------------
 # block functions (the driver's contract)
 
 
 cdef int q2_k_quantize_block(const float* x, uint8_t* y, int method, const float* qw,
                              float sigma2) noexcept nogil:
-    if method == METHOD_MSE:
+    if qw != NULL:
+        k23_q2_imp(x, y, method, qw)
+    elif method == METHOD_MSE:
         k23_q2_mse(x, y)
     else:
         k23_q2_rtn(x, y)
@@ -716,7 +851,9 @@ cdef void q2_k_dequantize_block(const uint8_t* y, float* x) noexcept nogil:
 
 cdef int q3_k_quantize_block(const float* x, uint8_t* y, int method, const float* qw,
                              float sigma2) noexcept nogil:
-    if method == METHOD_MSE:
+    if qw != NULL:
+        k23_q3_imp(x, y, method, qw)
+    elif method == METHOD_MSE:
         k23_q3_mse(x, y)
     else:
         k23_q3_rtn(x, y)

@@ -15,7 +15,7 @@
 # The reference (the definition these must match bit for bit) is
 # flightquant/reference/ggml_k456.py; its docstring describes the formats and the search.
 
-from libc.string cimport memset
+from libc.string cimport memcpy, memset
 
 cdef extern from *:
     """
@@ -87,6 +87,8 @@ cdef extern from *:
     #define q6_lanes_w8 q6_lanes_w4
     #define q6_requant_w8 q6_requant_w4
     #define q6_pairs_w8 q6_pairs_w4
+    #define kq_qx_lanes_w8 kq_qx_lanes_w4
+    #define kq_err_w8 kq_err_w4
     #endif
     #else
     /* other compilers: the same code one lane at a time */
@@ -108,6 +110,8 @@ cdef extern from *:
     #define q6_lanes K456_PICK(q6_lanes)
     #define q6_requant K456_PICK(q6_requant)
     #define q6_pairs K456_PICK(q6_pairs)
+    #define kq_qx_lanes K456_PICK(kq_qx_lanes)
+    #define kq_err K456_PICK(kq_err)
 
     /* Q4_K/Q5_K: transpose a block (xt[i*8 + s] = x[32*s + i]) and ggml's weights
        av_x + |x|, av_x = sqrtf(sum(x*x)/32) per sub-block (a sequential sum). */
@@ -128,8 +132,8 @@ cdef extern from *:
     """
     float K_GROUP_MAX_EPS
     int k456_lane_width(int w) noexcept nogil
-    int k45_lanes(const float* xt, const float* wt, int nmax, float rmin, float rdelta,
-                  int nstep, float* scales, float* mins, float* l_isc, float* l_mn,
+    int k45_lanes(const float* xt, const float* wt, int ns, int n, int nmax, float rmin,
+                  float rdelta, int nstep, float* scales, float* mins, float* l_isc, float* l_mn,
                   float* u_s, float* u_m, float* u_x) noexcept nogil
     void k45_requant(const float* xt, int nmax, const float* d, const float* dm,
                      const float* isc, const float* mn, float* qt, float* err) noexcept nogil
@@ -142,6 +146,323 @@ cdef extern from *:
     void q6_pairs(const float* xt, float d16, const float* u_s, int rounds, float* psc,
                   float* be, float* qt) noexcept nogil
     void k45_prep(const float* x, float* xt, float* wt) noexcept nogil
+
+
+# ---------------------------------------------------------------------------------------
+# importance (qw != NULL): ggml's quantize_row_q{2,3,4,5,6}_K_impl helpers, and the
+# weighted search of mse (shared with ggml_k23.pxi, which is included after this file)
+
+cdef extern from *:
+    """
+    /* ggml's make_qkx3_quants(n, nmax, x, w, L, the_min, Laux, rmin, rdelta, nstep, false)
+       with weights, transcribed (n <= 32) */
+    static float kq_qkx3(int n, int nmax, const float* x, const float* w, uint8_t* L,
+                         float* the_min, float rmin, float rdelta, int nstep) {
+        uint8_t Laux[32];
+        float mn = x[0], mx = x[0], sum_w = w[0], sum_x = sum_w * x[0];
+        int i, is;
+        for (i = 1; i < n; i++) {
+            if (x[i] < mn) mn = x[i];
+            if (x[i] > mx) mx = x[i];
+            sum_w += w[i];
+            sum_x += w[i] * x[i];
+        }
+        if (mn > 0) mn = 0;
+        if (mx <= mn) {
+            memset(L, 0, n);
+            *the_min = -mn;
+            return 0.f;
+        }
+        float iscale = nmax / (mx - mn), scale = 1 / iscale, best = 0;
+        for (i = 0; i < n; i++) {
+            int l = fq_nearest_int(iscale * (x[i] - mn));
+            L[i] = l < 0 ? 0 : (l > nmax ? nmax : l);
+            float diff = scale * L[i] + mn - x[i];
+            best += w[i] * (diff * diff);
+        }
+        for (is = 0; is <= nstep; is++) {
+            iscale = (rmin + rdelta * is + nmax) / (mx - mn);
+            float sum_l = 0, sum_l2 = 0, sum_xl = 0;
+            for (i = 0; i < n; i++) {
+                int l = fq_nearest_int(iscale * (x[i] - mn));
+                l = l < 0 ? 0 : (l > nmax ? nmax : l);
+                Laux[i] = l;
+                sum_l += w[i] * l;
+                sum_l2 += w[i] * l * l;
+                sum_xl += w[i] * l * x[i];
+            }
+            float D = sum_w * sum_l2 - sum_l * sum_l;
+            if (D > 0) {
+                float ts = (sum_w * sum_xl - sum_x * sum_l) / D;
+                float tm = (sum_l2 * sum_x - sum_l * sum_xl) / D;
+                if (tm > 0) {
+                    tm = 0;
+                    ts = sum_xl / sum_l2;
+                }
+                float cur = 0;
+                for (i = 0; i < n; i++) {
+                    float diff = ts * Laux[i] + tm - x[i];
+                    cur += w[i] * (diff * diff);
+                }
+                if (cur < best) {
+                    memcpy(L, Laux, n);
+                    best = cur;
+                    scale = ts;
+                    mn = tm;
+                }
+            }
+        }
+        *the_min = -mn;
+        return scale;
+    }
+
+    /* ggml's make_qp_quants(n, nmax, x, L, qw), transcribed (L is uint8_t as there) */
+    static float kq_qp(int n, int nmax, const float* x, uint8_t* L, const float* qw) {
+        float mx = 0;
+        int i, is, itry;
+        for (i = 0; i < n; i++) mx = mx > x[i] ? mx : x[i];
+        if (mx < K_GROUP_MAX_EPS) {
+            memset(L, 0, n);
+            return 0.f;
+        }
+        float iscale = nmax / mx;
+        for (i = 0; i < n; i++) L[i] = (uint8_t)fq_nearest_int(iscale * x[i]);
+        float scale = 1 / iscale, best_mse = 0;
+        for (i = 0; i < n; i++) {
+            float diff = x[i] - scale * L[i];
+            best_mse += qw[i] * diff * diff;
+        }
+        for (is = -4; is <= 4; is++) {
+            if (is == 0) continue;
+            float iscale_is = (0.1f * is + nmax) / mx, scale_is = 1 / iscale_is, mse = 0;
+            for (i = 0; i < n; i++) {
+                int l = fq_nearest_int(iscale_is * x[i]);
+                l = l < nmax ? l : nmax;
+                float diff = x[i] - scale_is * l;
+                mse += qw[i] * diff * diff;
+            }
+            if (mse < best_mse) {
+                best_mse = mse;
+                iscale = iscale_is;
+            }
+        }
+        float sumlx = 0, suml2 = 0;
+        for (i = 0; i < n; i++) {
+            int l = fq_nearest_int(iscale * x[i]);
+            l = l < nmax ? l : nmax;
+            L[i] = (uint8_t)l;
+            sumlx += qw[i] * x[i] * l;
+            suml2 += qw[i] * l * l;
+        }
+        for (itry = 0; itry < 5; itry++) {
+            int n_changed = 0;
+            for (i = 0; i < n; i++) {
+                float w = qw[i];
+                float slx = sumlx - w * x[i] * L[i];
+                float sl2 = suml2 - w * L[i] * L[i];
+                if (slx > 0 && sl2 > 0) {
+                    int nl = fq_nearest_int(x[i] * sl2 / slx);
+                    nl = nl < nmax ? nl : nmax;
+                    if (nl != L[i]) {
+                        slx += w * x[i] * nl;
+                        sl2 += w * nl * nl;
+                        if (slx * slx * suml2 > sumlx * sumlx * sl2) {
+                            L[i] = (uint8_t)nl;
+                            sumlx = slx;
+                            suml2 = sl2;
+                            n_changed++;
+                        }
+                    }
+                }
+            }
+            if (!n_changed) break;
+        }
+        return suml2 > 0.0f ? sumlx / suml2 : 0.0f;
+    }
+
+    /* ggml's make_qx_quants(n, nmax, x, L, rmse_type 1, qw) with weights, transcribed */
+    static float kq_qx(int n, int nmax, const float* x, int8_t* L, const float* qw) {
+        float mx = 0, amax = 0;
+        int i, is;
+        for (i = 0; i < n; i++) {
+            float ax = fabsf(x[i]);
+            if (ax > amax) {
+                amax = ax;
+                mx = x[i];
+            }
+        }
+        if (amax < K_GROUP_MAX_EPS) {
+            memset(L, 0, n);
+            return 0.f;
+        }
+        float iscale = -nmax / mx, sumlx = 0, suml2 = 0;
+        for (i = 0; i < n; i++) {
+            int l = fq_nearest_int(iscale * x[i]);
+            l = l < -nmax ? -nmax : (l > nmax - 1 ? nmax - 1 : l);
+            L[i] = (int8_t)(l + nmax);
+            sumlx += qw[i] * x[i] * l;
+            suml2 += qw[i] * l * l;
+        }
+        float scale = suml2 ? sumlx / suml2 : 0.0f, best = scale * sumlx;
+        for (is = -9; is <= 9; is++) {
+            if (is == 0) continue;
+            iscale = -(nmax + 0.1f * is) / mx;
+            sumlx = suml2 = 0;
+            for (i = 0; i < n; i++) {
+                int l = fq_nearest_int(iscale * x[i]);
+                l = l < -nmax ? -nmax : (l > nmax - 1 ? nmax - 1 : l);
+                sumlx += qw[i] * x[i] * l;
+                suml2 += qw[i] * l * l;
+            }
+            if (suml2 > 0 && sumlx * sumlx > best * suml2) {
+                for (i = 0; i < n; i++) {
+                    int l = fq_nearest_int(iscale * x[i]);
+                    L[i] = (int8_t)(nmax + (l < -nmax ? -nmax : (l > nmax - 1 ? nmax - 1 : l)));
+                }
+                scale = sumlx / suml2;
+                best = scale * sumlx;
+            }
+        }
+        return scale;
+    }
+
+    /* ggml's per-super-block weights qw*sqrt(sigma2 + x*x), sigma2 = f*sum(x*x)/256 (f = 1
+       for Q2_K, 2 for the others), and each sub-block's sum of them (sub-blocks of n) */
+    static void kq_weights(const float* x, const float* qw, float f, int n, float* w,
+                           float* sw) {
+        float sumx2 = 0;
+        int i, j;
+        for (i = 0; i < 256; i++) sumx2 += x[i] * x[i];
+        float sigma2 = f == 1.f ? sumx2 / 256 : f * sumx2 / 256;
+        for (i = 0; i < 256; i++) w[i] = qw[i] * sqrtf(sigma2 + x[i] * x[i]);
+        for (j = 0; j < 256 / n; j++) {
+            float s = 0;
+            for (i = 0; i < n; i++) s += w[n * j + i];
+            sw[j] = s;
+        }
+    }
+
+    /* ---- mse with importance: a local search from the impl's block ----
+       ns sub-blocks of n, transposed (xt[i*ns + s]; wt: the importance weights alike);
+       affine x_hat = (d*sc)*q - dmin*m (q in 0..hi), or (m NULL) symmetric (d*sc)*q (q in
+       lo..hi); codes to nearest for a given (sc, m), as floats in qt (transposed). */
+    #define KQ_ROUNDS 3    /* rounds of (scale search, d refit) */
+    #define KQ_REACH 2     /* scales and mins tried: the current ones +- KQ_REACH */
+    #define KQ_REACH_SYM 3 /* scales tried by the symmetric types (no min) */
+
+    /* all sub-blocks' codes for (d, dmin, sc, m); the block's error (the float32
+       sub-block errors added in double, in order) */
+    static double kq_eval(const float* xt, const float* wt, int ns, int n, int lo, int hi,
+                          float d, float dmin, const int* sc, const int* m, float* qt) {
+        float ds[16], dm[16], e[16];
+        double tot = 0;
+        int j;
+        for (j = 0; j < ns; j++) {
+            ds[j] = d * (float)sc[j];
+            dm[j] = m ? dmin * (float)m[j] : 0.f;
+        }
+        kq_err(xt, wt, ns, n, (float)lo, (float)hi, m != NULL, ds, dm, e, qt);
+        for (j = 0; j < ns; j++) tot = tot + (double)e[j];
+        return tot;
+    }
+
+    /* The search (the reference's kq_search): scales in [smin, smax], mins in [0, mmax];
+       starts from (d, dmin, sc, m) and changes them (and the codes qt) only where the
+       weighted error drops; returns the block's error. */
+    static double kq_search(const float* xt, const float* wt, int ns, int n, int lo, int hi,
+                            int smin, int smax, int mmax, float* d, float* dmin, int* sc,
+                            int* m, float* qt) {
+        float qc[256], ds[16], dm[16], e[16], best[16];
+        int bs[16], bm[16];
+        int j, r, da, db, i, aff = m != NULL;
+        int reach = aff ? KQ_REACH : KQ_REACH_SYM, mreach = aff ? KQ_REACH : 0;
+        float dmn = aff ? *dmin : 0.f;
+        double tot = kq_eval(xt, wt, ns, n, lo, hi, *d, dmn, sc, m, qt);
+        for (r = 0; r < KQ_ROUNDS; r++) {
+            /* each sub-block's scale (and min) among its neighbours, all side by side */
+            for (j = 0; j < ns; j++) {
+                bs[j] = sc[j];
+                bm[j] = aff ? m[j] : 0;
+                ds[j] = *d * (float)bs[j];
+                dm[j] = dmn * (float)bm[j];
+            }
+            kq_err(xt, wt, ns, n, (float)lo, (float)hi, aff, ds, dm, best, NULL);
+            for (da = -reach; da <= reach; da++) {
+                for (db = -mreach; db <= mreach; db++) {
+                    if (da == 0 && db == 0) continue;
+                    for (j = 0; j < ns; j++) {
+                        ds[j] = *d * (float)(sc[j] + da);
+                        dm[j] = dmn * (float)((aff ? m[j] : 0) + db);
+                    }
+                    kq_err(xt, wt, ns, n, (float)lo, (float)hi, aff, ds, dm, e, NULL);
+                    for (j = 0; j < ns; j++) {
+                        int a = sc[j] + da, b = (aff ? m[j] : 0) + db;
+                        if (a < smin || a > smax || (aff && (b < 0 || b > mmax))) continue;
+                        if (e[j] < best[j]) {
+                            best[j] = e[j];
+                            bs[j] = a;
+                            bm[j] = b;
+                        }
+                    }
+                }
+            }
+            for (j = 0; j < ns; j++) {
+                sc[j] = bs[j];
+                if (aff) m[j] = bm[j];
+            }
+            /* d (and dmin) refit by weighted least squares on those codes */
+            tot = kq_eval(xt, wt, ns, n, lo, hi, *d, dmn, sc, m, qt);
+            double saa = 0, sab = 0, sbb = 0, sax = 0, sbx = 0, nd, nm = 0;
+            for (j = 0; j < ns; j++) {
+                double bv = aff ? (double)m[j] : 0.0;
+                for (i = 0; i < n; i++) {
+                    double wi = wt[ns * i + j], xi = xt[ns * i + j];
+                    double av = (double)sc[j] * (double)qt[ns * i + j];
+                    saa = saa + wi * av * av;
+                    sab = sab + wi * av * bv;
+                    sbb = sbb + wi * bv * bv;
+                    sax = sax + wi * av * xi;
+                    sbx = sbx + wi * bv * xi;
+                }
+            }
+            double det = saa * sbb - sab * sab;
+            if (aff && det > 0) {
+                nd = (sax * sbb - sab * sbx) / det;
+                nm = (sab * sax - saa * sbx) / det;
+            } else if (saa > 0) {
+                nd = sax / saa;
+                nm = aff ? (double)dmn : 0.0;
+            } else {
+                break;
+            }
+            float d2 = fq_fp16_to_fp32(fq_fp32_to_fp16((float)nd));
+            float m2 = fq_fp16_to_fp32(fq_fp32_to_fp16((float)nm));
+            if (!(d2 == d2) || !(m2 == m2) || isinf(d2) || isinf(m2)) break;
+            if (d2 == *d && (!aff || m2 == dmn)) break;
+            double t2 = kq_eval(xt, wt, ns, n, lo, hi, d2, m2, sc, m, qc);
+            if (!(t2 < tot)) break;
+            tot = t2;
+            *d = d2;
+            dmn = m2;
+            memcpy(qt, qc, sizeof(float) * ns * n);
+        }
+        if (aff) *dmin = dmn;
+        return tot;
+    }
+    """
+    float kq_qkx3(int n, int nmax, const float* x, const float* w, uint8_t* L,
+                  float* the_min, float rmin, float rdelta, int nstep) noexcept nogil
+    float kq_qp(int n, int nmax, const float* x, uint8_t* L, const float* qw) noexcept nogil
+    float kq_qx(int n, int nmax, const float* x, int8_t* L, const float* qw) noexcept nogil
+    void kq_weights(const float* x, const float* qw, float f, int n, float* w,
+                    float* sw) noexcept nogil
+    double kq_eval(const float* xt, const float* wt, int ns, int n, int lo, int hi, float d,
+                   float dmin, const int* sc, const int* m, float* qt) noexcept nogil
+    double kq_search(const float* xt, const float* wt, int ns, int n, int lo, int hi,
+                     int smin, int smax, int mmax, float* d, float* dmin, int* sc, int* m,
+                     float* qt) noexcept nogil
+    void kq_qx_lanes(const float* xt, const float* wt, int nmax, float* scales,
+                     float* l_isc) noexcept nogil
 
 
 k456_lane_width(8)
@@ -286,7 +607,7 @@ cdef int k45_quantize(const float* x, uint8_t* y, int method, int nmax, float rm
     cdef float max_scale = 0, max_min = 0, inv_scale, inv_min, d16, dmin16, md16, mdmin16
     cdef double e_rtn = 0, e_mse = 0
     k45_prep(x, xt, wt)
-    lanes = k45_lanes(xt, wt, nmax, rmin, rdelta, nstep, scales, mins, l_isc, l_mn,
+    lanes = k45_lanes(xt, wt, 8, 32, nmax, rmin, rdelta, nstep, scales, mins, l_isc, l_mn,
                       u_s if mse else NULL, u_m, u_x) != 0
     if not lanes:
         for s in range(8):
@@ -459,10 +780,172 @@ cdef void q6_dequantize(const uint8_t* y, float* x) noexcept nogil:
 
 
 # ---------------------------------------------------------------------------------------
+# importance: ggml's quantize_row_q{4,5,6}_K_impl (rtn) and the weighted search (mse)
+
+
+cdef void k45_unpack_scales(const uint8_t* b, int* sc, int* m) noexcept nogil:
+    """ggml's get_scale_min_k4 of all 8 sub-blocks from the 12 packed bytes."""
+    cdef int s
+    for s in range(4):
+        sc[s] = b[s] & 63
+        m[s] = b[4 + s] & 63
+        sc[s + 4] = (b[8 + s] & 0xF) | ((b[s] >> 6) << 4)
+        m[s + 4] = (b[8 + s] >> 4) | ((b[4 + s] >> 6) << 4)
+
+
+cdef int k45_quantize_imp(const float* x, uint8_t* y, int method, int nmax,
+                          const float* qw) noexcept nogil:
+    """One Q4_K (nmax 15) or Q5_K (nmax 31) block with importance ``qw``: rtn is ggml's
+    quantize_row_q{4,5}_K_impl; mse searches from it (the reference says how)."""
+    cdef float w[256]
+    cdef float xt[256]
+    cdef float wt[256]
+    cdef float qt[256]
+    cdef float sw[8]
+    cdef float scales[8]
+    cdef float mins[8]
+    cdef float l_isc[8]
+    cdef float l_mn[8]
+    cdef float dd[8]
+    cdef float dm[8]
+    cdef float err[8]
+    cdef float dummy[8]
+    cdef uint8_t L[256]
+    cdef uint8_t Ls[8]
+    cdef uint8_t Lm[8]
+    cdef uint8_t sb[12]
+    cdef uint8_t sc8[8]
+    cdef uint8_t m8[8]
+    cdef int sc[8]
+    cdef int m[8]
+    cdef int i, s, lv
+    cdef uint8_t ls, lm
+    cdef bint lanes
+    cdef float d16, dmin16
+    cdef double e0, e1
+    kq_weights(x, qw, 2, 32, w, sw)
+    for i in range(32):
+        for s in range(8):
+            xt[8 * i + s] = x[32 * s + i]
+            wt[8 * i + s] = w[32 * s + i]
+    lanes = k45_lanes(xt, wt, 8, 32, nmax, <float>-0.9, <float>0.05, 36, scales, mins, l_isc, l_mn,
+                      NULL, dummy, dummy) != 0
+    if not lanes:
+        for s in range(8):
+            scales[s] = kq_qkx3(32, nmax, x + 32 * s, w + 32 * s, L + 32 * s, mins + s,
+                                <float>-0.9, <float>0.05, 36)
+    d16 = k_f16(kq_qp(8, 63, scales, Ls, sw))
+    dmin16 = k_f16(kq_qp(8, 63, mins, Lm, sw))
+    # the impl's packing, step for step (a scale past 63 spills as it does there)
+    memset(sb, 0, 12)
+    for s in range(8):
+        ls = Ls[s]
+        lm = Lm[s]
+        if nmax == 31:
+            ls = min(<uint8_t>63, ls)
+            lm = min(<uint8_t>63, lm)
+        if s < 4:
+            sb[s] = ls
+            sb[s + 4] = lm
+        else:
+            sb[s + 4] = (ls & 0xF) | ((lm & 0xF) << 4)
+            sb[s - 4] = sb[s - 4] | ((ls >> 4) << 6)
+            sb[s] = sb[s] | ((lm >> 4) << 6)
+    k45_unpack_scales(sb, sc, m)
+    for s in range(8):
+        dd[s] = d16 * <float>sc[s]
+        dm[s] = dmin16 * <float>m[s]
+    if lanes:
+        k45_requant(xt, nmax, dd, dm, l_isc, l_mn, qt, err)
+    else:
+        for s in range(8):
+            for i in range(32):
+                if dd[s] == 0:
+                    lv = L[32 * s + i]
+                else:
+                    lv = max(0, min(nmax, fq_nearest_int((x[32 * s + i] + dm[s]) / dd[s])))
+                qt[8 * i + s] = <float>lv
+    for s in range(8):
+        sc8[s] = <uint8_t>sc[s]
+        m8[s] = <uint8_t>m[s]
+    k45_pack(&d16, &dmin16, sc8, m8, qt, y, nmax)
+    memcpy(y + 4, sb, 12)
+    if method != METHOD_MSE:
+        return 0
+    for i in range(32):
+        for s in range(8):
+            wt[8 * i + s] = qw[32 * s + i]
+    e0 = kq_eval(xt, wt, 8, 32, 0, nmax, d16, dmin16, sc, m, qt)
+    e1 = kq_search(xt, wt, 8, 32, 0, nmax, 0, 63, 63, &d16, &dmin16, sc, m, qt)
+    if e1 < e0 * MSE_MARGIN:
+        for s in range(8):
+            sc8[s] = <uint8_t>sc[s]
+            m8[s] = <uint8_t>m[s]
+        k45_pack(&d16, &dmin16, sc8, m8, qt, y, nmax)
+    return 0
+
+
+cdef int q6_quantize_imp(const float* x, uint8_t* y, int method, const float* qw) noexcept nogil:
+    """One Q6_K block with importance ``qw``: rtn is ggml's quantize_row_q6_K_impl; mse
+    searches from it."""
+    cdef float xt[256]
+    cdef float wt[256]
+    cdef float qt[256]
+    cdef float scales[16]
+    cdef float l_isc[16]
+    cdef int8_t sc8[16]
+    cdef int sc[16]
+    cdef int i, s, lv
+    cdef float max_scale = 0, max_abs = 0, a, iscale, d16, ds
+    cdef double e0, e1
+    for i in range(16):
+        for s in range(16):
+            xt[16 * i + s] = x[16 * s + i]
+            wt[16 * i + s] = qw[16 * s + i]
+    kq_qx_lanes(xt, wt, 32, scales, l_isc)
+    for s in range(16):
+        a = fabsf(scales[s])
+        if a > max_abs:
+            max_abs = a
+            max_scale = scales[s]
+    if max_abs < K_GROUP_MAX_EPS:
+        memset(y, 0, 210)
+        return 0
+    iscale = <float>-128 / max_scale
+    d16 = k_f16(<float>1 / iscale)
+    for s in range(16):
+        sc8[s] = <int8_t>min(127, fq_nearest_int(iscale * scales[s]))
+        sc[s] = sc8[s]
+        ds = d16 * <float>sc8[s]
+        for i in range(16):
+            if ds != 0:
+                lv = max(-32, min(31, fq_nearest_int(xt[16 * i + s] / ds))) + 32
+            elif l_isc[s] == 0:
+                lv = 0  # ggml's all-zero sub-block
+            else:
+                lv = max(-32, min(31, fq_nearest_int(l_isc[s] * xt[16 * i + s]))) + 32
+            qt[16 * i + s] = <float>lv
+    q6_pack(d16, sc8, qt, y)
+    if method != METHOD_MSE:
+        return 0
+    e0 = kq_eval(xt, wt, 16, 16, -32, 31, d16, 0, sc, NULL, qt)
+    e1 = kq_search(xt, wt, 16, 16, -32, 31, -128, 127, 0, &d16, NULL, sc, NULL, qt)
+    if e1 < e0 * MSE_MARGIN:
+        for s in range(16):
+            sc8[s] = <int8_t>sc[s]
+        for i in range(256):
+            qt[i] = qt[i] + 32
+        q6_pack(d16, sc8, qt, y)
+    return 0
+
+
+# ---------------------------------------------------------------------------------------
 # the block functions
 
 cdef int q4_k_quantize_block(const float* x, uint8_t* y, int method, const float* qw,
                              float sigma2) noexcept nogil:
+    if qw != NULL:
+        return k45_quantize_imp(x, y, method, 15, qw)
     return k45_quantize(x, y, method, 15, <float>-1.0, <float>0.1, 20)
 
 
@@ -472,6 +955,8 @@ cdef void q4_k_dequantize_block(const uint8_t* y, float* x) noexcept nogil:
 
 cdef int q5_k_quantize_block(const float* x, uint8_t* y, int method, const float* qw,
                              float sigma2) noexcept nogil:
+    if qw != NULL:
+        return k45_quantize_imp(x, y, method, 31, qw)
     return k45_quantize(x, y, method, 31, <float>-0.5, <float>0.1, 15)
 
 
@@ -481,6 +966,8 @@ cdef void q5_k_dequantize_block(const uint8_t* y, float* x) noexcept nogil:
 
 cdef int q6_k_quantize_block(const float* x, uint8_t* y, int method, const float* qw,
                              float sigma2) noexcept nogil:
+    if qw != NULL:
+        return q6_quantize_imp(x, y, method, qw)
     return q6_quantize(x, y, method)
 
 

@@ -93,24 +93,25 @@ static inline K_TGT void K_FN(k45_ucand)(k_v ul, k_v ul2, k_v uxl, k_v ux, k_v u
     *um = K_SEL(t, -b, *um);
 }
 
-/* ggml's make_qkx2_quants(32, nmax, x, w, L, &the_min, Laux, rmin, rdelta, nstep, false)
-   on all 8 sub-blocks: scale, the_min and the (iscale, min) their codes L came from
+/* ggml's make_qkx2_quants(n, nmax, x, w, L, &the_min, Laux, rmin, rdelta, nstep, false)
+   (= make_qkx3_quants with weights) on all ns sub-blocks of n <= 32 (xt[i*ns + s]; the
+   unweighted fits of mse need ns 8, n 32): scale, the_min and the (iscale, min) their codes L came from
    (L = clamp(round(iscale*(x - min)), 0, nmax)). With u_s (mse), also the best unweighted
    fit over the codes of the first try and of every K45_USTEP-th step, and the sums of x.
    0 when a lane could leave K_FN(rnd)'s exact range (the caller then takes the scalar
    path). */
-static K_TGT int K_FN(k45_lanes)(const float* xt, const float* wt, int nmax, float rmin,
-                                 float rdelta, int nstep, float* scales, float* mins,
-                                 float* l_isc, float* l_mn, float* u_s, float* u_m,
-                                 float* u_x) {
+static K_TGT int K_FN(k45_lanes)(const float* xt, const float* wt, int ns, int n, int nmax,
+                                 float rmin, float rdelta, int nstep, float* scales,
+                                 float* mins, float* l_isc, float* l_mn, float* u_s,
+                                 float* u_m, float* u_x) {
     float la[32 * K_W];
     const k_v zero = K_FN(set)(0.f), one = K_FN(set)(1.f), nm = K_FN(set)((float)nmax);
     int i, k, h, u, track = u_s != NULL;
-    for (h = 0; h < 8; h += K_W) {
+    for (h = 0; h < ns; h += K_W) {
         k_v mn = K_FN(ld)(xt + h), mx = mn, sw = K_FN(ld)(wt + h), sx = sw * mn;
         k_v ux = mn, ux2 = mn * mn;
-        for (i = 1; i < 32; i++) {
-            k_v v = K_FN(ld)(xt + 8 * i + h), w = K_FN(ld)(wt + 8 * i + h);
+        for (i = 1; i < n; i++) {
+            k_v v = K_FN(ld)(xt + ns * i + h), w = K_FN(ld)(wt + ns * i + h);
             mn = K_MIN(v, mn);
             mx = K_MAX(v, mx);
             sw = sw + w;
@@ -128,8 +129,8 @@ static K_TGT int K_FN(k45_lanes)(const float* xt, const float* wt, int nmax, flo
         if (!K_FN(all)(flat | (K_FN(fits)(isc * (xlo - mn)) & K_FN(fits)(isc * den))))
             return 0;
         u = track;
-        for (i = 0; i < 32; i++) {
-            k_v x = K_FN(ld)(xt + 8 * i + h), w = K_FN(ld)(wt + 8 * i + h);
+        for (i = 0; i < n; i++) {
+            k_v x = K_FN(ld)(xt + ns * i + h), w = K_FN(ld)(wt + ns * i + h);
             k_v r = K_MIN(K_MAX(K_FN(rnd)(isc * (x - mn)), zero), nm);
             k_v d = (scl * r + mn) - x;
             best = best + w * (d * d);
@@ -149,8 +150,8 @@ static K_TGT int K_FN(k45_lanes)(const float* xt, const float* wt, int nmax, flo
             ul = zero;
             ul2 = zero;
             uxl = zero;
-            for (i = 0; i < 32; i++) {
-                k_v x = K_FN(ld)(xt + 8 * i + h), w = K_FN(ld)(wt + 8 * i + h);
+            for (i = 0; i < n; i++) {
+                k_v x = K_FN(ld)(xt + ns * i + h), w = K_FN(ld)(wt + ns * i + h);
                 k_v r = K_MIN(K_MAX(K_FN(rnd)(isc * (x - mn)), zero), nm);
                 K_FN(st)(la + K_W * i, r);
                 k_v wl = w * r;
@@ -169,9 +170,9 @@ static K_TGT int K_FN(k45_lanes)(const float* xt, const float* wt, int nmax, flo
             k_m pos = tm > zero;
             tm = K_SEL(pos, zero, tm);
             ts = K_SEL(pos, sxl / sl2, ts);
-            for (i = 0; i < 32; i++) {
-                k_v d = (ts * K_FN(ld)(la + K_W * i) + tm) - K_FN(ld)(xt + 8 * i + h);
-                cur = cur + K_FN(ld)(wt + 8 * i + h) * (d * d);
+            for (i = 0; i < n; i++) {
+                k_v d = (ts * K_FN(ld)(la + K_W * i) + tm) - K_FN(ld)(xt + ns * i + h);
+                cur = cur + K_FN(ld)(wt + ns * i + h) * (d * d);
             }
             k_m take = (D > zero) & (cur < best);
             best = K_SEL(take, cur, best);
@@ -470,6 +471,77 @@ static K_TGT void K_FN(q6_pairs)(const float* xt, float d16, const float* us_, i
         }
         K_FN(st)(psc_ + h, psc);
         K_FN(st)(be_ + h, be);
+    }
+}
+
+/* ---- importance (ggml_k456.pxi's kq_*) ---- */
+
+/* ggml's make_qx_quants(16, nmax, x, L, 1, qw) with weights on 16 sub-blocks of 16
+   (xt[i*16 + s], wt alike): scale and the iscale their codes came from (L = clamp(round(
+   iscale*x), -nmax, nmax - 1) + nmax; iscale 0: all-zero sub-block, L = 0). |iscale*x|
+   <= nmax + 1, so K_FN(rnd) is nearest_int here. */
+static K_TGT void K_FN(kq_qx_lanes)(const float* xt, const float* wt, int nmax, float* scales,
+                                    float* l_isc) {
+    const k_v zero = K_FN(set)(0.f), lo = K_FN(set)((float)-nmax);
+    const k_v hi = K_FN(set)((float)(nmax - 1));
+    int i, k, h;
+    for (h = 0; h < 16; h += K_W) {
+        k_v amax = zero, xmax = zero, scl = zero, best = zero, bisc = zero;
+        for (i = 0; i < 16; i++) {
+            k_v v = K_FN(ld)(xt + 16 * i + h);
+            k_v a = K_SEL(v < zero, -v, v);
+            k_m big = a > amax;
+            xmax = K_SEL(big, v, xmax);
+            amax = K_SEL(big, a, amax);
+        }
+        k_m zm = amax < K_FN(set)(K_GROUP_MAX_EPS);
+        xmax = K_SEL(zm, K_FN(set)(1.f), xmax);
+        for (k = -10; k < 10; k++) {
+            if (k == 0) continue;
+            float num = k == -10 ? (float)-nmax : -((float)nmax + 0.1f * (float)k);
+            k_v isc = K_FN(set)(num) / xmax;
+            k_v slx = zero, sl2 = zero;
+            for (i = 0; i < 16; i++) {
+                k_v x = K_FN(ld)(xt + 16 * i + h), w = K_FN(ld)(wt + 16 * i + h);
+                k_v r = K_MIN(K_MAX(K_FN(rnd)(isc * x), lo), hi);
+                slx = slx + (w * x) * r;
+                sl2 = sl2 + (w * r) * r;
+            }
+            if (k == -10) {
+                scl = K_SEL(sl2 != zero, slx / sl2, zero);
+                best = scl * slx;
+                bisc = isc;
+            } else {
+                k_m take = (sl2 > zero) & (slx * slx > best * sl2);
+                scl = K_SEL(take, slx / sl2, scl);
+                best = K_SEL(take, scl * slx, best);
+                bisc = K_SEL(take, isc, bisc);
+            }
+        }
+        K_FN(st)(scales + h, K_SEL(zm, zero, scl));
+        K_FN(st)(l_isc + h, K_SEL(zm, zero, bisc));
+    }
+}
+
+/* Each of ns sub-blocks of n (xt[i*ns + s], wt alike): codes to nearest against its scale
+   ds (ds 0: code 0) and min dm (aff; else symmetric), clamped to [lo, hi], and the
+   weighted squared error sum w*(x_hat - x)^2 in element order; codes into qt if given. */
+static K_TGT void K_FN(kq_err)(const float* xt, const float* wt, int ns, int n, float lo_,
+                               float hi_, int aff, const float* ds_, const float* dm_,
+                               float* err, float* qt) {
+    const k_v zero = K_FN(set)(0.f), lo = K_FN(set)(lo_), hi = K_FN(set)(hi_);
+    for (int h = 0; h < ns; h += K_W) {
+        k_v ds = K_FN(ld)(ds_ + h), dm = aff ? K_FN(ld)(dm_ + h) : zero, e = zero;
+        k_m none = ds == zero;
+        for (int i = 0; i < n; i++) {
+            k_v x = K_FN(ld)(xt + ns * i + h), w = K_FN(ld)(wt + ns * i + h);
+            k_v r = K_FN(nearest)((aff ? x + dm : x) / ds);
+            r = K_SEL(none, zero, K_MIN(K_MAX(r, lo), hi));
+            if (qt) K_FN(st)(qt + ns * i + h, r);
+            k_v t = aff ? (ds * r - dm) - x : ds * r - x;
+            e = e + w * (t * t);
+        }
+        K_FN(st)(err + h, e);
     }
 }
 

@@ -14,7 +14,10 @@ class QuantizePlan:
     def __init__(
         self,
         schema: pa.Schema,
-        columns: list[tuple[int, int, int, int, int, int] | None],
+        # per input column: None (passed through), "consumed" (an importance column) or
+        # (kind, itemsize, list_size, ggml code, block_size, type_size, importance column,
+        #  its kind, its list size)
+        columns: list[tuple[int, int, int, int, int, int, int, int, int] | str | None],
         bits: int,
         scheme: int,
         method: int,

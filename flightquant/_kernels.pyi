@@ -39,11 +39,16 @@ def quantize_kernel(
     stats: bool,
     n_threads: int,
     stage_elems: int = 0,
+    importance: npt.NDArray[np.float32] | None = None,
+    imp_starts: npt.NDArray[np.int64] | None = None,
+    imp_k: npt.NDArray[np.int64] | None = None,
 ) -> int:
     """Fill the outputs; return the number of blocks holding a non-finite value.
 
     ``stage_elems > 0``: ``values`` may be misaligned; each group is read through an
-    aligned per-thread scratch of that many elements."""
+    aligned per-thread scratch of that many elements. ``importance`` (with per row
+    ``imp_starts``, -1 for none, and ``imp_k``): the mse search of row r weighs element e
+    by ``importance[imp_starts[r] + e % imp_k[r]]``."""
 
 def dequantize_kernel(
     codes: npt.NDArray[np.uint8],

@@ -21,9 +21,10 @@ from .arrays import (
     QuantizedTensor,
     arrays_to_batches,
     batches_to_results,
+    with_importance,
 )
 from .errors import NonFiniteError
-from .options import QuantOptions
+from .options import QuantOptions, check_importance_method
 from .progress import Progress, Tracker
 
 Data = Union[pa.Table, pa.RecordBatch, Iterable[pa.RecordBatch]]  # noqa: UP007 (runtime alias, py3.10)
@@ -113,6 +114,7 @@ def quantize(
     clip: float | None = None,
     columns: list[str] | None = None,
     stats: bool = False,
+    importance: Mapping[str, Any] | None = None,
     threads: int | None = None,
     progress: Progress | None = None,
 ) -> Any:
@@ -138,6 +140,14 @@ def quantize(
     columns : list of str, optional
     stats : bool
         Add per-row ``<c>_mse`` and ``<c>_max_abs_error`` columns.
+    importance : dict, optional
+        Row key (the value of the first string column, e.g. the layer name) -> that
+        tensor's importance vector ``w`` of ``k`` weights (its row length): the tensor is
+        quantized as rows of ``k``, element ``j`` of each weighted by ``w[j]`` (ggml types:
+        ``rtn`` is llama.cpp's imatrix path; native: needs ``method="mse"``). Rows whose
+        key is not in it get none; a key no row has is an error for a Table or RecordBatch
+        (an iterable is not read ahead to check). A column ``<c>_importance`` (list of
+        float32, one vector per row) in the data does the same.
     threads : int, optional
         Kernel threads; None uses every allowed core.
     progress : callable, optional
@@ -172,6 +182,8 @@ def quantize(
         }
     )
     kernels.resolve_threads(threads)
+    if importance is not None:
+        data = with_importance(data, importance, opts.columns)
     return apply(data, opts, threads, progress)
 
 
@@ -192,6 +204,7 @@ def dequantize(data: Data, *, threads: int | None = None, progress: Progress | N
 def quantize_arrays(
     arrays: Mapping[str, np.ndarray],
     *,
+    importance: Mapping[str, Any] | None = None,
     threads: int | None = None,
     progress: Progress | None = None,
     **options: Any,
@@ -200,7 +213,8 @@ def quantize_arrays(
 
     Takes the options of :func:`quantize` (``columns`` excepted). Every error names the
     array it is about. ``progress(label, fraction)`` is called per batch of arrays, the
-    label the name of the batch's first array.
+    label the name of the batch's first array. ``importance``: array name -> its importance
+    vector, as long as the array's last dimension (its rows); arrays not named get none.
 
     Examples
     --------
@@ -212,11 +226,13 @@ def quantize_arrays(
     if "columns" in options:
         raise TypeError("quantize_arrays takes no 'columns' option: every array is quantized")
     opts = QuantOptions.from_mapping(options)
+    if importance:
+        check_importance_method(opts, "the arrays")
     kernels.resolve_threads(threads)
     tracker = Tracker(progress, len(arrays) if isinstance(arrays, Mapping) else None, None)
 
     def batches():
-        for b in arrays_to_batches(arrays):
+        for b in arrays_to_batches(arrays, importance=importance):
             out = _quantize_named(b, opts, threads)
             tracker.done(b)
             yield out

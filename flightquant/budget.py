@@ -32,7 +32,7 @@ from dataclasses import dataclass
 
 import pyarrow as pa
 
-from . import formats
+from . import formats, wire
 
 __all__ = [
     "DEFAULT_FRACTION",
@@ -51,6 +51,8 @@ RECEIVE_COPIES = 2
 
 _FLOAT_SIZES = {"halffloat": 2, "float": 4, "double": 8}
 _DTYPE_SIZES = {"float16": 2, "float32": 4, "float64": 8}
+#: working bytes per row of an importance column (three int64 per row in the engine)
+_IMPORTANCE_ROW = 3 * 8 + 16
 _LIST_IDS = {pa.lib.Type_LIST, pa.lib.Type_LARGE_LIST, pa.lib.Type_FIXED_SIZE_LIST}
 #: bytes per row of the codec's own bookkeeping (starts, lengths, blocks... as int64),
 #: and per output column for its offsets and validity (a fixed allowance per row)
@@ -207,22 +209,16 @@ def _quantized_bytes_per_row(options) -> int:
     return per_row + stats + _ROW_OUT + _ROW_WORK
 
 
-def _codes_bits_per_element(field: pa.Field) -> float:
-    """The fewest bits per element a codes column may use (fewer: more output)."""
-    md = field.metadata or {}
-    fmt = md.get(b"flightquant.format", b"").decode(errors="replace")
-    if fmt and fmt != formats.NATIVE:
-        return formats.get(fmt).bits_per_weight if formats.is_ggml(fmt) else 1.0
+def _codes_cost(field: pa.Field) -> tuple[float, int]:
+    """(bits per element, bytes per decoded value) of a codes column, from the one reading
+    of its metadata the codec decodes by (:func:`wire.parse_codes_field`); a field it
+    refuses is never decoded, and costs the most any field may (1 bit, float64)."""
     try:
-        bits = int(md.get(b"flightquant.bits", b"2"))
-    except ValueError:
-        bits = 2
-    return float(min(max(bits, 1), 8))
-
-
-def _codes_value_size(field: pa.Field) -> int:
-    md = field.metadata or {}
-    return _DTYPE_SIZES.get(md.get(b"flightquant.dtype", b"").decode(errors="replace"), 8)
+        meta = wire.parse_codes_field(field)
+    except wire.WireError:
+        return 1.0, 8
+    bits = meta.ggml.bits_per_weight if meta.ggml is not None else float(meta.bits)
+    return bits, _DTYPE_SIZES[meta.dtype]
 
 
 def _buffer_bytes(arr: pa.Array) -> int:
@@ -246,7 +242,8 @@ def output_bound(batch: pa.RecordBatch, options) -> int:
     ``quantize``, each float list column: codes, scales (and zero points) and offsets,
     per element and per row, as the options and the value type give them, plus the
     codec's working arrays; the elements are counted from the child array, which bounds
-    them from above. For ``dequantize``, each codes column: at most
+    them from above. An importance column (``c_importance``, consumed by quantizing ``c``)
+    costs its per-row bookkeeping and a float32 per weight. For ``dequantize``, each codes column: at most
     ``8 * code_bytes / bits`` elements of the original value type, plus offsets and
     working arrays. A ``format`` this module does not know costs as much as float64
     values (quantize) or one bit per element (dequantize).
@@ -264,15 +261,21 @@ def output_bound(batch: pa.RecordBatch, options) -> int:
             md = field.metadata or {}
             if md.get(b"flightquant.role") != b"codes" and b"flightquant.format_version" not in md:
                 continue
-            elements = 8 * _data_bytes(arr) / _codes_bits_per_element(field)
-            size = _codes_value_size(field)
+            bits, size = _codes_cost(field)
+            elements = 8 * _data_bytes(arr) / bits
             # float16 output goes through float32
             total += math.ceil(elements * (size + (4 if size == 2 else 0)))
             total += rows * (_ROW_OUT + _ROW_WORK) + _buffer_bytes(arr)  # e.g. realigned copies
         return total
-    for field, arr in zip(batch.schema, batch.columns, strict=True):
+    importance = set(wire.importance_columns(batch.schema).values())
+    for i, (field, arr) in enumerate(zip(batch.schema, batch.columns, strict=True)):
         t = field.type
         if t.id not in _LIST_IDS or str(t.value_type) not in _FLOAT_SIZES:
+            continue
+        if i in importance:
+            # read in place, never output: its rows' starts, lengths and extents, and the
+            # ggml kernels' mean square of each importance row (at most one per weight)
+            total += rows * _IMPORTANCE_ROW + 4 * len(arr.values)
             continue
         value_size = _FLOAT_SIZES[str(t.value_type)]
         elements = len(arr.values)

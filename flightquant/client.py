@@ -28,8 +28,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.flight as flight
 
-from .arrays import QuantizedTensor, arrays_to_batches, batches_to_results
-from .options import QuantOptions
+from .arrays import QuantizedTensor, arrays_to_batches, batches_to_results, with_importance
+from .options import QuantOptions, check_importance_method
 from .progress import Progress, Tracker
 
 __all__ = ["Client", "Progress"]
@@ -550,11 +550,18 @@ class Client:
 
     # -- data ----------------------------------------------------------------------------
 
-    def quantize(self, data: Any, progress: Progress | None = None, **options: Any) -> Any:
+    def quantize(
+        self,
+        data: Any,
+        progress: Progress | None = None,
+        importance: Mapping[str, Any] | None = None,
+        **options: Any,
+    ) -> Any:
         """Quantize a Table, a RecordBatch or an iterable of RecordBatches on the servers.
 
         Takes the options of :func:`flightquant.quantize` (``threads`` excepted: the server
-        decides). Returns the same container; an iterable gives a lazy iterator.
+        decides), ``importance`` included (it travels in the batches as ``<c>_importance``
+        columns). Returns the same container; an iterable gives a lazy iterator.
 
         Examples
         --------
@@ -562,23 +569,33 @@ class Client:
         """
         if "op" in options:
             raise TypeError("quantize takes no 'op' option; use Client.dequantize")
-        return self._run(data, QuantOptions.from_mapping(options), progress)
+        opts = QuantOptions.from_mapping(options)
+        if importance is not None:
+            data = with_importance(data, importance, opts.columns)
+        return self._run(data, opts, progress)
 
     def dequantize(self, data: Any, progress: Progress | None = None) -> Any:
         """Restore quantized Arrow data to floats on the servers (same container back)."""
         return self._run(data, QuantOptions.from_mapping({"op": "dequantize"}), progress)
 
     def quantize_arrays(
-        self, arrays: Mapping[str, np.ndarray], progress: Progress | None = None, **options: Any
+        self,
+        arrays: Mapping[str, np.ndarray],
+        progress: Progress | None = None,
+        importance: Mapping[str, Any] | None = None,
+        **options: Any,
     ) -> dict[str, QuantizedTensor]:
-        """Quantize a dict of NumPy arrays on the servers; equals :func:`fq.quantize_arrays`.
+        """Quantize a dict of NumPy arrays on the servers; equals :func:`fq.quantize_arrays`
+        (``importance`` too).
 
         ``progress`` labels are the array names.
         """
         if "columns" in options or "op" in options:
             raise TypeError("quantize_arrays takes no 'columns' or 'op' option")
         opts = QuantOptions.from_mapping(options)
-        batches = arrays_to_batches(arrays)
+        if importance:
+            check_importance_method(opts, "the arrays")
+        batches = arrays_to_batches(arrays, importance=importance)
         job = _Job(self, batches, opts, progress, total_rows=len(arrays), total_batches=None)
         return batches_to_results(job.run())
 

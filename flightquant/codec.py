@@ -26,7 +26,13 @@ import pyarrow as pa
 from . import _engine, kernels, wire
 from .errors import CodecError, NonFiniteError, echo, echo_list, shorten
 from .layout import groups_per_block
-from .options import METHOD_CODES, SCHEME_CODES, OptionsError, QuantOptions
+from .options import (
+    METHOD_CODES,
+    SCHEME_CODES,
+    OptionsError,
+    QuantOptions,
+    check_importance_method,
+)
 from .reference import qparams
 from .validate import validate_batch, validate_schema
 from .wire import is_quantized_field, is_quantized_schema  # noqa: F401 (public here too)
@@ -105,11 +111,15 @@ class _Plan:
     names: dict[int, str]  # input column index -> name of each column the engine builds
     engine: object  # _engine.QuantizePlan / DequantizePlan
     ggml: dict[int, object]  # input column index -> its ggml type (ggml columns only)
+    importance: dict[int, int] | None = None  # importance column index -> its tensor column
 
 
 def _columns_to_quantize(schema: pa.Schema, options: QuantOptions) -> list[int]:
+    importance = set(wire.importance_columns(schema).values())
     if options.columns is None:
-        return [i for i, f in enumerate(schema) if wire.is_float_list(f.type)]
+        return [
+            i for i, f in enumerate(schema) if wire.is_float_list(f.type) and i not in importance
+        ]
     by_name = {}
     for i, f in enumerate(schema):
         by_name.setdefault(f.name, i)
@@ -127,8 +137,41 @@ def _columns_to_quantize(schema: pa.Schema, options: QuantOptions) -> list[int]:
                 f"column {echo(name)} has type {shorten(str(t))}, which cannot be quantized: "
                 "accepted are list, large_list and fixed_size_list of float16, float32 or float64"
             )
+        if i in importance:
+            raise CodecError(
+                f"column {echo(name)} named in 'columns' holds the importance of column "
+                f"{echo(name[: -len(wire.IMPORTANCE)])}: it is consumed by quantizing that "
+                "column, not quantized itself; rename it to quantize it"
+            )
         picked.add(i)
     return sorted(picked)
+
+
+def _importance_spec(schema: pa.Schema, j: int) -> tuple[int, int, int]:
+    """The engine's (column, list kind, list size) of importance column ``j`` (-1: none)."""
+    if j < 0:
+        return -1, 0, 0
+    t = schema.field(j).type
+    kind = wire.list_kind(t)
+    return j, _KINDS[kind], t.list_size if kind == "fixed_size_list" else 0
+
+
+def _importance_plan(schema: pa.Schema, picked: set[int], options: QuantOptions) -> dict[int, int]:
+    """``{tensor column: importance column}`` of the quantized columns that have one, their
+    types and the options checked."""
+    out = {i: j for i, j in wire.importance_columns(schema).items() if i in picked}
+    for i, j in out.items():
+        f = schema.field(j)
+        if not wire.is_importance_type(f.type):
+            raise CodecError(
+                f"column {echo(f.name)} (the importance of column {echo(schema.field(i).name)}) "
+                f"has type {shorten(str(f.type))}: importance is a list, large_list or "
+                "fixed_size_list of float32, one vector of k weights per row"
+            )
+        check_importance_method(
+            options, f"column {echo(schema.field(i).name)} (its column {echo(f.name)})"
+        )
+    return out
 
 
 def _quantize_plan(schema: pa.Schema, options: QuantOptions) -> _Plan:
@@ -138,10 +181,15 @@ def _quantize_plan(schema: pa.Schema, options: QuantOptions) -> _Plan:
 def _build_quantize_plan(schema: pa.Schema, options: QuantOptions) -> _Plan:
     validate_schema(schema)
     picked = set(_columns_to_quantize(schema, options))
+    importance = _importance_plan(schema, picked, options)
+    consumed = set(importance.values())
     ggml = options.ggml
     fields: list[pa.Field] = []
     specs: list = []
     for i, f in enumerate(schema):
+        if i in consumed:
+            specs.append("consumed")
+            continue
         if i not in picked:
             fields.append(f)
             specs.append(None)
@@ -163,6 +211,7 @@ def _build_quantize_plan(schema: pa.Schema, options: QuantOptions) -> _Plan:
                 ggml.code if ggml else _NATIVE,
                 ggml.block_size if ggml else 0,
                 ggml.type_size if ggml else 0,
+                *_importance_spec(schema, importance.get(i, -1)),
             )
         )
     counts = Counter(f.name for f in fields)
@@ -205,7 +254,14 @@ def _build_quantize_plan(schema: pa.Schema, options: QuantOptions) -> _Plan:
         options.stats,
     )
     names = {i: schema.field(i).name for i in picked}
-    return _Plan(out_schema, names, engine, {i: ggml for i in picked} if ggml else {})
+    names.update({j: schema.field(j).name for j in consumed})
+    return _Plan(
+        out_schema,
+        names,
+        engine,
+        {i: ggml for i in picked} if ggml else {},
+        {j: i for i, j in importance.items()},
+    )
 
 
 def dequantized_schema(schema: pa.Schema) -> pa.Schema:
@@ -331,11 +387,11 @@ def _derived_index(schema, index, codes: str, m: wire.CodesMeta, role: str) -> i
 
 def _row_key(batch: pa.RecordBatch, row: int) -> str | None:
     """The value of the batch's first string column at ``row`` (e.g. the layer name)."""
-    for i, f in enumerate(batch.schema):
-        if pa.types.is_string(f.type) or pa.types.is_large_string(f.type):
-            value = batch.column(i)[row].as_py()
-            return None if value is None else shorten(str(value), 100)
-    return None
+    i = wire.key_column(batch.schema)
+    if i is None:
+        return None
+    value = batch.column(i)[row].as_py()
+    return None if value is None else shorten(str(value), 100)
 
 
 def _where(batch: pa.RecordBatch, column: str, row: int) -> str:
@@ -391,6 +447,21 @@ def _fail(batch: pa.RecordBatch, plan: _Plan, result: tuple) -> Exception:
         "ggml_bytes": f"{where}: {a} code bytes is not a whole number of "
         f"{t.name if t else 'ggml'} blocks of {b} bytes: the codes are truncated or corrupt",
     }
+    imp_col = wire.importance_name(name)
+    if kind == "importance_length":
+        rule = f"k >= 1 dividing the row's {b} elements" + (
+            f" and a multiple of {t.name}'s block size {c}" if t else ""
+        )
+        messages[kind] = (
+            f"{where}: its importance {echo(imp_col)} has {a} weights, which cannot be the "
+            f"row length of this tensor: give one weight per column of its rows of k ({rule})"
+        )
+    elif kind == "importance_value":
+        what = "a null" if b else f"{value!r}"
+        messages[kind] = (
+            f"{where}: its importance {echo(imp_col)} holds {what} at element {a}: "
+            "importance weights must be finite and non-negative"
+        )
     return CodecError(messages[kind])
 
 

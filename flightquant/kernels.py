@@ -202,11 +202,14 @@ def quantize_rows(
     stats: bool = False,
     fixed_row_len: int | None = None,
     threads: int | None = None,
+    importance=None,
 ) -> QuantizedRows:
     """Quantize rows ``values[row_starts[r] : row_starts[r] + row_lens[r]]``.
 
     Same contract as :func:`flightquant.reference.quantize_rows` (bit for bit), plus
     ``threads`` (see :func:`resolve_threads`). Elements outside the rows are never read.
+    ``importance``: None or one entry per row, None or the row's importance vector (see
+    :func:`check_importance`); only ``method="mse"`` takes it.
 
     Raises
     ------
@@ -245,6 +248,9 @@ def quantize_rows(
         raise ValueError(f"row_starts has {starts.size} entries but row_lens has {lens.size}")
     if _rows.place_rows(starts, lens, vals.size) >= 0:
         raise ValueError(f"a row lies outside the values buffer of {vals.size} elements")
+    imp = imp_starts = imp_k = None
+    if importance is not None:
+        imp, imp_starts, imp_k = _row_importance(importance, lens, method)
     qmin, qmax, offset = qparams(bits, scheme)
     # the kernel writes every code byte and scale of every row; only a fixed-size layout
     # with shorter (null) rows leaves slots to zero. Zero-filling costs a pass of its own.
@@ -262,6 +268,7 @@ def quantize_rows(
         group_size, qmin, qmax, offset, clip is not None,
         float(clip_f) if clip is not None else 0.0,
         codes, scales, zps, sse, maxerr, bool(stats), n_threads, stage_elems,
+        imp, imp_starts, imp_k,
     )  # fmt: skip
     if n_bad:
         found = _first_non_finite(vals, starts, lens)
@@ -418,6 +425,26 @@ def quantize_ggml(
         row, element, value = _first_non_finite(x, np.zeros(1, np.int64), np.array([x.size]))
         raise NonFiniteError(row, element, value)
     return (out, sse, mx) if stats else out
+
+
+def _row_importance(importance, lens: np.ndarray, method: str):
+    """Per-row importance vectors -> (concatenated float32 weights, starts, k) for the
+    kernel (start -1: no importance for that row)."""
+    if method != "mse":
+        raise ValueError("importance with format='native' needs method='mse'")
+    if len(importance) != lens.size:
+        raise ValueError(f"importance has {len(importance)} entries for {lens.size} rows")
+    parts, starts, ks, at = [], np.full(lens.size, -1, np.int64), np.zeros(lens.size, np.int64), 0
+    for r, w in enumerate(importance):
+        if w is None:
+            continue
+        w = check_importance(w, int(lens[r]))
+        parts.append(w)
+        starts[r], ks[r] = at, w.size
+        at += w.size
+    if not parts:
+        return None, None, None
+    return np.concatenate(parts), starts, ks
 
 
 def check_importance(importance, n: int, block_size: int = 1) -> np.ndarray:

@@ -217,3 +217,15 @@ def _choice(value: Any, name: str, valid: tuple[str, ...]) -> str:
             f"{name} must be one of {', '.join(map(repr, valid))}, got {echo(value)}"
         )
     return value
+
+
+def check_importance_method(options: QuantOptions, what: str) -> None:
+    """Raise ``OptionsError`` when ``options`` cannot use importance (``what`` names the
+    data that has it): native ``rtn`` has no weighted form; ggml ``rtn`` is ggml's
+    importance path and native ``mse`` the weighted search."""
+    if options.ggml is None and options.method != "mse":
+        raise OptionsError(
+            f"{what} has importance, which method={options.method!r} cannot use with "
+            "format='native': pass method='mse' (the importance-weighted search), or no "
+            "importance"
+        )

@@ -64,6 +64,9 @@ class BearerTokenMiddlewareFactory(flight.ServerMiddlewareFactory):
     token : str
         The shared secret. Surrounding whitespace is stripped; it must be non-empty
         printable ASCII.
+    on_reject : callable, optional
+        Called with the call's ``CallInfo`` before a call is refused (the server counts
+        it); what it raises is ignored.
 
     Examples
     --------
@@ -71,8 +74,9 @@ class BearerTokenMiddlewareFactory(flight.ServerMiddlewareFactory):
     >>> # FlightServerBase(location, middleware={"auth": factory})
     """
 
-    def __init__(self, token: str):
+    def __init__(self, token: str, on_reject=None):
         super().__init__()
+        self._on_reject = on_reject
         if not isinstance(token, str):
             raise SecurityConfigError(f"the bearer token must be a str, got {type(token).__name__}")
         self._expected = _check_token(token, "the server configuration").encode("ascii")
@@ -89,6 +93,7 @@ class BearerTokenMiddlewareFactory(flight.ServerMiddlewareFactory):
                     values = value
                     break
         if not values:
+            self._rejected(info)
             raise flight.FlightUnauthenticatedError(
                 "missing bearer token: send the header 'authorization: Bearer <token>' "
                 "(flightquant.Client(token=...))"
@@ -103,11 +108,19 @@ class BearerTokenMiddlewareFactory(flight.ServerMiddlewareFactory):
             if hmac.compare_digest(presented.strip(), self._expected):
                 ok = True
         if not ok:
+            self._rejected(info)
             raise flight.FlightUnauthenticatedError(
                 "invalid bearer token: the 'authorization' header does not hold "
                 "'Bearer <token>' with the token this server was started with"
             )
         return _AuthenticatedCall()
+
+    def _rejected(self, info) -> None:
+        if self._on_reject is not None:
+            try:
+                self._on_reject(info)
+            except Exception:
+                pass  # counting must never change the answer
 
 
 def load_token(token_file: str | os.PathLike | None, env_var: str = TOKEN_ENV_VAR) -> str | None:

@@ -40,7 +40,7 @@ from urllib.parse import urlsplit
 import pyarrow as pa
 import pyarrow.flight as flight
 
-from . import budget, codec
+from . import budget, codec, logs, metrics
 from ._version import __version__
 from .errors import MESSAGE_LIMIT, shorten
 from .idle import Activity, IdleWatchdog, idle_message
@@ -112,46 +112,6 @@ def _short(exc: BaseException, limit: int = 300) -> str:
 # ---------------------------------------------------------------------------------------
 
 
-class _Stats:
-    """Thread-safe counters behind the ``stats`` action."""
-
-    KINDS = (
-        "invalid_argument",
-        "unavailable",
-        "resource_exhausted",
-        "deadline_exceeded",
-        "internal",
-        "cancelled",
-    )
-
-    def __init__(self) -> None:
-        self.lock = threading.Lock()
-        self.changed = threading.Condition(self.lock)
-        self.streams_active = 0
-        self.streams_served = 0
-        self.batches = 0
-        self.rows = 0
-        self.elements = 0
-        self.bytes_in = 0
-        self.bytes_out = 0
-        self.kernel_seconds = 0.0
-        self.errors = dict.fromkeys(self.KINDS, 0)
-
-    def snapshot(self) -> dict[str, Any]:
-        with self.lock:
-            return {
-                "streams_active": self.streams_active,
-                "streams_served": self.streams_served,
-                "batches": self.batches,
-                "rows": self.rows,
-                "elements": self.elements,
-                "bytes_in": self.bytes_in,
-                "bytes_out": self.bytes_out,
-                "kernel_seconds": round(self.kernel_seconds, 6),
-                "errors": dict(self.errors),
-            }
-
-
 class Server(flight.FlightServerBase):
     """A Flight server that quantizes (or dequantizes) the batches streamed to it.
 
@@ -192,8 +152,14 @@ class Server(flight.FlightServerBase):
         host; NOT_SERVING while draining.
     drain_timeout : float
         Default deadline of :meth:`drain` in seconds.
+    metrics_port : int, optional
+        Serve Prometheus metrics over plain HTTP at ``/metrics`` on this port (0: any free
+        port; read it back from :attr:`metrics_port`). Not covered by TLS or the token.
+    metrics_host : str
+        Interface of the metrics port: loopback unless chosen, whatever the Flight host.
     log : logging.Logger
-        One INFO line per finished stream; tracebacks of internal errors.
+        One INFO line per finished stream (:func:`flightquant.logs.stream`: text, or JSON
+        with :class:`flightquant.logs.JsonFormatter`); tracebacks of internal errors.
 
     Examples
     --------
@@ -220,6 +186,8 @@ class Server(flight.FlightServerBase):
         root_certificates: bytes | None = None,
         health_port: int | None = None,
         drain_timeout: float = 30.0,
+        metrics_port: int | None = None,
+        metrics_host: str = "127.0.0.1",
         log: logging.Logger = _LOG,
     ):
         resolve_threads(threads)
@@ -289,7 +257,10 @@ class Server(flight.FlightServerBase):
         self._tls = bool(tls_certificates)
         self._verify_client = bool(verify_client)
         self._auth = auth_token is not None
-        self._stats = _Stats()
+        self._stats = metrics.Counters()
+        #: the Prometheus view of the counters; ``add_gauge`` adds one
+        self.metrics = metrics.ServerMetrics(self)
+        self._metrics_endpoint: metrics.MetricsEndpoint | None = None
         self._draining = False
         self._aborting = False
         self._shutdown_lock = threading.Lock()
@@ -301,7 +272,9 @@ class Server(flight.FlightServerBase):
         if auth_token is not None:
             from .security import BearerTokenMiddlewareFactory
 
-            middleware["auth"] = BearerTokenMiddlewareFactory(auth_token)
+            middleware["auth"] = BearerTokenMiddlewareFactory(
+                auth_token, on_reject=self._unauthenticated
+            )
         super().__init__(
             location,
             tls_certificates=tls_certificates,
@@ -318,6 +291,17 @@ class Server(flight.FlightServerBase):
             except BaseException:
                 super().shutdown()
                 raise
+        if metrics_port is not None:
+            try:
+                self._metrics_endpoint = metrics.MetricsEndpoint(
+                    self.metrics.registry, metrics_host, metrics_port
+                )
+            except BaseException:
+                if self._health is not None:
+                    self._health.stop()
+                super().shutdown()
+                self._watchdog.stop()
+                raise
 
     # -- properties ----------------------------------------------------------------------
 
@@ -331,6 +315,11 @@ class Server(flight.FlightServerBase):
     def health_port(self) -> int | None:
         """Port of the ``grpc.health.v1`` service, or None when it is off."""
         return None if self._health is None else self._health.port
+
+    @property
+    def metrics_port(self) -> int | None:
+        """Port of the Prometheus ``/metrics`` endpoint, or None when it is off."""
+        return None if self._metrics_endpoint is None else self._metrics_endpoint.port
 
     @property
     def draining(self) -> bool:
@@ -366,6 +355,7 @@ class Server(flight.FlightServerBase):
             "verify_client": self._verify_client,
             "auth": self._auth,
             "health_port": self.health_port,
+            "metrics_port": self.metrics_port,
             "drain_timeout": self.drain_timeout,
         }
 
@@ -407,6 +397,8 @@ class Server(flight.FlightServerBase):
             super().shutdown()
         finally:
             self._watchdog.stop()
+            if self._metrics_endpoint is not None:
+                self._metrics_endpoint.stop()
             self._closed.set()
 
     def drain(self, timeout: float | None = None) -> bool:
@@ -498,17 +490,21 @@ class Server(flight.FlightServerBase):
     # -- DoExchange ----------------------------------------------------------------------
 
     def _count_error(self, kind: str) -> None:
-        with self._stats.lock:
-            self._stats.errors[kind] += 1
+        self._stats.error(kind)
+
+    def _unauthenticated(self, info) -> None:
+        """A call refused for its token: a stream (counted and logged) or another call."""
+        if info.method != flight.FlightMethod.DO_EXCHANGE:
+            self._stats.error("unauthenticated")
+            return
+        self._stream_ended("?", None, "unauthenticated", "missing or invalid bearer token")
 
     def do_exchange(self, context, descriptor, reader, writer):
         st = self._stats
         with st.lock:
             if self._draining:
-                st.errors["unavailable"] += 1
                 refused = "server is draining (shutting down); send the stream to another server"
             elif st.streams_active >= self.max_streams:
-                st.errors["unavailable"] += 1
                 refused = (
                     f"server busy: {st.streams_active} streams active, the limit is "
                     f"max_streams={self.max_streams}; retry later, use another server, or "
@@ -518,7 +514,7 @@ class Server(flight.FlightServerBase):
                 refused = None
                 st.streams_active += 1
         if refused is not None:
-            self.log.info("stream refused peer=%s: %s", _peer(context), refused)
+            self._stream_ended(_peer(context), None, "unavailable", refused)
             raise flight.FlightUnavailableError(refused)
 
         t0 = time.perf_counter()
@@ -535,10 +531,12 @@ class Server(flight.FlightServerBase):
                 raise flight.FlightTimedOutError(self._idle_message(run))
             if context.is_cancelled():
                 outcome = "cancelled"  # a client that vanishes looks like end-of-stream
+                run.error = (outcome, "stream cancelled by the client")
         except Exception as exc:
             kind, message = run.error or self._classify(exc, context, run)
             outcome = kind
             message = shorten(message, MESSAGE_LIMIT)
+            run.error = (kind, message)
             if kind == "deadline_exceeded":
                 raise flight.FlightTimedOutError(message) from None
             if kind == "resource_exhausted":
@@ -561,23 +559,40 @@ class Server(flight.FlightServerBase):
             raise flight.FlightInternalError(message) from None
         finally:
             self._watchdog.unregister(run.activity)
-            with st.lock:
-                st.streams_active -= 1
-                if outcome == "ok":
-                    st.streams_served += 1
-                else:
-                    st.errors[outcome] += 1
-                st.changed.notify_all()
-            self.log.info(
-                "stream peer=%s op=%s batches=%d bytes_in=%d bytes_out=%d seconds=%.3f outcome=%s",
-                _peer(context),
-                run.op,
-                run.batches,
-                run.bytes_in,
-                run.bytes_out,
-                time.perf_counter() - t0,
+            self._stream_ended(
+                run.activity.peer,
+                run,
                 outcome,
+                run.error[1] if run.error and outcome != "ok" else None,
+                time.perf_counter() - t0,
             )
+
+    def _stream_ended(
+        self,
+        peer: str,
+        run: _StreamRun | None,
+        status: str,
+        error: str | None,
+        seconds: float = 0.0,
+    ) -> None:
+        """Count a stream that ended (``run`` None: refused before it started) and log its
+        one line."""
+        op = run.op if run is not None else metrics.UNKNOWN
+        fmt = run.format if run is not None else metrics.UNKNOWN
+        self._stats.stream_done(op, fmt, status, seconds, started=run is not None)
+        logs.stream(
+            self.log,
+            peer=peer,
+            op=op,
+            format=fmt,
+            batches=run.batches if run else 0,
+            rows=run.rows if run else 0,
+            input_bytes=run.bytes_in if run else 0,
+            output_bytes=run.bytes_out if run else 0,
+            seconds=seconds,
+            status=status,
+            error=error,
+        )
 
     def _idle_message(self, run: _StreamRun) -> str:
         return idle_message(run.activity.idle_for, self.idle_timeout or 0.0)
@@ -590,10 +605,12 @@ class Server(flight.FlightServerBase):
             )
         options = QuantOptions.from_json(descriptor.command)
         run.op = options.op
+        run.format = options.format
         schema = _read_schema(reader)
         run.activity.touch()
         validate_schema(schema, where="the stream's schema")
         out_schema = codec.output_schema(schema, options)
+        run.format = metrics.format_label(options.op, options.format, schema)
         out = _Writer(writer, run.activity)
         out.begin(out_schema)
         batches = _Receiver(
@@ -673,15 +690,10 @@ class Server(flight.FlightServerBase):
                 del out, batch
             index += 1
             run.batches = index
+            run.rows += info.rows
             run.bytes_in += info.input_bytes
             run.bytes_out += info.output_bytes
-            with st.lock:
-                st.batches += 1
-                st.rows += info.rows
-                st.elements += info.elements
-                st.bytes_in += info.input_bytes
-                st.bytes_out += info.output_bytes
-                st.kernel_seconds += info.kernel_seconds
+            st.batch_done(run.op, run.format, info)
 
     def _classify(self, exc: BaseException, context, run: _StreamRun) -> tuple[str, str]:
         """(error kind, client-facing message) of a handler's exception."""
@@ -882,13 +894,15 @@ class _PipelineFactory(flight.ServerMiddlewareFactory):
 
 
 class _StreamRun:
-    __slots__ = ("op", "batches", "bytes_in", "bytes_out", "error", "activity")
+    __slots__ = ("op", "format", "batches", "rows", "bytes_in", "bytes_out", "error", "activity")
 
     def __init__(self, activity: Activity) -> None:
         self.activity = activity
         self.error: tuple[str, str] | None = None  # (kind, message) once classified
-        self.op = "-"
+        self.op = metrics.UNKNOWN  # until the options are read
+        self.format = metrics.UNKNOWN
         self.batches = 0
+        self.rows = 0
         self.bytes_in = 0
         self.bytes_out = 0
 

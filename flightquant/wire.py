@@ -37,6 +37,9 @@ K_CODES = b"flightquant.codes_column"
 #: format version of native batches (v1, unchanged byte for byte) and of ggml batches
 VERSION_NATIVE = 1
 VERSION_GGML = 2
+#: codes-field keys that belong to one format version only; the other version's key on a
+#: field is an error (a native field that also says ``format: Q8_0`` is neither)
+VERSION_KEYS = {VERSION_NATIVE: ("bits", "scheme", "group_size"), VERSION_GGML: ("format",)}
 #: derived columns of a quantized column, in schema order
 ROLES = ("scales", "zero_points", "numel", "mse", "max_abs_error")
 LIST_KINDS = ("list", "large_list", "fixed_size_list")
@@ -70,6 +73,46 @@ def is_float_list(t: pa.DataType) -> bool:
 
 def derived_name(codes: str, role: str) -> str:
     return f"{codes}_{role}"
+
+
+#: the input column holding the importance of quantized column ``c`` is ``c + IMPORTANCE``
+IMPORTANCE = "_importance"
+
+
+def importance_name(column: str) -> str:
+    """The name of the input column that holds ``column``'s importance vectors."""
+    return column + IMPORTANCE
+
+
+def is_importance_type(t: pa.DataType) -> bool:
+    """An importance column's type: a list, large_list or fixed_size_list of float32."""
+    return list_kind(t) is not None and t.value_type == pa.float32()
+
+
+def key_column(schema: pa.Schema) -> int | None:
+    """The column holding each row's key (e.g. the layer name): the first string column."""
+    for i, f in enumerate(schema):
+        if pa.types.is_string(f.type) or pa.types.is_large_string(f.type):
+            return i
+    return None
+
+
+def importance_columns(schema: pa.Schema) -> dict[int, int]:
+    """``{tensor column index: importance column index}`` for every float list column ``c``
+    of ``schema`` that has a column named ``c + "_importance"`` (its first such column).
+
+    An importance column is consumed by quantizing ``c``: never quantized itself, never in
+    the output. Its type is the codec's to check (:func:`is_importance_type`).
+    """
+    index: dict[str, int] = {}
+    for i, f in enumerate(schema):
+        index.setdefault(f.name, i)
+    out = {}
+    for i, f in enumerate(schema):
+        j = index.get(importance_name(f.name))
+        if j is not None and j != i and is_float_list(f.type):
+            out[i] = j
+    return out
 
 
 def is_quantized_field(field: pa.Field) -> bool:
@@ -256,6 +299,18 @@ def parse_codes_field(field: pa.Field) -> CodesMeta:
         raise WireError(
             f"quantized column {name!r} has format version {_short(version)!r}; this flightquant "
             f"reads versions {VERSION_NATIVE} and {VERSION_GGML} (upgrade flightquant to read newer files)"
+        )
+    foreign = [
+        key
+        for v, keys in VERSION_KEYS.items()
+        if str(v) != version
+        for key in keys
+        if PREFIX + key in md
+    ]
+    if foreign:
+        raise WireError(
+            f"quantized column {name!r}: format version {version} has no "
+            f"flightquant.{foreign[0]} key (a field with it is neither version)"
         )
     bits = scheme = group_size = None
     if version == str(VERSION_GGML):

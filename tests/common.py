@@ -3,8 +3,13 @@ expected output of the codec built independently of it from the NumPy reference.
 
 from __future__ import annotations
 
+import os
+import struct
+import subprocess
+import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import grpc
 import numpy as np
@@ -315,3 +320,42 @@ def exchange(client, command: bytes, schema: pa.Schema, batches, timeout: float 
         except (pa.ArrowException, OSError):
             pass
     return chunks
+
+
+# --------------------------------------------------------------------------- IPC editing
+def _u32(b, p):
+    return struct.unpack_from("<I", b, p)[0]
+
+
+def _field_pos(b, table: int, index: int) -> int | None:
+    vtable = table - struct.unpack_from("<i", b, table)[0]
+    if 4 + 2 * index >= struct.unpack_from("<H", b, vtable)[0]:
+        return None
+    off = struct.unpack_from("<H", b, vtable + 4 + 2 * index)[0]
+    return None if off == 0 else table + off
+
+
+def ipc_layout(meta: bytes) -> tuple[int, list[int], list[int]]:
+    """(position of RecordBatch.length, positions of FieldNode structs, of Buffer structs)
+    in a RecordBatch message's flatbuffer (Message.header = RecordBatch {length, nodes,
+    buffers}; FieldNode = {length, null_count}, Buffer = {offset, length}: two int64)."""
+    root = _u32(meta, 0)
+    header = _field_pos(meta, root, 2)
+    rb = header + _u32(meta, header)
+    length = _field_pos(meta, rb, 0)
+    out = []
+    for index in (1, 2):
+        f = _field_pos(meta, rb, index)
+        vec = f + _u32(meta, f)
+        out.append([vec + 4 + 16 * i for i in range(_u32(meta, vec))])
+    return length, out[0], out[1]
+
+
+# --------------------------------------------------------------------------- child processes
+def run_isolated(code: str, timeout: float = 240) -> subprocess.CompletedProcess:
+    """Python ``code`` in a child process (tests/ and this tree first on the path)."""
+    here = Path(__file__).resolve().parent
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(here), str(here.parent)])}
+    return subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=timeout
+    )

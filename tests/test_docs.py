@@ -43,6 +43,8 @@ def test_readme_python_api_example_runs():
         "flightquant.validate",
         "flightquant.budget",
         "flightquant.errors",
+        "flightquant.metrics",
+        "flightquant.logs",
     ],
 )
 def test_docstring_examples(module):

@@ -279,6 +279,7 @@ def test_actions_health_stats_config(server):
         "unavailable",
         "resource_exhausted",
         "deadline_exceeded",
+        "unauthenticated",
         "internal",
         "cancelled",
     }

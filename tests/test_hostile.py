@@ -26,6 +26,7 @@ import grpc
 import numpy as np
 import pyarrow as pa
 import pytest
+from common import ipc_layout
 
 import flightquant as fq
 from flightquant import codec
@@ -37,34 +38,6 @@ COUNTS: collections.Counter = collections.Counter()
 
 
 # --------------------------------------------------------------------------- IPC editing
-def _u32(b, p):
-    return struct.unpack_from("<I", b, p)[0]
-
-
-def _field_pos(b, table: int, index: int) -> int | None:
-    vtable = table - struct.unpack_from("<i", b, table)[0]
-    if 4 + 2 * index >= struct.unpack_from("<H", b, vtable)[0]:
-        return None
-    off = struct.unpack_from("<H", b, vtable + 4 + 2 * index)[0]
-    return None if off == 0 else table + off
-
-
-def ipc_layout(meta: bytes) -> tuple[int, list[int], list[int]]:
-    """(position of RecordBatch.length, positions of FieldNode structs, of Buffer structs)
-    in a RecordBatch message's flatbuffer (Message.header = RecordBatch {length, nodes,
-    buffers}; FieldNode = {length, null_count}, Buffer = {offset, length}: two int64)."""
-    root = _u32(meta, 0)
-    header = _field_pos(meta, root, 2)
-    rb = header + _u32(meta, header)
-    length = _field_pos(meta, rb, 0)
-    out = []
-    for index in (1, 2):
-        f = _field_pos(meta, rb, index)
-        vec = f + _u32(meta, f)
-        out.append([vec + 4 + 16 * i for i in range(_u32(meta, vec))])
-    return length, out[0], out[1]
-
-
 def ipc_parts(batch: pa.RecordBatch) -> tuple[bytearray, bytearray]:
     m = pa.ipc.read_message(batch.serialize())
     return bytearray(m.metadata.to_pybytes()), bytearray(m.body.to_pybytes())

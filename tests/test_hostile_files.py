@@ -10,12 +10,15 @@ file holds); a seeded fuzz mutates valid files at random. Every case runs the re
 from __future__ import annotations
 
 import json
+import os
+import stat
 import struct
 import time
 import tracemalloc
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pytest
 
 from flightquant.cli import main
@@ -201,6 +204,39 @@ GGUF_CASES = {
 }
 
 
+# issue 18
+GGUF_CASES.update(
+    {
+        "alignment 2**30": (
+            gguf(kvs=[kv("general.alignment", U32, struct.pack("<I", 2**30))]),
+            "general.alignment 1073741824 is larger than",
+        ),
+        "shape (0, 2**64-1)": (
+            gguf(infos=[tensor_info("blk.0.attn_q.weight", (0, 2**64 - 1))]),
+            "beyond int64",
+        ),
+        "two tensors on the same bytes": (
+            gguf(
+                infos=[
+                    tensor_info("blk.0.attn_q.weight", (64, 4), 0, 0),
+                    tensor_info("blk.0.attn_k.weight", (64, 4), 0, 0),
+                ]
+            ),
+            "overlaps the data of 'blk.0.attn_q.weight'",
+        ),
+        "data out of order": (
+            gguf(
+                infos=[
+                    tensor_info("blk.0.attn_norm.weight", (64,), 0, 1024),
+                    tensor_info("blk.0.attn_q.weight", (64, 4), 0, 0),
+                ]
+            ),
+            "is before the data of 'blk.0.attn_norm.weight'",
+        ),
+    }
+)
+
+
 @pytest.mark.parametrize("case", list(GGUF_CASES))
 def test_crafted_gguf(case, tmp_path, capsys):
     content, needle = GGUF_CASES[case]
@@ -299,3 +335,365 @@ def test_fuzz(fmt, tmp_path, capsys):
         outcomes[rc] += 1
     assert outcomes[1] > 60  # most mutations of a header are caught
     assert time.perf_counter() - t0 < 20
+
+
+# --------------------------------------------------------------------------- issue 18
+
+REFUSED_GGUF = [case for case, (_, needle) in GGUF_CASES.items() if needle]
+
+
+@pytest.mark.parametrize("case", list(REFUSED_GGUF))
+def test_estimate_refuses_what_quantize_refuses(case, tmp_path, capsys):
+    """Issue 18 defect 9: `--estimate` exited 0 on a shape that quantize refused."""
+    path = tmp_path / "m.gguf"
+    path.write_bytes(GGUF_CASES[case][0])
+    for argv in (["quantize", "--estimate"], ["inspect", "--estimate"]):
+        rc = main([*argv[:1], str(path), *argv[1:], "--format", "Q8_0"])
+        err = capsys.readouterr().err
+        assert rc == 1 and err.count("\n") == 1 and "m.gguf" in err, (argv, err)
+
+
+@pytest.mark.parametrize("flags", [["--method", "bogus"], ["--clip", "-1"]])
+def test_estimate_refuses_the_options_quantize_refuses(flags, tmp_path, capsys):
+    """Found with issue 18: a GGUF `--estimate` took a --method or --clip the job refused."""
+    (tmp_path / "m.gguf").write_bytes(gguf())
+    for argv in (
+        ["quantize", "--estimate"],
+        ["inspect", "--estimate"],
+        ["quantize", "-o", "o.gguf"],
+    ):
+        rc = main([argv[0], str(tmp_path / "m.gguf"), *argv[1:], "--format", "Q8_0", *flags])
+        err = capsys.readouterr().err
+        assert rc == 1 and err.count("\n") == 1 and flags[0][2:] in err, (argv, err)
+
+
+def test_padding_is_never_built_in_memory(tmp_path, capsys):
+    """Issue 18 defect 3: the largest alignment read (1 MiB here; 2**30 is refused above)
+    is padding written from a small zero block, not a list of 8-byte ints per byte."""
+    from flightquant.modelfiles import GGUFFile, GGUFOutput, OutTensor
+    from flightquant.modelfiles.gguf_files import MAX_ALIGNMENT
+
+    align = MAX_ALIGNMENT
+    data = np.ones(64, "<f4").tobytes()
+    content = gguf(
+        kvs=[kv("general.alignment", U32, struct.pack("<I", align))],
+        infos=[tensor_info("a.weight", (64,), 0, 0), tensor_info("b.weight", (64,), 0, align)],
+        data=data + bytes(align - len(data)) + data,
+        align=align,
+    )
+    (tmp_path / "m.gguf").write_bytes(content)
+    src = GGUFFile(tmp_path / "m.gguf")
+    out = GGUFOutput(
+        tmp_path / "o.gguf", src, [OutTensor(t.name, t.ne, t.type) for t in src.tensors]
+    )
+    tracemalloc.start()
+    try:
+        for t in src.tensors:
+            out.write(t.name, src.data(t))
+        out.close()
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+        src.close()
+    assert peak < align // 2, peak  # gguf-py's own padding: 8 bytes per byte
+    written = (tmp_path / "o.gguf").read_bytes()  # the same, padded after the last tensor
+    assert written[: len(content)] == content and len(written) % align == 0
+    assert not any(written[len(content) :])
+
+
+SHRINK = """
+import sys
+from pathlib import Path
+from flightquant.cli import main, quantize_gguf
+
+path = Path({path!r})
+plan = quantize_gguf.plan
+
+def plan_then_shrink(args, source):  # another process truncates the input mid-job
+    choices = plan(args, source)
+    with open(path, "r+b") as fh:
+        fh.truncate({cut})
+    return choices
+
+quantize_gguf.plan = plan_then_shrink
+sys.exit(main(["quantize", str(path), "-o", str(path.with_name("out.gguf")), "-q",
+               "--format", "Q8_0", "--type", "*norm*=F16"]))
+"""
+
+
+@pytest.mark.parametrize("cut", [0, 100, -4])
+def test_gguf_shrinking_during_the_job_is_a_clean_error(cut, tmp_path):
+    """Issue 18 defect 5: the kept and converted tensors' reads touched the memory map past
+    the end of a file truncated mid-job (SIGBUS) and left the .part file."""
+    from common import run_isolated
+
+    path = tmp_path / "m.gguf"
+    content = gguf()
+    path.write_bytes(content)
+    proc = run_isolated(SHRINK.format(path=str(path), cut=cut % len(content)))
+    assert proc.returncode == 1, (proc.returncode, proc.stderr[-2000:])
+    lines = proc.stderr.splitlines()
+    assert len(lines) == 1 and "m.gguf" in lines[0] and "truncated" in lines[0], proc.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.gguf"]
+
+
+def test_zero_size_tensor_requantized(tmp_path, capsys):
+    """Issue 18 defect 9: a zero-size Q8_0 tensor with --allow-requantize raised NumPy's
+    "cannot reshape array of size 0"."""
+    import gguf as gguf_py
+
+    content = gguf(
+        infos=[tensor_info("blk.0.attn_q.weight", (32, 0), 8, 0), tensor_info("t.weight", (64, 4))],
+    )
+    path = tmp_path / "m.gguf"
+    path.write_bytes(content)
+    out = tmp_path / "o.gguf"
+    argv = ["quantize", str(path), "-o", str(out), "-q", "--format", "Q4_0", "--allow-requantize"]
+    assert main(argv) == 0, capsys.readouterr().err
+    tensors = {t.name: t for t in gguf_py.GGUFReader(str(out)).tensors}
+    assert tensors["blk.0.attn_q.weight"].n_elements == 0
+
+
+# ----------------------------------------------------------------- inputs that are not files
+
+FIFO_CHILD = """
+import json, os, sys
+from pathlib import Path
+from flightquant.cli import main
+
+results = {{}}
+for name in {names!r}:
+    path = Path({tmp!r}) / name
+    os.mkfifo(path)
+    argv = ["inspect", str(path)]
+    if name == "model-folder":
+        argv = ["quantize", str(path), "-o", str(path) + "-out", "--format", "compressed-tensors"]
+    results[name] = main(argv)
+print(json.dumps(results))
+"""
+
+
+def test_fifo_inputs_are_refused(tmp_path):
+    """Issue 18 defect 7: `inspect` on a FIFO named .npy/.npz/.arrow/.parquet/.gguf hung
+    forever (the child process's timeout is the hang)."""
+    from common import run_isolated
+
+    names = ["x.npy", "x.npz", "x.arrow", "x.parquet", "x.gguf", "x.safetensors", "model-folder"]
+    proc = run_isolated(FIFO_CHILD.format(names=names, tmp=str(tmp_path)), timeout=60)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert json.loads(proc.stdout.splitlines()[-1]) == dict.fromkeys(names, 1)
+    lines = proc.stderr.splitlines()
+    assert len(lines) == len(names) and all("is a FIFO, not a regular file" in x for x in lines)
+
+
+def test_device_input_is_refused(capsys):
+    assert main(["inspect", "/dev/zero.npy"]) == 1  # no such file
+    capsys.readouterr()
+    from flightquant.modelfiles import check_input_file
+
+    with pytest.raises(ValueError, match="is a device"):
+        check_input_file("/dev/zero")
+
+
+# --------------------------------------------------------------------------- model folders
+
+
+def ct_model(folder: Path) -> Path:
+    """A tiny Llama-shaped float model folder (one Linear weight, a norm, config.json)."""
+    from safetensors.numpy import save_file
+
+    rng = np.random.default_rng(3)
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors = {
+        "model.layers.0.mlp.up_proj.weight": (rng.standard_normal((64, 128)) * 0.05).astype("<f2"),
+        "model.norm.weight": np.ones(128, "<f2"),
+    }
+    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    (folder / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 128}))
+    return folder
+
+
+def ct_quantize(src: Path, out: Path, capsys) -> tuple[int, str]:
+    argv = ["quantize", str(src), "-o", str(out), "--format", "compressed-tensors"]
+    rc = main([*argv, "--group-size", "64"])
+    return rc, capsys.readouterr().err
+
+
+def test_side_files_never_come_from_outside_the_folder(tmp_path, capsys):
+    """Issue 18 defect 2: side files were copied by following symlinks
+    (generation_config.json -> /proc/self/environ put the environment into the output)."""
+    src = ct_model(tmp_path / "models" / "m")
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "secret.txt").write_text("secret")
+    (src / "generation_config.json").symlink_to("/proc/self/environ")
+    (src / "tokenizer.json").symlink_to("../../elsewhere/secret.txt")
+    (src / "special_tokens_map.json").symlink_to("/dev/zero")
+    (src / "tokenizer_config.json").write_text("{}")
+    (src / "vocab.txt").symlink_to("tokenizer_config.json")  # inside: fine
+    os.mkfifo(src / "merges.txt")  # not a regular file: skipped, no hang
+    rc, err = ct_quantize(src, tmp_path / "out", capsys)
+    assert rc == 0, err
+    copied = sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert copied == ["config.json", "model.safetensors", "tokenizer_config.json", "vocab.txt"]
+    for name in ("generation_config.json", "tokenizer.json"):
+        assert f"warning: not copied: {src / name}: leads to" in err, err
+    assert "secret" not in (tmp_path / "out" / "vocab.txt").read_text()
+
+
+def test_side_files_of_a_hugging_face_cache_snapshot_are_copied(tmp_path, capsys):
+    """A snapshot's files are symlinks into its repository's blobs/: that is inside."""
+    repo = tmp_path / "models--org--m"
+    snap = ct_model(repo / "snapshots" / "abc123")
+    (repo / "blobs").mkdir()
+    (repo / "blobs" / "f00d").write_text('{"version": "1.0"}')
+    (snap / "tokenizer.json").symlink_to("../../blobs/f00d")
+    config = snap / "config.json"
+    (repo / "blobs" / "c0de").write_text(config.read_text())
+    config.unlink()
+    config.symlink_to("../../blobs/c0de")
+    rc, err = ct_quantize(snap, tmp_path / "out", capsys)
+    assert rc == 0, err
+    assert (tmp_path / "out" / "tokenizer.json").read_text() == '{"version": "1.0"}'
+
+
+def test_config_outside_the_folder_is_refused(tmp_path, capsys):
+    src = ct_model(tmp_path / "m")
+    (tmp_path / "other.json").write_text(json.dumps({"model_type": "llama", "token": "x"}))
+    (src / "config.json").unlink()
+    (src / "config.json").symlink_to("../other.json")
+    rc, err = ct_quantize(src, tmp_path / "out", capsys)
+    assert rc == 1 and "outside the model folder" in err, err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("name", ["config.json", "model.safetensors.index.json"])
+def test_json_files_are_capped(name, tmp_path, capsys):
+    """Issue 18 defect 8: a 367 MB index took 2 GiB of memory, a 1 GiB config.json 3.1 GiB."""
+    from flightquant.modelfiles import MAX_JSON_BYTES
+
+    src = ct_model(tmp_path / "m")
+    with open(src / name, "wb") as fh:  # sparse: no disk, and never read
+        fh.truncate(MAX_JSON_BYTES + 1)
+    tracemalloc.start()
+    try:
+        rc, err = ct_quantize(src, tmp_path / "out", capsys)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert rc == 1 and f"{src / name}: {MAX_JSON_BYTES + 1} bytes, more than the" in err, err
+    assert peak < PEAK_LIMIT
+
+
+@pytest.mark.parametrize("name", ["config.json", "model.safetensors.index.json"])
+def test_deeply_nested_json_is_one_line(name, tmp_path, capsys):
+    """Issue 18 defect 9: JSON nested 100k deep was a bare RecursionError."""
+    src = ct_model(tmp_path / "m")
+    (src / name).write_text("[" * 100_000 + "]" * 100_000)
+    rc, err = ct_quantize(src, tmp_path / "out", capsys)
+    assert rc == 1 and err.count("\n") == 1, err
+    assert f"{src / name} is JSON nested too deeply" in err, err
+
+
+def test_unreadable_file_is_named(tmp_path):
+    """Issue 18 defect 9: a side file that cannot be read was a bare [Errno 5]."""
+    from flightquant.modelfiles import ModelIOError, copy_file
+
+    with pytest.raises(ModelIOError, match=r"^/proc/self/mem: cannot copy \(Input/output error\)"):
+        copy_file("/proc/self/mem", tmp_path / "copy")  # reading address 0: EIO
+    assert list(tmp_path.iterdir()) == []  # no partial copy left
+
+
+# --------------------------------------------------------------------------- outputs
+
+
+def test_output_problems_are_found_before_the_work(tmp_path, capsys, monkeypatch):
+    """Issue 18 defect 10: `[Errno 20] Not a directory` after quantizing everything."""
+    from flightquant import api
+    from flightquant.modelfiles import compressed_tensors
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("the work started")
+
+    monkeypatch.setattr(compressed_tensors, "quantize_weight", no_work)
+    monkeypatch.setattr(api, "quantize", no_work)
+    src = ct_model(tmp_path / "m")
+    for target in (tmp_path / "missing", tmp_path / "empty"):
+        link = tmp_path / f"link-{target.name}"
+        link.symlink_to(target)
+        rc, err = ct_quantize(src, link, capsys)
+        assert rc == 1 and "is a symbolic link" in err, err
+    np.savez(tmp_path / "x.npz", w=np.ones((4, 64), np.float32))
+    (tmp_path / "o.arrow").mkdir()
+    assert main(["quantize", str(tmp_path / "x.npz"), "-o", str(tmp_path / "o.arrow")]) == 1
+    assert "o.arrow: is a directory; give a file name" in capsys.readouterr().err
+
+
+@pytest.fixture
+def umask_022():
+    old = os.umask(0o022)
+    yield
+    os.umask(old)
+
+
+@pytest.mark.parametrize("ext", [".arrow", ".parquet", ".gguf", ".safetensors"])
+def test_outputs_get_the_umask_mode_or_keep_theirs(ext, tmp_path, capsys, umask_022):
+    """Issue 18 defect 11: outputs were written 0600 (a mkstemp file renamed into place),
+    even when they replaced a 0644 file."""
+    if ext == ".gguf":
+        (tmp_path / "in.gguf").write_bytes(gguf())
+        argv = ["quantize", str(tmp_path / "in.gguf"), "--format", "Q8_0"]
+    elif ext == ".safetensors":
+        np.savez(tmp_path / "x.npz", w=np.ones((4, 64), np.float32))
+        assert (
+            main(["quantize", str(tmp_path / "x.npz"), "-q", "-o", str(tmp_path / "q.arrow")]) == 0
+        )
+        argv = ["dequantize", str(tmp_path / "q.arrow")]
+    else:
+        np.savez(tmp_path / "x.npz", w=np.ones((4, 64), np.float32))
+        argv = ["quantize", str(tmp_path / "x.npz")]
+    out = tmp_path / f"out{ext}"
+    assert main([*argv, "-q", "-o", str(out)]) == 0, capsys.readouterr().err
+    assert stat.S_IMODE(out.stat().st_mode) == 0o644
+    out.chmod(0o640)
+    assert main([*argv, "-q", "-o", str(out)]) == 0, capsys.readouterr().err
+    assert stat.S_IMODE(out.stat().st_mode) == 0o640
+
+
+# --------------------------------------------------------------------------- the server's budget
+
+
+def _with_key(batch: pa.RecordBatch, key: bytes, value: bytes) -> pa.RecordBatch:
+    field = batch.schema.field("w")
+    schema = batch.schema.set(0, field.with_metadata({**field.metadata, key: value}))
+    return pa.RecordBatch.from_arrays(batch.columns, schema=schema)
+
+
+def test_one_reading_of_the_metadata_sizes_and_decodes():
+    """Issue 18 defect 4: a native batch that also said ``flightquant.format: Q8_0`` was
+    sized by the memory budget as Q8_0 (4x less output) but decoded as native."""
+    import flightquant as fq
+    from flightquant import budget
+    from flightquant.options import QuantOptions
+
+    x = np.random.default_rng(0).standard_normal((1, 1 << 16)).astype(np.float64)
+    batch = pa.record_batch({"w": pa.array(list(x), pa.list_(pa.float64()))})
+    native = fq.quantize(batch, bits=2, group_size=1 << 16)
+    ggml = fq.quantize(batch.cast(pa.schema([("w", pa.list_(pa.float32()))])), format="Q8_0")
+    op = QuantOptions.from_mapping({"op": "dequantize"})
+    for good, key, value in (
+        (native, b"flightquant.format", b"Q8_0"),
+        (ggml, b"flightquant.bits", b"8"),
+        (ggml, b"flightquant.group_size", b"32"),
+    ):
+        bad = _with_key(good, key, value)
+        assert budget.output_bound(bad, op) >= budget.output_bound(good, op)
+        with pytest.raises(ValueError, match=f"has no {key.decode()} key"):
+            fq.dequantize(bad)
+    # what the native batch decodes to (64 Ki float64) is what the budget counts
+    assert budget.output_bound(native, op) >= 8 << 16
+    with (
+        fq.Server("grpc://127.0.0.1:0") as server,
+        fq.Client(f"grpc://127.0.0.1:{server.port}") as c,
+    ):
+        with pytest.raises(pa.ArrowInvalid, match="has no flightquant.format key"):
+            c.dequantize(_with_key(native, b"flightquant.format", b"Q8_0"))

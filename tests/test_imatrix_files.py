@@ -337,7 +337,7 @@ def test_not_a_regular_file(tmp_path):
     fifo = tmp_path / "pipe.gguf"
     os.mkfifo(fifo)
     assert "not a regular file" in attempt(fifo)  # and does not block
-    assert "not a regular file" in attempt(tmp_path)
+    assert "is a directory, not a file" in attempt(tmp_path)
     with pytest.raises(ModelIOError, match="missing"):
         read_imatrix(tmp_path / "missing.gguf")
 

@@ -24,17 +24,21 @@ cdef void set_params(Params* p, int bits, int scheme, int method, int64_t group_
                      int64_t groups_per_block, int qmin, int qmax, int offset,
                      bint has_clip, float clip, bint stats) noexcept nogil
 
-# the number of blocks holding a non-finite value (outputs then incomplete), -1: no memory
+# the number of blocks holding a non-finite value (outputs then incomplete), -1: no memory.
+# imp: NULL, or float32 importance weights at any address: row r with imp_starts[r] >= 0
+# weighs its element e by imp[imp_starts[r] + e % imp_k[r]] in the mse search
 cdef int64_t quantize_f32(const float* values, const int64_t* row_starts,
                           const int64_t* row_lens, const int64_t* go, const int64_t* co,
                           const int64_t* bo, int64_t nrows, const Params* p, uint8_t* codes,
                           float* scales, float* zps, double* gsse, double* gmax,
-                          int n_threads, int64_t stage_elems) noexcept nogil
+                          int n_threads, int64_t stage_elems, const uint8_t* imp,
+                          const int64_t* imp_starts, const int64_t* imp_k) noexcept nogil
 cdef int64_t quantize_f64(const double* values, const int64_t* row_starts,
                           const int64_t* row_lens, const int64_t* go, const int64_t* co,
                           const int64_t* bo, int64_t nrows, const Params* p, uint8_t* codes,
                           float* scales, float* zps, double* gsse, double* gmax,
-                          int n_threads, int64_t stage_elems) noexcept nogil
+                          int n_threads, int64_t stage_elems, const uint8_t* imp,
+                          const int64_t* imp_starts, const int64_t* imp_k) noexcept nogil
 
 # 0, or -1: no memory
 cdef int dequantize_f32(const uint8_t* codes, const int64_t* row_lens, const int64_t* go,

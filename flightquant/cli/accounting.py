@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from .. import modelfiles
+from .. import modelfiles, wire
 from .common import JobError
 
 # --------------------------------------------------------------------------- accounting
@@ -122,12 +122,11 @@ def list_lengths(col: pa.Array) -> np.ndarray:
 
 
 def float_list_columns(schema: pa.Schema, names: list[str] | None) -> list[str]:
+    """The columns the codec quantizes (importance columns are consumed, not quantized)."""
+    consumed = set(wire.importance_columns(schema).values())
     picked = []
-    for f in schema:
-        t = f.type
-        if (
-            pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t)
-        ) and pa.types.is_floating(t.value_type):
+    for i, f in enumerate(schema):
+        if wire.is_float_list(f.type) and i not in consumed:
             if names is None or f.name in names:
                 picked.append(f.name)
     return picked

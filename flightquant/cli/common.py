@@ -47,6 +47,13 @@ def add_quant_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--clip", type=float, default=None, metavar="X", help="clamp inputs to [-X, X] first"
     )
+    p.add_argument(
+        "--imatrix",
+        default=None,
+        metavar="FILE",
+        help="llama.cpp importance matrix (GGUF or .dat): weigh each tensor by it (ggml "
+        "formats: llama-quantize --imatrix; native: needs --method mse)",
+    )
 
 
 def format_name(args: argparse.Namespace) -> str:
@@ -106,12 +113,6 @@ def add_gguf_options(p: argparse.ArgumentParser) -> None:
         help="GGUF: leave output.weight as it is",
     )
     p.add_argument(
-        "--imatrix",
-        metavar="FILE",
-        help="GGUF: importance matrix (llama-imatrix's .gguf or legacy .dat) weighting the "
-        "error each tensor's quantization minimises",
-    )
-    p.add_argument(
         "--target-size",
         metavar="SIZE",
         help="GGUF: choose each tensor's type for the least (importance-weighted) error "
@@ -144,7 +145,6 @@ GGUF_FLAGS = (
     ("--output-tensor-type", "output_tensor_type"),
     ("--token-embedding-type", "token_embedding_type"),
     ("--leave-output-tensor", "leave_output_tensor"),
-    ("--imatrix", "imatrix"),
     ("--target-size", "target_size"),
     ("--target-bpw", "target_bpw"),
     ("--allow-requantize", "allow_requantize"),
@@ -367,6 +367,84 @@ class Runner:
     def close(self) -> None:
         if self.client is not None and hasattr(self.client, "close"):
             self.client.close()
+
+
+class ImportanceFeed:
+    """``--imatrix FILE``: each batch gets its quantized columns' importance columns, the
+    vector of a row looked up by the row's key (the tensor's name) in the imatrix. A tensor
+    the file lacks, or holds per expert (``[n_expert, k]``), is quantized without it and
+    listed in the summary (:meth:`summary`)."""
+
+    def __init__(self, path: str, options: dict[str, Any]):
+        from ..modelfiles.imatrix import read_imatrix
+        from ..options import QuantOptions, check_importance_method
+
+        mapping = {k: v for k, v in options.items() if k != "columns"}
+        check_importance_method(QuantOptions.from_mapping(mapping), f"--imatrix {path}: the job")
+        self.path = path
+        self.imatrix = read_imatrix(path)
+        self.columns = options.get("columns")
+        self.used: list[str] = []
+        self.missing: list[str] = []
+        self.per_expert: list[str] = []
+
+    def check(self, name: str, shape: tuple[int, ...], block_size: int = 1) -> None:
+        """Before any work: ``name``'s importance fits its rows (``JobError`` otherwise)."""
+        w = self.imatrix.importance(name)
+        if w is None or w.ndim != 1:
+            return
+        k = shape[-1] if shape else 1
+        if w.size != k or k % block_size:
+            raise JobError(
+                f"--imatrix {self.path}: {name} has {w.size} importance weights, but the "
+                f"tensor's rows have {k} elements (shape {list(shape)})"
+                + (f" and must be whole blocks of {block_size}" if k % block_size else "")
+                + ": the imatrix is for another model"
+            )
+
+    def add(self, batches: Iterable[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+        from .. import wire
+        from ..arrays import with_importance
+
+        for batch in batches:
+            i = wire.key_column(batch.schema)
+            if i is None:
+                raise JobError(
+                    f"--imatrix {self.path}: the input has no string column naming each row's "
+                    "tensor, so no importance can be looked up"
+                )
+            keys = batch.column(i).to_pylist()
+            quantized = [
+                j for j, f in enumerate(batch.schema)
+                if wire.is_float_list(f.type) and (self.columns is None or f.name in self.columns)
+            ]  # fmt: skip
+            vectors = {}
+            for r, key in enumerate(keys):
+                if key is None or not any(batch.column(j)[r].is_valid for j in quantized):
+                    continue  # a kept tensor
+                w = self.imatrix.importance(key)
+                if w is None:
+                    self.missing.append(key)
+                elif w.ndim != 1:
+                    self.per_expert.append(key)
+                else:
+                    vectors[key] = w
+                    self.used.append(key)
+            yield with_importance(batch, vectors, self.columns)
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "file": self.path,
+            "tensors": len(self.used),
+            "without": self.missing,
+            "per_expert_without": self.per_expert,
+        }
+
+
+def imatrix_feed(args: argparse.Namespace, options: dict[str, Any]) -> ImportanceFeed | None:
+    """The ``--imatrix`` of ``args`` (None without one)."""
+    path = getattr(args, "imatrix", None)
+    return ImportanceFeed(path, options) if path else None
 
 
 def read_token(path: str) -> str:

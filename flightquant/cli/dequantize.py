@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from .. import modelfiles
@@ -65,6 +67,7 @@ def run(args: argparse.Namespace) -> int:
             "(it must be an .arrow/.parquet file written by `flightquant quantize`)"
         )
     check_not_same(args.input, args.output)
+    modelfiles.check_output_path(args.output)  # before any work
     tensor_out = fmt in ("safetensors", "npz")
     if tensor_out and not modelfiles.is_tensor_layout(source.schema):
         raise JobError(
@@ -79,11 +82,12 @@ def run(args: argparse.Namespace) -> int:
     writer = None
     stream = runner.dequantize(read_ahead(never_empty(source.iter_batches(), source.schema, None)))
     try:
-        with modelfiles.atomic_output(args.output) as tmp:
+        with modelfiles.atomic_output(args.output) as tmp, _naming(args):
             if fmt == "safetensors":
                 st_meta = source.metadata.get(modelfiles.META_SAFETENSORS)
+                where = f"{args.input}: schema metadata {modelfiles.META_SAFETENSORS.decode()}"
                 writer = modelfiles.SafetensorsWriter(
-                    tmp, infos, json.loads(st_meta) if st_meta else None
+                    tmp, infos, modelfiles.parse_json(st_meta, where) if st_meta else None
                 )
             elif fmt == "npz":
                 writer = modelfiles.NpzWriter(tmp)
@@ -122,6 +126,19 @@ def run(args: argparse.Namespace) -> int:
                 f"({runner.where})"
             )
     return 0
+
+
+@contextmanager
+def _naming(args: argparse.Namespace) -> Iterator[None]:
+    """A tensor of INPUT that cannot be written (its shape, dtype or metadata) is an error
+    naming INPUT."""
+    try:
+        yield
+    except modelfiles.ModelIOError as exc:
+        text = str(exc)
+        if args.input in text or args.output in text:
+            raise
+        raise JobError(f"{args.input}: {text}") from None
 
 
 def tensor_infos(source) -> list[TensorInfo]:

@@ -19,19 +19,13 @@ from gguf import GGUFValueType
 from ..modelfiles.gguf_policy import Choice
 from .common import JobError
 
-#: the column the codec reads a row's importance vector from (``<codes column>_importance``)
-IMPORTANCE_COLUMN = "weights_importance"
 #: llama_model_kv_override's val_str holds 127 bytes and a NUL
 MAX_STR = 127
 
 
 def load(path: str):
     """The importance matrix in ``path`` (llama-imatrix's GGUF or legacy ``.dat``)."""
-    from .. import arrays
     from ..modelfiles.imatrix import read_imatrix
-
-    if not hasattr(arrays, "with_importance"):  # the codec takes no importance column
-        raise JobError("--imatrix: this flightquant's codec does not take importance vectors")
 
     return read_imatrix(path)
 
@@ -73,10 +67,12 @@ def vectors(imatrix, choices: Sequence[Choice]) -> dict[str, np.ndarray]:
 
 
 def with_importance(batch: pa.RecordBatch, vecs: Mapping[str, np.ndarray]) -> pa.RecordBatch:
-    """``batch`` with the importance column: each row's vector by its layer name, or null."""
-    names = batch.column("layer_name").to_pylist()
-    col = pa.array([vecs.get(n) for n in names], pa.list_(pa.float32()))
-    return batch.append_column(IMPORTANCE_COLUMN, col)
+    """``batch`` with the codec's importance column for ``weights``: each row's vector by
+    its layer name (none for the others)."""
+    from ..arrays import with_importance
+
+    names = set(batch.column("layer_name").to_pylist())
+    return with_importance(batch, {n: w for n, w in vecs.items() if n in names}, ["weights"])
 
 
 def metadata(path: str, imatrix) -> dict[str, tuple[int, object]]:

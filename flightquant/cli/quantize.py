@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .. import modelfiles
+from .. import formats, modelfiles
 from ..modelfiles import TensorInfo
 from .accounting import Ledger, float_list_columns
 from .common import (
@@ -31,6 +31,7 @@ from .common import (
     check_not_same,
     command,
     gguf_flags_given,
+    imatrix_feed,
     is_quantized,
     never_empty,
     one_line_errors,
@@ -99,6 +100,11 @@ def run(args: argparse.Namespace) -> int:
     if (args.format or "").lower() == "compressed-tensors":
         from . import quantize_ct
 
+        if args.imatrix:
+            raise JobError(
+                "--imatrix applies to the ggml and native formats, not compressed-tensors"
+            )
+
         return quantize_ct.run(args)
     source = modelfiles.open_input(args.input)
     if source.kind == "gguf":
@@ -116,16 +122,22 @@ def run(args: argparse.Namespace) -> int:
     if source.kind == "table" and is_quantized(source.schema):
         raise JobError(f"{args.input} is already quantized; `flightquant dequantize` restores it")
     selected = selection(args, source)
-    if "format" in options and source.kind == "tensors":  # a ggml block must fit each tensor
+    imatrix = imatrix_feed(args, options)
+    block = formats.get(options["format"]).block_size if "format" in options else 1
+    if source.kind == "tensors":
         for info in source.infos:
             if selected(info):
-                quantized_bytes(info.numel, options, info.name)
+                if "format" in options:  # a ggml block must fit each tensor
+                    quantized_bytes(info.numel, options, info.name)
+                if imatrix is not None:
+                    imatrix.check(info.name, tuple(info.shape), block)
     if args.estimate:
         return print_estimate(source, options, args, selected)
     if not args.output:
         raise JobError("quantize needs -o OUTPUT (.arrow or .parquet), or --estimate")
     fmt = modelfiles.output_format(args.output, ("arrow", "parquet"))
     check_not_same(args.input, args.output)
+    modelfiles.check_output_path(args.output)  # before any work
     runner = Runner(args)
     t0 = time.perf_counter()
     meta: dict[bytes, bytes] = {b"flightquant.source_format": source.format.encode()}
@@ -159,7 +171,10 @@ def run(args: argparse.Namespace) -> int:
         total = None
     bar = progress(args, total, "quantize")
     writer = None
-    stream = runner.quantize(read_ahead(ledger.feed(batches, infos_q)), stats=True, **options)
+    fed = ledger.feed(batches, infos_q)
+    if imatrix is not None:
+        fed = imatrix.add(fed)
+    stream = runner.quantize(read_ahead(fed), stats=True, **options)
     try:
         with modelfiles.atomic_output(args.output) as tmp:
             for out in stream:
@@ -179,6 +194,12 @@ def run(args: argparse.Namespace) -> int:
     seconds = time.perf_counter() - t0
     if not args.quiet:
         print_summary(
-            args, ledger.stats, seconds, options, runner.where, Path(args.output).stat().st_size
+            args,
+            ledger.stats,
+            seconds,
+            options,
+            runner.where,
+            Path(args.output).stat().st_size,
+            importance=imatrix.summary() if imatrix is not None else None,
         )
     return 0

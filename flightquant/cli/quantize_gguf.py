@@ -63,6 +63,10 @@ def plan(args: argparse.Namespace, source: GGUFFile) -> list[Choice]:
     for flag in ("bits", "group_size", "scheme"):
         if getattr(args, flag, None) is not None:
             raise JobError(f"--{flag.replace('_', '-')}: implied by --format {rec.name}")
+    from ..options import QuantOptions
+
+    # validated here, so --estimate refuses what the job refuses
+    QuantOptions.from_mapping({"method": args.method, "clip": args.clip})
     if source.value("split.count", 1) != 1:
         raise JobError(
             f"{source.path} is one shard of a split model; merge the shards first "
@@ -154,9 +158,7 @@ def run(args: argparse.Namespace, source: GGUFFile) -> int:
             )
         modelfiles.output_format(args.output, ("gguf",))
         check_not_same(args.input, args.output)
-        from ..options import QuantOptions
-
-        QuantOptions.from_mapping({"method": args.method, "clip": args.clip})  # validates
+        modelfiles.check_output_path(args.output)  # before any work
     except BaseException:
         source.close()
         raise

@@ -133,6 +133,18 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         help="serve grpc.health.v1 on this port (0 = any free)",
     )
     p.add_argument(
+        "--metrics-port",
+        type=_port,
+        default=None,
+        help="serve Prometheus metrics at http://HOST:PORT/metrics (0 = any free); plain "
+        "HTTP, not covered by TLS or the token",
+    )
+    p.add_argument(
+        "--metrics-host",
+        default="127.0.0.1",
+        help="interface of --metrics-port (default 127.0.0.1, whatever --host is)",
+    )
+    p.add_argument(
         "--drain-timeout",
         type=float,
         default=30.0,
@@ -143,6 +155,13 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         default="INFO",
         choices=["DEBUG", "INFO", "WARNING", "ERROR"],
         help="default INFO",
+    )
+    p.add_argument(
+        "--log-format",
+        default="text",
+        choices=["text", "json"],
+        help="stderr lines as text (default) or one JSON object per line: one per finished "
+        "stream, plus start, drain and stop",
     )
     p.set_defaults(func=run)
     return p
@@ -190,12 +209,9 @@ def _fail(message: str) -> int:
 
 def run(args: argparse.Namespace) -> int:
     _tune_for_address_space_limit()
-    logging.basicConfig(
-        level=getattr(logging, args.log_level),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-    from .. import security
+    from .. import logs, security
+
+    logs.configure(args.log_format, getattr(logging, args.log_level))
     from ..server import Server
 
     if (args.tls_cert is None) != (args.tls_key is None):
@@ -229,6 +245,8 @@ def run(args: argparse.Namespace) -> int:
             root_certificates=roots,
             health_port=args.health_port,
             drain_timeout=args.drain_timeout,
+            metrics_port=args.metrics_port,
+            metrics_host=args.metrics_host,
         )
     except (ValueError, OSError) as exc:
         return _fail(f"cannot start the server on {scheme}://{host}:{args.port}: {exc}")
@@ -247,21 +265,32 @@ def run(args: argparse.Namespace) -> int:
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
     log = logging.getLogger("flightquant.server")
     line = f"flightquant serving on {server.location}"
+    extra = []
     if server.health_port is not None:
-        line += f" (health on port {server.health_port})"
+        extra.append(f"health on port {server.health_port}")
+    if server.metrics_port is not None:
+        extra.append(f"metrics on port {server.metrics_port}")
+    if extra:
+        line += f" ({', '.join(extra)})"
     print(line, flush=True)
-    log.info(
-        "%s; max_streams=%d max_batch_bytes=%d memory_limit=%d (%s) idle_timeout=%s "
-        "threads=%s tls=%s auth=%s",
-        line,
-        args.max_streams,
-        args.max_batch_bytes,
-        server.memory_limit,
-        server.config()["memory_limit_source"],
-        server.idle_timeout,
-        args.threads or "auto (cores - 1, shared by streams)",
-        bool(certs),
-        token is not None,
+    threads = args.threads or "auto (cores - 1, shared by streams)"
+    logs.event(
+        log,
+        "start",
+        f"{line}; max_streams={args.max_streams} max_batch_bytes={args.max_batch_bytes} "
+        f"memory_limit={server.memory_limit} ({server.config()['memory_limit_source']}) "
+        f"idle_timeout={server.idle_timeout} threads={threads} tls={bool(certs)} "
+        f"auth={token is not None}",
+        location=server.location,
+        health_port=server.health_port,
+        metrics_port=server.metrics_port,
+        max_streams=args.max_streams,
+        max_batch_bytes=args.max_batch_bytes,
+        memory_limit=server.memory_limit,
+        idle_timeout=server.idle_timeout,
+        threads=args.threads,
+        tls=bool(certs),
+        auth=token is not None,
     )
     try:
         while not stop.wait(0.5):
@@ -269,14 +298,26 @@ def run(args: argparse.Namespace) -> int:
     finally:
         for s, h in previous.items():
             signal.signal(s, h)
-    log.info("signal received: draining (deadline %.1fs)", args.drain_timeout)
+    logs.event(
+        log,
+        "drain",
+        f"signal received: draining (deadline {args.drain_timeout:.1f}s)",
+        deadline=args.drain_timeout,
+        streams_active=server.stats()["streams_active"],
+    )
     clean = server.drain()
     if not clean:
         # the deadline is the policy the operator chose, so this is still a normal stop
-        log.warning("stopped: streams still open at the drain deadline were cut off")
+        logs.event(
+            log,
+            "stop",
+            "stopped: streams still open at the drain deadline were cut off",
+            logging.WARNING,
+            clean=False,
+        )
         sys.stdout.flush()
         sys.stderr.flush()
         # a stalled stream keeps pyarrow's shutdown waiting; do not wait for it at exit
         os._exit(0)
-    log.info("stopped")
+    logs.event(log, "stop", "stopped", clean=True)
     return 0

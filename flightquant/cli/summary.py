@@ -86,9 +86,19 @@ def summary_dict(
 
 
 def print_summary(
-    args, stats: list[TensorStat], seconds: float, options: dict, where: str, file_bytes: int
+    args,
+    stats: list[TensorStat],
+    seconds: float,
+    options: dict,
+    where: str,
+    file_bytes: int,
+    importance: dict | None = None,
 ) -> None:
+    """The job's summary; ``importance`` (``--imatrix``): the file, how many tensors it
+    weighed, and the quantized tensors it had no vector for."""
     summary = summary_dict(stats, seconds, options, where, file_bytes)
+    if importance is not None:
+        summary["importance"] = importance
     if args.json:
         print(json.dumps(summary, indent=2))
         return
@@ -130,11 +140,26 @@ def print_summary(
         f"(ratio {ratio}{bpw}); file {fmt_bytes(file_bytes)}"
     )
     print(f"SNR         {fmt_db(snr_of(s))} dB overall" + worst(stats))
+    if importance is not None:
+        print(importance_line(importance))
     rate = s["throughput_bytes_per_s"]
     print(
         f"time        {seconds:.2f} s ({fmt_bytes(rate) + '/s' if rate else '-'}, "
         f"{s['parameters'] / seconds / 1e6 if seconds > 0 else 0:.1f} M weights/s)"
     )
+
+
+def importance_line(imp: dict) -> str:
+    """``importance  N tensors weighed by FILE; M without: a, b (...)``."""
+    line = f"importance  {imp['tensors']} tensors weighed by {imp['file']}"
+    for key, what in (("without", "not in it"), ("per_expert_without", "per expert, not applied")):
+        names = imp[key]
+        if names:
+            shown = ", ".join(names[:8]) + (
+                f", ... ({len(names) - 8} more)" if len(names) > 8 else ""
+            )
+            line += f"; {len(names)} {what}, quantized without importance: {shown}"
+    return line
 
 
 def snr_of(summary: dict) -> float | None:

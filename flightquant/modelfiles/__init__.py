@@ -22,14 +22,22 @@ from .common import (
     DEFAULT_BATCH_BYTES,
     FLOAT_DTYPES,
     ITEMSIZE,
+    MAX_JSON_BYTES,
     MAX_TENSOR_ELEMENTS,
     PASS_DTYPES,
     ModelIOError,
     TensorInfo,
     atomic_output,
+    check_input_file,
+    check_input_path,
+    check_output_path,
+    copy_file,
     dtype_name,
     from_float32,
+    inside_folder,
     numpy_dtype,
+    parse_json,
+    read_json,
     to_float32,
     write_mode,
 )
@@ -62,6 +70,7 @@ __all__ = [
     "GGUFOutput",
     "GGUFTensor",
     "ITEMSIZE",
+    "MAX_JSON_BYTES",
     "MAX_TENSOR_ELEMENTS",
     "META_SAFETENSORS",
     "META_SOURCE",
@@ -81,8 +90,13 @@ __all__ = [
     "TensorInfo",
     "TensorSource",
     "atomic_output",
+    "check_input_file",
+    "check_input_path",
+    "check_output_path",
+    "copy_file",
     "dtype_name",
     "from_float32",
+    "inside_folder",
     "input_format",
     "is_tensor_layout",
     "list_offsets",
@@ -91,6 +105,8 @@ __all__ = [
     "numpy_dtype",
     "open_input",
     "output_format",
+    "parse_json",
+    "read_json",
     "tensor_batches",
     "tensors_from_batch",
     "to_float32",
@@ -138,11 +154,7 @@ def output_format(path: str | os.PathLike, allowed: Sequence[str]) -> str:
 def open_input(path: str | os.PathLike) -> TensorSource | TableFile | GGUFFile:
     """Open an input file for reading (header only; data is read lazily)."""
     fmt = input_format(path)
-    p = Path(path)
-    if not p.exists():
-        raise ModelIOError(f"{os.fspath(path)}: no such file")
-    if p.is_dir():
-        raise ModelIOError(f"{os.fspath(path)}: is a directory, not a file")
+    p = check_input_file(path)
     if fmt in ("arrow", "parquet"):
         return TableFile(p, fmt)
     if fmt == "gguf":

@@ -2,6 +2,11 @@
 
 Table files are streamed batch by batch as they are; the CLI quantizes their float list
 columns in place and every other column passes through.
+
+pyarrow's IPC reader does not check offsets or bitmaps against the buffers, so every batch
+read from a file passes the same full validation as a batch from the network
+(:func:`flightquant.validate.validate_batch`) before any column of it is read: a crafted
+file is one error naming the file and the column, never a crash or another column's bytes.
 """
 
 from __future__ import annotations
@@ -12,6 +17,8 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.ipc as ipc
 
+from ..errors import CodecError
+from ..validate import validate_batch
 from .common import ModelIOError, first_line, write_mode
 
 
@@ -25,6 +32,7 @@ class TableFile:
         self.format = fmt
         self._ipc_file = None
         self._ipc_stream_path = False
+        self._size = path.stat().st_size
         try:
             if fmt == "parquet":
                 import pyarrow.parquet as pq
@@ -74,21 +82,47 @@ class TableFile:
     ) -> Iterator[pa.RecordBatch]:
         """The file's batches in order (sliced by rows so none exceeds ``max_batch_bytes``)."""
         try:
-            for batch in self._raw_batches(columns):
+            for index, batch in enumerate(self._raw_batches(columns)):
+                self._validate(batch, index)
+                if columns and batch.schema.names != list(columns):
+                    batch = batch.select(columns)
                 yield from _rechunk(batch, max_batch_bytes)
         except ModelIOError:
             raise
         except (pa.ArrowException, OSError) as exc:
             raise ModelIOError(f"{self.path}: cannot read ({first_line(exc)})") from None
 
+    def _check_size(self) -> None:
+        """Batches read through a memory map are touched only while the file still holds
+        them: a file that shrank since it was opened would make reading them SIGBUS."""
+        try:
+            size = self.path.stat().st_size
+        except OSError as exc:
+            raise ModelIOError(f"{self.path}: cannot read ({exc.strerror or exc})") from None
+        if size < self._size:
+            raise ModelIOError(
+                f"{self.path}: the file shrank from {self._size} to {size} bytes since it was "
+                "opened (truncated by another process?)"
+            )
+
+    def _validate(self, batch: pa.RecordBatch, index: int) -> None:
+        try:
+            validate_batch(batch, where=f"{self.path}: batch {index}")
+        except CodecError as exc:
+            raise ModelIOError(str(exc)) from None
+
     def _raw_batches(self, columns) -> Iterator[pa.RecordBatch]:
+        """The file's batches as read (all columns, except Parquet's, which decodes only
+        ``columns``); :meth:`iter_batches` validates each before selecting ``columns``."""
         if self.format == "parquet":
             for rg in range(self._pq.num_row_groups):
+                self._check_size()
                 table = self._pq.read_row_group(rg, columns=columns)
                 yield from table.combine_chunks().to_batches() or []
         elif self._ipc_file is not None and columns:  # a few columns: from the memory map
             for i in range(self._ipc_file.num_record_batches):
-                yield self._ipc_file.get_batch(i).select(columns)
+                self._check_size()
+                yield self._ipc_file.get_batch(i)
         elif self._ipc_file is not None:
             # a whole pass reads each batch into memory that is freed (and reused) after it:
             # through the memory map, every page read would stay in the process's RSS
@@ -98,11 +132,15 @@ class TableFile:
                     yield reader.get_batch(i)
         elif self._ipc_stream_path:
             with ipc.open_stream(pa.memory_map(str(self.path), "r")) as reader:
-                for batch in reader:
-                    yield batch.select(columns) if columns else batch
+                while True:
+                    self._check_size()
+                    try:
+                        batch = reader.read_next_batch()
+                    except StopIteration:
+                        return
+                    yield batch
         else:
-            table = self._table.select(columns) if columns else self._table
-            yield from table.to_batches()
+            yield from self._table.to_batches()
 
     def read_columns(self, columns: Sequence[str]) -> pa.Table:
         """Selected columns of the whole file (cheap: no codes are decoded)."""

@@ -55,13 +55,24 @@ import os
 import shutil
 import struct
 import tempfile
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from .common import (
+    ModelIOError,
+    check_input_path,
+    check_output_path,
+    copy_file,
+    current_umask,
+    inside_folder,
+    parse_json,
+    read_json,
+)
 from .ct_quant import (  # noqa: F401 (public here too)
     _FLOAT_DTYPES,
     SCHEMES,
@@ -174,10 +185,8 @@ def _read_header(path: Path) -> tuple[dict[str, str], list[_Tensor]]:
             raw = fh.read(n)
     except OSError as exc:
         raise CompressedTensorsError(f"{path}: cannot read ({exc.strerror or exc})") from exc
-    try:
-        header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CompressedTensorsError(f"{path}: the safetensors header is not JSON ({exc})") from exc
+    with _as_ct_error():
+        header = parse_json(raw, f"{path}: the safetensors header")
     if not isinstance(header, dict):
         raise CompressedTensorsError(f"{path}: the safetensors header is not a JSON object")
     meta = header.pop("__metadata__", None) or {}
@@ -267,8 +276,21 @@ class _Source:
     tensors: list[_Tensor]
 
 
+@contextmanager
+def _as_ct_error() -> Iterator[None]:
+    """The shared file rules (:mod:`.common`) raise ModelIOError; this module's callers
+    catch CompressedTensorsError."""
+    try:
+        yield
+    except ModelIOError as exc:
+        raise CompressedTensorsError(str(exc)) from None
+
+
 def _open_source(source: str | os.PathLike) -> _Source:
     src = Path(source)
+    with _as_ct_error():
+        if src.exists() or src.is_symlink():
+            check_input_path(src)
     if src.is_file():
         if src.suffix != ".safetensors":
             raise CompressedTensorsError(
@@ -288,15 +310,13 @@ def _open_source(source: str | os.PathLike) -> _Source:
     else:
         raise CompressedTensorsError(f"{src}: no such file or folder")
     config_path = folder / CONFIG_NAME
-    if not config_path.is_file():
+    if not (config_path.exists() or config_path.is_symlink()):
         raise CompressedTensorsError(
             f"{config_path}: missing; a compressed-tensors folder needs the model's "
             "config.json (put it beside the .safetensors file)"
         )
-    try:
-        config = json.loads(config_path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CompressedTensorsError(f"{config_path}: not a readable JSON file ({exc})") from exc
+    with _as_ct_error():  # its content goes into the output: it must be the folder's own
+        config = read_json(inside_folder(folder, CONFIG_NAME))
     if not isinstance(config, dict):
         raise CompressedTensorsError(f"{config_path}: not a JSON object")
     if config.get("quantization_config"):
@@ -320,20 +340,20 @@ def _open_source(source: str | os.PathLike) -> _Source:
 
 
 def _index_files(index: Path) -> list[Path]:
-    try:
-        data = json.loads(index.read_text(encoding="utf-8"))
-        weight_map = data["weight_map"]
-        if not isinstance(weight_map, dict) or not all(
-            isinstance(v, str) for v in weight_map.values()
-        ):
-            raise TypeError("weight_map must map tensor names to file names")
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as exc:
-        raise CompressedTensorsError(f"{index}: not a safetensors index ({exc})") from exc
+    with _as_ct_error():
+        data = read_json(inside_folder(index.parent, index.name))
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise CompressedTensorsError(
+            f"{index}: not a safetensors index (weight_map must map tensor names to file names)"
+        )
     files: list[Path] = []
     for rel in dict.fromkeys(weight_map.values()):
         p = index.parent / rel
         if Path(rel).name != rel or not p.is_file():
             raise CompressedTensorsError(f"{index}: shard {rel!r} is not a file in {index.parent}")
+        with _as_ct_error():
+            inside_folder(index.parent, rel)
         files.append(p)
     return files
 
@@ -465,12 +485,8 @@ def _select(tensors: list[_Tensor], keep: Iterable[str], only: Iterable[str]) ->
 
 
 def _check_out_dir(out: Path) -> None:
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise CompressedTensorsError(
-            f"{out}: exists and is not an empty folder; choose a new output folder"
-        )
-    if not out.parent.is_dir():
-        raise CompressedTensorsError(f"{out}: folder {out.parent} does not exist")
+    with _as_ct_error():  # before any work: a symlink would fail only at the final rename
+        check_output_path(out, folder=True)
 
 
 def _report(progress, label: str, fraction: float) -> None:
@@ -591,7 +607,7 @@ def write_compressed_tensors(
     reports: list[TensorReport] = []
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".part", dir=out.parent))
     try:
-        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private; the result is not
+        os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp makes it private; the result is not
         with ThreadPoolExecutor(max_workers=n_threads) as pool:
             for shard_name, shard in zip(shard_names, shards, strict=True):
                 entries = [e for _, es in shard for e in es]
@@ -639,12 +655,6 @@ def write_compressed_tensors(
     return WriteResult(out, files, reports, ignore, qconfig, copied)
 
 
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
 def _plan_shards(plans, max_shard_bytes: int) -> list[list[tuple[_Tensor, list[_Entry]]]]:
     """Tensors in order, a new shard whenever the next one would pass the limit (a tensor
     larger than the limit gets a shard of its own)."""
@@ -681,7 +691,8 @@ def _write_quantized(fh, t: _Tensor, entries: list[_Entry], bits, group_size, sc
 
 def _copy_side_files(folder: Path, dest: Path) -> list[str]:
     """Copy the tokenizer, generation config and other plain files of the model folder;
-    never other weight files, their indexes, hidden files or subfolders."""
+    never other weight files, their indexes, hidden files or subfolders, and never a file
+    that is not the folder's own (a symlink out of it is skipped with a warning)."""
     copied = []
     for p in sorted(folder.iterdir()):
         name = p.name
@@ -693,6 +704,12 @@ def _copy_side_files(folder: Path, dest: Path) -> list[str]:
             or name.endswith(".index.json")
         ):
             continue
-        shutil.copyfile(p, dest / name)
+        try:
+            real = inside_folder(folder, name)
+        except ModelIOError as exc:
+            log.warning("not copied: %s", exc)
+            continue
+        with _as_ct_error():
+            copy_file(real, dest / name)
         copied.append(name)
     return copied

@@ -3,8 +3,11 @@
 Reading parses the header with explicit bounds: every count, length and shape is checked
 against the bytes the file holds before anything is read or allocated, so a hostile or
 truncated file is one :class:`ModelIOError`, never a crash, a hang or an allocation the
-size of its claim. Tensor data stays in a read-only memory map and is read one tensor at a
-time. (``gguf.GGUFReader`` walks every array element in Python, ~7 s for a 150k-token
+size of its claim. Tensors' data ranges must follow each other in header order without
+overlapping (llama.cpp's loader wants them back to back), and ``general.alignment`` is at
+most :data:`MAX_ALIGNMENT`. Tensor data stays in a read-only memory map and is read one
+tensor at a time; the file's size is checked before each read (touching a map past the
+end of a file that shrank since it was opened is SIGBUS), the header is kept in memory. (``gguf.GGUFReader`` walks every array element in Python, ~7 s for a 150k-token
 vocabulary, and trusts the counts it reads; the tests use it as an independent oracle.)
 
 Writing goes through ``gguf.GGUFWriter``: every key/value pair of the input is copied as
@@ -15,6 +18,7 @@ written one tensor at a time.
 
 from __future__ import annotations
 
+import os
 import struct
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -37,6 +41,12 @@ from .gguf_policy import FLOAT_TYPES, tensor_bytes
 
 #: GGML_MAX_DIMS
 MAX_DIMS = 4
+#: the largest ``general.alignment`` read. llama.cpp takes any uint32 power of two, but
+#: every writer uses 32 (GGUF_DEFAULT_ALIGNMENT) or at most a page; the output repeats the
+#: input's padding after every tensor, so 2**30 would turn a small file into gigabytes
+MAX_ALIGNMENT = 1 << 20
+#: GGUF dimensions are int64 in llama.cpp: larger ones are refused as it refuses them
+MAX_DIM = 2**63 - 1
 #: fixed-size GGUF value types and their struct codes
 _SCALARS = {
     GGUFValueType.UINT8: "B", GGUFValueType.INT8: "b", GGUFValueType.UINT16: "H",
@@ -131,11 +141,23 @@ class GGUFFile:
 
     def __init__(self, path: Path):
         self.path = path
+        self._fd = -1
         try:
+            self._fd = os.open(path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
             self._mm = np.memmap(path, np.uint8, "r")
         except (ValueError, OSError) as exc:  # an empty file cannot be mapped
+            self.close()
             raise ModelIOError(f"{path}: not a valid GGUF file ({first_line(exc)})") from None
-        self._parse(_Cursor(memoryview(self._mm), path))
+        cur = _Cursor(memoryview(self._mm), path)
+        self._head: bytes | memoryview = cur.buf
+        try:
+            self._parse(cur)
+        except BaseException:
+            self.close()
+            raise
+        # metadata values are decoded from this copy, so a file that shrinks later cannot
+        # turn reading a key into SIGBUS
+        self._head = bytes(self._mm[: cur.pos])
 
     # ------------------------------------------------------------------ header
     def _parse(self, cur: _Cursor) -> None:
@@ -171,6 +193,11 @@ class GGUFFile:
             align = self.value("general.alignment")
             if kv.vtype != GGUFValueType.UINT32 or align <= 0 or align & (align - 1):
                 raise ModelIOError(f"{path}: general.alignment must be a uint32 power of two")
+            if align > MAX_ALIGNMENT:
+                raise ModelIOError(
+                    f"{path}: general.alignment {align} is larger than the {MAX_ALIGNMENT} "
+                    "flightquant reads (GGUF writers use 32)"
+                )
             self.alignment = align
         infos = []
         names: set[str] = set()
@@ -183,12 +210,35 @@ class GGUFFile:
             if not 1 <= nd <= MAX_DIMS:
                 raise ModelIOError(f"{path}: tensor {name!r} claims {nd} dimensions (1 to 4)")
             ne = tuple(cur.scalar("Q", f"a dimension of {name!r}") for _ in range(nd))
+            numel = 1
+            for d in ne:
+                numel *= d
+            if max(ne) > MAX_DIM or numel > MAX_DIM:
+                raise ModelIOError(
+                    f"{path}: tensor {name!r} claims shape {list(ne)}, beyond int64 "
+                    "(corrupt or hostile)"
+                )
             ggml_type = cur.scalar("I", f"the type of {name!r}")
             offset = cur.scalar("Q", f"the data offset of {name!r}")
             infos.append((name, ne, ggml_type, offset))
         data_start = -(-cur.pos // self.alignment) * self.alignment
         self.data_offset = data_start
         self.tensors: list[GGUFTensor] = [self._tensor(*i, cur.size) for i in infos]
+        end, last = data_start, None
+        for t in self.tensors:  # in order, none overlapping the one before
+            if t.offset < end:
+                how = (
+                    "overlaps"
+                    if last is not None and t.offset + t.nbytes > last.offset
+                    else "is before"
+                )
+                raise ModelIOError(
+                    f"{path}: the data of tensor {t.name!r} (bytes {t.offset}..{t.offset + t.nbytes}) "
+                    f"{how} the data of {last.name!r} (bytes {last.offset}..{end}): tensor data "
+                    "must follow the header's order without overlapping (corrupt or hostile)"
+                )
+            if t.nbytes:
+                end, last = t.offset + t.nbytes, t
 
     def _kv(self, cur: _Cursor, key: str) -> KeyValue:
         vtype = cur.scalar("I", f"the type of {key!r}")
@@ -249,7 +299,7 @@ class GGUFFile:
         kv = self._kv_index.get(key)
         if kv is None:
             return default
-        return _decode(self._mm, kv)
+        return _decode(self._head, kv)
 
     @property
     def keys(self) -> list[str]:
@@ -257,7 +307,7 @@ class GGUFFile:
 
     def raw_value(self, key: str) -> bytes:
         kv = self._kv_index[key]
-        return bytes(self._mm[kv.start : kv.end])
+        return self._head[kv.start : kv.end]
 
     @property
     def architecture(self) -> str:
@@ -269,8 +319,16 @@ class GGUFFile:
         return sum(t.nbytes for t in self.tensors)
 
     def data(self, t: GGUFTensor) -> np.ndarray:
-        """The tensor's bytes as stored (a read-only view of the memory map)."""
-        return self._mm[t.offset : t.offset + t.nbytes]
+        """The tensor's bytes as stored (a read-only view of the memory map), once the file
+        is known to still hold them."""
+        end = t.offset + t.nbytes
+        size = os.fstat(self._fd).st_size
+        if size < end:  # touching the map past the file's end would be SIGBUS
+            raise ModelIOError(
+                f"{self.path}: cannot read tensor {t.name!r}: the file ends at byte {size}, "
+                f"before its data ends at byte {end} (truncated since it was opened?)"
+            )
+        return self._mm[t.offset : end]
 
     def floats(self, t: GGUFTensor) -> np.ndarray:
         """The tensor's values as float32, flat, ``ne[0]`` contiguous (decoded if quantized)."""
@@ -280,6 +338,8 @@ class GGUFFile:
                 "per tensor are supported"
             )
         raw = self.data(t)
+        if t.numel == 0:
+            return np.zeros(0, np.float32)
         if t.type == "F32":
             return raw.view("<f4")
         if t.type == "F16":
@@ -291,13 +351,18 @@ class GGUFFile:
         try:
             return quants.dequantize(raw, GGMLQuantizationType[t.type]).reshape(-1)
         except (NotImplementedError, quants.QuantError) as exc:
-            raise ModelIOError(f"tensor {t.name!r}: cannot decode {t.type} ({exc})") from None
+            raise ModelIOError(
+                f"{self.path}: tensor {t.name!r}: cannot decode {t.type} ({first_line(exc)})"
+            ) from None
 
     def close(self) -> None:
         self._mm = None
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
 
 
-def _decode(buf: np.ndarray, kv: KeyValue) -> Any:
+def _decode(buf: bytes, kv: KeyValue) -> Any:
     mv = memoryview(buf)
     if kv.vtype in _SCALARS:
         return struct.unpack_from("<" + _SCALARS[kv.vtype], mv, kv.start)[0]
@@ -318,6 +383,9 @@ def _decode(buf: np.ndarray, kv: KeyValue) -> Any:
 # --------------------------------------------------------------------------- writer
 
 
+_ZEROS = bytes(64 << 10)
+
+
 class _Raw:
     """A value written as the bytes it had in the input file."""
 
@@ -335,6 +403,13 @@ class _Writer(GGUFWriter):
             self.state = WriterState.EMPTY
             return
         super().open_output_file(path)
+
+    def write_padding(self, fp, n: int, align: int | None = None) -> None:
+        # gguf-py's builds the padding as a list of ints: 8 bytes per byte written
+        pad = -n % (align if align is not None else self.data_alignment)
+        while pad:
+            fp.write(_ZEROS[: min(pad, len(_ZEROS))])
+            pad -= min(pad, len(_ZEROS))
 
     def _pack_val(self, val, vtype, add_vtype, sub_type=None) -> bytes:
         if isinstance(val, _Raw):

@@ -34,7 +34,6 @@ size of its claim.
 from __future__ import annotations
 
 import os
-import stat
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -43,7 +42,7 @@ from pathlib import Path
 import numpy as np
 from gguf import GGUF_MAGIC, GGUFValueType
 
-from .common import ModelIOError, atomic_output
+from .common import ModelIOError, atomic_output, check_input_file
 from .gguf_files import GGUFFile, _Raw, _Writer
 
 #: GGUF keys of an imatrix file (llama.cpp's ``LLM_KV_IMATRIX_*``)
@@ -137,19 +136,6 @@ class Imatrix:
 
 
 # --------------------------------------------------------------------------- checks
-# (small local checks; the shared file checks of modelfiles.common can replace them)
-
-
-def _regular_file(path: Path) -> int:
-    """The size of ``path``, which must be a regular file (a FIFO or a device would block
-    or never end)."""
-    try:
-        st = os.stat(path)
-    except OSError as exc:
-        raise ModelIOError(f"{path}: cannot read ({exc.strerror or exc})") from None
-    if not stat.S_ISREG(st.st_mode):
-        raise ModelIOError(f"{path}: not a regular file")
-    return st.st_size
 
 
 def _check_name(path: Path, name: str) -> None:
@@ -196,7 +182,7 @@ def read_imatrix(path: str | os.PathLike) -> Imatrix:
     (11008,)
     """
     path = Path(path)
-    size = _regular_file(path)
+    size = check_input_file(path).stat().st_size  # the shared rule: a FIFO would block
     if size < 4:
         raise ModelIOError(f"{path}: not an imatrix file ({size} bytes)")
     with open(path, "rb") as f:

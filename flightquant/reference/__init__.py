@@ -42,6 +42,14 @@ input, on the float32 reconstruction) is strictly lower:
   * x, -qpos, qpos))``, ``s = sum(x*L) / sum(L*L)``; re-quantized with ``scale = f32(s)``.
 
 ``k`` runs over 0..20. All candidate arithmetic is float64 with sequential sums.
+
+*Importance* (``mse`` only): a row with importance ``w`` (``k`` weights, ``k`` dividing the
+row's length) weighs its element ``e`` by ``w[e % k]`` (as float64, ``wd``). The search is
+the same with every sum weighted: the error is ``seqsum(wd * (d * d))``; the asymmetric fit
+uses ``seqsum(wd)`` for ``n``, ``seqsum(wd * x)`` for ``sum(x)``, and ``seqsum(wd * L)``,
+``seqsum(wd * (L * L))``, ``seqsum(wd * (x * L))`` for the grid's sums (the symmetric fit the
+last two). The rtn result is still candidate 0, so a group is never worse in the weighted
+error than rtn.
 """
 
 from __future__ import annotations
@@ -130,32 +138,38 @@ def _reconstruct(q: np.ndarray, scale, zp, offset: int) -> np.ndarray:
     return (qf - F32(zp)) * F32(scale)
 
 
-def _sse(x: np.ndarray, x_hat: np.ndarray) -> float:
+def _sse(x: np.ndarray, x_hat: np.ndarray, wd: np.ndarray | None = None) -> float:
     d = x_hat.astype(F64) - x.astype(F64)
-    return float(_seqsum(d * d))
+    return float(_seqsum(d * d if wd is None else wd * (d * d)))
 
 
-def _mse_group(x: np.ndarray, bits: int, scheme: str, q0, scale0, zp0):
-    """Search 21 candidates around the rtn result of one group; keep the best (see docs)."""
+def _mse_group(x: np.ndarray, bits: int, scheme: str, q0, scale0, zp0, w=None):
+    """Search 21 candidates around the rtn result of one group; keep the best (see docs).
+    ``w``: the group's importance weights (float32, one per element) or None."""
     qmin, qmax, offset = qparams(bits, scheme)
+    wd = None if w is None else np.asarray(w, F32).astype(F64)
     best = (q0, scale0, zp0)
-    best_err = _sse(x, _reconstruct(q0, scale0, zp0, offset))
+    best_err = _sse(x, _reconstruct(q0, scale0, zp0, offset), wd)
     if best_err == 0.0 or not scale0 > 0:
         return best
-    n = x.size
+    n = x.size if wd is None else float(_seqsum(wd))
     xd = x.astype(F64)
+
+    def wsum(a):
+        return float(_seqsum(a if wd is None else wd * a))
+
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
         if scheme == "asymmetric":
             mn = x.min() + F32(0)
             mx = x.max()
             rng = float(F64(mx) - F64(mn))
-            sum_x = float(_seqsum(xd))
+            sum_x = wsum(xd)
             for k in range(MSE_STEPS):
                 iscale = (qmax + -1.0 + 0.1 * k) / rng
                 L = np.rint(np.clip(iscale * (xd - F64(mn)), 0.0, float(qmax)))
-                sum_l = float(_seqsum(L))
-                sum_l2 = float(_seqsum(L * L))
-                sum_xl = float(_seqsum(xd * L))
+                sum_l = wsum(L)
+                sum_l2 = wsum(L * L)
+                sum_xl = wsum(xd * L)
                 D = n * sum_l2 - sum_l * sum_l
                 if not D > 0:
                     continue
@@ -167,15 +181,15 @@ def _mse_group(x: np.ndarray, bits: int, scheme: str, q0, scale0, zp0):
                 mc = F32(m)
                 q = (np.rint(np.clip((x - mc) / sc, F32(0), F32(qmax)))).astype(np.uint8)
                 zp = F32(-mc / sc)
-                err = _sse(x, _reconstruct(q, sc, zp, offset))
+                err = _sse(x, _reconstruct(q, sc, zp, offset), wd)
                 if err < best_err:
                     best, best_err = (q, sc, zp), err
         else:
             for k in range(MSE_STEPS):
                 iscale = (0.5 + 0.05 * k) / float(F64(scale0))
                 L = np.rint(np.clip(iscale * xd, float(qmin), float(qmax)))
-                sum_l2 = float(_seqsum(L * L))
-                sum_xl = float(_seqsum(xd * L))
+                sum_l2 = wsum(L * L)
+                sum_xl = wsum(xd * L)
                 if not sum_l2 > 0:
                     continue
                 sc = F32(sum_xl / sum_l2)
@@ -183,15 +197,17 @@ def _mse_group(x: np.ndarray, bits: int, scheme: str, q0, scale0, zp0):
                     continue
                 q = np.rint(np.clip(x / sc, F32(qmin), F32(qmax)))
                 q = (q + F32(offset)).astype(np.uint8)
-                err = _sse(x, _reconstruct(q, sc, None, offset))
+                err = _sse(x, _reconstruct(q, sc, None, offset), wd)
                 if err < best_err:
                     best, best_err = (q, sc, None), err
     return best
 
 
-def _quantize_row(x, bits, scheme, group_size, method):
-    """Quantize one row (float32, already clamped). Returns (q, scales, zps)."""
+def _quantize_row(x, bits, scheme, group_size, method, w=None):
+    """Quantize one row (float32, already clamped). Returns (q, scales, zps). ``w``: the
+    row's importance (``k`` weights, element e weighted by ``w[e % k]``; mse only)."""
     n = x.size
+    we = None if w is None else np.tile(np.asarray(w, F32), n // max(1, len(w)))
     nfull = n // group_size
     parts_q, parts_s, parts_z = [], [], []
     for start, count, length in (
@@ -207,7 +223,10 @@ def _quantize_row(x, bits, scheme, group_size, method):
             s = s.copy()
             z = None if z is None else z.copy()
             for i in range(count):
-                qi, si, zi = _mse_group(g[i], bits, scheme, q[i], s[i], None if z is None else z[i])
+                gw = None if we is None else we[start + i * length : start + (i + 1) * length]
+                qi, si, zi = _mse_group(
+                    g[i], bits, scheme, q[i], s[i], None if z is None else z[i], gw
+                )
                 q[i], s[i] = qi, si
                 if z is not None:
                     z[i] = zi
@@ -256,8 +275,12 @@ def quantize_rows(
     clip: float | None = None,
     stats: bool = False,
     fixed_row_len: int | None = None,
+    importance=None,
 ) -> QuantizedRows:
     """Quantize rows ``values[row_starts[r] : row_starts[r] + row_lens[r]]``.
+
+    ``importance``: None, or one entry per row, None or that row's importance vector of
+    ``k`` weights (``k`` dividing the row's length; ``method="mse"`` weighs by it).
 
     ``values`` is float16, float32 or float64; arithmetic is float32 (float16 widens
     exactly, float64 rounds to nearest float32). Non-finite input is the caller's to
@@ -286,7 +309,8 @@ def quantize_rows(
             continue
         x_orig = values[start : start + n].astype(F32)
         x = x_orig if clip is None else np.clip(x_orig, F32(-clip), F32(clip))
-        q, s, z = _quantize_row(x, bits, scheme, group_size, method)
+        w = None if importance is None else importance[r]
+        q, s, z = _quantize_row(x, bits, scheme, group_size, method, w)
         g0 = layout.group_offsets[r]
         g1 = g0 + s.size
         c0 = layout.code_offsets[r]

@@ -30,6 +30,7 @@ from __future__ import annotations
 import numpy as np
 
 from .. import formats
+from . import ggml_k456 as k456
 from .ggml_common import nearest_int as nint
 from .ggml_common import seq_sum as _seq_sum
 
@@ -574,6 +575,64 @@ def _q3_mse(x: np.ndarray) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------------------
+# importance: ggml's quantize_row_q{2,3}_K_impl (rtn) and mse's weighted search from it
+# (the shared helpers live in ggml_k456, as their C twins do in ext/ggml_k456.pxi)
+
+
+def _q2_imp(x: np.ndarray, qw: np.ndarray, method: str) -> np.ndarray:
+    n = x.shape[0]
+    xs = x.reshape(n, NSUB, 16)
+    w, sw = k456.imp_weights(x, qw, 1, 16)
+    L, scales, mins = k456.make_qkx2_quants(
+        x.reshape(-1, 16), w.reshape(-1, 16), 3, *k456.QKX3_GRID
+    )
+    Ls, dm = k456.make_qp_quants(scales.reshape(n, NSUB), 15, sw)
+    Lm, mm = k456.make_qp_quants(mins.reshape(n, NSUB), 15, sw)
+    hd, d = _f16_round(dm)
+    hm, dmin = _f16_round(mm)
+    sc = ((Ls | (Lm << 4)) & 0xFF).astype(np.uint8)
+    L = _q2_codes(xs, L.reshape(n, NSUB, 16), sc, d, dmin)
+    out = _q2_assemble(sc, L, hd, hm)
+    if method == "rtn":
+        return out
+    w3 = qw.reshape(n, NSUB, 16)
+    s = (sc & 0xF).astype(np.int32)
+    m = (sc >> 4).astype(np.int32)
+    e0, _ = k456._kq_eval(xs, w3, 0, 3, d, dmin, s, m)
+    e1, d, dmin, s, m, q = k456.kq_search(xs, w3, 0, 3, 0, 15, 15, d, dmin, s, m)
+    pick = e1 < e0 * k456.MSE_MARGIN
+    if pick.any():
+        hd, _ = _f16_round(d)
+        hm, _ = _f16_round(dmin)
+        mine = _q2_assemble((s | (m << 4)).astype(np.uint8), q.astype(np.uint8), hd, hm)
+        out[pick] = mine[pick]
+    return out
+
+
+def _q3_imp(x: np.ndarray, qw: np.ndarray, method: str) -> np.ndarray:
+    n = x.shape[0]
+    xs = x.reshape(n, NSUB, 16)
+    w, sw = k456.imp_weights(x, qw, 2, 16)
+    L, scales = k456.make_qx_quants_w(x.reshape(-1, 16), 4, w.reshape(-1, 16))
+    ls, d_block = k456.make_qx_quants_w(scales.reshape(n, NSUB), 32, sw)
+    hd, d = _f16_round(d_block)
+    L = _q3_codes(xs, L.reshape(n, NSUB, 16), ls, d)
+    out = _q3_assemble(ls, L, hd)
+    if method == "rtn":
+        return out
+    w3 = qw.reshape(n, NSUB, 16)
+    s = ls.astype(np.int32) - 32
+    e0, _ = k456._kq_eval(xs, w3, -4, 3, d, None, s, None)
+    e1, d, _, s, _, q = k456.kq_search(xs, w3, -4, 3, -32, 31, 0, d, None, s, None)
+    pick = e1 < e0 * k456.MSE_MARGIN
+    if pick.any():
+        hd, _ = _f16_round(d)
+        mine = _q3_assemble(s + 32, q + 4, hd)
+        out[pick] = mine[pick]
+    return out
+
+
+# ---------------------------------------------------------------------------------------
 # public entry points
 
 
@@ -594,12 +653,13 @@ def quantize_blocks(
     >>> quantize_blocks(np.zeros((2, 256), np.float32), "Q3_K").shape
     (2, 110)
     """
-    if qw is not None:
-        raise NotImplementedError(f"importance for {name} is not in the reference yet")
     _check_name(name)
     x = np.ascontiguousarray(x, F32).reshape(-1, QK)
     if method not in ("rtn", "mse"):
         raise ValueError(f"method must be 'rtn' or 'mse', got {method!r}")
+    if qw is not None:
+        qw = np.ascontiguousarray(qw, F32).reshape(x.shape)
+        return _q2_imp(x, qw, method) if name == "Q2_K" else _q3_imp(x, qw, method)
     if name == "Q2_K":
         return _q2_rtn(x) if method == "rtn" else _q2_mse(x)
     return _q3_rtn(x) if method == "rtn" else _q3_mse(x)

@@ -529,14 +529,11 @@ def _requant_q6(x3, d16, sc, L):
     return np.where((d != 0)[..., None], q, L.reshape(x3.shape)).astype(np.uint8)
 
 
-def _rtn_q6(x: np.ndarray, track: bool = False):
-    """ggml's quantize_row_q6_K_ref: the bytes, and with ``track`` also what the mse
-    search starts from (see :func:`_mse_q6`)."""
-    nb = x.shape[0]
-    x3 = x.reshape(nb, 16, 16)
-    res = make_qx_quants_rmse1(x3.reshape(nb * 16, 16), 32, track)
-    L, scales = res[:2]
-    scales = scales.reshape(nb, 16)
+def _q6_from_scales(x3, L, scales):
+    """ggml's Q6_K tail after the sub-block search (codes ``L``, ``scales`` (B, 16)): the
+    scales quantized against the largest, codes recomputed; (bytes, d, int8 scales, the
+    all-zero blocks)."""
+    nb = x3.shape[0]
     max_scale = np.zeros(nb, F32)
     max_abs = np.zeros(nb, F32)
     for j in range(16):
@@ -552,6 +549,16 @@ def _rtn_q6(x: np.ndarray, track: bool = False):
     q = _requant_q6(x3, d, sc, L)
     out = _assemble_q6(d, sc, q.reshape(nb, 256))
     out[zero] = 0
+    return out, d, sc, zero, q
+
+
+def _rtn_q6(x: np.ndarray, track: bool = False):
+    """ggml's quantize_row_q6_K_ref: the bytes, and with ``track`` also what the mse
+    search starts from (see :func:`_mse_q6`)."""
+    nb = x.shape[0]
+    x3 = x.reshape(nb, 16, 16)
+    res = make_qx_quants_rmse1(x3.reshape(nb * 16, 16), 32, track)
+    out, d, sc, zero, q = _q6_from_scales(x3, res[0], res[1].reshape(nb, 16))
     if not track:
         return out
     return out, q, d[:, None] * sc.astype(F32), res[2].reshape(nb, 16), zero
@@ -617,6 +624,296 @@ def _mse_q6(x: np.ndarray) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------------------
+# importance (qw given): ggml's quantize_row_q{2,3,4,5,6}_K_impl helpers and the weighted
+# search of mse; ggml_k23 uses them too (the C twins: ext/ggml_k456.pxi, kq_*)
+
+#: make_qkx3_quants' grid in every K-quant impl: (rmin, rdelta, nstep)
+QKX3_GRID = (-0.9, 0.05, 36)
+#: mse with importance: rounds of (scale search, d refit), and the scales tried: +- reach
+#: (scale and min of Q2_K/Q4_K/Q5_K), +- reach_sym (the scale of Q3_K/Q6_K)
+KQ_ROUNDS = 3
+KQ_REACH = 2
+KQ_REACH_SYM = 3
+
+
+def imp_weights(x: np.ndarray, qw: np.ndarray, f: int, n: int):
+    """ggml's impl weights qw*sqrt(sigma2 + x*x), sigma2 = f*sum(x*x)/256 per block, and
+    their sums per sub-block of ``n``: ((B, 256), (B, 256 // n))."""
+    sumx2 = _seq_sum(x * x)
+    sigma2 = (F32(f) * sumx2) / F32(QK)
+    w = (qw * np.sqrt(sigma2[:, None] + x * x)).astype(F32)
+    return w, _seq_sum(w.reshape(x.shape[0], QK // n, n))
+
+
+def make_qp_quants(x: np.ndarray, nmax: int, qw: np.ndarray):
+    """ggml's make_qp_quants(n, nmax, x, L, qw) on every row of ``x`` (N, n): (L as int32
+    holding ggml's uint8 values, scale (N,))."""
+    N, n = x.shape
+    mx = np.zeros(N, F32)
+    for i in range(n):
+        mx = np.where(mx > x[:, i], mx, x[:, i])
+    zero = mx < GROUP_MAX_EPS
+    with np.errstate(all="ignore"):
+        iscale = F32(nmax) / mx
+        L = nearest_int(iscale[:, None] * x) & 0xFF
+        scale = F32(1) / iscale
+        diff = x - scale[:, None] * L.astype(F32)
+        best = _seq_sum((qw * diff) * diff)
+        for step in (-4, -3, -2, -1, 1, 2, 3, 4):
+            isc = (F32(0.1) * F32(step) + F32(nmax)) / mx
+            s_is = F32(1) / isc
+            lf = np.minimum(nearest_int(isc[:, None] * x), nmax).astype(F32)
+            diff = x - s_is[:, None] * lf
+            mse = _seq_sum((qw * diff) * diff)
+            t = mse < best
+            best = np.where(t, mse, best)
+            iscale = np.where(t, isc, iscale)
+        li = np.minimum(nearest_int(iscale[:, None] * x), nmax)
+        L = li & 0xFF
+        lf = li.astype(F32)
+        sumlx = _seq_sum((qw * x) * lf)
+        suml2 = _seq_sum((qw * lf) * lf)
+        # five passes of single-code moves (a pass that changes nothing changes nothing next)
+        for _ in range(5):
+            for i in range(n):
+                w = qw[:, i]
+                xi = x[:, i]
+                cur = L[:, i].astype(F32)
+                slx = sumlx - (w * xi) * cur
+                sl2 = suml2 - (w * cur) * cur
+                nl = np.minimum(nearest_int((xi * sl2) / slx), nmax)
+                nf = nl.astype(F32)
+                slx2 = slx + (w * xi) * nf
+                sl22 = sl2 + (w * nf) * nf
+                acc = (slx > 0) & (sl2 > 0) & (nl != L[:, i])
+                acc &= (slx2 * slx2) * suml2 > (sumlx * sumlx) * sl22
+                L[:, i] = np.where(acc, nl & 0xFF, L[:, i])
+                sumlx = np.where(acc, slx2, sumlx)
+                suml2 = np.where(acc, sl22, suml2)
+        scale = np.where(suml2 > 0, sumlx / suml2, F32(0))
+    L = np.where(zero[:, None], 0, L).astype(np.int32)
+    return L, np.where(zero, F32(0), scale).astype(F32)
+
+
+def make_qx_quants_w(x: np.ndarray, nmax: int, qw: np.ndarray):
+    """ggml's make_qx_quants(n, nmax, x, L, rmse_type=1, qw) on every row of ``x``: (L
+    int32 holding l + nmax, or 0 for an all-zero row, scale (N,))."""
+    amax = np.zeros(x.shape[0], F32)
+    xmax = np.zeros(x.shape[0], F32)
+    for i in range(x.shape[1]):  # the C's strict '>' (a NaN never wins)
+        ax = np.abs(x[:, i])
+        t = ax > amax
+        amax = np.where(t, ax, amax)
+        xmax = np.where(t, x[:, i], xmax)
+    zero = amax < GROUP_MAX_EPS
+    wx = qw * x
+    with np.errstate(all="ignore"):
+
+        def codes(isc):
+            return np.clip(nearest_int(isc[:, None] * x), -nmax, nmax - 1)
+
+        def sums(c):
+            lf = c.astype(F32)
+            return _seq_sum(wx * lf), _seq_sum((qw * lf) * lf)
+
+        L = codes(F32(-nmax) / xmax)
+        sumlx, suml2 = sums(L)
+        scale = np.where(suml2 != 0, sumlx / suml2, F32(0))
+        best = scale * sumlx
+        for step in range(-9, 10):
+            if step == 0:
+                continue
+            la = codes(-(F32(nmax) + F32(0.1) * F32(step)) / xmax)
+            slx, sl2 = sums(la)
+            take = (sl2 > 0) & (slx * slx > best * sl2)
+            L = np.where(take[:, None], la, L)
+            scale = np.where(take, slx / sl2, scale)
+            best = np.where(take, scale * slx, best)
+    L = np.where(zero[:, None], 0, L + nmax).astype(np.int32)
+    return L, np.where(zero, F32(0), scale).astype(F32)
+
+
+def _kq_err(x3, w3, lo, hi, ds, dm):
+    """Codes to nearest against sub-block scales ``ds`` (0: code 0) and mins ``dm`` (None:
+    symmetric codes lo..hi), and each sub-block's weighted squared error, float32 in order:
+    (err (B, S), codes int32 (B, S, n))."""
+    with np.errstate(all="ignore"):
+        v = x3 + dm[..., None] if dm is not None else x3
+        q = np.clip(nearest_int(v / ds[..., None]), lo, hi)
+        q = np.where((ds != 0)[..., None], q, 0)
+        xh = ds[..., None] * q.astype(F32)
+        if dm is not None:
+            xh = xh - dm[..., None]
+        t = xh - x3
+        return _seq_sum(w3 * (t * t)), q
+
+
+def _kq_eval(x3, w3, lo, hi, d, dmin, sc, m):
+    ds = d[:, None] * sc.astype(F32)
+    dm = dmin[:, None] * m.astype(F32) if m is not None else None
+    err, q = _kq_err(x3, w3, lo, hi, ds, dm)
+    return _block_err(err), q
+
+
+def kq_search(x3, w3, lo, hi, smin, smax, mmax, d, dmin, sc, m):
+    """mse's weighted search with importance (``w3`` = qw, (B, S, n)), from a block's
+    stored parameters: d, dmin (float16-exact float32 (B,)), scales ``sc`` and mins ``m``
+    (int32 (B, S); m None: symmetric x_hat = d*sc*q, q in lo..hi; else x_hat = d*sc*q -
+    dmin*m, q in 0..hi). ``KQ_ROUNDS`` rounds of:
+
+    1. each sub-block's (sc, m) among sc +- KQ_REACH, m +- KQ_REACH (in range; symmetric:
+       sc +- KQ_REACH_SYM), codes to
+       nearest, the smallest float32 weighted error (the current pair first, then the
+       others in order, each kept only when strictly lower);
+    2. d (and dmin) refit by weighted least squares on those codes (float64 sums in element
+       order; x ~ d*a + e*b with a = sc*q, b = m, dmin = -e; with no 2x2 solution d alone),
+       rounded through float32 to float16, kept only when the block's error drops; a block
+       stops at a refit it cannot use.
+
+    Returns (error of the result (B,) float64, d, dmin, sc, m, codes (B, S, n) int32)."""
+    B, S, n = x3.shape
+    d = d.copy()
+    dmin = dmin.copy() if m is not None else np.zeros(B, F32)
+    sc = sc.copy()
+    m = m.copy() if m is not None else None
+    aff = m is not None
+    live = np.ones(B, bool)
+    reach = (
+        range(-KQ_REACH, KQ_REACH + 1) if m is not None else range(-KQ_REACH_SYM, KQ_REACH_SYM + 1)
+    )
+    for _ in range(KQ_ROUNDS):
+        best, _q = _kq_err(
+            x3,
+            w3,
+            lo,
+            hi,
+            d[:, None] * sc.astype(F32),
+            dmin[:, None] * m.astype(F32) if aff else None,
+        )
+        bs = sc.copy()
+        bm = m.copy() if aff else None
+        for da in reach:
+            a = sc + da
+            for db in reach if aff else (0,):
+                if da == 0 and db == 0:
+                    continue
+                ok = (a >= smin) & (a <= smax)
+                if aff:
+                    b = m + db
+                    ok &= (b >= 0) & (b <= mmax)
+                    e, _q = _kq_err(
+                        x3, w3, lo, hi, d[:, None] * a.astype(F32), dmin[:, None] * b.astype(F32)
+                    )
+                else:
+                    e, _q = _kq_err(x3, w3, lo, hi, d[:, None] * a.astype(F32), None)
+                t = ok & (e < best) & live[:, None]
+                best = np.where(t, e, best)
+                bs = np.where(t, a, bs)
+                if aff:
+                    bm = np.where(t, b, bm)
+        sc = bs
+        m = bm
+        tot, q = _kq_eval(x3, w3, lo, hi, d, dmin, sc, m)
+        saa = np.zeros(B, F64)
+        sab = np.zeros(B, F64)
+        sbb = np.zeros(B, F64)
+        sax = np.zeros(B, F64)
+        sbx = np.zeros(B, F64)
+        for j in range(S):
+            bv = m[:, j].astype(F64) if aff else np.zeros(B, F64)
+            for i in range(n):
+                wi = w3[:, j, i].astype(F64)
+                xi = x3[:, j, i].astype(F64)
+                av = sc[:, j].astype(F64) * q[:, j, i].astype(F64)
+                saa = saa + (wi * av) * av
+                sab = sab + (wi * av) * bv
+                sbb = sbb + (wi * bv) * bv
+                sax = sax + (wi * av) * xi
+                sbx = sbx + (wi * bv) * xi
+        with np.errstate(all="ignore"):
+            det = saa * sbb - sab * sab
+            two = aff & (det > 0)
+            nd = np.where(two, (sax * sbb - sab * sbx) / det, sax / saa)
+            nm = np.where(two, (sab * sax - saa * sbx) / det, dmin.astype(F64) if aff else 0.0)
+            d2 = _round_f16(nd.astype(F32))
+            m2 = _round_f16(nm.astype(F32))
+        live &= two | (saa > 0)
+        live &= np.isfinite(d2) & np.isfinite(m2)
+        live &= ~((d2 == d) & ((m2 == dmin) | (not aff)))
+        t2, q2 = _kq_eval(x3, w3, lo, hi, d2, m2, sc, m)
+        live &= t2 < tot
+        d = np.where(live, d2, d)
+        if aff:
+            dmin = np.where(live, m2, dmin)
+    tot, q = _kq_eval(x3, w3, lo, hi, d, dmin, sc, m)
+    return tot, d, dmin, sc, m, q
+
+
+def _imp_k45(x: np.ndarray, name: str, qw: np.ndarray, method: str) -> np.ndarray:
+    """ggml's quantize_row_q4_K_impl / quantize_row_q5_K_impl (and mse's search from it)."""
+    nmax = QKX2_GRID[name][0]
+    nb = x.shape[0]
+    x3 = x.reshape(nb, 8, 32)
+    w, sw = imp_weights(x, qw, 2, 32)
+    L, scales, mins = make_qkx2_quants(
+        x.reshape(nb * 8, 32), w.reshape(nb * 8, 32), nmax, *QKX3_GRID
+    )
+    Ls, d_block = make_qp_quants(scales.reshape(nb, 8), 63, sw)
+    Lm, m_block = make_qp_quants(mins.reshape(nb, 8), 63, sw)
+    d = _round_f16(d_block)
+    dmin = _round_f16(m_block)
+    if name == "Q5_K":
+        Ls = np.minimum(Ls, 63)
+        Lm = np.minimum(Lm, 63)
+    # the impl's packing, step for step (a scale past 63 spills as it does there)
+    sb = np.zeros((nb, 12), np.int32)
+    for j in range(8):
+        if j < 4:
+            sb[:, j] = Ls[:, j]
+            sb[:, j + 4] = Lm[:, j]
+        else:
+            sb[:, j + 4] = (Ls[:, j] & 0xF) | ((Lm[:, j] & 0xF) << 4)
+            sb[:, j - 4] |= (Ls[:, j] >> 4) << 6
+            sb[:, j] |= (Lm[:, j] >> 4) << 6
+    sb = (sb & 0xFF).astype(np.uint8)
+    sc, m = unpack_scale_min_k4(sb)
+    q = _requant_k45(x3, d, dmin, sc, m, L, nmax)
+    out = _assemble_k45(name, d, dmin, sc, m, q.reshape(nb, 256))
+    out[:, 4:16] = sb
+    if method == "rtn":
+        return out
+    w3 = qw.reshape(nb, 8, 32)
+    sc = sc.astype(np.int32)
+    m = m.astype(np.int32)
+    e0, _ = _kq_eval(x3, w3, 0, nmax, d, dmin, sc, m)
+    e1, d, dmin, sc, m, q = kq_search(x3, w3, 0, nmax, 0, 63, 63, d, dmin, sc, m)
+    pick = e1 < e0 * MSE_MARGIN
+    if pick.any():
+        mine = _assemble_k45(name, d, dmin, sc, m, q.reshape(nb, 256))
+        out[pick] = mine[pick]
+    return out
+
+
+def _imp_q6(x: np.ndarray, qw: np.ndarray, method: str) -> np.ndarray:
+    """ggml's quantize_row_q6_K_impl (and mse's search from it)."""
+    nb = x.shape[0]
+    x3 = x.reshape(nb, 16, 16)
+    L, scales = make_qx_quants_w(x3.reshape(nb * 16, 16), 32, qw.reshape(nb * 16, 16))
+    out, d, sc, zero, _ = _q6_from_scales(x3, L, scales.reshape(nb, 16))
+    if method == "rtn":
+        return out
+    w3 = qw.reshape(nb, 16, 16)
+    sc = sc.astype(np.int32)
+    e0, _ = _kq_eval(x3, w3, -32, 31, d, None, sc, None)
+    e1, d, _, sc, _, q = kq_search(x3, w3, -32, 31, -128, 127, 0, d, None, sc, None)
+    pick = ~zero & (e1 < e0 * MSE_MARGIN)
+    if pick.any():
+        mine = _assemble_q6(d, sc.astype(np.int8), (q + 32).astype(np.uint8).reshape(nb, 256))
+        out[pick] = mine[pick]
+    return out
+
+
+# ---------------------------------------------------------------------------------------
 # public API
 
 
@@ -640,9 +937,12 @@ def quantize_blocks(
     >>> quantize_blocks(np.zeros((1, 256), np.float32), "Q6_K").shape
     (1, 210)
     """
-    if qw is not None:
-        raise NotImplementedError(f"importance for {name} is not in the reference yet")
     x = _check(x, name)
+    if qw is not None:
+        if method not in ("rtn", "mse"):
+            raise ValueError(f"method must be 'rtn' or 'mse', got {method!r}")
+        qw = np.ascontiguousarray(qw, F32).reshape(x.shape)
+        return _imp_q6(x, qw, method) if name == "Q6_K" else _imp_k45(x, name, qw, method)
     if method == "rtn":
         return _rtn_q6(x) if name == "Q6_K" else _rtn_k45(x, name)
     if method == "mse":
