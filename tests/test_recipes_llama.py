@@ -161,11 +161,16 @@ def test_a_size_target_is_closer_to_the_float_model_than_the_recipe(models, tmp_
     argv = ["quantize", str(src), "-o", str(target), "--target-size", str(size), "-q"]
     assert main(argv) == 0
     assert target.stat().st_size <= size
-    tokens = [1, *np.random.default_rng(0).integers(259, 320, 48).tolist()]
-    ref = next_token_probs(llama_cpp, src, tokens)
+    sequences = [[1, *np.random.default_rng(seed).integers(259, 320, 48).tolist()]
+                 for seed in range(3)]  # fmt: skip
+    refs = [next_token_probs(llama_cpp, src, tokens) for tokens in sequences]
 
-    def kl(path):
-        p = next_token_probs(llama_cpp, path, tokens)
-        return float(np.mean(np.sum(ref * (np.log(ref) - np.log(p)), axis=1)))
+    def kl(path):  # mean over the sequences' positions of KL(F16 || quantized)
+        out = []
+        for tokens, ref in zip(sequences, refs, strict=True):
+            p = next_token_probs(llama_cpp, path, tokens)
+            out.append(np.mean(np.sum(ref * (np.log(ref) - np.log(p)), axis=1)))
+        return float(np.mean(out))
 
-    assert kl(target) < kl(recipe)
+    # measured: Q4_K_M 0.63, the target 0.49 (--target-error absolute: 0.70)
+    assert kl(target) < 0.9 * kl(recipe)
