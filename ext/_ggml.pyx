@@ -38,7 +38,7 @@ import numpy as np
 cdef enum:
     METHOD_RTN = 0
     METHOD_MSE = 1
-    N_TYPES = 12
+    N_TYPES = 14
     QK_MAX = 256        # the largest block_size
     CHUNK = 64          # blocks a thread takes at a time (one row search per chunk)
 
@@ -50,6 +50,7 @@ include "ggml_common.pxi"
 include "ggml_legacy.pxi"
 include "ggml_k456.pxi"
 include "ggml_k23.pxi"
+include "ggml_iq4.pxi"
 
 # indexed by formats.GgmlType.code
 cdef quant_fn QUANT[N_TYPES]
@@ -57,14 +58,17 @@ cdef dequant_fn DEQUANT[N_TYPES]
 QUANT[:] = [q4_0_quantize_block, q4_1_quantize_block, q5_0_quantize_block,
             q5_1_quantize_block, q8_0_quantize_block, q2_k_quantize_block,
             q3_k_quantize_block, q4_k_quantize_block, q5_k_quantize_block,
-            q6_k_quantize_block, tq1_0_quantize_block, tq2_0_quantize_block]
+            q6_k_quantize_block, tq1_0_quantize_block, tq2_0_quantize_block,
+            iq4_nl_quantize_block, iq4_xs_quantize_block]
 # whether the type's importance path weighs by the row's mean square (sigma2 above)
 cdef bint ROW_SIGMA2[N_TYPES]
-ROW_SIGMA2[:] = [True, True, True, True, False, False, False, False, False, False, False, False]
+ROW_SIGMA2[:] = [True, True, True, True, False, False, False, False, False, False, False, False,
+                 False, False]
 DEQUANT[:] = [q4_0_dequantize_block, q4_1_dequantize_block, q5_0_dequantize_block,
               q5_1_dequantize_block, q8_0_dequantize_block, q2_k_dequantize_block,
               q3_k_dequantize_block, q4_k_dequantize_block, q5_k_dequantize_block,
-              q6_k_dequantize_block, tq1_0_dequantize_block, tq2_0_dequantize_block]
+              q6_k_dequantize_block, tq1_0_dequantize_block, tq2_0_dequantize_block,
+              iq4_nl_dequantize_block, iq4_xs_dequantize_block]
 
 
 cdef inline int64_t row_of(const int64_t* bo, int64_t nrows, int64_t blk) noexcept nogil:

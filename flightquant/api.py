@@ -125,7 +125,7 @@ def quantize(
     data : pyarrow.Table, pyarrow.RecordBatch or iterable of RecordBatch
         Columns of ``list``/``large_list``/``fixed_size_list`` of float16/32/64 are
         quantized (all of them, or those named in ``columns``); others pass through.
-    format : {"native", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "TQ1_0", "TQ2_0"}
+    format : {"native", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "TQ1_0", "TQ2_0", "IQ4_NL", "IQ4_XS"}
         ``native`` (wire format v1: ``bits``, ``scheme``, ``group_size`` apply) or one of
         llama.cpp's ggml block types (the codes of a row are ggml's bytes for it; rows must
         be whole blocks; ``bits``, ``scheme``, ``group_size`` are implied).

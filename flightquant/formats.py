@@ -28,7 +28,7 @@ class GgmlType:
     block_size: int
     type_size: int
     code: int  # the kernels' type code (index of the type's block functions)
-    family: str  # "legacy", "k" or "ternary"
+    family: str  # "legacy", "k", "ternary" or "iq" (non-linear 16-value table)
 
     @property
     def bits_per_weight(self) -> float:
@@ -52,6 +52,8 @@ _TYPES = (
     GgmlType("Q6_K", 14, 256, 210, 9, "k"),
     GgmlType("TQ1_0", 34, 256, 54, 10, "ternary"),
     GgmlType("TQ2_0", 35, 256, 66, 11, "ternary"),
+    GgmlType("IQ4_NL", 20, 32, 18, 12, "iq"),
+    GgmlType("IQ4_XS", 23, 256, 136, 13, "iq"),
 )
 
 GGML_TYPES: dict[str, GgmlType] = {t.name: t for t in _TYPES}

@@ -96,7 +96,7 @@ def test_codes_are_ggml_bytes_and_decode_as_gguf_py_decodes(name, method):
         )
 
 
-@pytest.mark.parametrize("name", ["Q8_0", "Q4_K", "Q2_K", "TQ2_0", "Q5_1"])
+@pytest.mark.parametrize("name", ["Q8_0", "Q4_K", "Q2_K", "TQ2_0", "Q5_1", "IQ4_NL"])
 @pytest.mark.parametrize("kind", list(LIST_TYPES))
 @pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
 def test_batches_equal_the_reference(name, kind, dtype):
@@ -123,7 +123,7 @@ def test_batches_equal_the_reference(name, kind, dtype):
             assert info.sse > 0 and info.max_abs_error > 0
 
 
-@pytest.mark.parametrize("name", ["Q4_0", "Q6_K", "Q3_K", "TQ1_0"])
+@pytest.mark.parametrize("name", ["Q4_0", "Q6_K", "Q3_K", "TQ1_0", "IQ4_XS"])
 def test_unaligned_buffers_slices_and_threads(name):
     t = formats.get(name)
     batch = ggml_batch(t, blocks=[70, 1, 0, 65, 3], nulls={4})  # several chunks of 64 blocks
@@ -214,7 +214,7 @@ def test_quantize_arrays_with_a_ggml_format():
     )
 
 
-@pytest.mark.parametrize("name", ["Q4_K", "Q8_0", "TQ2_0"])
+@pytest.mark.parametrize("name", ["Q4_K", "Q8_0", "TQ2_0", "IQ4_XS"])
 def test_server_speaks_the_same_bytes_to_a_plain_flight_client(server, name):
     t = formats.get(name)
     s = server()

@@ -51,9 +51,9 @@ QUANTIZED = ["token_embd.weight", "blk.0.attn_q.weight", "blk.0.attn_k.weight",
              "blk.0.attn_v.weight", "blk.0.attn_output.weight", "blk.0.ffn_gate.weight",
              "blk.0.ffn_up.weight", "blk.0.ffn_down.weight", "output.weight"]  # fmt: skip
 #: the 384-wide ffn_down falls back (llama.cpp's tensor_type_fallback)
-FALLBACK = {"Q4_K": "Q5_0", "Q2_K": "Q4_0"}
+FALLBACK = {"Q4_K": "Q5_0", "Q2_K": "Q4_0", "IQ4_XS": "IQ4_NL"}
 #: relative error bound of each target (4.5-5.5 and 2.6-4.5 bits/weight)
-ERROR = {"Q4_K": 0.02, "Q2_K": 0.25}
+ERROR = {"Q4_K": 0.02, "Q2_K": 0.25, "IQ4_XS": 0.02}
 
 
 def expected(target: str) -> dict[str, str]:
@@ -271,7 +271,7 @@ def test_metadata_order_and_types_as_llama_cpp(model, tmp_path, capsys):
     assert summary["bytes_out"] == sum(t.n_bytes for t in r.tensors)
 
 
-@pytest.mark.parametrize("target", ["Q4_K", "Q2_K"])
+@pytest.mark.parametrize("target", ["Q4_K", "Q2_K", "IQ4_XS"])
 def test_values_decode_as_gguf_py_decodes_them(model, tmp_path, target, capsys):
     src, arrays = model
     out = _quantize(model, tmp_path, "-q", target=target)

@@ -22,7 +22,7 @@ pytestmark = pytest.mark.llama
 llama_cpp = pytest.importorskip("llama_cpp")
 
 #: llama.h's llama_ftype of each type name, as llama-quantize maps them
-FTYPES = {"Q8_0": 7, "Q4_0": 2, "Q5_1": 9, "Q4_K": 15, "Q6_K": 18}
+FTYPES = {"Q8_0": 7, "Q4_0": 2, "Q5_1": 9, "Q4_K": 15, "Q6_K": 18, "IQ4_NL": 25, "IQ4_XS": 30}
 
 
 def tiny_llama(path: Path, d: int = 256, n_ff: int = 512, n_layer: int = 2, n_vocab: int = 300):

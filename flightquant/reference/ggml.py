@@ -2,7 +2,7 @@
 (``ext/_ggml.pyx``) are held to, bit for bit, for every thread count.
 
 One module per family (``ggml_legacy``: Q4_0...Q8_0 and TQ1_0/TQ2_0, ``ggml_k456``:
-Q4_K/Q5_K/Q6_K, ``ggml_k23``: Q2_K/Q3_K), each with ``quantize_blocks(x, name, method,
+Q4_K/Q5_K/Q6_K, ``ggml_k23``: Q2_K/Q3_K, ``ggml_iq4``: IQ4_NL/IQ4_XS), each with ``quantize_blocks(x, name, method,
 qw=None, sigma2=None)`` (float32 ``(n_blocks, block_size)`` -> uint8 ``(n_blocks,
 type_size)``; ``qw``: each block's importance weights, same shape as ``x``; ``sigma2``: each
 block's ggml-row mean square, for the types whose importance path uses it) and
@@ -19,7 +19,7 @@ import numpy as np
 from .. import formats
 from .ggml_common import seq_sum
 
-_FAMILY_MODULES = {"legacy": "ggml_legacy", "ternary": "ggml_legacy"}
+_FAMILY_MODULES = {"legacy": "ggml_legacy", "ternary": "ggml_legacy", "iq": "ggml_iq4"}
 _K23 = {"Q2_K", "Q3_K"}
 
 
