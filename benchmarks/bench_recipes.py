@@ -122,6 +122,7 @@ def main() -> None:
     ap.add_argument("--recipes", default="Q4_K_M,Q8_0")
     ap.add_argument("--imatrix-recipes", default="Q4_K_M", help="also with an imatrix ('' none)")
     ap.add_argument("--methods", default="rtn,mse")
+    ap.add_argument("--target-methods", default="mse", help="methods of the size-target rows")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--sample", type=int, default=16, help="SNR on every N-th row")
@@ -181,7 +182,7 @@ def main() -> None:
         size = q4km.stat().st_size
         for use_imatrix in (False, True) if "Q4_K_M" in imx else (False,):
             extra = ["--imatrix", str(imatrix)] if use_imatrix else []
-            for method in args.methods.split(","):
+            for method in args.target_methods.split(","):
                 tag = "target=Q4_K_M size" + ("+imatrix" if use_imatrix else "")
                 out = work / f"fq-target-{method}{'-imatrix' if use_imatrix else ''}.gguf"
                 argv = [*fq, "-o", str(out), "--target-size", str(size), "--method", method,
