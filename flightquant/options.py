@@ -19,12 +19,20 @@ from .errors import echo, echo_list, shorten
 VALID_BITS = (2, 4, 8)
 SCHEMES = ("asymmetric", "symmetric", "ternary")
 METHODS = ("rtn", "mse")
+#: dtypes a scale can be stored in (``scale_dtype``): codes are chosen against the scale
+#: rounded to it, and asymmetric zero points are integers (compressed-tensors' layout)
+SCALE_DTYPES = ("float32", "float16", "bfloat16")
 OPS = ("quantize", "dequantize")
+#: the op of a command that feeds a calibration session (:class:`CalibrateOptions`)
+CALIBRATE_OP = "calibrate"
+#: longest calibration session name (characters)
+MAX_SESSION_NAME = 200
 MAX_GROUP_SIZE = 2**31 - 1
 
 #: integer codes the kernels use for the scheme and the method
 SCHEME_CODES = {"asymmetric": 0, "symmetric": 1, "ternary": 2}
 METHOD_CODES = {"rtn": 0, "mse": 1}
+SCALE_DTYPE_CODES = {None: 0, "float32": 1, "float16": 2, "bfloat16": 3}
 
 
 class OptionsError(ValueError):
@@ -60,6 +68,7 @@ class QuantOptions:
     columns: tuple[str, ...] | None = None
     stats: bool = False
     format: str = formats.NATIVE
+    scale_dtype: str | None = None
 
     @classmethod
     def from_mapping(cls, mapping: Mapping[str, Any] | None = None) -> QuantOptions:
@@ -114,37 +123,21 @@ class QuantOptions:
         stats = mapping.get("stats", False)
         if not isinstance(stats, bool):
             raise OptionsError(f"stats must be true or false, got {echo(stats)}")
-        return cls(op, bits, scheme, group_size, method, clip, columns, stats, fmt)
+        scale_dtype = mapping.get("scale_dtype")
+        if scale_dtype is not None:
+            scale_dtype = _choice(scale_dtype, "scale_dtype", SCALE_DTYPES)
+            if fmt != formats.NATIVE or scheme == "ternary":
+                raise OptionsError(
+                    "scale_dtype applies to format='native' with scheme='symmetric' or "
+                    f"'asymmetric', not {fmt if fmt != formats.NATIVE else scheme!r}; drop "
+                    "scale_dtype"
+                )
+        return cls(op, bits, scheme, group_size, method, clip, columns, stats, fmt, scale_dtype)
 
     @classmethod
     def from_json(cls, data: bytes | str | None) -> QuantOptions:
         """Parse the JSON object of a Flight command; empty means all defaults."""
-        if data is None:
-            return cls.from_mapping({})
-        if isinstance(data, (bytes, bytearray, memoryview)):
-            try:
-                data = bytes(data).decode("utf-8")
-            except UnicodeDecodeError as exc:
-                raise OptionsError(f"the command must be UTF-8 JSON: {exc}") from None
-        if not data.strip():
-            return cls.from_mapping({})
-        try:
-            obj = json.loads(data)
-        except RecursionError:
-            raise OptionsError(
-                "the command nests JSON arrays/objects too deeply to parse; options are a "
-                'flat JSON object, e.g. {"bits": 4, "group_size": 128}'
-            ) from None
-        except ValueError as exc:  # JSONDecodeError, or an integer of over 4300 digits
-            raise OptionsError(
-                f"the command must be a JSON object of options, e.g. "
-                f'{{"bits": 4, "group_size": 128}}; could not parse it: {shorten(str(exc))}'
-            ) from None
-        if not isinstance(obj, dict):
-            raise OptionsError(
-                f"the command must be a JSON object of options, got {type(obj).__name__}"
-            )
-        return cls.from_mapping(obj)
+        return cls.from_mapping(_command_object(data))
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -175,6 +168,91 @@ class QuantOptions:
     @property
     def method_code(self) -> int:
         return METHOD_CODES[self.method]
+
+
+@dataclass(frozen=True)
+class CalibrateOptions:
+    """The command of a calibration stream: ``{"op": "calibrate", "session": NAME}``.
+
+    >>> CalibrateOptions.from_mapping({"op": "calibrate", "session": "llama-8b"}).session
+    'llama-8b'
+    """
+
+    session: str
+    op: str = CALIBRATE_OP
+
+    @classmethod
+    def from_mapping(cls, mapping: Mapping[str, Any]) -> CalibrateOptions:
+        mapping = dict(mapping)
+        unknown = sorted(set(mapping) - {"op", "session"})
+        if unknown:
+            raise OptionsError(
+                f"unknown option(s) {echo_list(unknown)} for op 'calibrate'; its options are: "
+                "op, session"
+            )
+        if mapping.get("op", CALIBRATE_OP) != CALIBRATE_OP:
+            raise OptionsError(f"op must be 'calibrate', got {echo(mapping.get('op'))}")
+        if "session" not in mapping:
+            raise OptionsError(
+                'op \'calibrate\' needs a session name: {"op": "calibrate", "session": NAME}'
+            )
+        return cls(check_session_name(mapping["session"]))
+
+    def to_json(self) -> bytes:
+        return json.dumps({"op": self.op, "session": self.session}).encode()
+
+
+def check_session_name(name: Any) -> str:
+    """A calibration session name: a non-empty string of at most 200 printable characters."""
+    if (
+        not isinstance(name, str)
+        or not 1 <= len(name) <= MAX_SESSION_NAME
+        or not name.isprintable()
+    ):
+        raise OptionsError(
+            f"session must be a non-empty string of at most {MAX_SESSION_NAME} printable "
+            f"characters, got {echo(name)}"
+        )
+    return name
+
+
+def parse_command(data: bytes | str | None) -> QuantOptions | CalibrateOptions:
+    """The options of a DoExchange command: :class:`CalibrateOptions` for
+    ``op: "calibrate"``, :class:`QuantOptions` otherwise."""
+    obj = _command_object(data)
+    if obj.get("op") == CALIBRATE_OP:
+        return CalibrateOptions.from_mapping(obj)
+    return QuantOptions.from_mapping(obj)
+
+
+def _command_object(data: bytes | str | None) -> dict[str, Any]:
+    """The JSON object of a Flight command ({} for an empty one)."""
+    if data is None:
+        return {}
+    if isinstance(data, (bytes, bytearray, memoryview)):
+        try:
+            data = bytes(data).decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise OptionsError(f"the command must be UTF-8 JSON: {exc}") from None
+    if not data.strip():
+        return {}
+    try:
+        obj = json.loads(data)
+    except RecursionError:
+        raise OptionsError(
+            "the command nests JSON arrays/objects too deeply to parse; options are a "
+            'flat JSON object, e.g. {"bits": 4, "group_size": 128}'
+        ) from None
+    except ValueError as exc:  # JSONDecodeError, or an integer of over 4300 digits
+        raise OptionsError(
+            f"the command must be a JSON object of options, e.g. "
+            f'{{"bits": 4, "group_size": 128}}; could not parse it: {shorten(str(exc))}'
+        ) from None
+    if not isinstance(obj, dict):
+        raise OptionsError(
+            f"the command must be a JSON object of options, got {type(obj).__name__}"
+        )
+    return obj
 
 
 def _native_bits_group(mapping: Mapping[str, Any], scheme: str) -> tuple[int, int]:

@@ -24,7 +24,7 @@ import pyarrow as pa
 
 from .options import QuantOptions
 
-__all__ = ["FlightQuantizer", "FlightDequantizer"]
+__all__ = ["FlightQuantizer", "FlightDequantizer", "FlightCalibrator"]
 
 #: blocks bigger than this are sent as several batches (each stays under a server's limit)
 DEFAULT_MAX_BATCH_BYTES = 64 << 20
@@ -135,6 +135,69 @@ class FlightDequantizer(FlightQuantizer):
     """Restore quantized Ray Data blocks to floats (same arguments, no quantization options)."""
 
     _op = "dequantize"
+
+
+class FlightCalibrator:
+    """Feed each Ray Data block of activations to a calibration session on a server.
+
+    A block is a table of calibration rows (layer name, ``tokens x width`` float values,
+    ``shape``; see :mod:`flightquant.calibration`). Every worker sends to the same server:
+    the session's, chosen from ``locations`` by a stable hash of its name. Each call
+    returns a one-row table of what it added (``rows``, ``tokens``, ``elements``,
+    ``batches``), so ``ds.map_batches(...).sum("tokens")`` counts the tokens calibrated.
+
+    >>> ds.map_batches(                                               # doctest: +SKIP
+    ...     FlightCalibrator,
+    ...     fn_constructor_kwargs={"locations": "grpc://a:8815", "session": "run-1"},
+    ...     batch_format="pyarrow",
+    ...     concurrency=4,
+    ... ).sum("tokens")
+    """
+
+    def __init__(
+        self,
+        locations: str | Sequence[str],
+        session: str,
+        *,
+        token: str | None = None,
+        max_batch_bytes: int = DEFAULT_MAX_BATCH_BYTES,
+        client_options: dict[str, Any] | None = None,
+    ):
+        from .client import Client
+        from .options import CalibrateOptions
+
+        CalibrateOptions.from_mapping({"session": session})  # fail early on a bad name
+        if not locations:
+            raise ValueError("FlightCalibrator needs the servers' locations")
+        self.session = session
+        self.max_batch_bytes = max_batch_bytes
+        self.locations = [locations] if isinstance(locations, str) else list(locations)
+        self._client = Client(self.locations, token=token, **(client_options or {}))
+
+    def __call__(self, block: pa.Table) -> pa.Table:
+        if isinstance(block, pa.RecordBatch):
+            block = pa.Table.from_batches([block])
+        if not isinstance(block, pa.Table):
+            raise TypeError(
+                "FlightCalibrator needs pyarrow blocks: pass batch_format='pyarrow' to "
+                f"map_batches (got {type(block).__name__})"
+            )
+        totals = self._client.calibrate(self.session, _split(block, self.max_batch_bytes))
+        return pa.table({k: pa.array([v], pa.int64()) for k, v in totals.items()})
+
+    def close(self) -> None:
+        if self._client is not None:
+            self._client.close()
+            self._client = None
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:  # pragma: no cover
+            pass
+
+    def __repr__(self) -> str:
+        return f"FlightCalibrator({self.locations!r}, session={self.session!r})"
 
 
 def _split(table: pa.Table, max_bytes: int) -> Iterator[pa.RecordBatch]:

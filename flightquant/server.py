@@ -40,12 +40,14 @@ from urllib.parse import urlsplit
 import pyarrow as pa
 import pyarrow.flight as flight
 
-from . import budget, codec, logs, metrics
+from . import budget, calibration, codec, logs, metrics
 from ._version import __version__
 from .errors import MESSAGE_LIMIT, shorten
 from .idle import Activity, IdleWatchdog, idle_message
 from .kernels import build_info, resolve_threads
-from .options import QuantOptions
+from .options import CalibrateOptions, QuantOptions, parse_command
+from .sessions import DEFAULTS as SESSION_DEFAULTS
+from .sessions import SessionStore
 from .validate import validate_batch, validate_schema
 
 __all__ = ["Server", "InvalidArgument", "ACTIONS"]
@@ -63,6 +65,8 @@ ACTIONS = {
     "stats": "counters: streams, batches, elements, bytes in/out, errors by kind, memory",
     "config": "limits and defaults: max_streams, max_batch_bytes, memory_limit, idle_timeout, "
     "threads, options, build",
+    calibration.ACTION_LIST: "calibration sessions: [{session, layers, tokens, bytes, ...}]",
+    calibration.ACTION_DROP: 'drop a calibration session; body {"session": NAME}',
 }
 
 
@@ -152,6 +156,11 @@ class Server(flight.FlightServerBase):
         host; NOT_SERVING while draining.
     drain_timeout : float
         Default deadline of :meth:`drain` in seconds.
+    max_sessions, max_session_layers, max_session_width : int
+        Calibration sessions (``op: "calibrate"``): how many may be open, layers per
+        session, columns per layer (see :mod:`flightquant.sessions`).
+    session_idle_timeout : float or None
+        Seconds a calibration session may go unused before it is dropped; None: never.
     metrics_port : int, optional
         Serve Prometheus metrics over plain HTTP at ``/metrics`` on this port (0: any free
         port; read it back from :attr:`metrics_port`). Not covered by TLS or the token.
@@ -186,6 +195,10 @@ class Server(flight.FlightServerBase):
         root_certificates: bytes | None = None,
         health_port: int | None = None,
         drain_timeout: float = 30.0,
+        max_sessions: int = SESSION_DEFAULTS["max_sessions"],
+        max_session_layers: int = SESSION_DEFAULTS["max_session_layers"],
+        max_session_width: int = SESSION_DEFAULTS["max_session_width"],
+        session_idle_timeout: float | None = SESSION_DEFAULTS["session_idle_timeout"],
         metrics_port: int | None = None,
         metrics_host: str = "127.0.0.1",
         log: logging.Logger = _LOG,
@@ -242,6 +255,14 @@ class Server(flight.FlightServerBase):
         self.memory_wait = float(memory_wait)
         self.idle_timeout = None if idle_timeout is None else float(idle_timeout)
         self._budget = budget.MemoryBudget(memory_limit)
+        self._sessions = SessionStore(
+            self._budget,
+            max_sessions=max_sessions,
+            max_layers=max_session_layers,
+            max_width=max_session_width,
+            idle_timeout=session_idle_timeout,
+            memory_wait=self.memory_wait,
+        )
         # what a stream reserves before it reads: never more than the whole budget (a
         # larger message is then read unreserved, and refused once its size is known)
         self._read_reserve = min(budget.receive_bound(max_batch_bytes), memory_limit)
@@ -283,6 +304,23 @@ class Server(flight.FlightServerBase):
             middleware=middleware,
         )
         self._watchdog = IdleWatchdog(self.idle_timeout, self.port, log)
+        self._sessions.start()
+        sessions = self._sessions
+        self.metrics.add_gauge(
+            "flightquant_calibration_sessions",
+            "calibration sessions open",
+            lambda: sessions.snapshot()["sessions"],
+        )
+        self.metrics.add_gauge(
+            "flightquant_calibration_bytes",
+            "bytes the calibration sessions hold (part of the memory reserved)",
+            lambda: sessions.snapshot()["bytes"],
+        )
+        self.metrics.add_counter(
+            "flightquant_calibration_sessions_expired",
+            "calibration sessions dropped after --session-idle-timeout",
+            lambda: sessions.expired,
+        )
         if health_port is not None:
             try:
                 from .health import HealthServer
@@ -331,6 +369,7 @@ class Server(flight.FlightServerBase):
         out = self._stats.snapshot()
         out["memory"] = self._budget.snapshot()
         out["idle_streams_ended"] = self._watchdog.expired
+        out["calibration"] = self._sessions.snapshot()
         return out
 
     def config(self) -> dict[str, Any]:
@@ -357,6 +396,7 @@ class Server(flight.FlightServerBase):
             "health_port": self.health_port,
             "metrics_port": self.metrics_port,
             "drain_timeout": self.drain_timeout,
+            "calibration": self._sessions.config(),
         }
 
     def health(self) -> dict[str, Any]:
@@ -399,6 +439,7 @@ class Server(flight.FlightServerBase):
             self._watchdog.stop()
             if self._metrics_endpoint is not None:
                 self._metrics_endpoint.stop()
+            self._sessions.stop()
             self._closed.set()
 
     def drain(self, timeout: float | None = None) -> bool:
@@ -465,6 +506,8 @@ class Server(flight.FlightServerBase):
             body = self.stats()
         elif kind == "config":
             body = self.config()
+        elif kind in (calibration.ACTION_LIST, calibration.ACTION_DROP):
+            body = self._session_action(kind, action.body)
         else:
             self._count_error("invalid_argument")
             raise InvalidArgument(
@@ -482,7 +525,23 @@ class Server(flight.FlightServerBase):
         raise Unimplemented(_USE_EXCHANGE)
 
     def do_get(self, context, ticket):
-        raise Unimplemented(_USE_EXCHANGE)
+        try:
+            acc = self._sessions.get(calibration.parse_ticket(ticket.ticket))
+        except ValueError as exc:
+            self._count_error("invalid_argument")
+            raise InvalidArgument(shorten(_message(exc), MESSAGE_LIMIT)) from None
+        return flight.GeneratorStream(calibration.IMATRIX_SCHEMA, calibration.table_batches(acc))
+
+    def _session_action(self, kind: str, body) -> Any:
+        """The calibration session actions: list, drop."""
+        if kind == calibration.ACTION_LIST:
+            return self._sessions.list()
+        try:
+            name = calibration.parse_drop(body.to_pybytes() if body is not None else b"")
+            return {"session": name, "dropped": self._sessions.drop(name)}
+        except ValueError as exc:
+            self._count_error("invalid_argument")
+            raise InvalidArgument(shorten(_message(exc), MESSAGE_LIMIT)) from None
 
     def do_put(self, context, descriptor, reader, writer):
         raise Unimplemented(_USE_EXCHANGE)
@@ -603,8 +662,12 @@ class Server(flight.FlightServerBase):
                 "DoExchange needs a command descriptor holding the options as JSON, e.g. "
                 'FlightDescriptor.for_command(b\'{"bits": 4}\') (b"" for the defaults)'
             )
-        options = QuantOptions.from_json(descriptor.command)
+        options = parse_command(descriptor.command)
         run.op = options.op
+        if isinstance(options, CalibrateOptions):
+            run.format = "none"  # (a metrics label: calibration has no format)
+            self._calibrate(options.session, reader, writer, run)
+            return
         run.format = options.format
         schema = _read_schema(reader)
         run.activity.touch()
@@ -639,6 +702,44 @@ class Server(flight.FlightServerBase):
         finally:
             pump.stop()
             pump.join()
+
+    def _calibrate(self, session: str, reader, writer, run: _StreamRun) -> None:
+        """A calibration stream: each batch is added to ``session`` whole or not at all;
+        each answer is a metadata-only message with the batch's totals."""
+        _read_schema(reader)
+        run.activity.touch()
+        out = _Writer(writer, run.activity)
+        batches = _Receiver(
+            reader, self._budget, self._read_reserve, self.memory_wait, run.activity
+        )
+        for index, (batch, held) in enumerate(batches):
+            with held:
+                run.activity.begin_work()
+                try:
+                    size = batch.get_total_buffer_size()
+                    if size > self.max_batch_bytes:
+                        raise ValueError(
+                            f"input batch {index} is {size} bytes, over this server's limit "
+                            f"of {self.max_batch_bytes} bytes (max_batch_bytes); send smaller "
+                            "record batches"
+                        )
+                    totals = self._sessions.add(
+                        session,
+                        batch,
+                        reserve=lambda n, held=held, index=index: held.resize(
+                            held.nbytes + n,
+                            self.memory_wait,
+                            f"input batch {index} ({n} bytes of float64 sums)",
+                        ),
+                    )
+                finally:
+                    run.activity.end_work()
+                totals["batch_index"] = index
+                out.write_metadata(json.dumps(totals).encode())
+            run.batches = index + 1
+            run.rows += totals["rows"]
+            run.bytes_in += totals["input_bytes"]
+            self._stats.batch_done(run.op, run.format, _CalibrationInfo(totals))
 
     def _kernel_threads(self) -> int:
         """Kernel threads for the next batch.
@@ -891,6 +992,19 @@ class _PipelineFactory(flight.ServerMiddlewareFactory):
         if info.method == flight.FlightMethod.DO_EXCHANGE and headers.get(PIPELINE_HEADER):
             return _PipelineMiddleware()
         return None
+
+
+class _CalibrationInfo:
+    """A calibration batch's totals as the counters take a codec batch's ``BatchInfo``."""
+
+    __slots__ = ("rows", "elements", "input_bytes", "output_bytes", "kernel_seconds")
+
+    def __init__(self, totals: dict[str, Any]) -> None:
+        self.rows = totals["rows"]
+        self.elements = totals["elements"]
+        self.input_bytes = totals["input_bytes"]
+        self.output_bytes = 0
+        self.kernel_seconds = 0.0
 
 
 class _StreamRun:

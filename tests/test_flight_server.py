@@ -261,7 +261,13 @@ def test_other_flight_methods_are_unimplemented_without_traceback(server):
 def test_actions_health_stats_config(server):
     s = server(threads=1, max_streams=7, max_batch_bytes=1 << 20)
     with flight.connect(s.location) as client:
-        assert {a.type for a in client.list_actions()} == {"health", "stats", "config"}
+        assert {a.type for a in client.list_actions()} == {
+            "health",
+            "stats",
+            "config",
+            "calibration-sessions",
+            "calibration-drop",
+        }
     health = _action(s.location, "health")
     assert health == {"status": "ok", "version": fq.__version__, "draining": False}
 

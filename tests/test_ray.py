@@ -131,3 +131,64 @@ def test_callable_fails_over_to_a_live_server(servers):
     for _ in range(3):  # the client starts at each location in turn
         assert f(table).equals(fq.quantize(table, bits=2, group_size=32))
     f.close()
+
+
+def activations_table(n_rows: int = 64) -> pa.Table:
+    rng = np.random.default_rng(11)
+    widths = {"blk.0.attn_q.weight": 32, "blk.0.ffn_down.weight": 80}
+    names, rows, shapes = [], [], []
+    for i in range(n_rows):
+        name = list(widths)[i % 2]
+        tokens = int(rng.integers(1, 20))
+        rows.append(rng.standard_normal((tokens, widths[name])).astype(np.float32).reshape(-1))
+        names.append(name)
+        shapes.append([tokens, widths[name]])
+    return pa.table(
+        {
+            "layer_name": names,
+            "acts": pa.array(rows, pa.list_(pa.float32())),
+            "shape": pa.array(shapes, pa.list_(pa.int64())),
+        }
+    )
+
+
+def test_two_workers_feed_one_calibration_session(ray_local, servers):
+    from flightquant.calibration import Accumulator
+    from flightquant.ray_data import FlightCalibrator
+
+    ray = ray_local
+    table = activations_table()
+    ds = ray.data.from_arrow([table.slice(i, 8) for i in range(0, table.num_rows, 8)])
+    locations = [s.location for s in servers]
+    added = _collect_totals(
+        ds.map_batches(
+            FlightCalibrator,
+            fn_constructor_kwargs={"locations": locations, "session": "ray-run"},
+            batch_format="pyarrow",
+            batch_size=8,
+            compute=ray.data.ActorPoolStrategy(size=2),
+            num_cpus=0.5,
+        )
+    )
+    expected = Accumulator()
+    expected.add_batch(table.combine_chunks().to_batches()[0])
+    assert added["rows"] == table.num_rows and added["tokens"] == expected.tokens
+    with fq.Client(locations) as client:
+        got = client.imatrix_table("ray-run")
+        held = [s for s in client.calibration_sessions() if s["session"] == "ray-run"]
+    assert len(held) == 1 and held[0]["batches"] == table.num_rows // 8  # one server has it
+    want = expected.table()
+    assert got.column("count").equals(want.column("count"))
+    np.testing.assert_allclose(
+        np.concatenate(got.column("in_sum2").to_pylist()),
+        np.concatenate(want.column("in_sum2").to_pylist()),
+        rtol=1e-6,
+    )
+
+
+def _collect_totals(ds) -> dict[str, int]:
+    import ray
+
+    tables = [t for t in ray.get(ds.to_arrow_refs()) if t.num_rows]
+    total = pa.concat_tables(tables)
+    return {name: sum(total.column(name).to_pylist()) for name in total.column_names}

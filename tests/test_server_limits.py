@@ -29,7 +29,9 @@ from common import make_layer_batch, wait_for
 
 import flightquant as fq
 from flightquant import budget, codec
+from flightquant.calibration import activation_batch, layer_bytes
 from flightquant.options import QuantOptions
+from flightquant.sessions import SESSION_OVERHEAD
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MiB = 1 << 20
@@ -563,3 +565,102 @@ def test_a_client_that_takes_no_answers_is_ended(server):
         wait_for(lambda: s.stats()["streams_active"] == 0, what="its slot")
     stats = s.stats()
     assert stats["errors"]["deadline_exceeded"] == 1 and stats["memory"]["reserved"] == 0
+
+
+@needs_prlimit
+def test_memory_pressure_calibration_sessions():
+    """Eight clients at once, each opening its own calibration session of 96 layers x
+    128 Ki columns (96 MiB of float64 sums each, 768 MiB together) under a 2 GiB address
+    space: sessions are held under the budget, a session that cannot grow fails its batch
+    with RESOURCE_EXHAUSTED and keeps nothing of it, the server survives, and dropping the
+    sessions gives every byte back."""
+    server = LimitedServer(
+        2 << 30, "--max-batch-bytes", "64MiB", "--memory-wait", "2", "--idle-timeout", "30"
+    )
+    width, layers = 128 * 1024, 96
+    rng = np.random.default_rng(0)
+    row = rng.standard_normal(width).astype(np.float32)
+    batch = activation_batch([(f"blk.{i}.ffn_up.weight", row) for i in range(layers)])
+    results: list = [None] * 8
+    barrier = threading.Barrier(8, timeout=60)
+
+    def run(i):
+        try:
+            with flight.connect(server.location) as client:
+                writer, reader = client.do_exchange(
+                    _cmd({"op": "calibrate", "session": f"s{i}"}),
+                    options=flight.FlightCallOptions(timeout=60),
+                )
+                try:
+                    writer.begin(batch.schema)
+                    barrier.wait()
+                    writer.write_batch(batch)
+                    meta = json.loads(reader.read_chunk().app_metadata.to_pybytes())
+                    writer.done_writing()
+                finally:
+                    try:
+                        writer.close()
+                    except pa.ArrowException:
+                        pass
+            results[i] = ("ok", meta)
+        except Exception as exc:  # noqa: BLE001 - judged below
+            kind = "resource_exhausted" if "RESOURCE_EXHAUSTED" in str(exc) else repr(exc)
+            results[i] = (kind, None)
+
+    try:
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        assert server.alive(), server.stderr()
+        kinds = [r[0] for r in results]
+        assert set(kinds) <= {"ok", "resource_exhausted"}, kinds
+        assert "ok" in kinds
+        stats = _action(server.location, "stats")
+        session_bytes = SESSION_OVERHEAD + layers * layer_bytes(width)
+        held = stats["calibration"]
+        print(
+            f"\ncalibrate: 8 sessions of {session_bytes / MiB:.0f} MiB at once: "
+            f"{kinds.count('ok')} held, {kinds.count('resource_exhausted')} refused; budget "
+            f"{stats['memory']['limit'] / MiB:.0f} MiB, peak reserved "
+            f"{stats['memory']['peak_reserved'] / MiB:.0f} MiB, server peak RSS "
+            f"{server.peak_rss() / MiB:.0f} MiB"
+        )
+        for kind, meta in results:
+            if kind == "ok":
+                assert meta["session_layers"] == layers and meta["tokens"] == layers
+        # a refused batch left its session empty (created, then nothing added)
+        assert held["layers"] == kinds.count("ok") * layers
+        assert stats["memory"]["reserved"] == held["bytes"] <= stats["memory"]["limit"]
+        assert held["bytes"] >= kinds.count("ok") * session_bytes
+        assert server.peak_rss() <= server.base_rss + stats["memory"]["limit"] + 256 * MiB
+        with flight.connect(server.location) as client:
+            for i in range(8):
+                body = json.dumps({"session": f"s{i}"}).encode()
+                list(client.do_action(flight.Action("calibration-drop", body)))
+        assert _action(server.location, "stats")["memory"]["reserved"] == 0
+    finally:
+        server.stop()
+
+
+def test_budget_waiters_of_the_same_size_are_distinct():
+    """A waiter that gives up removes itself, not another waiter asking for as much."""
+    memory = budget.MemoryBudget(100)
+    held = memory.reserve(100, 0)
+    got: dict = {}
+
+    def wait(name, timeout):
+        try:
+            got[name] = memory.reserve(60, timeout)
+        except budget.BudgetExhausted:
+            got[name] = None
+
+    patient = threading.Thread(target=wait, args=("patient", 20))
+    patient.start()
+    wait_for(lambda: memory.snapshot()["waiting"] == 1, what="the first waiter")
+    wait("hasty", 0.05)
+    assert got["hasty"] is None
+    held.release()
+    patient.join(20)
+    assert got["patient"] is not None and got["patient"].nbytes == 60

@@ -1,4 +1,4 @@
-"""Command line entry point: ``flightquant serve|quantize|dequantize|inspect``.
+"""Command line entry point: ``flightquant serve|quantize|dequantize|inspect|imatrix``.
 
 Each sub-command lives in its own module, which adds its arguments and runs it; this file
 only wires them together, so the CLI stays a thin layer over the server, the model files
@@ -29,9 +29,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"flightquant {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    from . import dequantize, inspect, quantize, serve
+    from . import dequantize, imatrix, inspect, quantize, serve
 
-    for command in (serve, quantize, dequantize, inspect):
+    for command in (serve, quantize, dequantize, inspect, imatrix):
         command.add_parser(sub)
     return parser
 

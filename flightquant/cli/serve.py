@@ -150,6 +150,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         default=30.0,
         help="seconds running streams get to finish on SIGTERM (default 30)",
     )
+    _add_session_options(p)
     p.add_argument(
         "--log-level",
         default="INFO",
@@ -165,6 +166,37 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     )
     p.set_defaults(func=run)
     return p
+
+
+def _add_session_options(p: argparse.ArgumentParser) -> None:
+    """The calibration sessions' limits (defaults from :mod:`flightquant.sessions`)."""
+    from ..sessions import DEFAULTS
+
+    p.add_argument(
+        "--max-sessions",
+        type=_positive_int,
+        default=DEFAULTS["max_sessions"],
+        help=f"calibration sessions open at once (default {DEFAULTS['max_sessions']})",
+    )
+    p.add_argument(
+        "--max-session-layers",
+        type=_positive_int,
+        default=DEFAULTS["max_session_layers"],
+        help=f"layers per calibration session (default {DEFAULTS['max_session_layers']})",
+    )
+    p.add_argument(
+        "--max-session-width",
+        type=_positive_int,
+        default=DEFAULTS["max_session_width"],
+        help=f"columns per layer of a session (default {DEFAULTS['max_session_width']})",
+    )
+    p.add_argument(
+        "--session-idle-timeout",
+        type=_seconds,
+        default=DEFAULTS["session_idle_timeout"],
+        help="seconds a calibration session may go unused before it is dropped; 0 = never "
+        f"(default {DEFAULTS['session_idle_timeout']:g})",
+    )
 
 
 #: what ``flightquant serve`` sets (unless already set) when it runs under RLIMIT_AS
@@ -247,6 +279,10 @@ def run(args: argparse.Namespace) -> int:
             drain_timeout=args.drain_timeout,
             metrics_port=args.metrics_port,
             metrics_host=args.metrics_host,
+            max_sessions=args.max_sessions,
+            max_session_layers=args.max_session_layers,
+            max_session_width=args.max_session_width,
+            session_idle_timeout=args.session_idle_timeout or None,
         )
     except (ValueError, OSError) as exc:
         return _fail(f"cannot start the server on {scheme}://{host}:{args.port}: {exc}")

@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import os
 import struct
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -439,3 +439,34 @@ def _write_dat(tmp: Path, imatrix: Imatrix) -> None:
     out += _I32.pack(int(imatrix.chunk_count)) + _I32.pack(len(dataset[0])) + dataset[0]
     with open(tmp, "ab") as f:  # the empty temporary file atomic_output made
         f.write(out)
+
+
+# --------------------------------------------------------------------------- from statistics
+
+
+def imatrix_from_sums(
+    sums: Mapping[str, tuple[np.ndarray, int]],
+    *,
+    datasets: Sequence[str] = (),
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    chunk_count: int | None = None,
+) -> Imatrix:
+    """An :class:`Imatrix` of per-layer statistics ``{name: (in_sum2 [k], token count)}``
+    (a calibration session's table, an in-process accumulator). ``chunk_count`` defaults
+    to the largest count over ``chunk_size``, as llama-imatrix counts its chunks.
+
+    >>> imx = imatrix_from_sums({"w": (np.array([4.0, 8.0]), 2)})
+    >>> imx.importance("w").tolist(), imx.chunk_count
+    ([2.0, 4.0], 0)
+    """
+    entries = {}
+    for name, (s, count) in sums.items():
+        if count < 1:
+            continue  # a layer that saw no tokens has no importance
+        entries[name] = ImatrixEntry(
+            name, np.asarray(s, np.float32).reshape(1, -1), np.array([count], np.float32)
+        )
+    if chunk_count is None:
+        most = max((int(c) for _, c in sums.values()), default=0)
+        chunk_count = most // chunk_size if chunk_size else 0
+    return Imatrix(entries, list(datasets), int(chunk_count), int(chunk_size))
