@@ -127,7 +127,7 @@ def main() -> None:
             for method in ("rtn", "mse"):
                 out = Path(tmp) / f"fq-{typ}-{method}.gguf"
                 t0 = time.perf_counter()
-                argv = ["quantize", str(src), "-o", str(out), "--format", typ, "--method", method,
+                argv = ["quantize", str(src), "-o", str(out), "--format", typ, "--pure", "--method", method,
                         "-q", "--threads", str(args.threads)]  # fmt: skip
                 assert fq_main(argv) == 0
                 rows.append((f"flightquant {method}", time.perf_counter() - t0, out))

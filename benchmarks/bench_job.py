@@ -375,7 +375,7 @@ def llama(src, dims, args, tmp: Path, threads: int, model: Path) -> None:
     )
     for method in ("rtn", "mse"):
         out = tmp / f"fq-{method}.gguf"
-        r = run_timed(fq_cmd("quantize", gguf, "-o", out, "--format", "Q4_K", "--method", method,
+        r = run_timed(fq_cmd("quantize", gguf, "-o", out, "--format", "Q4_K", "--pure", "--method", method,
                              "--threads", threads, "--json"), env())  # fmt: skip
         job = json.loads(r["stdout"]).get("seconds")
         job_txt = f", the job itself {job:.2f} s ({t_lc / job:.2f}x)" if job else ""

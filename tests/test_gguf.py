@@ -188,17 +188,17 @@ def test_which_tensors_llama_cpp_quantizes():
         ("Q2_K", 384, "Q4_0"), ("Q3_K", 384, "Q4_0"), ("TQ1_0", 160, "Q4_0"),
         ("TQ2_0", 32, "Q4_0"), ("Q4_K", 48, "F16"), ("Q4_K", 512, "Q4_K"), ("Q8_0", 96, "Q8_0"),
         ("IQ4_XS", 384, "IQ4_NL"), ("IQ4_XS", 48, "F16"),
+        ("Q8_0", 48, "F16"), ("Q4_1", 80, "F16"),  # a 32-block type that does not fit: F16
     ],
 )  # fmt: skip
 def test_fallback_table(target, ne0, expected):
-    (c,) = choose([("blk.0.ffn_down.weight", (ne0, 8), "F32")], target)
+    # --pure: the recipe's own type, then the fallback (the mixes are tests/test_recipes.py's)
+    (c,) = choose([("blk.0.ffn_down.weight", (ne0, 8), "F32")], target, pure=True)
     assert c.dst == expected
     assert (f"{target} -> {expected}" in c.note) == (expected != target)
 
 
-def test_no_fallback_for_32_blocks_and_refusals():
-    with pytest.raises(ModelIOError, match="no fallback for Q8_0"):
-        choose([("blk.0.ffn_down.weight", (48, 8), "F16")], "Q8_0")
+def test_refusals():
     q = [("blk.0.attn_q.weight", (256, 4), "Q8_0"), ("ids.weight", (256, 4), "I32")]
     assert [c.dst for c in choose(q, "Q4_K")] == ["Q8_0", "I32"]  # pass through
     assert "already Q8_0" in choose(q, "Q4_K")[0].note
@@ -209,7 +209,7 @@ def test_no_fallback_for_32_blocks_and_refusals():
         choose(q, "Q4_K", only=["ids.*"])
     with pytest.raises(ModelIOError, match="matches no tensor"):
         choose(q, "Q4_K", keep=["nope"])
-    with pytest.raises(ModelIOError, match="GLOB=TYPE"):
+    with pytest.raises(ModelIOError, match="PATTERN=TYPE"):
         gguf_policy.parse_type_overrides(["Q6_K"])
     with pytest.raises(ModelIOError, match="unknown type 'IQ2_XXS'"):
         gguf_policy.parse_type_overrides(["x=IQ2_XXS"])
@@ -218,10 +218,13 @@ def test_no_fallback_for_32_blocks_and_refusals():
 def test_file_types_are_llama_cpps():
     # llama.h's llama_ftype values, as llama-quantize writes them for each TYPE name
     expected = {"Q4_0": 2, "Q4_1": 3, "Q8_0": 7, "Q5_0": 8, "Q5_1": 9, "Q2_K": 10, "Q3_K": 12,
-                "Q4_K": 15, "Q5_K": 17, "Q6_K": 18, "TQ1_0": 36, "TQ2_0": 37,
-                "IQ4_NL": 25, "IQ4_XS": 30}  # fmt: skip
-    assert {k: int(v) for k, v in gguf_policy.FILE_TYPES.items() if k in expected} == expected
-    assert set(fq.formats.GGML_TYPES) <= set(gguf_policy.FILE_TYPES)
+                "Q4_K": 15, "Q5_K": 17, "Q6_K": 18, "TQ1_0": 36, "TQ2_0": 37, "Q2_K_S": 21,
+                "Q3_K_S": 11, "Q3_K_L": 13, "Q4_K_S": 14, "Q5_K_S": 16, "IQ4_NL": 25,
+                "IQ4_XS": 30, "F32": 0, "F16": 1, "BF16": 32}  # fmt: skip
+    got = {k: int(gguf_policy.recipe(k).file_type) for k in gguf_policy.RECIPE_NAMES}
+    assert {k: got[k] for k in expected} == expected
+    assert gguf_policy.recipe("q4_k").name == "Q4_K_M" and gguf_policy.recipe("15").name == "Q4_K_M"
+    assert set(fq.formats.GGML_TYPES) <= {r.default for r in gguf_policy.RECIPES.values()}
     for t in fq.formats.GGML_TYPES.values():  # the registry agrees with gguf-py
         assert (t.block_size, t.type_size) == quants.GGML_QUANT_SIZES[
             GGMLQuantizationType(t.ggml_type)
@@ -231,10 +234,13 @@ def test_file_types_are_llama_cpps():
 # --------------------------------------------------------------------------- the job
 
 
-def _quantize(model, tmp_path, *extra, name="out.gguf", target="Q4_K") -> Path:
+def _quantize(model, tmp_path, *extra, name="out.gguf", target="Q4_K", pure=True) -> Path:
+    """``--pure`` (every tensor the recipe's type): what these tests check; the mixes are
+    tests/test_recipes.py's."""
     src, _ = model
     out = tmp_path / name
-    assert run("quantize", src, "-o", out, "--format", target, "--json", *extra) == 0
+    flags = ("--pure",) if pure else ()
+    assert run("quantize", src, "-o", out, "--format", target, "--json", *flags, *extra) == 0
     return out
 
 
@@ -293,7 +299,7 @@ def test_legacy_types_equal_gguf_py_quantizer(model, tmp_path, capsys):
     """Q8_0 (rtn) is ggml's reference quantizer, which gguf-py implements: same bytes."""
     src, arrays = model
     out = tmp_path / "q8.gguf"
-    assert run("quantize", src, "-o", out, "--format", "Q8_0", "-q") == 0
+    assert run("quantize", src, "-o", out, "--format", "Q8_0", "--pure", "-q") == 0
     r = GGUFReader(str(out))
     n = 0
     for t in r.tensors:
@@ -335,7 +341,7 @@ def test_overrides_type_keep_only(model, tmp_path, capsys):
 
 def test_estimate_and_inspect(model, tmp_path, capsys):
     src, _ = model
-    assert run("inspect", src, "--estimate", "--format", "Q4_K", "--json") == 0
+    assert run("inspect", src, "--estimate", "--format", "Q4_K", "--pure", "--json") == 0
     est = json.loads(capsys.readouterr().out)
     out = _quantize(model, tmp_path, "-q")
     assert run("inspect", out, "--json") == 0
@@ -345,7 +351,7 @@ def test_estimate_and_inspect(model, tmp_path, capsys):
     assert info["file_type"] == "MOSTLY_Q4_K_M" and info["types"]["Q4_K"] == 8
     q4k = next(t for t in info["per_tensor"] if t["name"] == "blk.0.attn_q.weight")
     assert q4k["bits_per_weight"] == 4.5
-    assert run("quantize", src, "--estimate", "--format", "Q4_K") == 0
+    assert run("quantize", src, "--estimate", "--format", "Q4_K", "--pure") == 0
     text = capsys.readouterr().out
     assert "Q4_K -> Q5_0" in text and "bits/weight" in text
 
@@ -378,7 +384,7 @@ def test_requantize_needs_the_flag(tmp_path, capsys):
         (["-o", "{tmp}/o.gguf"], "needs --format"),
         (["-o", "{tmp}/o.arrow", "--format", "Q4_K"], "unsupported output extension"),
         (["-o", "{tmp}/o.gguf", "--format", "Q4_K", "--bits", "4"], "implied by --format"),
-        (["-o", "{tmp}/o.gguf", "--format", "Q9_K"], "not a format"),
+        (["-o", "{tmp}/o.gguf", "--format", "Q9_K"], "not a GGUF recipe"),
         (["-o", "{tmp}/o.gguf", "--format", "Q4_K", "--type", "zz=Q4_K"], "matches no tensor"),
     ],
 )

@@ -101,7 +101,7 @@ def logits(path: Path) -> np.ndarray:
 @pytest.mark.parametrize("typ", list(FTYPES))
 def test_same_file_as_llama_quantize(f16, tmp_path, typ):
     ours, theirs = tmp_path / f"fq-{typ}.gguf", tmp_path / f"lc-{typ}.gguf"
-    assert main(["quantize", str(f16), "-o", str(ours), "--format", typ, "-q"]) == 0
+    assert main(["quantize", str(f16), "-o", str(ours), "--format", typ, "--pure", "-q"]) == 0
     llama_quantize(f16, theirs, FTYPES[typ])
     a, b = GGUFReader(str(ours)), GGUFReader(str(theirs))
     # llama-quantize writes the tensors sorted by name; ours keeps the input's order

@@ -35,7 +35,8 @@ def add_quant_options(p: argparse.ArgumentParser) -> None:
         metavar="F",
         help="native (default: --bits/--group-size/--scheme apply), a ggml type ("
         + ", ".join(formats.GGML_TYPES)
-        + ") or compressed-tensors (quantize only: a model folder for transformers/vLLM)",
+        + "), compressed-tensors (quantize only: a model folder for transformers/vLLM); "
+        "for a .gguf input, llama-quantize's recipe names (Q4_K_M, Q5_K_S, IQ4_XS, F16, ...)",
     )
     p.add_argument("--bits", type=int, default=None, help="2, 4 or 8 (default 4; ternary: 2)")
     p.add_argument(
@@ -85,19 +86,74 @@ def add_selection_options(p: argparse.ArgumentParser) -> None:
 
 
 def add_gguf_options(p: argparse.ArgumentParser) -> None:
+    """llama-quantize's flags (GGUF inputs), and flightquant's size target."""
     p.add_argument(
+        "--tensor-type",
         "--type",
         action="append",
-        metavar="GLOB=TYPE",
+        metavar="PATTERN=TYPE",
         dest="types",
         help="GGUF: give the tensors whose name matches this ggml type or F32/F16/BF16 "
-        "(repeatable, first match wins), e.g. 'output.weight=Q6_K'",
+        "(repeatable, first match wins; PATTERN is found in the name as a regular expression, "
+        "as llama-quantize reads it, or matches the whole name as a glob), e.g. "
+        "'attn_v=Q8_0' or 'blk.*.ffn_down.weight=Q6_K'",
+    )
+    p.add_argument(
+        "--pure",
+        action="store_true",
+        help="GGUF: no mix: every tensor llama.cpp quantizes gets the recipe's type",
+    )
+    p.add_argument("--output-tensor-type", metavar="TYPE", help="GGUF: the type of output.weight")
+    p.add_argument(
+        "--token-embedding-type", metavar="TYPE", help="GGUF: the type of token_embd.weight"
+    )
+    p.add_argument(
+        "--leave-output-tensor",
+        action="store_true",
+        help="GGUF: leave output.weight as it is",
+    )
+    p.add_argument(
+        "--target-size",
+        metavar="SIZE",
+        help="GGUF: choose each tensor's type for the least (importance-weighted) error "
+        "within this file size (bytes, or e.g. 400M, 1.5G)",
+    )
+    p.add_argument(
+        "--target-bpw",
+        type=float,
+        metavar="X",
+        help="GGUF: as --target-size, for X bits per weight over all tensors",
+    )
+    p.add_argument(
+        "--target-error",
+        choices=("relative", "absolute"),
+        default="relative",
+        help="GGUF size target: minimise the sum of each tensor's squared error relative to "
+        "its own mean square times its size (relative, default), or the plain sum (absolute)",
     )
     p.add_argument(
         "--allow-requantize",
         action="store_true",
         help="GGUF: re-quantize tensors that are already quantized (default: they pass through)",
     )
+
+
+#: the GGUF-only flags and their argparse names
+GGUF_FLAGS = (
+    ("--tensor-type", "types"),
+    ("--pure", "pure"),
+    ("--output-tensor-type", "output_tensor_type"),
+    ("--token-embedding-type", "token_embedding_type"),
+    ("--leave-output-tensor", "leave_output_tensor"),
+    ("--target-size", "target_size"),
+    ("--target-bpw", "target_bpw"),
+    ("--allow-requantize", "allow_requantize"),
+)
+
+
+def gguf_flags_given(args: argparse.Namespace) -> list[str]:
+    """The GGUF-only flags ``args`` gives."""
+    return [flag for flag, dest in GGUF_FLAGS if getattr(args, dest, None) not in (None, False)]
 
 
 def selection(args: argparse.Namespace, source) -> modelfiles.Selection:
@@ -271,11 +327,11 @@ class Runner:
     """The in-process API (``quantize``/``dequantize``) or a ``Client`` over --server."""
 
     def __init__(self, args: argparse.Namespace):
-        self.servers = list(args.servers or [])
-        self.threads = args.threads
+        self.servers = list(getattr(args, "servers", None) or [])
+        self.threads = getattr(args, "threads", None)
         self.client = None
         token = None
-        if args.token_file:
+        if getattr(args, "token_file", None):
             token = read_token(args.token_file)
             if not self.servers:
                 raise JobError("--token-file needs --server")

@@ -14,6 +14,7 @@ from typing import Any
 
 from gguf import LlamaFileType
 
+from ..modelfiles import gguf_policy
 from ..modelfiles.gguf_files import GGUFFile
 from ..modelfiles.gguf_policy import Choice
 from .accounting import TensorStat, json_float, snr
@@ -39,6 +40,58 @@ def _file_type(value) -> str:
         return str(value)
 
 
+def recipe_label(args) -> str:
+    """``Q4_K_M``, ``Q4_K_M --pure`` or the size target: what a job writes."""
+    return getattr(args, "recipe_label", None) or gguf_policy.recipe(args.format).name
+
+
+def _target_dict(target, choices: list[Choice], stats=None) -> dict[str, Any] | None:
+    if target is None:
+        return None
+    out: dict[str, Any] = {
+        "budget_bytes": target.budget,
+        "bytes": sum(c.dst_bytes for c in choices),
+        "error": target.error,
+        "predicted_error": sum(target.predicted.values()),
+        "tensors_chosen": len(target.predicted),
+    }
+    if stats is not None:
+        by = {s.name: s for s in stats}
+        got = [target.achieved(by[n]) for n in target.predicted]
+        out["achieved_error"] = None if None in got else sum(got)
+    return out
+
+
+def _target_fields(target, name: str, stat=None) -> dict[str, Any]:
+    if target is None or name not in target.predicted:
+        return {}
+    d: dict[str, Any] = {"predicted_error": target.predicted[name],
+                         "options": {o.type: [o.bytes, o.error] for o in target.options[name]}}  # fmt: skip
+    if stat is not None:
+        d["achieved_error"] = target.achieved(stat)
+    return d
+
+
+def _recipe_name(file_type) -> str | None:
+    """The llama-quantize name of a ``general.file_type`` (``15`` -> ``Q4_K_M``)."""
+    return next(
+        (r.name for r in gguf_policy.RECIPES.values() if int(r.file_type) == file_type), None
+    )
+
+
+def _per_type(tensors) -> dict[str, dict[str, Any]]:
+    """Per ggml type: tensors, parameters, bytes and bits per weight (largest share first)."""
+    out: dict[str, dict[str, Any]] = {}
+    for t in tensors:
+        d = out.setdefault(t.type, {"tensors": 0, "parameters": 0, "bytes": 0})
+        d["tensors"] += 1
+        d["parameters"] += t.numel
+        d["bytes"] += t.nbytes
+    for d in out.values():
+        d["bits_per_weight"] = 8 * d["bytes"] / d["parameters"] if d["parameters"] else None
+    return dict(sorted(out.items(), key=lambda kv: -kv[1]["bytes"]))
+
+
 def inspect_gguf(source: GGUFFile, args: argparse.Namespace) -> int:
     """``flightquant inspect model.gguf``: tensors, types, sizes, bits per weight."""
     tensors = source.tensors
@@ -61,6 +114,8 @@ def inspect_gguf(source: GGUFFile, args: argparse.Namespace) -> int:
                     "bytes": nbytes,
                     "bits_per_weight": 8 * nbytes / numel if numel else None,
                     "types": dict(Counter(t.type for t in tensors)),
+                    "recipe": None if file_type is None else _recipe_name(file_type),
+                    "per_type": _per_type(tensors),
                     "per_tensor": [
                         {
                             "name": t.name,
@@ -84,7 +139,16 @@ def inspect_gguf(source: GGUFFile, args: argparse.Namespace) -> int:
     if len(shown) < len(tensors):
         print(f"... {len(tensors) - len(shown)} more tensors (-v lists all)")
     print()
+    per = _per_type(tensors)
+    rows = [[typ, str(d["tensors"]), f"{d['parameters']:,}", fmt_bytes(d["bytes"]),
+             f"{100 * d['bytes'] / nbytes:.1f}%" if nbytes else "-",
+             _bpw(d["bytes"], d["parameters"])] for typ, d in per.items()]  # fmt: skip
+    print(table(["type", "tensors", "parameters", "size", "share", "bits/w"], rows,
+                {1, 2, 3, 4, 5}))  # fmt: skip
+    print()
+    name = None if file_type is None else _recipe_name(file_type)
     ft = "" if file_type is None else f", file type {_file_type(file_type)}"
+    ft += f" (llama-quantize {name})" if name else ""
     print(f"{source.path}: GGUF v{source.version}, {source.architecture or '?'}{ft}")
     print(f"metadata    {len(source.keys)} keys, alignment {source.alignment}")
     print(f"tensors     {len(tensors)} ({_types(t.type for t in tensors)})")
@@ -96,7 +160,7 @@ def inspect_gguf(source: GGUFFile, args: argparse.Namespace) -> int:
     return 0
 
 
-def print_gguf_estimate(source: GGUFFile, choices: list[Choice], args) -> int:
+def print_gguf_estimate(source: GGUFFile, choices: list[Choice], target, args) -> int:
     """The types and sizes a GGUF job would give, from the headers alone."""
     bytes_in = sum(c.src_bytes for c in choices)
     bytes_out = sum(c.dst_bytes for c in choices)
@@ -108,7 +172,9 @@ def print_gguf_estimate(source: GGUFFile, choices: list[Choice], args) -> int:
             json.dumps(
                 {
                     "file": str(source.path),
-                    "format": args.format.upper(),
+                    "format": args.recipe_name,
+                    "recipe": recipe_label(args),
+                    "target": _target_dict(target, choices),
                     "tensors": len(choices),
                     "changed": len(changed),
                     "fallbacks": len(fallbacks),
@@ -117,7 +183,9 @@ def print_gguf_estimate(source: GGUFFile, choices: list[Choice], args) -> int:
                     "bytes_out": bytes_out,
                     "ratio": bytes_in / bytes_out if bytes_out else None,
                     "bits_per_weight": 8 * bytes_out / numel if numel else None,
-                    "per_tensor": [_choice_dict(c) for c in choices],
+                    "per_tensor": [
+                        {**_choice_dict(c), **_target_fields(target, c.name)} for c in choices
+                    ],
                 },
                 indent=2,
             )
@@ -144,7 +212,7 @@ def print_gguf_estimate(source: GGUFFile, choices: list[Choice], args) -> int:
         print(f"... {len(choices) - len(shown)} more tensors (-v lists all)")
     print()
     print(
-        f"estimate    {args.format.upper()}: {len(choices)} tensors ({len(changed)} changed: "
+        f"estimate    {recipe_label(args)}: {len(choices)} tensors ({len(changed)} changed: "
         f"{_types(c.dst for c in changed) or 'none'}; {len(choices) - len(changed)} kept)"
     )
     if fallbacks:
@@ -169,6 +237,7 @@ def print_gguf_summary(
     seconds: float,
     where: str,
     file_bytes: int,
+    target=None,
 ) -> None:
     """The end of a GGUF job: per tensor, types, sizes and SNR; then the totals."""
     changed = [(c, s) for c, s in zip(choices, stats, strict=True) if c.dst != c.src]
@@ -186,12 +255,15 @@ def print_gguf_summary(
         for c, s in zip(choices, stats, strict=True):
             d = _choice_dict(c)
             d["snr_db"] = json_float(s.snr_db)
+            d.update(_target_fields(target, c.name, s))
             per.append(d)
         print(
             json.dumps(
                 {
                     "where": where,
-                    "format": args.format.upper(),
+                    "format": args.recipe_name,
+                    "recipe": recipe_label(args),
+                    "target": _target_dict(target, choices, stats),
                     "method": method,
                     "tensors": len(stats),
                     "quantized": sum(1 for c in choices if c.quantize),
@@ -247,12 +319,22 @@ def print_gguf_summary(
             + ", ".join(f"{c.name} -> {c.dst}" for c in fallbacks[:3])
             + (" ..." if len(fallbacks) > 3 else "")
         )
-    print(f"options     {args.format.upper()} {method} ({where})")
+    print(f"options     {recipe_label(args)} {method} ({where})")
     ratio = f"{bytes_in / bytes_out:.2f}x" if bytes_out else "-"
     print(
         f"bytes       {fmt_bytes(bytes_in)} in -> {fmt_bytes(bytes_out)} out (ratio {ratio}, "
         f"{_bpw(bytes_out, numel)} bits/weight); file {fmt_bytes(file_bytes)}"
     )
     print(f"SNR         {fmt_db(overall)} dB over the tensors changed")
+    t = _target_dict(target, choices, stats)
+    if t is not None:
+        achieved = t["achieved_error"]
+        print(
+            f"target      {fmt_bytes(t['budget_bytes'])} for the tensors: "
+            f"{fmt_bytes(t['bytes'])} used; {t['error']} squared error predicted "
+            f"{t['predicted_error']:.4g}, "
+            f"achieved {'-' if achieved is None else f'{achieved:.4g}'} "
+            f"over the {t['tensors_chosen']} tensors chosen"
+        )
     rate = bytes_in / seconds if seconds > 0 else 0
     print(f"time        {seconds:.2f} s ({fmt_bytes(rate)}/s)")

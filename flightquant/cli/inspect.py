@@ -61,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
 
             if args.estimate:
                 return gguf_report.print_gguf_estimate(
-                    source, quantize_gguf.plan(args, source), args
+                    source, *quantize_gguf.prepare(args, source), args
                 )
             return gguf_report.inspect_gguf(source, args)
         if args.estimate:

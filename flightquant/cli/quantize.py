@@ -30,6 +30,7 @@ from .common import (
     add_selection_options,
     check_not_same,
     command,
+    gguf_flags_given,
     imatrix_feed,
     is_quantized,
     never_empty,
@@ -104,17 +105,14 @@ def run(args: argparse.Namespace) -> int:
     if source.kind == "gguf":
         from . import quantize_gguf
 
-        if args.imatrix:  # the GGUF job's --imatrix (llama-quantize's) is its own
-            raise JobError("--imatrix is not supported for .gguf inputs yet")
-
         return quantize_gguf.run(args, source)
     if args.output and str(args.output).lower().endswith(".gguf"):
         raise JobError(
             f"a .gguf OUTPUT needs a .gguf INPUT; convert {args.input} to GGUF first "
             "(llama.cpp's convert_hf_to_gguf.py), then quantize that"
         )
-    if args.types or args.allow_requantize:
-        raise JobError("--type and --allow-requantize apply to GGUF inputs (.gguf)")
+    if given := gguf_flags_given(args):
+        raise JobError(f"{', '.join(given)}: GGUF flags; they apply to .gguf inputs")
     options = quant_options(args, args.columns)
     if source.kind == "table" and is_quantized(source.schema):
         raise JobError(f"{args.input} is already quantized; `flightquant dequantize` restores it")

@@ -16,7 +16,7 @@ from collections.abc import Iterator, Mapping
 import numpy as np
 
 from .accounting import json_float, shape_text
-from .common import JobError, Runner, imatrix_feed, progress
+from .common import JobError, Runner, gguf_flags_given, imatrix_feed, progress
 from .summary import MAX_TABLE_ROWS, fmt_bytes, fmt_db, table
 
 FORMAT = "compressed-tensors"
@@ -28,8 +28,7 @@ def run(args: argparse.Namespace) -> int:
     for flag, value in (
         ("--estimate", args.estimate),
         ("--column", args.columns),
-        ("--type", args.types),
-        ("--allow-requantize", args.allow_requantize),
+        *((f, True) for f in gguf_flags_given(args)),
         ("--clip", args.clip),
     ):
         if value:

@@ -25,34 +25,44 @@ from .. import formats, modelfiles
 from ..modelfiles import gguf_policy
 from ..modelfiles.gguf_files import GGUFFile, GGUFTensor
 from ..modelfiles.gguf_policy import Choice
+from . import gguf_imatrix, gguf_target_job
 from .accounting import TensorStat, shape_text
 from .common import (
     JobError,
     Runner,
     check_not_same,
-    format_name,
     never_empty,
     progress,
     read_ahead,
     release,
 )
 from .gguf_report import print_gguf_estimate, print_gguf_summary
+from .gguf_target_job import Target
+from .summary import fmt_bytes
 
 #: ``general.quantization_version`` llama-quantize writes (GGML_QNT_VERSION)
 QUANTIZATION_VERSION = 2
 
 
+def recipe_of(args: argparse.Namespace, source: GGUFFile) -> gguf_policy.Recipe:
+    """The llama-quantize recipe ``--format`` names (``Q4_K`` = ``Q4_K_M``, as there)."""
+    fmt = getattr(args, "format", None)
+    if fmt is None and gguf_target_job.wants_target(args):
+        return gguf_policy.recipe(gguf_target_job.BASE_RECIPE)
+    if fmt is None or fmt.lower() == formats.NATIVE:
+        raise JobError(
+            f"{source.path}: a GGUF input needs --format, the recipe to write (as "
+            f"llama-quantize's TYPE): {', '.join(gguf_policy.RECIPE_NAMES)}"
+        )
+    return gguf_policy.recipe(fmt)
+
+
 def plan(args: argparse.Namespace, source: GGUFFile) -> list[Choice]:
     """The type of every tensor of ``source`` for this job."""
-    target = format_name(args)
-    if target == formats.NATIVE:
-        raise JobError(
-            f"{source.path}: a GGUF input needs --format, the ggml type to write "
-            f"(as llama-quantize's TYPE): {', '.join(formats.GGML_TYPES)}"
-        )
+    rec = recipe_of(args, source)
     for flag in ("bits", "group_size", "scheme"):
         if getattr(args, flag, None) is not None:
-            raise JobError(f"--{flag.replace('_', '-')}: implied by --format {target}")
+            raise JobError(f"--{flag.replace('_', '-')}: implied by --format {rec.name}")
     from ..options import QuantOptions
 
     # validated here, so --estimate refuses what the job refuses
@@ -62,41 +72,110 @@ def plan(args: argparse.Namespace, source: GGUFFile) -> list[Choice]:
             f"{source.path} is one shard of a split model; merge the shards first "
             "(llama-gguf-split --merge)"
         )
-    return gguf_policy.choose(
+
+    def type_flag(dest: str, flag: str) -> str | None:
+        value = getattr(args, dest, None)
+        return None if value is None else gguf_policy.parse_type(value, flag)
+
+    choices = gguf_policy.choose(
         [(t.name, t.ne, t.type) for t in source.tensors],
-        target,
+        rec,
+        gguf_policy.ModelParams.from_gguf(source.value),
+        pure=getattr(args, "pure", False),
+        output_type=type_flag("output_tensor_type", "--output-tensor-type"),
+        token_embd_type=type_flag("token_embedding_type", "--token-embedding-type"),
+        leave_output=getattr(args, "leave_output_tensor", False),
+        types=gguf_policy.parse_type_overrides(getattr(args, "types", None) or ()),
         only=args.only or (),
         keep=args.keep or (),
-        types=gguf_policy.parse_type_overrides(getattr(args, "types", None) or ()),
         allow_requantize=getattr(args, "allow_requantize", False),
+        has_imatrix=getattr(args, "imatrix", None) is not None,
     )
+    args.recipe_name = rec.name
+    args.recipe_label = f"{rec.name} --pure" if getattr(args, "pure", False) else rec.name
+    return choices
+
+
+def prepare(args: argparse.Namespace, source: GGUFFile) -> tuple[list[Choice], Target | None]:
+    """The choices of the recipe, or of the size target (measured: this reads the tensors)."""
+    choices = plan(args, source)
+    args.imatrix_data = None
+    if getattr(args, "imatrix", None) is not None:
+        args.imatrix_data = gguf_imatrix.load(args.imatrix)
+    budget = gguf_target_job.budget_of(args, source)
+    if budget is None:
+        return choices, None
+    importance = _importance_of(args.imatrix_data, source)
+    runner = Runner(args)
+    try:
+        target = gguf_target_job.choose(args, source, choices, runner, budget, importance)
+    finally:
+        runner.close()
+    label = f"target {fmt_bytes(budget)} of tensor data"
+    if getattr(args, "format", None) is None:
+        args.recipe_name = target.file_type
+        args.recipe_label = label
+    else:
+        args.recipe_label = f"{label} (tensors of {args.recipe_label})"
+    return target.choices, target
+
+
+def _importance_of(imatrix, source: GGUFFile):
+    """name -> the importance vector a tensor's rows are weighted by (``None`` without)."""
+    if imatrix is None:
+        return lambda name: None
+    ne = {t.name: t.ne for t in source.tensors}
+
+    def importance(name: str):
+        w = imatrix.importance(name)
+        if w is None or np.asarray(w).size % ne[name][0]:
+            return None
+        return np.asarray(w, np.float32).reshape(-1, ne[name][0])[0]
+
+    return importance
 
 
 def run(args: argparse.Namespace, source: GGUFFile) -> int:
     """Quantize a GGUF file into a GGUF file (or print the estimate)."""
     try:
-        choices = plan(args, source)
+        choices, target = prepare(args, source)
         if args.estimate:
-            return print_gguf_estimate(source, choices, args)
+            return print_gguf_estimate(source, choices, target, args)
         if not args.output:
             raise JobError("quantize needs -o OUTPUT.gguf, or --estimate")
+        needs = next((c for c in choices if c.requires_imatrix), None)
+        if needs is not None and getattr(args, "imatrix", None) is None:
+            raise JobError(
+                f"--format {args.recipe_name} needs an importance matrix (--imatrix FILE, from "
+                f"llama-imatrix): llama.cpp refuses to write {needs.name} as {needs.dst} "
+                'without one ("this quantization requires an imatrix")'
+            )
+        unwritable = sorted({c.dst for c in choices if c.quantize} - set(formats.GGML_TYPES))
+        if unwritable:
+            raise JobError(
+                f"--format {args.format}: flightquant does not write {', '.join(unwritable)} "
+                f"(it writes {', '.join(formats.GGML_TYPES)})"
+            )
         modelfiles.output_format(args.output, ("gguf",))
         check_not_same(args.input, args.output)
         modelfiles.check_output_path(args.output)  # before any work
     except BaseException:
         source.close()
         raise
-    return _Job(args, source, choices).run()
+    return _Job(args, source, choices, target).run()
 
 
 class _Job:
-    def __init__(self, args: argparse.Namespace, source: GGUFFile, choices: list[Choice]):
+    def __init__(self, args, source: GGUFFile, choices: list[Choice], target: Target | None):
         self.args = args
         self.source = source
         self.choices = choices
+        self.target = target
         self.by_name: dict[str, GGUFTensor] = {t.name: t for t in source.tensors}
         self.stats: dict[str, TensorStat] = {}
-        self.target = format_name(args)
+        self.recipe = gguf_policy.recipe(args.recipe_name)
+        imatrix = getattr(args, "imatrix_data", None)
+        self.importance = {} if imatrix is None else gguf_imatrix.vectors(imatrix, choices)
 
     def run(self) -> int:
         args, source = self.args, self.source
@@ -117,8 +196,9 @@ class _Job:
                         ),
                         "general.file_type": (
                             GGUFValueType.UINT32,
-                            int(gguf_policy.FILE_TYPES[self.target]),
+                            int(self.recipe.file_type),
                         ),
+                        **self._imatrix_keys(),
                     },
                 )
                 self._write_all(writer, runner, bar)
@@ -130,8 +210,12 @@ class _Job:
         if not args.quiet:
             stats = [self.stats[c.name] for c in self.choices]
             size = Path(args.output).stat().st_size
-            print_gguf_summary(args, self.choices, stats, seconds, runner.where, size)
+            print_gguf_summary(args, self.choices, stats, seconds, runner.where, size, self.target)
         return 0
+
+    def _imatrix_keys(self) -> dict:
+        imatrix = getattr(self.args, "imatrix_data", None)
+        return {} if imatrix is None else gguf_imatrix.metadata(self.args.imatrix, imatrix)
 
     # ------------------------------------------------------------------ writing
     def _write_all(self, writer, runner: Runner, bar) -> None:
@@ -189,12 +273,15 @@ class _Job:
                 self.stats[info.name].signal = float(s)
 
         threads = self.args.threads
-        return modelfiles.tensor_batches(
+        batches = modelfiles.tensor_batches(
             tensors(),
             max_batch_bytes=self.args.max_batch_bytes,
             on_batch=signals,
             threads=None if threads is None else max(1, threads // 2),
         )
+        if not self.importance:
+            return batches
+        return (gguf_imatrix.with_importance(b, self.importance) for b in batches)
 
     def _settle(self, out: pa.RecordBatch, pending, direct, writer, bar) -> None:
         codes = out.column("weights")

@@ -20,12 +20,13 @@ The file rules every reader follows (a new reader calls these, never its own var
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
 import stat
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,16 +56,35 @@ def first_line(exc: BaseException) -> str:
 
 # --------------------------------------------------------------------------- dtypes
 
-try:  # ml_dtypes is a dependency, but reading must not need it
-    import ml_dtypes
 
-    ML_DTYPES = {
-        "bfloat16": np.dtype(ml_dtypes.bfloat16),
-        "float8_e4m3fn": np.dtype(ml_dtypes.float8_e4m3fn),
-        "float8_e5m2": np.dtype(ml_dtypes.float8_e5m2),
-    }
-except ImportError:  # pragma: no cover
-    ML_DTYPES = {}
+class _MlDtypes(Mapping):
+    """bfloat16/float8 dtype name -> NumPy dtype, through ml_dtypes, imported on first use
+    (its import costs ~0.5 s of CPU, paid by every process otherwise; ml_dtypes is a
+    dependency, but reading must not need it)."""
+
+    @functools.cached_property
+    def _dtypes(self) -> dict[str, np.dtype]:
+        try:
+            import ml_dtypes
+        except ImportError:  # pragma: no cover
+            return {}
+        return {
+            "bfloat16": np.dtype(ml_dtypes.bfloat16),
+            "float8_e4m3fn": np.dtype(ml_dtypes.float8_e4m3fn),
+            "float8_e5m2": np.dtype(ml_dtypes.float8_e5m2),
+        }
+
+    def __getitem__(self, name: str) -> np.dtype:
+        return self._dtypes[name]
+
+    def __iter__(self):
+        return iter(self._dtypes)
+
+    def __len__(self) -> int:
+        return len(self._dtypes)
+
+
+ML_DTYPES: Mapping[str, np.dtype] = _MlDtypes()
 
 #: float dtypes that can be quantized
 FLOAT_DTYPES = ("float16", "float32", "float64", "bfloat16", "float8_e4m3fn", "float8_e5m2")
