@@ -17,7 +17,7 @@ llama-quantize/flightquant time ratio of the same recipe.
 
     python benchmarks/bench_recipes.py [--recipes Q4_K_M,Q8_0] [--threads 2] [--runs 3]
 
-The binary is $FLIGHTQUANT_LLAMA_QUANTIZE (default /work/llama/build/bin/llama-quantize). The
+The binary is $FLIGHTQUANT_LLAMA_QUANTIZE (or llama-quantize on PATH). The
 timings are whole processes on whatever else the machine runs: quote medians.
 """
 
@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -37,9 +36,10 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from gguf_models import write_imatrix, write_llama  # noqa: E402
 
-LLAMA_QUANTIZE = os.environ.get(
-    "FLIGHTQUANT_LLAMA_QUANTIZE", "/work/llama/build/bin/llama-quantize"
-)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from flightquant.testing import llama_tool  # noqa: E402
+
+LLAMA_QUANTIZE = llama_tool("llama-quantize") or "llama-quantize"
 
 
 def timed(argv: list[str], runs: int) -> float:

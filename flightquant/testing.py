@@ -120,3 +120,21 @@ def llama_quantizer() -> LlamaQuantizer | None:
     if not path or not os.path.exists(path):
         return None
     return LlamaQuantizer(path)
+
+
+def llama_tool(name: str = "llama-quantize") -> str | None:
+    """The path of one of llama.cpp's command-line tools (``llama-quantize``,
+    ``llama-imatrix``), the oracles of the GGUF job and the imatrix files, or None:
+    ``FLIGHTQUANT_LLAMA_QUANTIZE`` names llama-quantize (its siblings are looked for beside
+    it, as a cmake build puts them), else the tool on ``PATH``. ``.ci/run`` builds both."""
+    import shutil
+
+    quantize = os.environ.get("FLIGHTQUANT_LLAMA_QUANTIZE")
+    path = None
+    if quantize:
+        path = (
+            quantize if name == "llama-quantize" else os.path.join(os.path.dirname(quantize), name)
+        )
+    else:
+        path = shutil.which(name)
+    return path if path and os.path.isfile(path) and os.access(path, os.X_OK) else None

@@ -3,13 +3,12 @@
 ``llama-imatrix`` writes a file for a tiny GGUF llama; flightquant reads it and writes it
 back byte for byte. ``llama-quantize --imatrix`` loads the files flightquant writes (GGUF and
 .dat), with IQ2_XXS, a type it refuses to make without an importance matrix. The binaries
-are found through ``FLIGHTQUANT_LLAMA_QUANTIZE`` (default
-``/work/llama/build/bin/llama-quantize``), llama-imatrix beside it.
+are found by ``flightquant.testing.llama_tool`` (``FLIGHTQUANT_LLAMA_QUANTIZE``, llama-imatrix
+beside it, or ``PATH``).
 """
 
 from __future__ import annotations
 
-import os
 import subprocess
 from pathlib import Path
 
@@ -18,20 +17,19 @@ import pytest
 from gguf import GGUFReader, GGUFWriter
 
 from flightquant.modelfiles.imatrix import Imatrix, ImatrixEntry, read_imatrix, write_imatrix
+from flightquant.testing import llama_tool
 
 pytestmark = pytest.mark.llama
 
-QUANTIZE = Path(
-    os.environ.get("FLIGHTQUANT_LLAMA_QUANTIZE", "/work/llama/build/bin/llama-quantize")
-)
-IMATRIX = QUANTIZE.with_name("llama-imatrix")
+QUANTIZE = Path(llama_tool("llama-quantize") or "llama-quantize")
+IMATRIX = Path(llama_tool("llama-imatrix") or "llama-imatrix")
 D, N_FF, N_LAYER, N_VOCAB = 256, 512, 2, 300
 MATRICES = ["attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down"]
 
 
 def need(binary: Path) -> Path:
     if not binary.is_file():
-        pytest.skip(f"{binary} not built (set FLIGHTQUANT_LLAMA_QUANTIZE)")
+        pytest.skip(f"{binary.name} not found (set FLIGHTQUANT_LLAMA_QUANTIZE or put it on PATH)")
     return binary
 
 

@@ -10,7 +10,6 @@ llama-cpp-python's source distribution); without it these tests skip.
 
 from __future__ import annotations
 
-import os
 import subprocess
 from pathlib import Path
 
@@ -20,15 +19,14 @@ from gguf_models import write_bert, write_imatrix, write_llama
 
 from flightquant.cli import main
 from flightquant.modelfiles import gguf_policy
+from flightquant.testing import llama_tool
 
 pytestmark = pytest.mark.llama
 
-LLAMA_QUANTIZE = os.environ.get(
-    "FLIGHTQUANT_LLAMA_QUANTIZE", "/work/llama/build/bin/llama-quantize"
-)
-if not os.access(LLAMA_QUANTIZE, os.X_OK):
+LLAMA_QUANTIZE = llama_tool("llama-quantize")
+if LLAMA_QUANTIZE is None:
     pytest.skip(
-        f"llama-quantize not found at {LLAMA_QUANTIZE} (set FLIGHTQUANT_LLAMA_QUANTIZE)",
+        "llama-quantize not found (set FLIGHTQUANT_LLAMA_QUANTIZE or put it on PATH)",
         allow_module_level=True,
     )
 
