@@ -29,7 +29,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.flight as flight
 
-from . import calibration
+from . import calibration, protocol
 from .arrays import QuantizedTensor, arrays_to_batches, batches_to_results, with_importance
 from .options import CalibrateOptions, QuantOptions, check_importance_method
 from .progress import Progress, Tracker
@@ -39,52 +39,10 @@ __all__ = ["Client", "Progress"]
 log = logging.getLogger("flightquant.client")
 
 
-_CONNECTION_LOST = (
-    "socket closed",
-    "connection reset",
-    "connection refused",
-    "broken pipe",
-    "stream removed",
-    "failed to connect",
-    "goaway",
-    "rst_stream",
-    "connection aborted",
-    "end of tcp stream",
-    "server disconnect",
-)
-
-
-def _server_message(exc: BaseException) -> str:
-    """The server's message without pyarrow's transport decorations."""
-    text = str(exc)
-    for marker in (". Detail: ", ". gRPC client debug context"):
-        i = text.find(marker)
-        if i >= 0:
-            text = text[:i]
-    return text
-
-
 def _retryable(exc: BaseException) -> bool:
-    """UNAVAILABLE or a lost connection: the batches may go to another server."""
-    if isinstance(exc, flight.FlightUnavailableError):
-        return True
-    if isinstance(
-        exc,
-        (
-            flight.FlightTimedOutError,
-            flight.FlightUnauthenticatedError,
-            flight.FlightUnauthorizedError,
-        ),
-    ):
-        return False
-    if isinstance(exc, pa.ArrowInvalid) and "destination already closed" not in str(exc).lower():
-        return False  # INVALID_ARGUMENT from the server: never retried
-    if isinstance(exc, (flight.FlightError, OSError, pa.ArrowException, ConnectionError)):
-        text = str(exc).lower()
-        if isinstance(exc, flight.FlightInternalError) and "internal error:" in text:
-            return False  # the server's own internal error, not the connection
-        return any(m in text for m in _CONNECTION_LOST)
-    return False
+    """UNAVAILABLE, RESOURCE_EXHAUSTED or a lost connection: the batches may go to another
+    server (the kind as :func:`flightquant.protocol.error_kind` reads it)."""
+    return protocol.error_kind(exc) in protocol.RETRIED
 
 
 def _pem(value: bytes | str | os.PathLike | None, what: str) -> bytes | None:
@@ -349,9 +307,9 @@ class _Job:
                 if attempt.cancelled and isinstance(exc, flight.FlightCancelledError) and werr:
                     exc = werr
                 if _retryable(exc):
-                    raise _Failover(_server_message(exc), progressed) from None
+                    raise _Failover(protocol.server_message(exc), progressed) from None
                 if isinstance(exc, pa.ArrowInvalid):
-                    raise pa.ArrowInvalid(_server_message(exc)) from None
+                    raise pa.ArrowInvalid(protocol.server_message(exc)) from None
                 raise
             attempt.finish(cancel=False)
             clean = True
@@ -360,7 +318,7 @@ class _Job:
                 raise werr.exc from None
             if werr is not None:
                 if _retryable(werr):
-                    raise _Failover(_server_message(werr), progressed)
+                    raise _Failover(protocol.server_message(werr), progressed)
                 raise werr
             if self.pending:
                 raise _Failover(
@@ -372,30 +330,15 @@ class _Job:
 
 
 #: tells the server this client keeps sending without waiting for each answer and ends
-#: the call on an in-band error message, so the server may read ahead (see server.py)
-_PIPELINE = (b"x-flightquant-pipeline", b"1")
+#: the call on an in-band error message, so the server may read ahead
+_PIPELINE = (protocol.PIPELINE_HEADER.encode(), protocol.PIPELINE_VALUE.encode())
 
 
 def _raise_in_band_error(app_metadata) -> None:
-    """Raise the error a read-ahead server sends as ``{"error": {"code", "message"}}``."""
-    if app_metadata is None:
-        return
-    try:
-        error = json.loads(app_metadata.to_pybytes()).get("error")
-    except (ValueError, AttributeError):
-        return
-    if not isinstance(error, dict):
-        return
-    code, message = error.get("code"), str(error.get("message", "server error"))
-    if code == "invalid_argument":
-        raise pa.ArrowInvalid(message)
-    # retried: on another server, or on a new stream (a stream the server ended for idling
-    # while the source was slow can go on as a new one)
-    if code in ("unavailable", "resource_exhausted", "deadline_exceeded"):
-        raise flight.FlightUnavailableError(message)
-    if code == "internal":
-        raise flight.FlightInternalError(message)
-    raise flight.FlightServerError(message)
+    """Raise the error a read-ahead server sends in band (:func:`protocol.decode_error`)."""
+    error = protocol.decode_error(app_metadata)
+    if error is not None:
+        raise protocol.exception_for(*error)
 
 
 class _Failover(Exception):
@@ -528,10 +471,10 @@ class Client:
                 )
             except Exception as exc:
                 if _retryable(exc):
-                    failures.append(f"{location}: {_server_message(exc)}")
+                    failures.append(f"{location}: {protocol.server_message(exc)}")
                     continue
                 if isinstance(exc, pa.ArrowInvalid):
-                    raise pa.ArrowInvalid(_server_message(exc)) from None
+                    raise pa.ArrowInvalid(protocol.server_message(exc)) from None
                 raise
             return json.loads(results[0].body.to_pybytes())
         raise flight.FlightUnavailableError(
@@ -540,15 +483,15 @@ class Client:
 
     def health(self) -> dict[str, Any]:
         """``{"status": "ok", "version": ..., "draining": bool}`` of the first live server."""
-        return self._action("health")
+        return self._action(protocol.HEALTH)
 
     def stats(self) -> dict[str, Any]:
         """The first live server's counters (streams, batches, elements, bytes, errors)."""
-        return self._action("stats")
+        return self._action(protocol.STATS)
 
     def config(self) -> dict[str, Any]:
         """The first live server's limits and defaults."""
-        return self._action("config")
+        return self._action(protocol.CONFIG)
 
     # -- data ----------------------------------------------------------------------------
 
@@ -691,7 +634,7 @@ class Client:
         the server's ``location``)."""
         out = []
         for location in self.locations:
-            for s in self._action_at(location, calibration.ACTION_LIST, b""):
+            for s in self._action_at(location, protocol.CALIBRATION_LIST, b""):
                 out.append({**s, "location": location})
         return out
 
@@ -699,7 +642,7 @@ class Client:
         """Drop ``session`` on its server (its memory is freed); False if there was none."""
         body = json.dumps({"session": session}).encode()
         location = self.session_location(session)
-        return bool(self._action_at(location, calibration.ACTION_DROP, body)["dropped"])
+        return bool(self._action_at(location, protocol.CALIBRATION_DROP, body)["dropped"])
 
     def _action_at(self, location: str, name: str, body: bytes) -> Any:
         try:
@@ -739,7 +682,7 @@ class Client:
 
 def _flight_error(exc: BaseException) -> BaseException:
     """The same kind of error with the server's message alone."""
-    message = _server_message(exc)
+    message = protocol.server_message(exc)
     if isinstance(exc, pa.ArrowInvalid) or not isinstance(exc, flight.FlightError):
         return pa.ArrowInvalid(message) if isinstance(exc, pa.ArrowInvalid) else exc
     return type(exc)(message)

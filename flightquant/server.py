@@ -40,34 +40,22 @@ from urllib.parse import urlsplit
 import pyarrow as pa
 import pyarrow.flight as flight
 
-from . import budget, calibration, codec, logs, metrics
+from . import budget, calibration, codec, logs, metrics, protocol
 from ._version import __version__
 from .errors import MESSAGE_LIMIT, shorten
 from .idle import Activity, IdleWatchdog, idle_message
 from .kernels import build_info, resolve_threads
 from .options import CalibrateOptions, QuantOptions, parse_command
+from .protocol import ACTIONS, PIPELINE_HEADER
 from .sessions import DEFAULTS as SESSION_DEFAULTS
 from .sessions import SessionStore
 from .validate import validate_batch, validate_schema
 
-__all__ = ["Server", "InvalidArgument", "ACTIONS"]
+__all__ = ["Server", "InvalidArgument"]
 
 _LOG = logging.getLogger("flightquant.server")
 
-#: request header of a client that keeps sending without waiting for each answer and
-#: ends the call on an in-band error message; the server then reads ahead
-PIPELINE_HEADER = "x-flightquant-pipeline"
 _PIPELINE_KEY = "flightquant-pipeline"
-
-#: DoAction types and their descriptions (also the ListActions answer)
-ACTIONS = {
-    "health": "liveness: {status, version, draining}",
-    "stats": "counters: streams, batches, elements, bytes in/out, errors by kind, memory",
-    "config": "limits and defaults: max_streams, max_batch_bytes, memory_limit, idle_timeout, "
-    "threads, options, build",
-    calibration.ACTION_LIST: "calibration sessions: [{session, layers, tokens, bytes, ...}]",
-    calibration.ACTION_DROP: 'drop a calibration session; body {"session": NAME}',
-}
 
 
 # ---------------------------------------------------------------------------------------
@@ -483,7 +471,7 @@ class Server(flight.FlightServerBase):
                 self._shutdown_thread.start()
         grace = max(1.0, min(5.0, timeout))
         finished = self._closed.wait(max(0.0, deadline - time.monotonic()) + grace)
-        if not finished and self._watchdog.end_waiting("unavailable", _CUT):
+        if not finished and self._watchdog.end_waiting(protocol.UNAVAILABLE, _CUT):
             # streams waiting on silent clients would keep the shutdown waiting forever
             finished = self._closed.wait(grace)
         if not finished:
@@ -500,13 +488,13 @@ class Server(flight.FlightServerBase):
 
     def do_action(self, context, action):
         kind = action.type
-        if kind == "health":
+        if kind == protocol.HEALTH:
             body = self.health()
-        elif kind == "stats":
+        elif kind == protocol.STATS:
             body = self.stats()
-        elif kind == "config":
+        elif kind == protocol.CONFIG:
             body = self.config()
-        elif kind in (calibration.ACTION_LIST, calibration.ACTION_DROP):
+        elif kind in (protocol.CALIBRATION_LIST, protocol.CALIBRATION_DROP):
             body = self._session_action(kind, action.body)
         else:
             self._count_error("invalid_argument")
@@ -534,7 +522,7 @@ class Server(flight.FlightServerBase):
 
     def _session_action(self, kind: str, body) -> Any:
         """The calibration session actions: list, drop."""
-        if kind == calibration.ACTION_LIST:
+        if kind == protocol.CALIBRATION_LIST:
             return self._sessions.list()
         try:
             name = calibration.parse_drop(body.to_pybytes() if body is not None else b"")
@@ -691,11 +679,7 @@ class Server(flight.FlightServerBase):
             kind, message = run.error = self._classify(exc, context, run)
             if kind not in ("cancelled", "deadline_exceeded"):
                 try:  # the client ends the call when it sees this, which frees the pump
-                    out.write_metadata(
-                        json.dumps(
-                            {"error": {"code": kind, "message": shorten(message, MESSAGE_LIMIT)}}
-                        ).encode()
-                    )
+                    out.write_metadata(protocol.encode_error(kind, shorten(message, MESSAGE_LIMIT)))
                 except Exception:
                     pass  # the client is gone: the pump's read ends by itself
             raise
@@ -807,12 +791,11 @@ class Server(flight.FlightServerBase):
         ):
             return "cancelled", "stream cancelled by the client"
         if isinstance(exc, budget.BudgetExhausted):
-            return "resource_exhausted", f"RESOURCE_EXHAUSTED: {exc}"
+            return "resource_exhausted", protocol.resource_exhausted_message(str(exc))
         if isinstance(exc, MemoryError):  # numpy, pyarrow (ArrowMemoryError), the kernels
-            return "resource_exhausted", (
-                f"RESOURCE_EXHAUSTED: the server ran out of memory in batch {run.batches} "
-                f"({_short(exc, 200)}); retry later or on another server, or send smaller "
-                "batches"
+            return "resource_exhausted", protocol.resource_exhausted_message(
+                f"the server ran out of memory in batch {run.batches} ({_short(exc, 200)}); "
+                "retry later or on another server, or send smaller batches"
             )
         if isinstance(exc, flight.FlightUnavailableError):
             return "unavailable", str(exc)
@@ -820,7 +803,7 @@ class Server(flight.FlightServerBase):
             return "internal", str(exc)
         if isinstance(exc, ValueError):
             return "invalid_argument", _message(exc)
-        return "internal", f"internal error: {_short(exc)}; see server log"
+        return "internal", protocol.internal_message(_short(exc))
 
 
 def _read_schema(reader):

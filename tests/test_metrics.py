@@ -21,7 +21,7 @@ import pytest
 from common import make_layer_batch, wait_for
 
 import flightquant as fq
-from flightquant import logs, metrics
+from flightquant import logs, metrics, protocol
 from flightquant.security import auth_headers
 
 parser = pytest.importorskip("prometheus_client.parser")
@@ -163,7 +163,10 @@ def test_counters_rise_by_exactly_what_was_sent(served):
     assert rise("flightquant_batch_seconds_sum", **labels) == pytest.approx(
         sum(m["kernel_seconds"] for m in metas[:4]), abs=1e-5
     )
-    assert sum(rise(n, kind=k) for n in ["flightquant_errors_total"] for k in metrics.KINDS) == 0
+    assert (
+        sum(rise(n, kind=k) for n in ["flightquant_errors_total"] for k in protocol.ERROR_KINDS)
+        == 0
+    )
     assert value(after, "flightquant_streams_max") == 64
     assert value(after, "flightquant_memory_limit_bytes") > 0
     assert value(after, "flightquant_memory_reserved_bytes") == 0
@@ -224,7 +227,9 @@ def test_errors_are_counted_by_kind(served):
     assert rise("invalid_argument") == 2
     assert rise("unauthenticated") == 2
     assert all(
-        rise(k) == 0 for k in metrics.KINDS if k not in ("invalid_argument", "unauthenticated")
+        rise(k) == 0
+        for k in protocol.ERROR_KINDS
+        if k not in ("invalid_argument", "unauthenticated")
     )
 
 
@@ -282,7 +287,7 @@ def test_json_log_one_line_per_stream_without_token_or_payload(served):
     for e in streams:
         assert tuple(e) == logs.STREAM_KEYS
         assert (e["status"] == "ok") == (e["error"] is None)
-        assert e["status"] in ("ok", *metrics.KINDS)
+        assert e["status"] in ("ok", *protocol.ERROR_KINDS)
     last = streams[-1]
     assert last["op"] == "quantize" and last["format"] == "native" and last["status"] == "ok"
     assert last["batches"] == 1 and last["rows"] == 3
