@@ -533,7 +533,7 @@ class Client:
         """Quantize a dict of NumPy arrays on the servers; equals :func:`fq.quantize_arrays`
         (``importance`` too).
 
-        ``progress`` labels are the array names.
+        ``progress(name, completed / total)`` is called once after each array.
         """
         if "columns" in options or "op" in options:
             raise TypeError("quantize_arrays takes no 'columns' or 'op' option")

@@ -223,14 +223,14 @@ def test_progress_rises_to_exactly_one(server):
     fractions = [f for _, f in calls]
     assert fractions == sorted(fractions)
     assert fractions[-1] == 1.0 and all(0 < f <= 1.0 for f in fractions)
-    labels = [label for label, _ in calls]
-    assert set(labels) <= set(arrays)  # one call per result batch, labelled by its first row
+    n = len(arrays)
+    assert calls == [(name, i / n) for i, name in enumerate(arrays, start=1)]  # per tensor
 
     calls.clear()
     table = pa.Table.from_batches([make_layer_batch(2 * i, 2) for i in range(5)])
     with Client(s.location) as client:
         client.quantize(table, progress=lambda label, f: calls.append((label, f)))
-    assert calls == [(f"layer.{2 * i}", (i + 1) / 5) for i in range(5)]
+    assert calls == [(f"layer.{i}", (i + 1) / 10) for i in range(10)]  # per row key
     assert calls[-1][1] == 1.0
 
 
