@@ -150,7 +150,7 @@ def _nan_at(start: int, row: int, element: int) -> pa.RecordBatch:
 
 
 def test_error_mid_stream_with_read_ahead(server, monkeypatch):
-    import flightquant.server as fqs
+    import flightquant.stream as fqs
 
     pumps = []
 
