@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import queue
 import signal
 import socket
 import subprocess
@@ -18,6 +17,7 @@ from common import SEED_SCHEMA, make_layer_batch, wait_for
 
 import flightquant as fq
 from flightquant.client import Client
+from flightquant.testing import ServeProcess
 
 
 def _free_port() -> int:
@@ -413,21 +413,8 @@ def test_failover_when_a_server_drains_mid_job(server):
 
 
 def _start_cli_server() -> tuple[subprocess.Popen, str]:
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "flightquant", "serve", "--port", "0", "--log-level", "WARNING"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-    )
-    lines: queue.Queue = queue.Queue()
-    threading.Thread(target=lambda: lines.put(proc.stdout.readline()), daemon=True).start()
-    try:
-        line = lines.get(timeout=60)
-    except queue.Empty:
-        proc.kill()
-        raise AssertionError("flightquant serve did not print its location") from None
-    assert line.startswith("flightquant serving on "), line
-    return proc, line.split()[3]
+    s = ServeProcess("--port", "0", "--log-level", "WARNING", pump_stderr=True)
+    return s.proc, s.wait_serving()
 
 
 def test_failover_when_a_server_process_is_killed_mid_job(server):

@@ -5,12 +5,9 @@ from __future__ import annotations
 
 import json
 import os
-import queue
-import signal
 import socket
 import subprocess
 import sys
-import threading
 import urllib.error
 import urllib.request
 
@@ -23,6 +20,7 @@ from common import make_layer_batch, wait_for
 import flightquant as fq
 from flightquant import logs, metrics, protocol
 from flightquant.security import auth_headers
+from flightquant.testing import ServeProcess
 
 parser = pytest.importorskip("prometheus_client.parser")
 
@@ -76,48 +74,19 @@ def _batch(start: int, rows: int = 3) -> pa.RecordBatch:
     return b.set_column(0, "layer_name", names)
 
 
-class _Serve:
+class _Serve(ServeProcess):
     """``flightquant serve`` with metrics and JSON logs; stderr lines collected."""
 
     def __init__(self, *args: str):
         env = dict(os.environ, FLIGHTQUANT_TOKEN=TOKEN)
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "flightquant", "serve", "--port", "0", *args],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            env=env,
-        )
-        self.err: list[str] = []
-        lines: queue.Queue = queue.Queue()
-        threading.Thread(target=lambda: lines.put(self.proc.stdout.readline()), daemon=True).start()
-        threading.Thread(target=self._pump_err, daemon=True).start()
-        try:
-            line = lines.get(timeout=60)
-        except queue.Empty:
-            self.proc.kill()
-            raise AssertionError("flightquant serve printed nothing") from None
-        assert line.startswith("flightquant serving on "), (line, self.err)
-        self.location = line.split()[3]
-        self.metrics_port = int(line.rsplit("metrics on port ", 1)[1].rstrip(")\n"))
-
-    def _pump_err(self) -> None:
-        for line in self.proc.stderr:
-            self.err.append(line)
+        super().__init__("--port", "0", *args, env=env, pump_stderr=True)
+        self.location = self.wait_serving()
+        self.metrics_port = int(self.serving_line.rsplit("metrics on port ", 1)[1].rstrip(")"))
 
     def events(self, name: str | None = None) -> list[dict]:
         # (a line from gRPC's or Arrow's C++ logging would not be ours to format)
         out = [json.loads(line) for line in list(self.err) if line.startswith("{")]
         return [e for e in out if name is None or e["event"] == name]
-
-    def stop(self) -> int:
-        self.proc.send_signal(signal.SIGTERM)
-        return self.proc.wait(30)
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait(30)
 
 
 @pytest.fixture(scope="module")

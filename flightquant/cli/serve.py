@@ -19,6 +19,9 @@ import signal
 import sys
 import threading
 
+#: the first line ``serve`` prints: ``flightquant serving on LOCATION [(health on port N, ...)]``
+SERVING = "flightquant serving on"
+
 _SIZE = re.compile(r"^\s*(\d+)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 
@@ -247,7 +250,7 @@ def run(args: argparse.Namespace) -> int:
 
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
     log = logging.getLogger("flightquant.server")
-    line = f"flightquant serving on {server.location}"
+    line = f"{SERVING} {server.location}"
     extra = []
     if server.health_port is not None:
         extra.append(f"health on port {server.health_port}")
