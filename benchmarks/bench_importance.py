@@ -14,8 +14,10 @@ has that spread). Quality is the weighted SNR, dB = 10 log10(sum w x^2 / sum w (
 * flightquant ``rtn`` + importance (ggml's importance path: ``=C`` is the share of rows whose
   bytes equal llama.cpp's with the imatrix) and ``mse`` + importance (the weighted search),
 
-and ``gain`` = mse+imp - llama.cpp+imatrix. Speed: MB/s of float32 in, one thread, one run
-each: ours rtn+imp and mse+imp, llama.cpp's importance path, and mse+imp / llama.cpp.
+and ``gain`` = mse+imp - llama.cpp+imatrix. Speed: MB/s of float32 in, one thread: ours
+rtn+imp and mse+imp, llama.cpp's importance path, and mse+imp / llama.cpp, each the median
+of ``--repeat`` interleaved runs timed in the thread's CPU time (steady on a shared machine:
+every quantizer here runs on the calling thread).
 A type whose kernels do not use importance yet shows ``ignores`` (its bytes with
 importance equal its bytes without).
 """
@@ -54,10 +56,22 @@ def wsnr(x: np.ndarray, x_hat: np.ndarray, w: np.ndarray) -> float:
     return float(10 * np.log10((w64 * x64 * x64).sum() / (w64 * d * d).sum()))
 
 
+REPEAT = 5
+
+
+def timed_many(fns: list) -> list[tuple[object, float]]:
+    """Each function's result and median CPU seconds over REPEAT interleaved runs."""
+    outs, times = [None] * len(fns), [[] for _ in fns]
+    for _ in range(REPEAT):
+        for i, fn in enumerate(fns):
+            t0 = time.thread_time()
+            outs[i] = fn()
+            times[i].append(time.thread_time() - t0)
+    return [(o, float(np.median(t))) for o, t in zip(outs, times, strict=True)]
+
+
 def timed(fn):
-    t0 = time.perf_counter()
-    out = fn()
-    return out, time.perf_counter() - t0
+    return timed_many([fn])[0]
 
 
 def row_equal(a: np.ndarray, b: np.ndarray, rows: int) -> float:
@@ -74,15 +88,21 @@ def ggml_table(x: np.ndarray, w: np.ndarray, types: list[str], llama) -> None:
     flat = x.reshape(-1)
     head = ["type", "llama", "llama+imat", "rtn+imp", "=C", "mse+imp", "gain dB",
             "MB/s rtn+imp", "MB/s mse+imp", "MB/s llama+imat", "mse/llama"]  # fmt: skip
-    print(f"(a) ggml types: {rows} rows x {k}, weighted SNR dB, speed 1 thread (one run)")
+    print(
+        f"(a) ggml types: {rows} rows x {k}, weighted SNR dB, speed 1 thread (median of {REPEAT})"
+    )
     print("  ".join(f"{h:>10}" for h in head))
     for name in types:
         t = formats.get(name)
         plain = kernels.quantize_ggml(flat, name, "rtn", threads=1)
-        rtn_imp, s_rtn = timed(lambda: kernels.quantize_ggml(flat, name, "rtn", importance=w,
-                                                             threads=1))  # fmt: skip
-        mse_imp, s_mse = timed(lambda: kernels.quantize_ggml(flat, name, "mse", importance=w,
-                                                             threads=1))  # fmt: skip
+        fns = [
+            lambda: kernels.quantize_ggml(flat, name, "rtn", importance=w, threads=1),
+            lambda: kernels.quantize_ggml(flat, name, "mse", importance=w, threads=1),
+        ]
+        if llama is not None:
+            fns.append(lambda: llama.quantize(flat, name, importance=w))
+        runs = timed_many(fns)
+        (rtn_imp, s_rtn), (mse_imp, s_mse) = runs[:2]
         ignores = plain.tobytes() == rtn_imp.tobytes()
 
         def snr(codes):
@@ -92,7 +112,7 @@ def ggml_table(x: np.ndarray, w: np.ndarray, types: list[str], llama) -> None:
         l_plain = l_imat = same = s_llama = None
         if llama is not None:
             l_plain = snr(llama.quantize(flat, name, n_per_row=k))
-            l_bytes, s_llama = timed(lambda: llama.quantize(flat, name, importance=w))
+            l_bytes, s_llama = runs[2]
             l_imat = snr(l_bytes)
             same = row_equal(rtn_imp, l_bytes, rows)
         gain = None if l_imat is None else ours_mse - l_imat
@@ -116,17 +136,21 @@ def ggml_table(x: np.ndarray, w: np.ndarray, types: list[str], llama) -> None:
 def native_table(x: np.ndarray, w: np.ndarray) -> None:
     mb = x.nbytes / 1e6
     print()
-    print("(b) native: weighted SNR dB of mse and mse+importance; speed 1 thread (one run)")
+    print(
+        f"(b) native: weighted SNR dB of mse and mse+importance; speed 1 thread (median of {REPEAT})"
+    )
     head = ["format", "rtn", "mse", "mse+imp", "gain dB", "MB/s mse", "MB/s mse+imp"]
     print("  ".join(f"{h:>14}" for h in head))
     for label, bits, gs in NATIVE:
         opts = {"bits": bits, "group_size": gs}
         rtn = fq.quantize_arrays({"x": x}, threads=1, **opts)["x"].dequantize()
-        mse, s_mse = timed(lambda: fq.quantize_arrays({"x": x}, threads=1, method="mse", **opts))
-        imp, s_imp = timed(
-            lambda: fq.quantize_arrays(
-                {"x": x}, importance={"x": w}, threads=1, method="mse", **opts
-            )
+        (mse, s_mse), (imp, s_imp) = timed_many(
+            [
+                lambda: fq.quantize_arrays({"x": x}, threads=1, method="mse", **opts),
+                lambda: fq.quantize_arrays(
+                    {"x": x}, importance={"x": w}, threads=1, method="mse", **opts
+                ),
+            ]
         )
         a, b, c = (wsnr(x, y, w) for y in (rtn, mse["x"].dequantize(), imp["x"].dequantize()))
         cells = [label, fmt(a), fmt(b), fmt(c), fmt(c - b, "+.2f"), fmt(mb / s_mse, ".1f"),
@@ -140,7 +164,9 @@ def main() -> None:
     ap.add_argument("--k", type=int, default=4096)
     ap.add_argument("--types", default=",".join(TYPES))
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--repeat", type=int, default=REPEAT, help="timed runs (median)")
     args = ap.parse_args()
+    globals()["REPEAT"] = max(1, args.repeat)
     types = [t for t in args.types.split(",") if t in formats.GGML_TYPES]
     skipped = [t for t in args.types.split(",") if t not in formats.GGML_TYPES]
     x, w = realistic(args.rows, args.k, args.seed)

@@ -426,7 +426,8 @@ cdef class QuantizePlan(_Plan):
 
     def __cinit__(self, schema, list columns, int bits, int scheme, int method,
                   int64_t group_size, int64_t groups_per_block, int qmin, int qmax,
-                  int offset, bint has_clip, float clip, bint asymmetric, bint stats):
+                  int offset, bint has_clip, float clip, bint asymmetric, bint stats,
+                  int scale_dtype=0):
         """``columns``: per input column ``None`` (passed through), ``"consumed"`` (an
         importance column: read, not output) or ``(kind, itemsize, list_size, ggml code or
         -1, block_size, type_size, importance column or -1, its kind, its list size)`` of a
@@ -457,7 +458,7 @@ cdef class QuantizePlan(_Plan):
                 self.n_out += 1
             self.n_out += 2 * stats  # mse, max_abs_error
         set_params(&self.p, bits, scheme, method, group_size, groups_per_block, qmin, qmax,
-                   offset, has_clip, clip, stats)
+                   offset, has_clip, clip, stats, scale_dtype)
         self.asymmetric = asymmetric
         self.stats = stats
         self.method = method

@@ -18,7 +18,7 @@
 from cython cimport floating
 from cython.parallel cimport prange
 from libc.math cimport fabs, fabsf
-from libc.stdint cimport int64_t, uint8_t
+from libc.stdint cimport int64_t, uint8_t, uint32_t
 from libc.stdlib cimport calloc, free, malloc
 from libc.string cimport memcpy, memset
 
@@ -664,6 +664,9 @@ cdef enum:
     SCHEME_TERNARY = 2
     METHOD_RTN = 0
     METHOD_MSE = 1
+    SCALE_F32 = 1       # options.SCALE_DTYPE_CODES
+    SCALE_F16 = 2
+    SCALE_BF16 = 3
     CHUNK = 4096        # codes per stack scratch chunk (a multiple of 8)
     LANES = 32          # independent min/max accumulators (a vectorizable inner loop)
     HINT_STRIDE = 8     # int64 slots per thread's row hint (one cache line apart)
@@ -880,6 +883,55 @@ cdef inline GroupQ rtn_params(const floating* x, int64_t n, const Params* p,
     return g
 
 
+cdef inline float round_scale(float s, int dtype) noexcept nogil:
+    """A scale (>= 0, finite) rounded to the dtype it is stored in, to nearest, ties to
+    even (reference.round_scale: ml_dtypes' bfloat16, NumPy's float16)."""
+    cdef uint32_t u
+    cdef float r
+    if dtype == SCALE_BF16:
+        memcpy(&u, &s, 4)
+        u = (u + <uint32_t>0x7FFF + ((u >> 16) & 1)) & <uint32_t>0xFFFF0000
+        memcpy(&r, &u, 4)
+        return r
+    if dtype == SCALE_F16:
+        if s < <float>6.103515625e-05:    # below 2**-14: float16 subnormals, steps of 2**-24
+            return round_f(s * <float>16777216.0) * <float>5.9604644775390625e-08
+        memcpy(&u, &s, 4)
+        u = (u + <uint32_t>0xFFF + ((u >> 13) & 1)) & <uint32_t>0xFFFFE000
+        memcpy(&r, &u, 4)
+        return FQ_INF_F if r > <float>65504.0 else r
+    return s
+
+
+cdef inline void store_params(GroupQ* g, const Params* p) noexcept nogil:
+    """The group's parameters as stored (reference._stored): the scale rounded to its
+    dtype; an asymmetric zero point the integer rint(clamp(zp, 0, qmax)), base -(Z * s)."""
+    cdef float s = round_scale(g.scale, p.scale_dtype), z = 0
+    g.scale = s
+    if p.scheme == SCHEME_ASYMMETRIC:
+        if s > 0:
+            z = g.zp
+            z = 0 if z < 0 else z
+            z = p.qmax if z > p.qmax else z
+            z = round_f(z)
+        g.zp = z
+        g.base = -(z * s)
+
+
+cdef inline void store_candidate(float* b, float* s, float* z, bint asym,
+                                 const Params* p) noexcept nogil:
+    """An mse candidate (base, scale, zero point) as store_params stores it."""
+    cdef GroupQ g
+    g.base = b[0]
+    g.scale = s[0]
+    g.zp = z[0]
+    store_params(&g, p)
+    s[0] = g.scale
+    if asym:
+        b[0] = g.base
+        z[0] = g.zp
+
+
 # ---------------------------------------------------------------------------------------
 # pass 2: codes (and, with stats, the error against the unclamped input)
 
@@ -1078,6 +1130,15 @@ cdef GroupQ mse_search(const floating* x, int64_t n, const Params* p, GroupQ g0,
     nc = fq_candidates(cd, cs_d, cm_d, asym, cb, cs, cz)
     if nc == 1:
         return g0
+    if p.scale_dtype:       # every candidate as it would be stored (store_params)
+        if not round_scale(g0.scale, p.scale_dtype) > 0:
+            return g0
+        for j in range(nc):
+            store_candidate(&cb[j], &cs[j], &cz[j], asym, p)
+            if not cs[j] > 0:   # its scale underflows: lane 0's again (never better)
+                cb[j] = cb[0]
+                cs[j] = cs[0]
+                cz[j] = cz[0]
     for j in range(SSE_PAD):
         err[j] = -0.0
     # sweep 2: the squared error of every candidate against the clamped input
@@ -1180,10 +1241,15 @@ cdef int quant_block(const floating* values, const int64_t* row_starts,
             xg = stage
         if scan_group(xg, glen, p, &mn, &mx):
             return 1
+        if p.scale_dtype and p.scheme == SCHEME_ASYMMETRIC:  # integer zero points: span 0
+            mn = 0 if mn > 0 else mn
+            mx = 0 if mx < 0 else mx
         g = rtn_params(xg, glen, p, mn, mx)
         if p.method == METHOD_MSE:
             g = mse_search(xg, glen, p, g, mn, mx, wrow, imp_k[r] if wrow != NULL else 1,
                            gstart)
+        if p.scale_dtype:
+            store_params(&g, p)
         scales[go[r] + gi] = g.scale
         if p.scheme == SCHEME_ASYMMETRIC:
             zps[go[r] + gi] = g.zp
@@ -1223,7 +1289,8 @@ cdef int quant_block(const floating* values, const int64_t* row_starts,
 
 cdef void set_params(Params* p, int bits, int scheme, int method, int64_t group_size,
                      int64_t groups_per_block, int qmin, int qmax, int offset,
-                     bint has_clip, float clip, bint stats) noexcept nogil:
+                     bint has_clip, float clip, bint stats, int scale_dtype) noexcept nogil:
+    p.scale_dtype = scale_dtype
     p.bits = bits
     p.scheme = scheme
     p.method = method
@@ -1320,7 +1387,8 @@ def quantize_kernel(const floating[::1] values, const int64_t[::1] row_starts,
                     float[::1] zero_points, double[::1] group_sse,
                     double[::1] group_max_err, bint stats, int n_threads,
                     int64_t stage_elems=0, const float[::1] importance=None,
-                    const int64_t[::1] imp_starts=None, const int64_t[::1] imp_k=None):
+                    const int64_t[::1] imp_starts=None, const int64_t[::1] imp_k=None,
+                    int scale_dtype=0):
     """Fill codes/scales/zero_points (and stats) for every block; return the number of
     blocks that hold a non-finite value (0 on success). Inputs are validated by the
     caller: every row lies inside ``values`` and the outputs match the layout.
@@ -1328,7 +1396,9 @@ def quantize_kernel(const floating[::1] values, const int64_t[::1] row_starts,
     ``stage_elems > 0`` (the longest group, for misaligned ``values``) makes every thread
     read its groups through an aligned scratch of that many elements. With ``importance``
     (and per row ``imp_starts``, -1 for none, and ``imp_k``) the mse search of row r
-    weighs element e by ``importance[imp_starts[r] + e % imp_k[r]]``."""
+    weighs element e by ``importance[imp_starts[r] + e % imp_k[r]]``. ``scale_dtype``
+    (``options.SCALE_DTYPE_CODES``, 0: none) stores scales in that dtype (see the
+    reference's *Stored scales*)."""
     cdef Params p
     cdef int64_t nrows = row_lens.shape[0]
     cdef int64_t bad
@@ -1338,7 +1408,7 @@ def quantize_kernel(const floating[::1] values, const int64_t[::1] row_starts,
     if block_offsets[nrows] == 0:
         return 0
     set_params(&p, bits, scheme, method, group_size, groups_per_block, qmin, qmax, offset,
-               has_clip, clip, stats)
+               has_clip, clip, stats, scale_dtype)
     with nogil:
         bad = quantize_run(&values[0], &row_starts[0], &row_lens[0], &group_offsets[0],
                            &code_offsets[0], &block_offsets[0], nrows, &p, &codes[0],

@@ -30,6 +30,7 @@ class QuantizePlan:
         clip: float,
         asymmetric: bool,
         stats: bool,
+        scale_dtype: int = 0,
     ) -> None: ...
     def run(
         self, batch: pa.RecordBatch, n_threads: int, trace: list[int] | None = None

@@ -42,13 +42,15 @@ def quantize_kernel(
     importance: npt.NDArray[np.float32] | None = None,
     imp_starts: npt.NDArray[np.int64] | None = None,
     imp_k: npt.NDArray[np.int64] | None = None,
+    scale_dtype: int = 0,
 ) -> int:
     """Fill the outputs; return the number of blocks holding a non-finite value.
 
     ``stage_elems > 0``: ``values`` may be misaligned; each group is read through an
     aligned per-thread scratch of that many elements. ``importance`` (with per row
     ``imp_starts``, -1 for none, and ``imp_k``): the mse search of row r weighs element e
-    by ``importance[imp_starts[r] + e % imp_k[r]]``."""
+    by ``importance[imp_starts[r] + e % imp_k[r]]``. ``scale_dtype`` (0: none): scales
+    stored in that dtype (``options.SCALE_DTYPE_CODES``)."""
 
 def dequantize_kernel(
     codes: npt.NDArray[np.uint8],

@@ -28,6 +28,7 @@ from .errors import CodecError, NonFiniteError, echo, echo_list, shorten
 from .layout import groups_per_block
 from .options import (
     METHOD_CODES,
+    SCALE_DTYPE_CODES,
     SCHEME_CODES,
     OptionsError,
     QuantOptions,
@@ -252,6 +253,7 @@ def _build_quantize_plan(schema: pa.Schema, options: QuantOptions) -> _Plan:
         clip,
         options.scheme == "asymmetric",
         options.stats,
+        SCALE_DTYPE_CODES[options.scale_dtype],
     )
     names = {i: schema.field(i).name for i in picked}
     names.update({j: schema.field(j).name for j in consumed})

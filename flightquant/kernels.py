@@ -31,7 +31,7 @@ import numpy as np
 from . import formats
 from .errors import NonFiniteError
 from .layout import QuantizedRows, RowLayout, groups_per_block
-from .options import METHOD_CODES, SCHEME_CODES, VALID_BITS
+from .options import METHOD_CODES, SCALE_DTYPE_CODES, SCHEME_CODES, VALID_BITS
 from .reference import qparams
 
 try:
@@ -203,13 +203,15 @@ def quantize_rows(
     fixed_row_len: int | None = None,
     threads: int | None = None,
     importance=None,
+    scale_dtype: str | None = None,
 ) -> QuantizedRows:
     """Quantize rows ``values[row_starts[r] : row_starts[r] + row_lens[r]]``.
 
     Same contract as :func:`flightquant.reference.quantize_rows` (bit for bit), plus
     ``threads`` (see :func:`resolve_threads`). Elements outside the rows are never read.
     ``importance``: None or one entry per row, None or the row's importance vector (see
-    :func:`check_importance`); only ``method="mse"`` takes it.
+    :func:`check_importance`); only ``method="mse"`` takes it. ``scale_dtype``
+    (symmetric/asymmetric): scales stored in that dtype, codes against them.
 
     Raises
     ------
@@ -229,6 +231,11 @@ def quantize_rows(
     _check_common(bits, scheme, group_size)
     if method not in METHOD_CODES:
         raise ValueError(f"method must be one of {tuple(METHOD_CODES)}, got {method!r}")
+    if scale_dtype not in SCALE_DTYPE_CODES or (scale_dtype and scheme == "ternary"):
+        raise ValueError(
+            f"scale_dtype must be None or one of {tuple(SCALE_DTYPE_CODES)[1:]} with a "
+            f"symmetric or asymmetric scheme, got {scale_dtype!r}"
+        )
     if clip is not None:
         clip_f = _F32(clip)
         if not (np.isfinite(clip_f) and clip_f > 0):
@@ -268,7 +275,7 @@ def quantize_rows(
         group_size, qmin, qmax, offset, clip is not None,
         float(clip_f) if clip is not None else 0.0,
         codes, scales, zps, sse, maxerr, bool(stats), n_threads, stage_elems,
-        imp, imp_starts, imp_k,
+        imp, imp_starts, imp_k, SCALE_DTYPE_CODES[scale_dtype],
     )  # fmt: skip
     if n_bad:
         found = _first_non_finite(vals, starts, lens)

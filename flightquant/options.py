@@ -19,6 +19,9 @@ from .errors import echo, echo_list, shorten
 VALID_BITS = (2, 4, 8)
 SCHEMES = ("asymmetric", "symmetric", "ternary")
 METHODS = ("rtn", "mse")
+#: dtypes a scale can be stored in (``scale_dtype``): codes are chosen against the scale
+#: rounded to it, and asymmetric zero points are integers (compressed-tensors' layout)
+SCALE_DTYPES = ("float32", "float16", "bfloat16")
 OPS = ("quantize", "dequantize")
 #: the op of a command that feeds a calibration session (:class:`CalibrateOptions`)
 CALIBRATE_OP = "calibrate"
@@ -29,6 +32,7 @@ MAX_GROUP_SIZE = 2**31 - 1
 #: integer codes the kernels use for the scheme and the method
 SCHEME_CODES = {"asymmetric": 0, "symmetric": 1, "ternary": 2}
 METHOD_CODES = {"rtn": 0, "mse": 1}
+SCALE_DTYPE_CODES = {None: 0, "float32": 1, "float16": 2, "bfloat16": 3}
 
 
 class OptionsError(ValueError):
@@ -64,6 +68,7 @@ class QuantOptions:
     columns: tuple[str, ...] | None = None
     stats: bool = False
     format: str = formats.NATIVE
+    scale_dtype: str | None = None
 
     @classmethod
     def from_mapping(cls, mapping: Mapping[str, Any] | None = None) -> QuantOptions:
@@ -118,7 +123,16 @@ class QuantOptions:
         stats = mapping.get("stats", False)
         if not isinstance(stats, bool):
             raise OptionsError(f"stats must be true or false, got {echo(stats)}")
-        return cls(op, bits, scheme, group_size, method, clip, columns, stats, fmt)
+        scale_dtype = mapping.get("scale_dtype")
+        if scale_dtype is not None:
+            scale_dtype = _choice(scale_dtype, "scale_dtype", SCALE_DTYPES)
+            if fmt != formats.NATIVE or scheme == "ternary":
+                raise OptionsError(
+                    "scale_dtype applies to format='native' with scheme='symmetric' or "
+                    f"'asymmetric', not {fmt if fmt != formats.NATIVE else scheme!r}; drop "
+                    "scale_dtype"
+                )
+        return cls(op, bits, scheme, group_size, method, clip, columns, stats, fmt, scale_dtype)
 
     @classmethod
     def from_json(cls, data: bytes | str | None) -> QuantOptions:

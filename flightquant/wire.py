@@ -163,6 +163,8 @@ def codes_fields(field: pa.Field, options: QuantOptions) -> list[pa.Field]:
     )
     if options.clip is not None:
         md[PREFIX + "clip"] = repr(options.clip)
+    if options.scale_dtype is not None:  # informational: decoding needs nothing new
+        md[PREFIX + "scale_dtype"] = options.scale_dtype
     if kind == "fixed_size_list":
         n = t.list_size
         md[PREFIX + "list_size"] = str(n)

@@ -765,9 +765,16 @@ def test_compressed_tensors_output(tmp_path, capsys):
     assert run_cli("quantize", src, "-o", kept, "--format", "compressed-tensors") == 1
     assert "not an empty folder" in one_error_line(capsys)
     assert run_cli("quantize", src, "-o", tmp_path / "x", "--format", "compressed-tensors",
-                   "--server", "grpc://127.0.0.1:1") == 1  # fmt: skip
-    assert "--server does not apply" in one_error_line(capsys)
+                   "--estimate") == 1  # fmt: skip
+    assert "--estimate does not apply" in one_error_line(capsys)
     assert not (tmp_path / "x").exists()
+    # a model folder is one safetensors source for the other jobs too
+    assert run_cli("inspect", src, "--json") == 0
+    assert json.loads(capsys.readouterr().out)["tensors"] == 5
+    folder_out, file_out = tmp_path / "folder.arrow", tmp_path / "file.arrow"
+    assert run_cli("quantize", src, "-o", folder_out, "-q") == 0
+    assert run_cli("quantize", src / "model.safetensors", "-o", file_out, "-q") == 0
+    assert folder_out.read_bytes() == file_out.read_bytes()
 
 
 def test_ggml_format_to_arrow(models, tmp_path, capsys):

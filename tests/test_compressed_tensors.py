@@ -17,7 +17,6 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from flightquant.modelfiles import compressed_tensors as ct
-from flightquant.modelfiles import ct_quant
 from flightquant.modelfiles.compressed_tensors import (
     CompressedTensorsError,
     PackedWeight,
@@ -128,8 +127,10 @@ def test_asymmetric_zero_points(bits):
     assert z.shape == (16, 4) and z.min() >= qmin and z.max() <= qmax
     s = p.weight_scale.astype(np.float32)
     x = w.astype(np.float32).reshape(16, 4, 8)
-    want = np.clip(np.rint(x / s[..., None] + z[..., None]), qmin, qmax).reshape(16, 32)
-    assert np.array_equal(_codes(p), want)
+    with np.errstate(invalid="ignore"):
+        want = np.clip(np.rint(x / s[..., None] + z[..., None]), qmin, qmax)
+    want = np.where(s[..., None] > 0, want, z[..., None]).reshape(16, 32)  # zero scale: q = z
+    assert s[0, 0] == 0 and np.array_equal(_codes(p), want)
     deq = dequantize_weight(p).astype(np.float32)
     assert np.all(deq[0, :8] == 0)  # zero is exact
     err = np.abs(deq - w.astype(np.float32)).reshape(16, 4, 8)
@@ -137,19 +138,62 @@ def test_asymmetric_zero_points(bits):
     assert p.snr_db > (20 if bits == 4 else 40)
 
 
-def test_zero_group_gets_epsilon_scale_and_reconstructs_zero():
+@pytest.mark.parametrize("scheme", ["symmetric", "asymmetric"])
+def test_zero_group_stores_zero_scale_and_reconstructs_zero(scheme):
     w = np.zeros((2, 8), np.float16)
     w[1] = 1.0
-    p = quantize_weight(w, bits=4, group_size=8)
-    assert p.weight_scale[0, 0] == np.finfo(np.float16).eps
-    assert np.array_equal(dequantize_weight(p)[0], np.zeros(8, np.float16))
+    w[1, 3] = 1e-9  # rounds to 0 in float16: the stored reconstruction says so
+    p = quantize_weight(w, bits=4, group_size=8, scheme=scheme)
+    assert p.weight_scale[0, 0] == 0
+    deq = dequantize_weight(p)
+    assert np.array_equal(deq[0], np.zeros(8, np.float16))
+    assert np.isfinite(deq).all() and np.abs(deq[1] - w[1]).max() < 0.07
 
 
-def test_threads_and_row_blocks_do_not_change_the_result(monkeypatch):
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32"])
+@pytest.mark.parametrize("scheme", ["symmetric", "asymmetric"])
+@pytest.mark.parametrize("method", ["rtn", "mse"])
+def test_codes_are_the_engines_native_codes(dtype, scheme, method):
+    """The packed words are the engine's LSB-first code bytes read as little-endian int32,
+    and the engine's result with scale_dtype is the NumPy reference's, bit for bit."""
+    import flightquant as fq
+    from flightquant import reference
+
+    rng = np.random.default_rng(11)
+    w = (rng.standard_normal((12, 96)) * 0.03).astype(ml_dtypes.finfo(dtype).dtype)
+    w[0, :32] = 0.25  # a constant group
+    w[1, 32:64] = np.abs(w[1, 32:64]) + 0.1  # an all-positive group
+    imp = (rng.random(96) + 0.1).astype(np.float32) if method == "mse" else None
+    p = quantize_weight(w, bits=4, group_size=32, scheme=scheme, method=method, importance=imp)
+    x = w.astype(np.float32)
+    ref = reference.quantize_rows(
+        x.reshape(-1), [0], [x.size], bits=4, scheme=scheme, group_size=32, method=method,
+        scale_dtype=dtype, importance=None if imp is None else [imp],
+    )  # fmt: skip
+    assert p.weight_packed.tobytes() == ref.codes.tobytes()
+    assert np.array_equal(p.weight_scale.astype(np.float32).reshape(-1), ref.scales)
+    got = fq.quantize_arrays(
+        {"w": x},
+        bits=4,
+        group_size=32,
+        scheme=scheme,
+        method=method,
+        scale_dtype=dtype,
+        importance=None if imp is None else {"w": imp},
+    )
+    assert got["w"].codes.tobytes() == ref.codes.tobytes()  # fmt: skip
+    if scheme == "asymmetric":
+        z = unpack_codes(np.ascontiguousarray(p.weight_zero_point.T), 4, 12).T
+        assert np.array_equal(z.reshape(-1).astype(np.float32), ref.zero_points)
+    # what compressed-tensors reconstructs is what flightquant dequantizes
+    deq = got["w"].dequantize().astype(np.float32)
+    assert np.array_equal(dequantize_weight(p), deq.astype(p.weight_scale.dtype))
+
+
+def test_threads_do_not_change_the_result():
     rng = np.random.default_rng(0)
     w = rng.standard_normal((50, 64)).astype(BF16)
     one = quantize_weight(w, bits=4, group_size=32, scheme="asymmetric", threads=1)
-    monkeypatch.setattr(ct_quant, "_ROWS_ELEMS", 64 * 3)  # 17 row blocks
     many = quantize_weight(w, bits=4, group_size=32, scheme="asymmetric", threads=3)
     for name in ("weight_packed", "weight_scale", "weight_zero_point"):
         assert np.array_equal(getattr(one, name).view(np.uint8), getattr(many, name).view(np.uint8))
@@ -419,7 +463,9 @@ def test_hostile_shape_is_refused_before_allocation(tmp_path):
     blob = json.dumps(header).encode()
     (src / "model.safetensors").write_bytes(struct.pack("<Q", len(blob)) + blob + bytes(16))
     (src / "config.json").write_text("{}")
-    with pytest.raises(CompressedTensorsError, match="needs .* bytes, the header gives 16"):
+    with pytest.raises(
+        CompressedTensorsError, match=r"16 bytes do not hold shape \[1099511627776, 1099511627776\]"
+    ):
         write_compressed_tensors(src, tmp_path / "o")
 
 
@@ -547,3 +593,129 @@ def _read_torch_folder(torch, folder: Path) -> dict[str, np.ndarray]:
                 else:
                     out[k] = t.numpy()
     return out
+
+
+def _weighted_error(torch, written: dict, source: dict, importance: dict, bits: int) -> float:
+    """sum over the Linear weights of sum_j w_j * (W - W_hat)[:, j]**2 (float64)."""
+    total = 0.0
+    for name, w in importance.items():
+        prefix = name[: -len(".weight")]
+        deq = dequantize_weight(_packed_from(written, prefix, bits, 32)).astype(np.float64)
+        x = source[name].float().numpy().astype(np.float64)
+        total += float((((deq - x) ** 2) * w.astype(np.float64)[None, :]).sum())
+    return total
+
+
+@pytest.mark.filterwarnings("ignore:You passed `quantization_config`")
+@pytest.mark.parametrize("scheme", ["symmetric", "asymmetric"])
+def test_cli_mse_server_and_imatrix(hf, tmp_path, server, scheme):
+    """`quantize MODEL_DIR --format compressed-tensors --method mse`: transformers loads it,
+    every Linear weight is flightquant's dequantized weight bit for bit, the logits are
+    closer to the float model's than rtn's; --server writes the same bytes; --imatrix
+    changes the codes and lowers the importance-weighted error."""
+    import flightquant as fq
+    from flightquant.cli import main
+    from flightquant.modelfiles.imatrix import Imatrix, ImatrixEntry, write_imatrix
+
+    torch, transformers = hf
+    model = _tiny_llama(hf, tmp_path / "src", False)
+    source = dict(model.state_dict())
+    linear = sorted(
+        n + ".weight"
+        for n, m in model.named_modules()
+        if isinstance(m, torch.nn.Linear) and n != "lm_head"
+    )
+    argv = ["--format", "compressed-tensors", "--bits", "4", "--group-size", "32"]
+    argv += ["--scheme", scheme, "-q"]
+
+    def quantize(out: str, *extra: str) -> Path:
+        rc = main(["quantize", str(tmp_path / "src"), "-o", str(tmp_path / out), *argv, *extra])
+        assert rc == 0
+        return tmp_path / out
+
+    rtn = quantize("rtn")
+    mse = quantize("mse", "--method", "mse")
+    remote = quantize("remote", "--method", "mse", "--server", server().location)
+    for name in ("model.safetensors", "config.json"):
+        assert (mse / name).read_bytes() == (remote / name).read_bytes(), name
+    assert (mse / "model.safetensors").read_bytes() != (rtn / "model.safetensors").read_bytes()
+
+    kwargs = {}
+    if scheme == "asymmetric":  # see test_transformers_loads_the_output
+        kwargs["quantization_config"] = transformers.CompressedTensorsConfig(dequantize=True)
+    ids = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = model(ids).logits
+    errors = {}
+    for out in (rtn, mse):
+        loaded = transformers.AutoModelForCausalLM.from_pretrained(out, **kwargs).eval()
+        with torch.no_grad():
+            errors[out.name] = _relative_error(want, loaded(ids).logits)
+        if out is mse:  # every Linear weight: the engine's mse result, dequantized
+            modules = dict(loaded.named_modules())
+            arrays = {n: source[n].float().numpy() for n in linear}
+            theirs = fq.quantize_arrays(
+                arrays, bits=4, group_size=32, scheme=scheme, method="mse",
+                scale_dtype="bfloat16",
+            )  # fmt: skip
+            for n in linear:
+                mine = theirs[n].dequantize().astype(BF16)
+                got = modules[n[: -len(".weight")]].weight.data
+                assert torch.equal(got, _torch_bf16(torch, mine)), n
+    print(f"{scheme}: logits relative error rtn {errors['rtn']:.4f}, mse {errors['mse']:.4f}")
+    assert errors["mse"] < errors["rtn"]
+
+    rng = np.random.default_rng(4)
+    entries = {}
+    for n in linear:
+        k = source[n].shape[1]
+        sums = np.exp(2.0 * rng.standard_normal(k)).astype(np.float32)
+        entries[n] = ImatrixEntry(n, sums.reshape(1, k), np.array([1.0], np.float32))
+    imx = Imatrix(entries, chunk_count=1)
+    write_imatrix(tmp_path / "m.imatrix.gguf", imx)
+    weighted = quantize("imx", "--method", "mse", "--imatrix", str(tmp_path / "m.imatrix.gguf"))
+    assert (weighted / "model.safetensors").read_bytes() != (mse / "model.safetensors").read_bytes()
+    importance = {n: imx.importance(n) for n in linear}
+    plain = _weighted_error(torch, _read_torch_folder(torch, mse), source, importance, 4)
+    imp = _weighted_error(torch, _read_torch_folder(torch, weighted), source, importance, 4)
+    print(f"{scheme}: importance-weighted error mse {plain:.6g}, mse + imatrix {imp:.6g}")
+    assert imp < plain
+
+
+def test_one_reader_for_model_folders(tmp_path):
+    """SafetensorsFolder: the shards of the index as one source (the quantize job,
+    inspect and this writer read through it); shards outside the folder, a tensor in two
+    shards and a bad index are one clear error."""
+    from flightquant.modelfiles import SafetensorsFolder, open_input
+
+    original = _numpy_model(tmp_path / "m", np.float32, shards=3)
+    src = open_input(tmp_path / "m")
+    assert isinstance(src, SafetensorsFolder) and len(src.shards) == 3
+    assert {i.name for i in src.infos} == set(original)
+    for info in src.infos:
+        assert np.array_equal(src.read(info), original[info.name])
+        offset, nbytes = src.span(info)
+        raw = src.path_of(info).read_bytes()[offset : offset + nbytes]
+        assert raw == np.ascontiguousarray(original[info.name]).tobytes()
+    index = tmp_path / "m" / "model.safetensors.index.json"
+    weight_map = json.loads(index.read_text())["weight_map"]
+    (tmp_path / "outside.safetensors").write_bytes(
+        (tmp_path / "m" / "model-00001-of-00003.safetensors").read_bytes()
+    )
+    for bad, message in (
+        ({**weight_map, "x": "../outside.safetensors"}, "is not a file in"),
+        ({**weight_map, "x": "missing.safetensors"}, "is not a file in"),
+        ([1, 2], "not a safetensors index"),
+    ):
+        index.write_text(json.dumps({"weight_map": bad}))
+        with pytest.raises(CompressedTensorsError, match=message):
+            SafetensorsFolder(tmp_path / "m")
+    link = tmp_path / "m" / "model-00004-of-00003.safetensors"
+    link.symlink_to(tmp_path / "outside.safetensors")
+    index.write_text(json.dumps({"weight_map": {**weight_map, "y": link.name}}))
+    with pytest.raises(CompressedTensorsError, match="outside|symbolic link|inside"):
+        SafetensorsFolder(tmp_path / "m")
+    link.unlink()
+    (tmp_path / "m" / link.name).write_bytes((tmp_path / "outside.safetensors").read_bytes())
+    with pytest.raises(CompressedTensorsError, match="is in both"):
+        SafetensorsFolder(tmp_path / "m")

@@ -614,7 +614,7 @@ def test_output_problems_are_found_before_the_work(tmp_path, capsys, monkeypatch
     def no_work(*args, **kwargs):
         raise AssertionError("the work started")
 
-    monkeypatch.setattr(compressed_tensors, "quantize_weight", no_work)
+    monkeypatch.setattr(compressed_tensors, "_run_one", no_work)
     monkeypatch.setattr(api, "quantize", no_work)
     src = ct_model(tmp_path / "m")
     for target in (tmp_path / "missing", tmp_path / "empty"):

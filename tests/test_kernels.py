@@ -654,3 +654,62 @@ def test_misaligned_input_costs_no_copy_of_the_input():
     finally:
         tracemalloc.stop()
     assert peak < x.nbytes // 4, peak  # outputs are 1/8 + 1/64 of the input; no 4 MiB copy
+
+
+# --------------------------------------------------------------------------- stored scales
+
+
+@pytest.mark.parametrize("scale_dtype", ["bfloat16", "float16", "float32"])
+@pytest.mark.parametrize("scheme", ["symmetric", "asymmetric"])
+@pytest.mark.parametrize("method", ["rtn", "mse"])
+@pytest.mark.parametrize("bits", [4, 8])
+def test_scale_dtype_matches_the_reference(scale_dtype, scheme, method, bits):
+    """scale_dtype: codes against the scale as stored, integer zero points; the kernels
+    equal the reference bit for bit at 1 and 3 threads (stats included), scales are exact
+    in the dtype, and groups of every kind (constant, all positive, zero, tiny) agree."""
+    import ml_dtypes
+
+    rng = np.random.default_rng(bits + 7 * len(scale_dtype))
+    n = 6 * 256
+    x = (rng.standard_normal(n) * rng.choice([1e-3, 1.0, 1e-7], n)).astype(np.float32)
+    x[:128] = np.abs(x[:128]) + 0.5  # all positive
+    x[128:256] = 0.25  # constant
+    x[256:384] = 0.0
+    x[384:512] = -np.abs(x[384:512]) * 1e-30  # scales that underflow float16 / bfloat16
+    starts, lens = np.arange(6) * 256, np.full(6, 256)
+    imp = None
+    if method == "mse":
+        imp = [(rng.random(256) + 0.1).astype(np.float32), None, None, None, None, None]
+    args = dict(bits=bits, scheme=scheme, group_size=128, method=method, stats=True)
+    want = reference.quantize_rows(x, starts, lens, scale_dtype=scale_dtype, importance=imp, **args)
+    for threads in (1, 3):
+        got = kernels.quantize_rows(
+            x, starts, lens, scale_dtype=scale_dtype, importance=imp, threads=threads, **args
+        )
+        assert np.array_equal(got.codes, want.codes)
+        assert np.array_equal(got.scales.view(np.uint32), want.scales.view(np.uint32))
+        assert np.array_equal(got.group_sse, want.group_sse)
+        if scheme == "asymmetric":
+            assert np.array_equal(got.zero_points, want.zero_points)
+            assert np.array_equal(np.rint(got.zero_points), got.zero_points)
+    dt = {"bfloat16": ml_dtypes.bfloat16, "float16": np.float16, "float32": np.float32}
+    assert np.array_equal(got.scales.astype(dt[scale_dtype]).astype(np.float32), got.scales)
+    plain = kernels.quantize_rows(x, starts, lens, importance=imp, **args)
+    # the option changes the scales (float32 symmetric: nothing to round, no zero point)
+    same = scale_dtype == "float32" and scheme == "symmetric"
+    assert np.array_equal(plain.scales, got.scales) == same
+
+
+def test_scale_dtype_is_checked():
+    import flightquant as fq
+
+    with pytest.raises(fq.OptionsError, match="scale_dtype must be one of"):
+        fq.quantize_arrays({"w": np.ones((2, 8), np.float32)}, scale_dtype="float8")
+    with pytest.raises(fq.OptionsError, match="scale_dtype applies to format='native'"):
+        fq.quantize_arrays(
+            {"w": np.ones((2, 32), np.float32)}, format="Q8_0", scale_dtype="float16"
+        )
+    with pytest.raises(fq.OptionsError, match="scale_dtype applies"):
+        fq.quantize_arrays(
+            {"w": np.ones((2, 8), np.float32)}, scheme="ternary", scale_dtype="float16"
+        )

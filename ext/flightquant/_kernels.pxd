@@ -18,11 +18,12 @@ cdef struct Params:
     float offset        # stored offset as float32 (exact small integer)
     int64_t group_size
     int64_t groups_per_block
+    int scale_dtype     # 0: float32 scales as computed; else SCALE_* (stored scales)
 
 
 cdef void set_params(Params* p, int bits, int scheme, int method, int64_t group_size,
                      int64_t groups_per_block, int qmin, int qmax, int offset,
-                     bint has_clip, float clip, bint stats) noexcept nogil
+                     bint has_clip, float clip, bint stats, int scale_dtype) noexcept nogil
 
 # the number of blocks holding a non-finite value (outputs then incomplete), -1: no memory.
 # imp: NULL, or float32 importance weights at any address: row r with imp_starts[r] >= 0

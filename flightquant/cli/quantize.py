@@ -99,11 +99,6 @@ def run(args: argparse.Namespace) -> int:
     if (args.format or "").lower() == "compressed-tensors":
         from . import quantize_ct
 
-        if args.imatrix:
-            raise JobError(
-                "--imatrix applies to the ggml and native formats, not compressed-tensors"
-            )
-
         return quantize_ct.run(args)
     source = modelfiles.open_input(args.input)
     if source.kind == "gguf":

@@ -1,8 +1,8 @@
 """``flightquant quantize MODEL_DIR -o OUT_DIR --format compressed-tensors``.
 
 Wires :func:`flightquant.modelfiles.compressed_tensors.write_compressed_tensors` (the
-pack-quantized checkpoint transformers and vLLM load) into the CLI: options, progress bar,
-summary. The writer packs compressed-tensors' int32 words itself, in-process.
+pack-quantized checkpoint transformers and vLLM load) into the CLI: options, ``--imatrix``,
+the engine in-process or on ``--server`` (the same bytes), progress bar, summary.
 """
 
 from __future__ import annotations
@@ -11,9 +11,12 @@ import argparse
 import json
 import math
 import time
+from collections.abc import Iterator, Mapping
+
+import numpy as np
 
 from .accounting import json_float, shape_text
-from .common import JobError, progress
+from .common import JobError, Runner, imatrix_feed, progress
 from .summary import MAX_TABLE_ROWS, fmt_bytes, fmt_db, table
 
 FORMAT = "compressed-tensors"
@@ -23,7 +26,6 @@ def run(args: argparse.Namespace) -> int:
     from ..modelfiles.compressed_tensors import write_compressed_tensors
 
     for flag, value in (
-        ("--server", args.servers),
         ("--estimate", args.estimate),
         ("--column", args.columns),
         ("--type", args.types),
@@ -32,13 +34,14 @@ def run(args: argparse.Namespace) -> int:
     ):
         if value:
             raise JobError(f"{flag} does not apply to --format {FORMAT}")
-    if args.method != "rtn":
-        raise JobError(f"--format {FORMAT} writes round-to-nearest codes; drop --method")
     if not args.output:
         raise JobError(f"quantize --format {FORMAT} needs -o OUT_DIR (a new folder)")
     bits = 4 if args.bits is None else args.bits
     scheme = args.scheme or "symmetric"
     group_size = 128 if args.group_size is None else args.group_size
+    feed = imatrix_feed(args, {"bits": bits, "scheme": scheme, "method": args.method})
+    importance = None if feed is None else _Importance(feed)
+    runner = Runner(args)
     bar = progress(args, 1000, "quantize")
     done = [0]
 
@@ -56,20 +59,52 @@ def run(args: argparse.Namespace) -> int:
             bits=bits,
             group_size=group_size,
             scheme=scheme,
+            method=args.method,
+            importance=importance,
             threads=args.threads,
             progress=on_progress,
             keep=args.keep or (),
             only=args.only or (),
+            quantize_arrays=None if runner.client is None else runner.client.quantize_arrays,
         )
     finally:
         bar.close()
+        runner.close()
     seconds = time.perf_counter() - t0
     if not args.quiet:
-        _summary(args, result, seconds, f"{bits}-bit {scheme}, group size {group_size}")
+        desc = f"{bits}-bit {scheme} {args.method}, group size {group_size}"
+        if feed is not None:
+            desc += f", imatrix {feed.path} ({len(feed.used)} tensors)"
+        _summary(args, result, seconds, desc, runner.where)
     return 0
 
 
-def _summary(args, result, seconds: float, desc: str) -> None:
+class _Importance(Mapping):
+    """``--imatrix``: a tensor's importance vector by its name, as the file names it (a
+    tensor the file lacks, or holds per expert, gets none and is listed in the feed)."""
+
+    def __init__(self, feed):
+        self.feed = feed
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        w = self.feed.imatrix.importance(name)
+        if w is None:
+            self.feed.missing.append(name)
+            raise KeyError(name)
+        if w.ndim != 1:
+            self.feed.per_expert.append(name)
+            raise KeyError(name)
+        self.feed.used.append(name)
+        return w
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(())
+
+    def __len__(self) -> int:
+        return 1  # looked up by name, never listed
+
+
+def _summary(args, result, seconds: float, desc: str, where: str) -> None:
     tensors = result.tensors
     quant = result.quantized
     bytes_in, bytes_out = result.bytes_in, result.bytes_out
@@ -126,7 +161,7 @@ def _summary(args, result, seconds: float, desc: str) -> None:
         print(f"... {len(tensors) - len(shown)} more tensors (the 10 lowest SNR are shown)")
     print()
     print(f"tensors     {len(tensors)} ({len(quant)} quantized, {len(tensors) - len(quant)} kept)")
-    print(f"options     {FORMAT} {desc} (in-process)")
+    print(f"options     {FORMAT} {desc} ({where})")
     bpw = f", {8 * qbytes / numel:.3f} bits/weight" if numel else ""
     print(f"bytes       {fmt_bytes(bytes_in)} in -> {fmt_bytes(bytes_out)} out{bpw}")
     print(f"ignore      {', '.join(result.ignore) or '-'}")

@@ -43,7 +43,14 @@ from .common import (
 )
 from .gguf_files import GGUFFile, GGUFOutput, GGUFTensor, OutTensor
 from .numpy_files import NpyFile, NpzFile, NpzWriter
-from .safetensors_files import DTYPE_TO_ST, ST_TO_DTYPE, SafetensorsFile, SafetensorsWriter
+from .safetensors_files import (
+    DTYPE_TO_ST,
+    ST_TO_DTYPE,
+    SafetensorsFile,
+    SafetensorsFolder,
+    SafetensorsWriter,
+    open_safetensors,
+)
 from .selection import Selection, matrix_dims
 from .tensors import (
     ARROW_FLOAT,
@@ -83,6 +90,7 @@ __all__ = [
     "NpzWriter",
     "OutTensor",
     "SafetensorsFile",
+    "SafetensorsFolder",
     "SafetensorsWriter",
     "Selection",
     "TableFile",
@@ -104,6 +112,7 @@ __all__ = [
     "matrix_dims",
     "numpy_dtype",
     "open_input",
+    "open_safetensors",
     "output_format",
     "parse_json",
     "read_json",
@@ -152,7 +161,10 @@ def output_format(path: str | os.PathLike, allowed: Sequence[str]) -> str:
 
 
 def open_input(path: str | os.PathLike) -> TensorSource | TableFile | GGUFFile:
-    """Open an input file for reading (header only; data is read lazily)."""
+    """Open an input file, or a model folder of safetensors weights, for reading (header
+    only; data is read lazily)."""
+    if Path(path).is_dir():
+        return SafetensorsFolder(check_input_path(path))
     fmt = input_format(path)
     p = check_input_file(path)
     if fmt in ("arrow", "parquet"):

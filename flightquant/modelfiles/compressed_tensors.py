@@ -20,16 +20,17 @@ weight ``<prefix>.weight`` of shape ``[out, in]`` and ``G = in / group_size`` gr
 * ``<prefix>.weight_shape``: int64 ``[out, in]``.
 
 The loader reconstructs ``w = (q - z) * scale`` in the scale's dtype (``z = 0`` when
-symmetric), which :func:`dequantize_weight` computes the same way. Codes are computed
-against the scale *as stored*: the float32 scale is rounded to the weight's dtype first,
-then ``q = clamp(rint(x / scale + z))``, so no code is off by the rounding of the scale.
+symmetric), which :func:`dequantize_weight` computes the same way.
 
-Scales: symmetric ``scale = max|x| / (2**(bits-1) - 1)`` (flightquant's symmetric scheme:
-the largest magnitude maps to +-7 or +-127); asymmetric over the group's range widened to
-include zero (compressed-tensors' rule, so that 0.0 is exact and ``z`` is in range),
-``scale = (max - min) / (2**bits - 1)``, ``z = rint(-2**(bits-1) - min / scale)``. A scale
-that is zero once stored (an all-zero group) is replaced by the dtype's epsilon, as
-compressed-tensors does, so nothing downstream divides by zero.
+The codes are the engine's (:mod:`flightquant.codec`, the kernels; in-process or on a
+server, byte for byte the same): its symmetric or asymmetric scheme, ``rtn`` or ``mse``
+(optionally importance-weighted), with the engine option ``scale_dtype`` set to the
+weight's dtype, so the codes are chosen against the scale *as stored* and asymmetric zero
+points are integers over a range that spans zero (the reference's *Stored scales*). The
+engine's codes are ``q + 2**(bits-1)`` (symmetric) or ``q - z_min`` with zero point ``z +
+2**(bits-1)`` (asymmetric), packed LSB-first: a row's bytes read as little-endian int32 are
+``weight_packed``, and the zero points are the stored codes of ``z``. A group whose scale
+is zero once stored (an all-zero group) stores scale 0 and reconstructs 0.
 
 Which tensors are quantized: the Linear weights, i.e. 2-D bfloat16/float16/float32
 tensors whose name ends in ``.weight``, except embeddings (the module's last name part
@@ -47,7 +48,6 @@ loadable this way: keep those tensors (``keep``).
 from __future__ import annotations
 
 import fnmatch
-import itertools
 import json
 import logging
 import math
@@ -55,37 +55,31 @@ import os
 import shutil
 import struct
 import tempfile
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
+import ml_dtypes
 import numpy as np
 
 from .common import (
     ModelIOError,
+    TensorInfo,
     check_input_path,
     check_output_path,
     copy_file,
     current_umask,
     inside_folder,
-    parse_json,
     read_json,
 )
-from .ct_quant import (  # noqa: F401 (public here too)
-    _FLOAT_DTYPES,
-    SCHEMES,
-    VALID_BITS,
-    CompressedTensorsError,
-    PackedWeight,
-    _check_args,
-    _check_group,
-    _resolve_threads,
-    dequantize_weight,
-    pack_codes,
-    quantize_weight,
-    unpack_codes,
+from .safetensors_files import (
+    DTYPE_TO_ST,
+    INDEX_NAME,
+    WEIGHTS_NAME,
+    SafetensorsFile,
+    SafetensorsFolder,
+    open_safetensors,
 )
 
 __all__ = [
@@ -108,17 +102,320 @@ QUANT_METHOD = "compressed-tensors"
 FORMAT = "pack-quantized"
 #: shard the output above this many bytes (transformers' own default shard size)
 DEFAULT_MAX_SHARD_BYTES = 5 * 10**9
-WEIGHTS_NAME = "model.safetensors"
-INDEX_NAME = "model.safetensors.index.json"
 CONFIG_NAME = "config.json"
-#: safetensors refuses larger headers too
-MAX_HEADER_BYTES = 100 * 1024 * 1024
 #: files never copied from the input folder: other weight formats and their indexes
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf")
 _HEAD_MODULES = ("lm_head", "embed_out")
 _EMBED_PARTS = ("wte", "wpe", "shared")
 
 _COPY_CHUNK = 16 << 20
+
+
+VALID_BITS = (4, 8)
+SCHEMES = ("symmetric", "asymmetric")
+
+#: the dtypes that are quantized: safetensors name -> NumPy dtype (little-endian)
+_FLOAT_DTYPES = {
+    "F32": np.dtype("<f4"),
+    "F16": np.dtype("<f2"),
+    "BF16": np.dtype(ml_dtypes.bfloat16),
+}
+#: safetensors name -> the engine's ``scale_dtype`` (codes against the scale as stored)
+_SCALE_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
+
+#: one error class for model files: the reader's and this writer's
+CompressedTensorsError = ModelIOError
+
+#: ``quantize_arrays(arrays, importance=..., **options)``: ``fq.quantize_arrays`` (the
+#: default, in-process) or a ``Client``'s (``--server``); both give the same bytes
+QuantizeArrays = Callable[..., Mapping[str, Any]]
+
+
+# --------------------------------------------------------------------------- one matrix
+
+
+@dataclass
+class PackedWeight:
+    """One Linear weight in compressed-tensors' pack-quantized layout (see module doc)."""
+
+    weight_packed: np.ndarray  # int32 [out, ceil(in * bits / 32)]
+    weight_scale: np.ndarray  # [out, in / group_size], the weight's dtype
+    weight_zero_point: np.ndarray | None  # int32 [ceil(out * bits / 32), G], asymmetric
+    weight_shape: np.ndarray  # int64 [2]
+    bits: int
+    group_size: int
+    sse: float = 0.0  # sum of squared errors of the dequantized weight (as stored)
+    energy: float = 0.0  # sum of squares of the input
+
+    @property
+    def snr_db(self) -> float:
+        """Signal-to-noise ratio of the stored reconstruction, in dB (inf when exact)."""
+        if self.sse == 0.0:
+            return math.inf
+        if self.energy == 0.0:
+            return -math.inf
+        return 10.0 * math.log10(self.energy / self.sse)
+
+
+def pack_codes(codes: np.ndarray, bits: int) -> np.ndarray:
+    """Pack unsigned codes ``[rows, cols]`` (uint8, < 2**bits) into int32 words along axis 1.
+
+    Low bits first: code ``j`` of a word sits at bits ``j*bits .. (j+1)*bits - 1``; a row's
+    last word is padded with zero codes. The same words as compressed-tensors'
+    ``pack_to_int32`` (which takes the signed codes and adds ``2**(bits-1)`` itself), and
+    the same bytes as the engine's LSB-first codes of a row read as little-endian int32.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> words = pack_codes(np.array([[1, 2, 3, 4, 5, 6, 7, 15]], np.uint8), 4)
+    >>> words.dtype, hex(int(words.view(np.uint32)[0, 0]))
+    (dtype('int32'), '0xf7654321')
+    """
+    if bits not in VALID_BITS:
+        raise CompressedTensorsError(f"bits must be 4 or 8, got {bits!r}")
+    codes = np.asarray(codes, np.uint8)
+    if codes.ndim != 2:
+        raise CompressedTensorsError(f"codes must be 2-D, got shape {codes.shape}")
+    per_word = 32 // bits
+    pad = (-codes.shape[1]) % per_word
+    if pad:
+        codes = np.pad(codes, ((0, 0), (0, pad)))
+    if bits == 4:
+        codes = codes[:, 0::2] | (codes[:, 1::2] << 4)
+    words = np.ascontiguousarray(codes).view("<i4")
+    return words.astype(np.int32, copy=False)
+
+
+def unpack_codes(packed: np.ndarray, bits: int, cols: int) -> np.ndarray:
+    """The inverse of :func:`pack_codes`: uint8 codes ``[rows, cols]``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> c = np.arange(12, dtype=np.uint8).reshape(1, 12)
+    >>> unpack_codes(pack_codes(c, 4), 4, 12).tolist()
+    [[0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11]]
+    """
+    if bits not in VALID_BITS:
+        raise CompressedTensorsError(f"bits must be 4 or 8, got {bits!r}")
+    packed = np.asarray(packed)
+    if packed.ndim != 2 or packed.dtype.kind not in "iu" or packed.dtype.itemsize != 4:
+        raise CompressedTensorsError("packed codes must be a 2-D int32 array")
+    rows, words = packed.shape
+    if cols > words * (32 // bits) or cols < 0:
+        raise CompressedTensorsError(f"{words} words a row cannot hold {cols} {bits}-bit codes")
+    raw = np.ascontiguousarray(packed.astype("<i4", copy=False)).view(np.uint8)
+    raw = raw.reshape(rows, words * 4)
+    if bits == 8:
+        return raw[:, :cols].copy()
+    out = np.empty((rows, words * 8), np.uint8)
+    out[:, 0::2] = raw & 0xF
+    out[:, 1::2] = raw >> 4
+    return out[:, :cols].copy()
+
+
+def _st_dtype(dtype: np.dtype) -> str:
+    """The safetensors name of a weight's dtype (bfloat16, float16 or float32)."""
+    if dtype == _FLOAT_DTYPES["BF16"]:
+        return "BF16"
+    if dtype.kind == "f" and dtype.itemsize in (2, 4):
+        return "F16" if dtype.itemsize == 2 else "F32"
+    raise CompressedTensorsError(
+        f"weights must be bfloat16, float16 or float32 to quantize, got {dtype}"
+    )
+
+
+def engine_options(bits: int, group_size: int, scheme: str, method: str, st_dtype: str) -> dict:
+    """The engine's options for one weight: native codes of ``scheme`` against the scale
+    stored in the weight's dtype (integer zero points), which are compressed-tensors'."""
+    return {
+        "bits": bits,
+        "group_size": group_size,
+        "scheme": scheme,
+        "method": method,
+        "scale_dtype": _SCALE_DTYPES[st_dtype],
+    }
+
+
+def packed_weight(qt: Any, st_dtype: str, weight: np.ndarray | None = None) -> PackedWeight:
+    """compressed-tensors' tensors from the engine's result ``qt`` (a
+    :class:`flightquant.arrays.QuantizedTensor` of a ``[out, in]`` weight quantized with
+    :func:`engine_options`): the engine's codes are ``q + 2**(bits-1)`` (symmetric) or
+    ``q`` with integer zero points (asymmetric), packed LSB-first along each row, so the
+    row's bytes read as little-endian int32 are ``weight_packed`` (a row whose codes do not
+    fill whole words is repacked with zero padding). With ``weight`` (the input), the SNR
+    of the stored reconstruction is filled in."""
+    out_f, in_f = (int(d) for d in qt.shape)
+    bits, gs = int(qt.bits), int(qt.group_size)
+    if (in_f * bits) % 32 == 0:
+        words = np.frombuffer(qt.codes, "<i4").reshape(out_f, in_f * bits // 32)
+    else:  # per-row padding to whole words
+        from ..reference import unpack_codes as unpack_flat
+
+        flat = unpack_flat(qt.codes, bits, out_f * in_f).reshape(out_f, in_f)
+        words = pack_codes(flat, bits)
+    scale = np.asarray(qt.scales, np.float32).reshape(out_f, in_f // gs)
+    stored = scale.astype(_FLOAT_DTYPES[st_dtype])
+    zp = None
+    if qt.zero_points is not None:  # integers 0..2**bits-1, i.e. z + 2**(bits-1)
+        z = np.asarray(qt.zero_points, np.float32).reshape(out_f, in_f // gs).astype(np.uint8)
+        zp = np.ascontiguousarray(pack_codes(np.ascontiguousarray(z.T), bits).T)
+    p = PackedWeight(
+        np.ascontiguousarray(words.astype(np.int32, copy=False)),
+        stored,
+        zp,
+        np.array([out_f, in_f], np.int64),
+        bits,
+        gs,
+    )
+    if weight is not None:
+        x = np.asarray(weight, np.float32)
+        d = dequantize_weight(p).astype(np.float32) - x
+        p.sse = _sum_squares(d)
+        p.energy = _sum_squares(x)
+    return p
+
+
+def _sum_squares(a: np.ndarray) -> float:
+    a = a.ravel()
+    total = float(np.dot(a, a))  # float32 BLAS; float64 only when that overflows
+    if not math.isfinite(total):
+        a64 = a.astype(np.float64)
+        total = float(np.dot(a64, a64))
+    return total
+
+
+def quantize_weight(
+    weight: np.ndarray,
+    *,
+    bits: int = 4,
+    group_size: int = 128,
+    scheme: str = "symmetric",
+    method: str = "rtn",
+    importance: np.ndarray | None = None,
+    threads: int | None = None,
+    name: str = "weight",
+    quantize_arrays: QuantizeArrays | None = None,
+) -> PackedWeight:
+    """Quantize one Linear weight ``[out, in]`` to compressed-tensors' pack-quantized layout
+    through the engine (:func:`engine_options`, :func:`packed_weight`).
+
+    Parameters
+    ----------
+    weight : ndarray
+        2-D, float32, float16 or bfloat16 (``ml_dtypes.bfloat16``); the scales come out in
+        the same dtype, and the codes are chosen against them as stored.
+    bits : {4, 8}
+    group_size : int
+        Must divide ``in`` (the second dimension).
+    scheme : {"symmetric", "asymmetric"}
+    method : {"rtn", "mse"}
+    importance : ndarray, optional
+        ``in`` weights (an imatrix entry): the mse search weighs column ``j`` by it.
+    threads : int or None
+        Kernel threads (in-process); ``None``: all allowed cores.
+    name : str
+        The tensor's name, for error messages.
+    quantize_arrays : callable, optional
+        ``fq.quantize_arrays`` (default) or ``Client.quantize_arrays``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> w = np.array([[0.0, -2.0, 1.0, 127.0]], np.float32)  # scale 1: exact
+    >>> p = quantize_weight(w, bits=8, group_size=4)
+    >>> p.weight_packed.shape, p.weight_scale.dtype, p.weight_shape.tolist()
+    ((1, 1), dtype('float32'), [1, 4])
+    >>> bool(np.array_equal(dequantize_weight(p), w))
+    True
+    """
+    _check_args(bits, group_size, scheme, method)
+    weight = np.asarray(weight)
+    if weight.ndim != 2:
+        raise CompressedTensorsError(f"{name}: a Linear weight is 2-D, got shape {weight.shape}")
+    st = _st_dtype(weight.dtype)
+    _check_group(name, int(weight.shape[1]), group_size)
+    run = quantize_arrays or _in_process(threads)
+    options = engine_options(bits, group_size, scheme, method, st)
+    return packed_weight(_run_one(run, name, weight, importance, options), st, weight)
+
+
+def _in_process(threads: int | None) -> QuantizeArrays:
+    from .. import api
+
+    def run(arrays, importance=None, **options):
+        return api.quantize_arrays(arrays, importance=importance, threads=threads, **options)
+
+    return run
+
+
+def _run_one(run: QuantizeArrays, name: str, weight: np.ndarray, importance, options: dict):
+    from ..errors import NonFiniteError
+
+    x = np.asarray(weight, np.float32)  # bfloat16/float16 widen exactly
+    imp = None if importance is None else {name: np.asarray(importance, np.float32)}
+    try:
+        return run({name: x}, importance=imp, **options)[name]
+    except NonFiniteError:
+        bad = np.argwhere(~np.isfinite(x))
+        if not bad.size:  # pragma: no cover - the engine found one
+            raise
+        r, c = (int(i) for i in bad[0])
+        raise CompressedTensorsError(
+            f"{name}: non-finite value {float(x[r, c])!r} at [{r}, {c}]: replace NaN/Inf in "
+            "the model before quantizing"
+        ) from None
+
+
+def dequantize_weight(p: PackedWeight) -> np.ndarray:
+    """``(q - z) * scale`` in the scale's dtype, as compressed-tensors decompresses it.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> w = np.linspace(-1, 1, 256, dtype=np.float32).reshape(2, 128)
+    >>> p = quantize_weight(w, bits=4, group_size=128, scheme="asymmetric")
+    >>> d = dequantize_weight(p)
+    >>> d.shape, bool(np.abs(d - w).max() <= np.abs(p.weight_scale).max() / 2 + 1e-7)
+    ((2, 128), True)
+    """
+    out_f, in_f = (int(d) for d in p.weight_shape)
+    offset = 1 << (p.bits - 1)
+    q = unpack_codes(p.weight_packed, p.bits, in_f).astype(np.float32) - offset
+    q = q.reshape(out_f, in_f // p.group_size, p.group_size)
+    if p.weight_zero_point is not None:
+        z = unpack_codes(np.ascontiguousarray(p.weight_zero_point.T), p.bits, out_f).T
+        q = q - (z.astype(np.float32) - offset)[..., None]
+    s = np.asarray(p.weight_scale)
+    w = q * s.astype(np.float32)[..., None]
+    return w.astype(s.dtype).reshape(out_f, in_f)
+
+
+def _check_args(bits, group_size, scheme, method: str = "rtn") -> None:
+    if isinstance(bits, bool) or bits not in VALID_BITS:
+        raise CompressedTensorsError(f"compressed-tensors bits must be 4 or 8, got {bits!r}")
+    if scheme not in SCHEMES:
+        raise CompressedTensorsError(
+            f"scheme must be 'symmetric' or 'asymmetric' for compressed-tensors, got {scheme!r}"
+        )
+    if method not in ("rtn", "mse"):
+        raise CompressedTensorsError(f"method must be 'rtn' or 'mse', got {method!r}")
+    if (
+        isinstance(group_size, bool)
+        or not isinstance(group_size, (int, np.integer))
+        or (group_size < 1)
+    ):
+        raise CompressedTensorsError(f"group_size must be a positive integer, got {group_size!r}")
+
+
+def _check_group(name: str, in_features: int, group_size: int) -> None:
+    if in_features % group_size:
+        raise CompressedTensorsError(
+            f"{name}: {in_features} input features are not a multiple of group_size "
+            f"{group_size}: choose a group size that divides {in_features}, or keep this "
+            "tensor in float (--keep)"
+        )
 
 
 def tensor_role(name: str, dtype: str, shape: Sequence[int]) -> str:
@@ -154,7 +451,7 @@ def _module(name: str) -> str:
     return name[: -len(".weight")]
 
 
-# --------------------------------------------------------------------------- safetensors
+# --------------------------------------------------------------------------- the source
 
 
 @dataclass
@@ -162,88 +459,10 @@ class _Tensor:
     name: str
     dtype: str  # safetensors dtype string
     shape: tuple[int, ...]
-    path: Path
+    path: Path  # the shard that holds it
     offset: int  # absolute offset of the data in the file
     nbytes: int
-
-
-def _read_header(path: Path) -> tuple[dict[str, str], list[_Tensor]]:
-    """The entries of a safetensors file, in data order; every claim checked against the
-    file's size before anything is allocated for it."""
-    try:
-        size = path.stat().st_size
-        with open(path, "rb") as fh:
-            head = fh.read(8)
-            if len(head) < 8:
-                raise CompressedTensorsError(f"{path}: not a safetensors file (too short)")
-            (n,) = struct.unpack("<Q", head)
-            if n > size - 8 or n > MAX_HEADER_BYTES:
-                raise CompressedTensorsError(
-                    f"{path}: the safetensors header claims {n} bytes but the file holds "
-                    f"{size - 8} after its length field (truncated or not safetensors)"
-                )
-            raw = fh.read(n)
-    except OSError as exc:
-        raise CompressedTensorsError(f"{path}: cannot read ({exc.strerror or exc})") from exc
-    with _as_ct_error():
-        header = parse_json(raw, f"{path}: the safetensors header")
-    if not isinstance(header, dict):
-        raise CompressedTensorsError(f"{path}: the safetensors header is not a JSON object")
-    meta = header.pop("__metadata__", None) or {}
-    if not isinstance(meta, dict) or not all(
-        isinstance(k, str) and isinstance(v, str) for k, v in meta.items()
-    ):
-        raise CompressedTensorsError(f"{path}: __metadata__ must map strings to strings")
-    data_start = 8 + n
-    data_size = size - data_start
-    tensors = []
-    for name, entry in header.items():
-        bad = f"{path}: tensor {name!r}"
-        if not isinstance(entry, dict):
-            raise CompressedTensorsError(f"{bad}: its header entry is not an object")
-        dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
-        if not isinstance(dtype, str):
-            raise CompressedTensorsError(f"{bad}: no dtype")
-        if not isinstance(shape, list) or not all(
-            isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
-        ):
-            raise CompressedTensorsError(f"{bad}: the shape must be a list of sizes >= 0")
-        if not (
-            isinstance(offsets, list)
-            and len(offsets) == 2
-            and all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)
-            and 0 <= offsets[0] <= offsets[1]
-        ):
-            raise CompressedTensorsError(f"{bad}: data_offsets must be [start, end]")
-        start, end = offsets
-        if end > data_size:
-            raise CompressedTensorsError(
-                f"{bad} claims bytes {start}..{end} but the file holds {data_size} bytes of "
-                "data (truncated?)"
-            )
-        if dtype in _FLOAT_DTYPES:
-            want = math.prod(shape) * _FLOAT_DTYPES[dtype].itemsize
-            if want != end - start:
-                raise CompressedTensorsError(
-                    f"{bad}: shape {shape} of {dtype} needs {want} bytes, the header gives "
-                    f"{end - start}"
-                )
-        tensors.append(_Tensor(name, dtype, tuple(shape), path, data_start + start, end - start))
-    tensors.sort(key=lambda t: t.offset)
-    for a, b in itertools.pairwise(tensors):
-        if b.offset < a.offset + a.nbytes:
-            raise CompressedTensorsError(f"{path}: tensors {a.name!r} and {b.name!r} overlap")
-    return dict(meta), tensors
-
-
-def _read_array(t: _Tensor) -> np.ndarray:
-    buf = np.empty(t.nbytes, np.uint8)
-    with open(t.path, "rb") as fh:
-        fh.seek(t.offset)
-        got = fh.readinto(memoryview(buf))
-    if got != t.nbytes:
-        raise CompressedTensorsError(f"{t.path}: tensor {t.name!r} is truncated")
-    return buf.view(_FLOAT_DTYPES[t.dtype]).reshape(t.shape)
+    info: TensorInfo
 
 
 def _copy_bytes(t: _Tensor, out) -> None:
@@ -264,59 +483,40 @@ def _le_bytes(a: np.ndarray) -> bytes:
     return np.ascontiguousarray(a.astype(a.dtype.newbyteorder("<"), copy=False)).tobytes()
 
 
-# --------------------------------------------------------------------------- the source
-
-
 @dataclass
 class _Source:
     folder: Path
-    files: list[Path]
+    reader: SafetensorsFile | SafetensorsFolder
     config: dict
     metadata: dict[str, str]
     tensors: list[_Tensor]
 
 
-@contextmanager
-def _as_ct_error() -> Iterator[None]:
-    """The shared file rules (:mod:`.common`) raise ModelIOError; this module's callers
-    catch CompressedTensorsError."""
-    try:
-        yield
-    except ModelIOError as exc:
-        raise CompressedTensorsError(str(exc)) from None
-
-
 def _open_source(source: str | os.PathLike) -> _Source:
+    """The model (one safetensors reader for files and folders) and its config.json."""
     src = Path(source)
-    with _as_ct_error():
-        if src.exists() or src.is_symlink():
-            check_input_path(src)
-    if src.is_file():
-        if src.suffix != ".safetensors":
-            raise CompressedTensorsError(
-                f"{src}: compressed-tensors output needs a .safetensors model (a file or a "
-                "model folder)"
-            )
-        folder, files = src.parent, [src]
-    elif src.is_dir():
-        folder = src
-        index, single = src / INDEX_NAME, src / WEIGHTS_NAME
-        if index.is_file():
-            files = _index_files(index)
-        elif single.is_file():
-            files = [single]
-        else:
-            raise CompressedTensorsError(f"{src}: no {WEIGHTS_NAME} or {INDEX_NAME} in this folder")
-    else:
+    if src.exists() or src.is_symlink():
+        check_input_path(src)
+    if src.is_file() and src.suffix != ".safetensors":
+        raise CompressedTensorsError(
+            f"{src}: compressed-tensors output needs a .safetensors model (a file or a "
+            "model folder)"
+        )
+    if not src.exists():
         raise CompressedTensorsError(f"{src}: no such file or folder")
+    folder = src if src.is_dir() else src.parent
     config_path = folder / CONFIG_NAME
+    if src.is_dir() and not any(
+        (src / n).exists() or (src / n).is_symlink() for n in (WEIGHTS_NAME, INDEX_NAME)
+    ):
+        raise CompressedTensorsError(f"{src}: no {WEIGHTS_NAME} or {INDEX_NAME} in this folder")
     if not (config_path.exists() or config_path.is_symlink()):
         raise CompressedTensorsError(
             f"{config_path}: missing; a compressed-tensors folder needs the model's "
             "config.json (put it beside the .safetensors file)"
         )
-    with _as_ct_error():  # its content goes into the output: it must be the folder's own
-        config = read_json(inside_folder(folder, CONFIG_NAME))
+    # its content goes into the output: it must be the folder's own
+    config = read_json(inside_folder(folder, CONFIG_NAME))
     if not isinstance(config, dict):
         raise CompressedTensorsError(f"{config_path}: not a JSON object")
     if config.get("quantization_config"):
@@ -325,37 +525,15 @@ def _open_source(source: str | os.PathLike) -> _Source:
         raise CompressedTensorsError(
             f"{config_path}: the model is already quantized ({method}); start from the float model"
         )
-    metadata: dict[str, str] = {}
-    tensors: list[_Tensor] = []
-    seen: dict[str, Path] = {}
-    for f in files:
-        meta, ts = _read_header(f)
-        metadata = metadata or meta
-        for t in ts:
-            if t.name in seen:
-                raise CompressedTensorsError(f"tensor {t.name!r} is in both {seen[t.name]} and {f}")
-            seen[t.name] = f
-        tensors.extend(ts)
-    return _Source(folder, files, config, metadata, tensors)
-
-
-def _index_files(index: Path) -> list[Path]:
-    with _as_ct_error():
-        data = read_json(inside_folder(index.parent, index.name))
-    weight_map = data.get("weight_map") if isinstance(data, dict) else None
-    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
-        raise CompressedTensorsError(
-            f"{index}: not a safetensors index (weight_map must map tensor names to file names)"
+    reader = open_safetensors(src)
+    tensors = []
+    for info in reader.infos:
+        offset, nbytes = reader.span(info)
+        st = DTYPE_TO_ST[info.dtype]
+        tensors.append(
+            _Tensor(info.name, st, info.shape, reader.path_of(info), offset, nbytes, info)
         )
-    files: list[Path] = []
-    for rel in dict.fromkeys(weight_map.values()):
-        p = index.parent / rel
-        if Path(rel).name != rel or not p.is_file():
-            raise CompressedTensorsError(f"{index}: shard {rel!r} is not a file in {index.parent}")
-        with _as_ct_error():
-            inside_folder(index.parent, rel)
-        files.append(p)
-    return files
+    return _Source(folder, reader, config, dict(reader.metadata), tensors)
 
 
 # --------------------------------------------------------------------------- the writer
@@ -485,8 +663,8 @@ def _select(tensors: list[_Tensor], keep: Iterable[str], only: Iterable[str]) ->
 
 
 def _check_out_dir(out: Path) -> None:
-    with _as_ct_error():  # before any work: a symlink would fail only at the final rename
-        check_output_path(out, folder=True)
+    # before any work: a symlink would fail only at the final rename
+    check_output_path(out, folder=True)
 
 
 def _report(progress, label: str, fraction: float) -> None:
@@ -520,11 +698,14 @@ def write_compressed_tensors(
     bits: int = 4,
     group_size: int = 128,
     scheme: str = "symmetric",
+    method: str = "rtn",
+    importance: Mapping[str, np.ndarray] | None = None,
     threads: int | None = None,
     progress: Callable[[str, float], None] | None = None,
     keep: Iterable[str] = (),
     only: Iterable[str] = (),
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    quantize_arrays: QuantizeArrays | None = None,
 ) -> WriteResult:
     """Write a compressed-tensors (pack-quantized) model folder from a safetensors model.
 
@@ -540,8 +721,14 @@ def write_compressed_tensors(
     group_size : int
         Must divide the input features of every quantized tensor.
     scheme : {"symmetric", "asymmetric"}
+    method : {"rtn", "mse"}
+        The engine's search (``docs/quantization.md``), against the stored scale.
+    importance : mapping, optional
+        Tensor name (``<prefix>.weight``) -> its importance vector (``in`` weights, an
+        imatrix entry); needs ``method="mse"``. Names of tensors that are not quantized
+        are ignored.
     threads : int or None
-        Threads for each tensor's row blocks; ``None``: all allowed cores.
+        Kernel threads (in-process); ``None``: all allowed cores.
     progress : callable, optional
         ``progress(tensor_name, fraction)`` after each tensor, fractions (by input bytes)
         rising to exactly 1.0; its exceptions are logged and ignored.
@@ -551,6 +738,9 @@ def write_compressed_tensors(
     max_shard_bytes : int
         Above this total the weights are split into ``model-0000i-of-0000n.safetensors``
         shards with ``model.safetensors.index.json``.
+    quantize_arrays : callable, optional
+        Where the codes are computed: ``fq.quantize_arrays`` in-process (the default) or a
+        ``Client``'s ``quantize_arrays`` (the same bytes).
 
     Returns
     -------
@@ -561,14 +751,18 @@ def write_compressed_tensors(
     --------
     >>> write_compressed_tensors("llama/", "llama-w4/", bits=4)  # doctest: +SKIP
     """
-    _check_args(bits, group_size, scheme)
+    _check_args(bits, group_size, scheme, method)
+    if importance and method != "mse":
+        raise CompressedTensorsError(
+            f"importance needs method='mse' (the importance-weighted search), got {method!r}"
+        )
     if (
         isinstance(max_shard_bytes, bool)
         or not isinstance(max_shard_bytes, int)
         or (max_shard_bytes < 1)
     ):
         raise CompressedTensorsError(f"max_shard_bytes must be >= 1, got {max_shard_bytes!r}")
-    n_threads = _resolve_threads(threads)
+    run = quantize_arrays or _in_process(threads)
     src = _open_source(source)
     out = Path(out_dir)
     _check_out_dir(out)
@@ -608,27 +802,27 @@ def write_compressed_tensors(
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".part", dir=out.parent))
     try:
         os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp makes it private; the result is not
-        with ThreadPoolExecutor(max_workers=n_threads) as pool:
-            for shard_name, shard in zip(shard_names, shards, strict=True):
-                entries = [e for _, es in shard for e in es]
-                with open(tmp / shard_name, "wb") as fh:
-                    fh.write(_safetensors_header(entries, src.metadata))
-                    for t, es in shard:
-                        if t.name in chosen:
-                            snr = _write_quantized(
-                                fh, t, es, bits, group_size, scheme, pool if n_threads > 1 else None
-                            )
-                        else:
-                            _copy_bytes(t, fh)
-                            snr = None
-                        out_bytes = sum(e.nbytes for e in es)
-                        reports.append(
-                            TensorReport(
-                                t.name, t.dtype, t.shape, t.name in chosen, t.nbytes, out_bytes, snr
-                            )
+        for shard_name, shard in zip(shard_names, shards, strict=True):
+            entries = [e for _, es in shard for e in es]
+            with open(tmp / shard_name, "wb") as fh:
+                fh.write(_safetensors_header(entries, src.metadata))
+                for t, es in shard:
+                    if t.name in chosen:
+                        w = (importance or {}).get(t.name)
+                        snr = _write_quantized(
+                            src, fh, t, es, run, bits, group_size, scheme, method, w
                         )
-                        done += t.nbytes
-                        _report(progress, t.name, done / total_in if total_in else 1.0)
+                    else:
+                        _copy_bytes(t, fh)
+                        snr = None
+                    out_bytes = sum(e.nbytes for e in es)
+                    reports.append(
+                        TensorReport(
+                            t.name, t.dtype, t.shape, t.name in chosen, t.nbytes, out_bytes, snr
+                        )
+                    )
+                    done += t.nbytes
+                    _report(progress, t.name, done / total_in if total_in else 1.0)
         if len(shards) > 1:
             weight_map = {
                 e.name: name
@@ -670,11 +864,12 @@ def _plan_shards(plans, max_shard_bytes: int) -> list[list[tuple[_Tensor, list[_
     return shards
 
 
-def _write_quantized(fh, t: _Tensor, entries: list[_Entry], bits, group_size, scheme, pool):
-    """Quantize one weight and write its tensors in the planned order; return its SNR."""
-    p = quantize_weight(
-        _read_array(t), bits=bits, group_size=group_size, scheme=scheme, name=t.name, pool=pool
-    )
+def _write_quantized(src, fh, t: _Tensor, entries, run, bits, group_size, scheme, method, w):
+    """Quantize one weight through the engine and write its tensors in the planned order;
+    return its SNR."""
+    weight = src.reader.read(t.info)
+    options = engine_options(bits, group_size, scheme, method, t.dtype)
+    p = packed_weight(_run_one(run, t.name, weight, w, options), t.dtype, weight)
     parts = {
         "weight_packed": p.weight_packed,
         "weight_scale": p.weight_scale,
@@ -709,7 +904,6 @@ def _copy_side_files(folder: Path, dest: Path) -> list[str]:
         except ModelIOError as exc:
             log.warning("not copied: %s", exc)
             continue
-        with _as_ct_error():
-            copy_file(real, dest / name)
+        copy_file(real, dest / name)
         copied.append(name)
     return copied

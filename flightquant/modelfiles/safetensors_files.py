@@ -1,4 +1,10 @@
-"""safetensors in and out: a lazy reader and a streaming writer."""
+"""safetensors in and out: a lazy reader of files and model folders, a streaming writer.
+
+:class:`SafetensorsFile` reads one file; :class:`SafetensorsFolder` a Hugging Face model
+folder (``model.safetensors``, or shards named by ``model.safetensors.index.json``) as one
+source. :func:`open_safetensors` picks between them; the quantize job, ``inspect`` and the
+compressed-tensors writer all read through them.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +16,19 @@ from typing import Any
 
 import numpy as np
 
-from .common import ITEMSIZE, ML_DTYPES, ModelIOError, TensorInfo, numpy_dtype, write_mode
+from .common import (
+    ITEMSIZE,
+    ML_DTYPES,
+    ModelIOError,
+    TensorInfo,
+    check_input_file,
+    check_input_path,
+    inside_folder,
+    numpy_dtype,
+    parse_json,
+    read_json,
+    write_mode,
+)
 from .tensors import TensorSource
 
 ST_TO_DTYPE = {
@@ -26,6 +44,9 @@ DTYPE_TO_ST = {v: k for k, v in ST_TO_DTYPE.items()}
 MAX_HEADER_BYTES = 100 << 20
 #: most dimensions one tensor may have
 MAX_DIMS = 64
+#: a model folder's weights: one file, or shards named by the index
+WEIGHTS_NAME = "model.safetensors"
+INDEX_NAME = "model.safetensors.index.json"
 
 
 class SafetensorsFile(TensorSource):
@@ -44,7 +65,9 @@ class SafetensorsFile(TensorSource):
         with open(self.path, "rb") as fh:
             head = fh.read(8)
             if len(head) < 8:
-                raise ModelIOError(f"{self.path}: not a valid safetensors file ({size} bytes)")
+                raise ModelIOError(
+                    f"{self.path}: not a valid safetensors file (too short: {size} bytes)"
+                )
             (n,) = struct.unpack("<Q", head)
             if n > size - 8 or n > MAX_HEADER_BYTES:
                 raise ModelIOError(
@@ -52,7 +75,9 @@ class SafetensorsFile(TensorSource):
                     f"the file holds {size - 8} after the length"
                     + (f", and at most {MAX_HEADER_BYTES} are accepted)" if n <= size - 8 else ")")
                 )
-            header = json.loads(fh.read(n))
+            header = parse_json(
+                fh.read(n), f"{self.path}: not a valid safetensors file: the header"
+            )
         if not isinstance(header, dict):
             raise ModelIOError(f"{self.path}: not a valid safetensors file (header is not a map)")
         self._base = 8 + n
@@ -127,6 +152,71 @@ class SafetensorsFile(TensorSource):
         if info.dtype in ML_DTYPES:  # bfloat16/float8: through their integer storage
             return raw.view(f"<u{ITEMSIZE[info.dtype]}").view(storage).reshape(info.shape)
         return raw.view(storage).reshape(info.shape)
+
+
+class SafetensorsFolder(TensorSource):
+    """A model folder's safetensors weights as one source: ``model.safetensors``, or the
+    shards that ``model.safetensors.index.json`` names (each one a file of the folder,
+    no symlink out of it), in the index's order; every shard is a :class:`SafetensorsFile`
+    (its header checked as such) and no tensor may be in two of them."""
+
+    format = "safetensors"
+
+    def _open(self) -> list[TensorInfo]:
+        index, single = self.path / INDEX_NAME, self.path / WEIGHTS_NAME
+        if index.exists() or index.is_symlink():
+            names = self._shard_names(index)
+        elif single.exists() or single.is_symlink():
+            names = [WEIGHTS_NAME]
+        else:
+            raise ModelIOError(f"{self.path}: no {WEIGHTS_NAME} or {INDEX_NAME} in this folder")
+        self.shards = [SafetensorsFile(check_input_file(self.path / n)) for n in names]
+        self._owner: dict[str, SafetensorsFile] = {}
+        infos = []
+        for shard in self.shards:
+            inside_folder(self.path, shard.path.name)
+            for info in shard.infos:
+                if info.name in self._owner:
+                    raise ModelIOError(
+                        f"{self.path}: tensor {info.name!r} is in both "
+                        f"{self._owner[info.name].path.name} and {shard.path.name}"
+                    )
+                self._owner[info.name] = shard
+                infos.append(info)
+        self.metadata = dict(self.shards[0].metadata) if self.shards else {}
+        return infos
+
+    def _shard_names(self, index: Path) -> list[str]:
+        data = read_json(inside_folder(self.path, index.name))
+        weight_map = data.get("weight_map") if isinstance(data, dict) else None
+        if not isinstance(weight_map, dict) or not all(
+            isinstance(v, str) for v in weight_map.values()
+        ):
+            raise ModelIOError(
+                f"{index}: not a safetensors index (weight_map must map tensor names to file names)"
+            )
+        names = list(dict.fromkeys(weight_map.values()))
+        for rel in names:
+            if Path(rel).name != rel or not (self.path / rel).is_file():
+                raise ModelIOError(f"{index}: shard {rel!r} is not a file in {self.path}")
+        return names
+
+    def path_of(self, info: TensorInfo) -> Path:
+        return self._owner[info.name].path
+
+    def span(self, info: TensorInfo) -> tuple[int, int] | None:
+        return self._owner[info.name].span(info)
+
+    def _read(self, info: TensorInfo) -> np.ndarray:
+        return self._owner[info.name].read(info)
+
+
+def open_safetensors(path: str | Path) -> SafetensorsFile | SafetensorsFolder:
+    """A ``.safetensors`` file or a model folder (see :class:`SafetensorsFolder`)."""
+    p = check_input_path(path)
+    if p.is_dir():
+        return SafetensorsFolder(p)
+    return SafetensorsFile(check_input_file(p))
 
 
 class SafetensorsWriter:

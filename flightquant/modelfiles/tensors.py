@@ -108,6 +108,10 @@ class TensorSource:
         as such (compressed, another byte order). The header has been checked already."""
         return None
 
+    def path_of(self, info: TensorInfo) -> Path:
+        """The file that holds the tensor (:meth:`span` is an offset in it)."""
+        return self.path
+
     def __iter__(self) -> Iterator[tuple[TensorInfo, np.ndarray]]:
         for info in self.infos:
             yield info, self.read(info)
@@ -195,7 +199,7 @@ def _entries(tensors, quantize) -> Iterator[tuple[TensorInfo, np.ndarray | FileS
         quantized = info.is_float if quantize is None else quantize(info)
         where = tensors.span(info) if quantized and info.dtype in _WIDEN_KINDS else None
         if where is not None:
-            yield info, FileSpan(tensors.path, *where)
+            yield info, FileSpan(tensors.path_of(info), *where)
         else:
             yield info, tensors.read(info)
 

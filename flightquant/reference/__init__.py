@@ -43,6 +43,24 @@ input, on the float32 reconstruction) is strictly lower:
 
 ``k`` runs over 0..20. All candidate arithmetic is float64 with sequential sums.
 
+*Stored scales* (``scale_dtype``: float32, float16 or bfloat16; symmetric and asymmetric):
+the scale is stored in that dtype and codes are chosen against it, for a layout such as
+compressed-tensors' whose zero points are integers. Asymmetric groups then span zero
+(``mn = min(mn, 0)``, ``mx = max(mx, 0)``) in rtn and mse alike. After rtn (and the mse
+search, see below), with ``s`` and ``zp`` the result::
+
+    s' = round(s, scale_dtype)                  # to nearest, ties to even
+    symmetric:   q = o + rint(clamp(x / s', -qpos, qpos))
+    asymmetric:  Z = rint(clamp(zp, 0, qmax));  base = -(Z * s')  (exact)
+                 q = rint(clamp((x - base) / s', 0, qmax));  zero_point = Z
+    s' == 0 (not > 0): every code is the offset, zero_point = 0
+
+so ``x_hat = (q - zero_point) * s'`` with an integer zero point. The mse search then
+compares its candidates as stored: the rtn result and each candidate ``(scale, min)`` go
+through the same rounding before their error is measured (a candidate whose stored scale
+is 0 is skipped; a group whose stored rtn scale is 0 is not searched), so the kept group
+is never worse, as stored, than rtn's.
+
 *Importance* (``mse`` only): a row with importance ``w`` (``k`` weights, ``k`` dividing the
 row's length) weighs its element ``e`` by ``w[e % k]`` (as float64, ``wd``). The search is
 the same with every sum weighted: the error is ``seqsum(wd * (d * d))``; the asymmetric fit
@@ -102,11 +120,52 @@ def _seqsum(a: np.ndarray, axis: int = -1) -> np.ndarray:
     return np.take(np.add.accumulate(a, axis=axis), -1, axis=axis)
 
 
-def _rtn_groups(x: np.ndarray, bits: int, scheme: str):
+def _range(x: np.ndarray, scheme: str, scale_dtype, axis=None):
+    """(min, max) of groups; asymmetric with a stored scale dtype spans zero."""
+    mn = x.min(axis=axis) + F32(0)  # canonical +0.0 for a -0.0 minimum (see the kernels)
+    mx = x.max(axis=axis)
+    if scale_dtype is not None and scheme == "asymmetric":
+        mn = np.minimum(mn, F32(0)).astype(F32) + F32(0)
+        mx = np.maximum(mx, F32(0)).astype(F32)
+    return mn, mx
+
+
+def round_scale(s, scale_dtype: str | None) -> np.ndarray:
+    """float32 scales rounded to ``scale_dtype`` (to nearest, ties to even), as float32."""
+    s = np.asarray(s, F32)
+    if scale_dtype is None or scale_dtype == "float32":
+        return s
+    if scale_dtype == "float16":
+        with np.errstate(over="ignore"):
+            return s.astype(np.float16).astype(F32)
+    import ml_dtypes
+
+    return s.astype(ml_dtypes.bfloat16).astype(F32)
+
+
+def _stored(g: np.ndarray, bits: int, scheme: str, q, s, z, scale_dtype):
+    """Codes, scales, zero points of groups ``g`` against the scale as stored."""
+    qmin, qmax, offset = qparams(bits, scheme)
+    sr = round_scale(s, scale_dtype)
+    pos = sr > 0
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        if scheme == "asymmetric":
+            zi = np.rint(np.clip(z, F32(0), F32(qmax))).astype(F32)
+            zi = np.where(pos, zi, F32(0)).astype(F32)
+            base = -(zi * sr)
+            v = (g - base[:, None]) / sr[:, None]
+            z = zi
+        else:
+            v = g / sr[:, None]
+        q = np.rint(np.clip(v, F32(qmin), F32(qmax)))
+        q = np.where(pos[:, None], q, F32(0))
+    return (q + F32(offset)).astype(np.uint8), sr, z
+
+
+def _rtn_groups(x: np.ndarray, bits: int, scheme: str, scale_dtype=None):
     """rtn on a 2-D array of equally long groups (one per row). Returns (q, scale, zp)."""
     qmin, qmax, offset = qparams(bits, scheme)
-    mn = x.min(axis=1) + F32(0)  # canonical +0.0 for a -0.0 minimum (see the kernels)
-    mx = x.max(axis=1)
+    mn, mx = _range(x, scheme, scale_dtype, axis=1)
     const = mn == mx
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
         if scheme == "asymmetric":
@@ -143,13 +202,28 @@ def _sse(x: np.ndarray, x_hat: np.ndarray, wd: np.ndarray | None = None) -> floa
     return float(_seqsum(d * d if wd is None else wd * (d * d)))
 
 
-def _mse_group(x: np.ndarray, bits: int, scheme: str, q0, scale0, zp0, w=None):
+def _mse_group(x: np.ndarray, bits: int, scheme: str, q0, scale0, zp0, w=None, scale_dtype=None):
     """Search 21 candidates around the rtn result of one group; keep the best (see docs).
     ``w``: the group's importance weights (float32, one per element) or None."""
     qmin, qmax, offset = qparams(bits, scheme)
     wd = None if w is None else np.asarray(w, F32).astype(F64)
     best = (q0, scale0, zp0)
-    best_err = _sse(x, _reconstruct(q0, scale0, zp0, offset), wd)
+    lo, hi = _range(x, scheme, scale_dtype)
+    if scheme != "ternary" and lo == hi:
+        return best  # a constant group: rtn is exact, or (stored) there is no search
+
+    def stored(q, sc, zp):  # a candidate as it is stored (the codes against it)
+        if scale_dtype is None:
+            return q, sc, zp
+        z = None if zp is None else np.array([zp], F32)
+        qs, ss, zs = _stored(x[None, :], bits, scheme, None, np.array([sc], F32), z, scale_dtype)
+        return qs[0], ss[0], (None if zs is None else zs[0])
+
+    if scale_dtype is not None:
+        if not round_scale(scale0, scale_dtype) > 0:
+            return best
+        best = stored(*best)
+    best_err = _sse(x, _reconstruct(*best, offset), wd)
     if best_err == 0.0 or not scale0 > 0:
         return best
     n = x.size if wd is None else float(_seqsum(wd))
@@ -160,8 +234,7 @@ def _mse_group(x: np.ndarray, bits: int, scheme: str, q0, scale0, zp0, w=None):
 
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
         if scheme == "asymmetric":
-            mn = x.min() + F32(0)
-            mx = x.max()
+            mn, mx = _range(x, scheme, scale_dtype)
             rng = float(F64(mx) - F64(mn))
             sum_x = wsum(xd)
             for k in range(MSE_STEPS):
@@ -180,10 +253,12 @@ def _mse_group(x: np.ndarray, bits: int, scheme: str, q0, scale0, zp0, w=None):
                     continue
                 mc = F32(m)
                 q = (np.rint(np.clip((x - mc) / sc, F32(0), F32(qmax)))).astype(np.uint8)
-                zp = F32(-mc / sc)
-                err = _sse(x, _reconstruct(q, sc, zp, offset), wd)
+                cand = stored(q, sc, F32(-mc / sc))
+                if not cand[1] > 0:
+                    continue
+                err = _sse(x, _reconstruct(*cand, offset), wd)
                 if err < best_err:
-                    best, best_err = (q, sc, zp), err
+                    best, best_err = cand, err
         else:
             for k in range(MSE_STEPS):
                 iscale = (0.5 + 0.05 * k) / float(F64(scale0))
@@ -197,13 +272,16 @@ def _mse_group(x: np.ndarray, bits: int, scheme: str, q0, scale0, zp0, w=None):
                     continue
                 q = np.rint(np.clip(x / sc, F32(qmin), F32(qmax)))
                 q = (q + F32(offset)).astype(np.uint8)
-                err = _sse(x, _reconstruct(q, sc, None, offset), wd)
+                cand = stored(q, sc, None)
+                if not cand[1] > 0:
+                    continue
+                err = _sse(x, _reconstruct(*cand, offset), wd)
                 if err < best_err:
-                    best, best_err = (q, sc, None), err
+                    best, best_err = cand, err
     return best
 
 
-def _quantize_row(x, bits, scheme, group_size, method, w=None):
+def _quantize_row(x, bits, scheme, group_size, method, w=None, scale_dtype=None):
     """Quantize one row (float32, already clamped). Returns (q, scales, zps). ``w``: the
     row's importance (``k`` weights, element e weighted by ``w[e % k]``; mse only)."""
     n = x.size
@@ -217,7 +295,7 @@ def _quantize_row(x, bits, scheme, group_size, method, w=None):
         if count == 0:
             continue
         g = x[start : start + count * length].reshape(count, length)
-        q, s, z = _rtn_groups(g, bits, scheme)
+        q, s, z = _rtn_groups(g, bits, scheme, scale_dtype)
         if method == "mse":
             q = q.copy()
             s = s.copy()
@@ -225,11 +303,13 @@ def _quantize_row(x, bits, scheme, group_size, method, w=None):
             for i in range(count):
                 gw = None if we is None else we[start + i * length : start + (i + 1) * length]
                 qi, si, zi = _mse_group(
-                    g[i], bits, scheme, q[i], s[i], None if z is None else z[i], gw
+                    g[i], bits, scheme, q[i], s[i], None if z is None else z[i], gw, scale_dtype
                 )
                 q[i], s[i] = qi, si
                 if z is not None:
                     z[i] = zi
+        if scale_dtype is not None:
+            q, s, z = _stored(g, bits, scheme, q, s, z, scale_dtype)
         parts_q.append(q.reshape(-1))
         parts_s.append(s)
         parts_z.append(z)
@@ -276,6 +356,7 @@ def quantize_rows(
     stats: bool = False,
     fixed_row_len: int | None = None,
     importance=None,
+    scale_dtype: str | None = None,
 ) -> QuantizedRows:
     """Quantize rows ``values[row_starts[r] : row_starts[r] + row_lens[r]]``.
 
@@ -310,7 +391,7 @@ def quantize_rows(
         x_orig = values[start : start + n].astype(F32)
         x = x_orig if clip is None else np.clip(x_orig, F32(-clip), F32(clip))
         w = None if importance is None else importance[r]
-        q, s, z = _quantize_row(x, bits, scheme, group_size, method, w)
+        q, s, z = _quantize_row(x, bits, scheme, group_size, method, w, scale_dtype)
         g0 = layout.group_offsets[r]
         g1 = g0 + s.size
         c0 = layout.code_offsets[r]

@@ -1,6 +1,6 @@
 """NumPy reference of ggml's legacy blocks (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0) and ternary
 blocks (TQ1_0, TQ2_0): the definition the kernels in ``ext/ggml_legacy.pxi`` match bit for
-bit, rtn and mse, for float32 input.
+bit, rtn and mse, with and without importance, for float32 input.
 
 Layouts (little-endian, ``d`` and ``m`` are IEEE float16; code ``c`` of element ``i``):
 
@@ -50,11 +50,33 @@ strictly lower score. Scores are float32 sums in 8 lanes (element ``i`` adds to 
   ``d <- mean{|x| : |x| > d/2}`` while the error drops. Codes: ``sign(x)`` where
   ``|x| > d/2``, else 0.
 
-The best candidate replaces rtn's bytes only when its squared error is strictly lower:
+Importance (``qw``: a weight per element, ``sigma2``: the mean square of the block's ggml
+row; Q8_0 and the ternary types ignore both, as ggml's ``quantize_q8_0`` / ``quantize_tq*``
+do):
+
+* ``rtn`` is ggml's ``quantize_row_*_impl`` with ``quant_weights``: weights
+  ``w = qw * sqrt(sigma2 + x*x)``; Q4_0 / Q5_0 take ``make_qx_quants(32, nmax, x, L, 1, w)``
+  (19 scales ``-(nmax + is/10) / max``, the one whose weighted least-squares fit explains
+  most, codes all 0 when ``|max| < 1e-15``), Q4_1 / Q5_1 ``make_qkx3_quants(32, qmax, x,
+  w, ...)`` (``min = min(x, 0)``, 37 scales ``(qmax - 0.9 + 0.05*is) / (max - min)`` each
+  refitted by weighted least squares and kept on a lower weighted error; a kept one moves
+  the ``min`` the next start from). Every sum runs in element order in float32, as ggml
+  adds it.
+* ``mse`` minimises ``sum(qw * (x - x_hat)**2)`` (``qw`` itself, not ggml's ``w``): the
+  same searches with every error term ``qw * e*e`` and every least-squares sum weighted by
+  ``qw``, and as first candidate rtn's stored scale (and minimum) with nearest codes.
+  Q4_0 / Q5_0 try the factors ``WSYM_FACTORS`` of both bases (wider than without
+  importance: a block whose largest value weighs little does better clipped); Q4_1 / Q5_1
+  the clip fractions ``WASYM_GRID``, then the ``ASYM_NEIGHBOURS`` of the best of those
+  pairs at ``WASYM_STEP``. Up to ``REFITS`` least-squares refits follow, as without
+  importance.
+
+The best candidate replaces rtn's bytes only when its squared error (with importance: its
+weighted squared error) is strictly lower:
 judged by the float32 scores when they differ by more than their rounding can explain
 (``eb < er * MARGIN`` and ``er > 2**-100``), else by float64 sums in index order of
-``(x - x_hat)**2`` (the driver's per-block ``stats``). So mse is never worse than rtn on
-any block.
+``(x - x_hat)**2`` (the driver's per-block ``stats``; with importance ``qw * (x -
+x_hat)**2``). So mse is never worse than rtn on any block.
 """
 
 from __future__ import annotations
@@ -63,7 +85,9 @@ import numpy as np
 
 from .. import formats
 from .ggml_common import f16_bits as _f16_bits
+from .ggml_common import nearest_int as _nint
 from .ggml_common import round_f16 as _f16
+from .ggml_common import seq_sum as _seq_sum
 
 F32 = np.float32
 F64 = np.float64
@@ -87,6 +111,20 @@ ASYM_GRID = {
     "Q4_1": ((0.0, 0.0), (1 / 32, 0.0), (0.0, 1 / 32), (1 / 32, 1 / 32)),
     "Q5_1": ((0.0, 0.0), (1 / 64, 0.0), (0.0, 1 / 64), (1 / 64, 1 / 64)),
 }
+#: with importance, Q4_0 / Q5_0: factors of both bases, wider (a block whose largest value
+#: weighs little does better clipped)
+WSYM_FACTORS = tuple(k / 64 for k in (72, 66, 60, 54, 48, 42))
+#: with importance, Q4_1 / Q5_1: 0..4 half steps at the bottom and at the top (25 pairs)
+WASYM_GRID = {
+    name: tuple((a * h, b * h) for a in range(5) for b in range(5))
+    for name, h in (("Q4_1", 1 / 32), ("Q5_1", 1 / 64))
+}
+#: with importance, Q4_1 / Q5_1: then the 8 neighbours (a + da*s, b + db*s) of the best grid
+#: pair, s = half the grid's step
+ASYM_NEIGHBOURS = ((-1, 0), (1, 0), (0, -1), (0, 1), (-1, -1), (1, 1), (-1, 1), (1, -1))
+WASYM_STEP = {"Q4_1": 1 / 64, "Q5_1": 1 / 128}
+#: least-squares refits of the best candidate, at most
+REFITS = 2
 #: thresholds (times amax) of the ternary scan
 TERN_THRESHOLDS = tuple(k / 64 for k in (32, 16, 8, 4, 2, 1))
 _SYM = {"Q4_0": 8, "Q5_0": 16}
@@ -186,41 +224,45 @@ def _sym_codes(x, d, lo, hi):
     return _rint(np.clip(x * (F32(1) / d)[:, None], F32(lo), F32(hi)))
 
 
-def _sym_err(x, d, lo, hi):
+def _sym_err(x, d, lo, hi, qw):
     e = x - _sym_codes(x, d, lo, hi) * d[:, None]
-    return _lanesum(e * e)
+    return _lanesum(qw * (e * e))
 
 
-def _sym_refit(x, d, lo, hi):
+def _sym_refit(x, d, lo, hi, qw):
     q = _sym_codes(x, d, lo, hi)
-    a = _lanesum(x * q)
-    b = _lanesum(q * q)
+    a = _lanesum((qw * x) * q)
+    b = _lanesum((qw * q) * q)
     with np.errstate(divide="ignore", invalid="ignore"):
         return np.where(b > 0, a / np.where(b > 0, b, F32(1)), F32(0)).astype(F32)
 
 
-def _sym_search(x, d0, d1, factors, lo, hi):
+def _sym_search(x, d0, d1, factors, lo, hi, qw, first=None):
     """Best fp16 scale (0 where none) and its float32 score, see the module docs."""
     nb = x.shape[0]
     best = np.zeros(nb, F32)
     be = np.full(nb, np.inf, F32)
     one = F32(1)
+    if first is not None:
+        ok = _valid(first)
+        be = np.where(ok, _sym_err(x, np.where(ok, first, one), lo, hi, qw), be)
+        best = np.where(ok, first, best)
     bases = (d0,) if d1 is None else (d0, d1)
     for f in factors:
         for b in bases:
             d = _f16(b * F32(f))
             ok = (b != 0) & _valid(d)
-            e = _sym_err(x, np.where(ok, d, one), lo, hi)
+            e = _sym_err(x, np.where(ok, d, one), lo, hi, qw)
             take = ok & (e < be)
             be = np.where(take, e, be)
             best = np.where(take, d, best)
     active = best != 0
-    for _ in range(2):
+    for _ in range(REFITS):
         if not active.any():
             break
-        d = _f16(_sym_refit(x, np.where(active, best, one), lo, hi))
+        d = _f16(_sym_refit(x, np.where(active, best, one), lo, hi, qw))
         ok = active & _valid(d) & (d != best)
-        e = _sym_err(x, np.where(ok, d, one), lo, hi)
+        e = _sym_err(x, np.where(ok, d, one), lo, hi, qw)
         take = ok & (e < be)
         be = np.where(take, e, be)
         best = np.where(take, d, best)
@@ -233,45 +275,74 @@ def _asym_codes(x, d, m, qmax):
     return _rint(np.clip(v, F32(0), F32(qmax)))
 
 
-def _asym_err(x, d, m, qmax):
+def _asym_err(x, d, m, qmax, qw):
     q = _asym_codes(x, d, m, qmax)
     e = x - (d[:, None] * q + m[:, None])
-    return _lanesum(e * e)
+    return _lanesum(qw * (e * e))
 
 
-def _asym_search(x, mn, mx, qmax, grid):
+def _asym_search(x, mn, mx, qmax, grid, qw, first=None, step=None):
     nb = x.shape[0]
     r = mx - mn
     bd = np.zeros(nb, F32)
     bm = np.zeros(nb, F32)
     be = np.full(nb, np.inf, F32)
     one = F32(1)
+
+    def try_pair(a, b):
+        m0 = mn + a * r
+        t0 = mx - b * r
+        d = _f16((t0 - m0) / F32(qmax))
+        m = _f16(m0)
+        ok = _valid(d) & np.isfinite(m)
+        e = _asym_err(x, np.where(ok, d, one), np.where(ok, m, F32(0)), qmax, qw)
+        e = np.where(ok, e, F32(np.inf))
+        take = e < be
+        return e, take, np.where(take, e, be), np.where(take, d, bd), np.where(take, m, bm)
+
     with np.errstate(over="ignore", invalid="ignore"):
-        for a, b in grid:
-            m0 = mn + F32(a) * r
-            t0 = mx - F32(b) * r
-            d = _f16((t0 - m0) / F32(qmax))
-            m = _f16(m0)
+        if first is not None:
+            d, m = first
             ok = _valid(d) & np.isfinite(m)
-            e = _asym_err(x, np.where(ok, d, one), np.where(ok, m, F32(0)), qmax)
-            take = ok & (e < be)
-            be = np.where(take, e, be)
-            bd = np.where(take, d, bd)
-            bm = np.where(take, m, bm)
-        sx = _lanesum(x)
+            be = np.where(
+                ok, _asym_err(x, np.where(ok, d, one), np.where(ok, m, F32(0)), qmax, qw), be
+            )
+            bd = np.where(ok, d, bd)
+            bm = np.where(ok, m, bm)
+        bge = np.full(nb, np.inf, F32)  # the best grid pair, for the refinement
+        ga = np.zeros(nb, F32)
+        gb = np.zeros(nb, F32)
+        for a, b in grid:
+            e, _, be, bd, bm = try_pair(F32(a), F32(b))
+            tg = e < bge
+            bge = np.where(tg, e, bge)
+            ga = np.where(tg, F32(a), ga)
+            gb = np.where(tg, F32(b), gb)
+        if step is not None:
+            has = bge < np.inf
+            for da, db in ASYM_NEIGHBOURS:
+                a = ga + F32(da) * F32(step)
+                b = gb + F32(db) * F32(step)
+                e, take, be2, bd2, bm2 = try_pair(a, b)
+                be = np.where(has, be2, be)
+                bd = np.where(has, bd2, bd)
+                bm = np.where(has, bm2, bm)
+        sx = _lanesum(qw * x)
+        sw = _lanesum(qw)
         active = bd != 0
-        for _ in range(2):
+        for _ in range(REFITS):
             if not active.any():
                 break
             q = _asym_codes(x, np.where(active, bd, one), np.where(active, bm, F32(0)), qmax)
-            sl, sl2, sxl = _lanesum(q), _lanesum(q * q), _lanesum(x * q)
-            den = F32(32) * sl2 - sl * sl
+            wq = qw * q
+            sl, sl2, sxl = _lanesum(wq), _lanesum(wq * q), _lanesum((qw * x) * q)
+            den = sw * sl2 - sl * sl
             fit = active & (den > 0)
             den1 = np.where(fit, den, one)
-            d = _f16((F32(32) * sxl - sl * sx) / den1)
+            d = _f16((sw * sxl - sl * sx) / den1)
             m = _f16((sl2 * sx - sl * sxl) / den1)
             ok = fit & _valid(d) & np.isfinite(m) & ~((d == bd) & (m == bm))
-            e = _asym_err(x, np.where(ok, d, one), np.where(ok, m, F32(0)), qmax)
+            e = _asym_err(x, np.where(ok, d, one), np.where(ok, m, F32(0)), qmax, qw)
             take = ok & (e < be)
             be = np.where(take, e, be)
             bd = np.where(take, d, bd)
@@ -324,19 +395,112 @@ def _tern_search(x, amax):
     return best, be
 
 
-def _better(x, xr, xb, eb, cand):
-    """Per block: does the candidate (reconstruction xb, score eb) beat rtn's xr?"""
+def _better(x, xr, xb, eb, cand, qw=None):
+    """Per block: does the candidate (reconstruction xb, score eb) beat rtn's xr? (Errors
+    weighted by ``qw`` when given.)"""
     e = x - xr
-    er = _lanesum(e * e)
+    er = _lanesum(e * e if qw is None else qw * (e * e))
     better = cand & (eb < er)
     sure = better & (eb < er * MARGIN) & (er > _TINY)
     unsure = better & ~sure
     if unsure.any():
         x64 = x.astype(F64)
-        sr = _seqsum64((x64 - xr.astype(F64)) ** 2)
-        sb = _seqsum64((x64 - xb.astype(F64)) ** 2)
+        w64 = F64(1) if qw is None else qw.astype(F64)
+        sr = _seqsum64(w64 * (x64 - xr.astype(F64)) ** 2)
+        sb = _seqsum64(w64 * (x64 - xb.astype(F64)) ** 2)
         better = sure | (unsure & (sb < sr))
     return better
+
+
+# ---------------------------------------------------------------------------- importance
+
+
+def _imp_weights(x, qw, sigma2):
+    """ggml's weights of the importance path: qw * sqrt(sigma2 + x*x), float32."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        return qw * np.sqrt(sigma2[:, None] + x * x)
+
+
+def _impl_sym(x, w, nmax):
+    """ggml's make_qx_quants(32, nmax, x, L, 1, w): (scale, codes 0..2*nmax-1)."""
+    nb = x.shape[0]
+    ax = np.abs(x)
+    amax = ax.max(axis=1)
+    mx = _first(x, ax == amax[:, None])
+    zero = amax < F32(1e-15)
+    m1 = np.where(zero, F32(1), mx)
+    iscales = [F32(-nmax) / m1] + [
+        -(F32(nmax) + F32(0.1) * F32(i)) / m1 for i in (*range(-9, 0), *range(1, 10))
+    ]
+    wx = w * x
+
+    def sums(iscale):
+        lv = np.clip(_nint(iscale[:, None] * x), -nmax, nmax - 1).astype(F32)
+        return _seq_sum(wx * lv), _seq_sum((w * lv) * lv)
+
+    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+        sx, s2 = sums(iscales[0])
+        scale = np.where(s2 != 0, sx / np.where(s2 != 0, s2, F32(1)), F32(0)).astype(F32)
+        best = scale * sx
+        win = np.zeros(nb, np.intp)
+        for k in range(1, len(iscales)):
+            sx, s2 = sums(iscales[k])
+            take = (s2 > 0) & (sx * sx > best * s2)
+            sk = sx / np.where(take, s2, F32(1))
+            scale = np.where(take, sk, scale)
+            best = np.where(take, sk * sx, best)
+            win = np.where(take, k, win)
+    iw = np.stack(iscales, axis=1)[np.arange(nb), win]
+    c = np.clip(_nint(iw[:, None] * x), -nmax, nmax - 1) + nmax
+    c[zero] = 0
+    return np.where(zero, F32(0), scale).astype(F32), c.astype(np.int32)
+
+
+def _impl_asym(x, w, nmax):
+    """ggml's make_qkx3_quants(32, nmax, x, w, L, &min, Laux, -0.9, 0.05, 36, false):
+    (scale, min, codes 0..nmax); ggml stores d = scale and m = min."""
+    mn, mx = _minmax(x)
+    mn = np.where(mn > 0, F32(0), mn)
+    flat = ~(mx > mn)
+    sum_w = _seq_sum_first(w)
+    sum_x = _seq_sum_first(w * x)
+    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+        iscale = F32(nmax) / (mx - mn)
+        scale = F32(1) / iscale
+        c = np.clip(_nint(iscale[:, None] * (x - mn[:, None])), 0, nmax).astype(F32)
+        diff = (scale[:, None] * c + mn[:, None]) - x
+        best = _seq_sum(w * (diff * diff))
+        for i in range(37):
+            iscale = (F32(-0.9) + F32(0.05) * F32(i) + F32(nmax)) / (mx - mn)
+            lv = np.clip(_nint(iscale[:, None] * (x - mn[:, None])), 0, nmax).astype(F32)
+            wl = w * lv
+            sl, sl2, sxl = _seq_sum(wl), _seq_sum(wl * lv), _seq_sum(wl * x)
+            den = sum_w * sl2 - sl * sl
+            ok = den > 0
+            den1 = np.where(ok, den, F32(1))
+            ts = (sum_w * sxl - sum_x * sl) / den1
+            tm = (sl2 * sum_x - sl * sxl) / den1
+            pos = tm > 0
+            tm = np.where(pos, F32(0), tm)
+            ts = np.where(pos, sxl / sl2, ts)
+            diff = (ts[:, None] * lv + tm[:, None]) - x
+            mad = _seq_sum(w * (diff * diff))
+            take = ok & (mad < best) & ~flat
+            best = np.where(take, mad, best)
+            scale = np.where(take, ts, scale)
+            mn = np.where(take, tm, mn)
+            c = np.where(take[:, None], lv, c)
+    c = c.astype(np.int32)
+    c[flat] = 0
+    return np.where(flat, F32(0), scale).astype(F32), mn.astype(F32), c
+
+
+def _seq_sum_first(t):
+    """float32 sum over axis 1 in index order starting from element 0 (ggml's sum_w)."""
+    acc = t[:, 0].copy()
+    for i in range(1, t.shape[1]):
+        acc = acc + t[:, i]
+    return acc
 
 
 # ---------------------------------------------------------------------------- packing
@@ -383,19 +547,35 @@ def _pack_tq2(c):
 # ---------------------------------------------------------------------------- types
 
 
-def _quant_sym(x, name, mse):
+def _signed_absmax(x):
+    """The first element of largest magnitude (+0.0 when all are zero)."""
+    amax = np.abs(x).max(axis=1)
+    return np.where(amax == 0, F32(0), _first(x, np.abs(x) == amax[:, None]))
+
+
+def _quant_sym(x, name, mse, qw, sigma2):
     nmax = _SYM[name]
-    d, c, mx = _rtn_sym(x, nmax)
+    mx = _signed_absmax(x)
+    if qw is None:
+        d, c, _ = _rtn_sym(x, nmax)
+    else:
+        d, c = _impl_sym(x, _imp_weights(x, qw, sigma2), nmax)
     dh = _f16_bits(d)
     if mse:
         lo, hi = -nmax, nmax - 1
-        best, eb = _sym_search(x, d, (mx / F32(hi)).astype(F32), SYM_FACTORS[name], lo, hi)
+        d16 = dh.view(np.float16).astype(F32)
+        d1 = (mx / F32(hi)).astype(F32)
+        if qw is None:
+            best, eb = _sym_search(x, d, d1, SYM_FACTORS[name], lo, hi, np.ones_like(x))
+        else:
+            d0 = (mx / F32(-nmax)).astype(F32)
+            best, eb = _sym_search(x, d0, d1, WSYM_FACTORS, lo, hi, qw, first=d16)
         cand = best != 0
         b1 = np.where(cand, best, F32(1))
         q = _sym_codes(x, b1, lo, hi)
-        xr = (c - nmax).astype(F32) * dh.view(np.float16).astype(F32)[:, None]
+        xr = (c - nmax).astype(F32) * d16[:, None]
         xb = q * b1[:, None]
-        take = _better(x, xr, xb, eb, cand)
+        take = _better(x, xr, xb, eb, cand, qw)
         c = np.where(take[:, None], q.astype(np.int32) + nmax, c)
         dh = np.where(take, _f16_bits(b1), dh)
     if name == "Q4_0":
@@ -403,22 +583,32 @@ def _quant_sym(x, name, mse):
     return np.concatenate([_u16(dh), _qh(c), _nibbles(c)], axis=1)
 
 
-def _quant_asym(x, name, mse):
+def _quant_asym(x, name, mse, qw, sigma2):
     qmax = _ASYM[name]
-    d, mn, mx, c = _rtn_asym(x, qmax)
-    dh, mh = _f16_bits(d), _f16_bits(mn)
+    if qw is None:
+        d, mn, mx, c = _rtn_asym(x, qmax)
+        m = mn
+    else:
+        d, m, c = _impl_asym(x, _imp_weights(x, qw, sigma2), qmax)
+        mn, mx = _minmax(x)
+    dh, mh = _f16_bits(d), _f16_bits(m)
     if mse:
-        bd, bm, eb = _asym_search(x, mn, mx, qmax, ASYM_GRID[name])
+        d16 = dh.view(np.float16).astype(F32)
+        m16 = mh.view(np.float16).astype(F32)
+        if qw is None:
+            bd, bm, eb = _asym_search(x, mn, mx, qmax, ASYM_GRID[name], np.ones_like(x))
+        else:
+            grid = WASYM_GRID[name]
+            first = (d16, m16)
+            bd, bm, eb = _asym_search(x, mn, mx, qmax, grid, qw, first, WASYM_STEP[name])
         cand = bd != 0
         bd1 = np.where(cand, bd, F32(1))
         bm1 = np.where(cand, bm, F32(0))
         q = _asym_codes(x, bd1, bm1, qmax)
-        d16 = dh.view(np.float16).astype(F32)[:, None]
-        m16 = mh.view(np.float16).astype(F32)[:, None]
         with np.errstate(invalid="ignore", over="ignore"):
-            xr = d16 * c.astype(F32) + m16
+            xr = d16[:, None] * c.astype(F32) + m16[:, None]
         xb = bd1[:, None] * q + bm1[:, None]
-        take = _better(x, xr, xb, eb, cand)
+        take = _better(x, xr, xb, eb, cand, qw)
         c = np.where(take[:, None], q.astype(np.int32), c)
         dh = np.where(take, _f16_bits(bd1), dh)
         mh = np.where(take, _f16_bits(bm1), mh)
@@ -434,7 +624,7 @@ def _quant_q8(x, mse):
     c[bad] = 0
     dh = _f16_bits(d)
     if mse:
-        best, eb = _sym_search(x, d, None, SYM_FACTORS["Q8_0"], -128, 127)
+        best, eb = _sym_search(x, d, None, SYM_FACTORS["Q8_0"], -128, 127, np.ones_like(x))
         cand = best != 0
         b1 = np.where(cand, best, F32(1))
         q = _sym_codes(x, b1, -128, 127)
@@ -477,7 +667,9 @@ def quantize_blocks(
     x: np.ndarray, name: str, method: str = "rtn", qw=None, sigma2=None
 ) -> np.ndarray:
     """Quantize ``x`` (float32, shape ``(n_blocks, block_size)``) into ggml blocks of type
-    ``name``: uint8 ``(n_blocks, type_size)``.
+    ``name``: uint8 ``(n_blocks, type_size)``. ``qw`` (same shape, non-negative) are the
+    importance weights of the elements and ``sigma2`` (``(n_blocks,)``) the mean square of
+    each block's ggml row; Q8_0 and the ternary types ignore them, as ggml does.
 
     Examples
     --------
@@ -485,8 +677,6 @@ def quantize_blocks(
     >>> quantize_blocks(np.ones((1, 32), np.float32), "Q8_0")[0, :4].tolist()
     [8, 32, 127, 127]
     """
-    if qw is not None:
-        raise NotImplementedError(f"importance for {name} is not in the reference yet")
     t = formats.get(name)
     if name not in TYPES:
         raise ValueError(f"{name} is not one of this module's types {TYPES}")
@@ -495,15 +685,23 @@ def quantize_blocks(
     x = np.asarray(x, F32)
     if x.ndim != 2 or x.shape[1] != t.block_size:
         raise ValueError(f"x must have shape (n_blocks, {t.block_size}), got {x.shape}")
+    if qw is not None:
+        qw = np.asarray(qw, F32)
+        sigma2 = np.asarray(sigma2, F32)
+        if qw.shape != x.shape or sigma2.shape != x.shape[:1]:
+            raise ValueError(
+                f"qw must have shape {x.shape} and sigma2 {x.shape[:1]}, "
+                f"got {qw.shape} and {sigma2.shape}"
+            )
     if x.shape[0] == 0:
         return np.zeros((0, t.type_size), np.uint8)
     mse = method == "mse"
     # a scale past the float16 range stores inf (as ggml does) and decodes to inf/NaN
     with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
         if name in _SYM:
-            out = _quant_sym(x, name, mse)
+            out = _quant_sym(x, name, mse, qw, sigma2)
         elif name in _ASYM:
-            out = _quant_asym(x, name, mse)
+            out = _quant_asym(x, name, mse, qw, sigma2)
         elif name == "Q8_0":
             out = _quant_q8(x, mse)
         else:
