@@ -24,6 +24,12 @@ Error mapping (what a plain pyarrow client raises in brackets):
   server log", with the traceback in the server log only.
 
 No Python traceback ever reaches a client (see :class:`InvalidArgument`).
+
+The kinds and how each travels: :mod:`flightquant.protocol`; the one ladder from an
+exception to a kind and a status: :mod:`flightquant.server_errors`; the limits:
+:mod:`flightquant.server_config`; what a stream does once admitted:
+:mod:`flightquant.stream`. This module admits streams, answers the actions, counts and
+logs each stream, drains and shuts down.
 """
 
 from __future__ import annotations

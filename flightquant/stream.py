@@ -273,7 +273,7 @@ class _Receiver:
 class _ReadAhead:
     """Reads the next batch on its own thread while the handler processes the current one.
 
-    Used only when the client says it pipelines (header ``x-flightquant-pipeline``): such a
+    Used only when the client says it pipelines (:data:`protocol.PIPELINE_HEADER`): such a
     client keeps sending without waiting for each answer and ends the call when it gets an
     error message (``app_metadata`` ``{"error": {"code", "message"}}`` with no batch).
     A lock-step client (send one, wait for its answer) would deadlock a handler that must
@@ -347,7 +347,7 @@ class _PipelineMiddleware(flight.ServerMiddleware):
 
 
 class PipelineFactory(flight.ServerMiddlewareFactory):
-    """Marks DoExchange calls whose client sent ``x-flightquant-pipeline``."""
+    """Marks DoExchange calls whose client sent :data:`protocol.PIPELINE_HEADER`."""
 
     def start_call(self, info, headers):
         if info.method == flight.FlightMethod.DO_EXCHANGE and headers.get(protocol.PIPELINE_HEADER):
