@@ -52,7 +52,7 @@ def apply(
     """Run the codec over a Table, a RecordBatch or an iterable of RecordBatches.
 
     Returns the same kind of container; an iterable gives a lazy iterator.
-    ``progress(label, fraction)`` is called after each batch (:mod:`flightquant.progress`).
+    ``progress(label, fraction)`` is called after each row (:mod:`flightquant.progress`).
     """
     if isinstance(data, pa.RecordBatch):
         tracker = Tracker(progress, data.num_rows, 1)
@@ -151,8 +151,8 @@ def quantize(
     threads : int, optional
         Kernel threads; None uses every allowed core.
     progress : callable, optional
-        ``progress(label, fraction)`` after each batch: the row key (e.g. the layer name)
-        and the fraction done, rising to exactly 1.0; its exceptions are logged, ignored.
+        ``progress(label, fraction)`` after each row: its key (e.g. the layer name) and
+        the fraction of rows done, rising to exactly 1.0; its exceptions are logged, ignored.
 
     Returns
     -------
@@ -212,8 +212,8 @@ def quantize_arrays(
     """Quantize a dict of NumPy arrays (any shape; kept) in-process.
 
     Takes the options of :func:`quantize` (``columns`` excepted). Every error names the
-    array it is about. ``progress(label, fraction)`` is called per batch of arrays, the
-    label the name of the batch's first array. ``importance``: array name -> its importance
+    array it is about. ``progress(name, completed / total)`` is called once after each
+    array. ``importance``: array name -> its importance
     vector, as long as the array's last dimension (its rows); arrays not named get none.
 
     Examples

@@ -32,10 +32,9 @@ import pyarrow as pa
 
 from .errors import echo
 from .options import check_session_name
+from .protocol import CALIBRATION_DROP
 
 __all__ = [
-    "ACTION_DROP",
-    "ACTION_LIST",
     "IMATRIX_SCHEMA",
     "OP",
     "SHAPE_COLUMN",
@@ -56,9 +55,6 @@ __all__ = [
 OP = "calibrate"
 #: key of the DoGet ticket that reads a session: ``{"imatrix": NAME}``
 TICKET_KEY = "imatrix"
-#: DoAction types: list the sessions; drop one (body: ``{"session": NAME}``)
-ACTION_LIST = "calibration-sessions"
-ACTION_DROP = "calibration-drop"
 #: the optional column of ``[tokens, width]`` per row
 SHAPE_COLUMN = "shape"
 #: a session read back: one row per layer, sorted by name
@@ -108,7 +104,9 @@ def parse_drop(body: bytes) -> str:
     except (UnicodeDecodeError, ValueError, RecursionError):
         obj = None
     if not isinstance(obj, dict) or set(obj) != {"session"}:
-        raise CalibrationError(f'the {ACTION_DROP!r} action takes the body {{"session": NAME}}')
+        raise CalibrationError(
+            f'the {CALIBRATION_DROP!r} action takes the body {{"session": NAME}}'
+        )
     return check_session_name(obj["session"])
 
 

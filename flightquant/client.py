@@ -21,7 +21,6 @@ import json
 import logging
 import os
 import threading
-import zlib
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -29,9 +28,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.flight as flight
 
-from . import calibration
+from . import protocol
 from .arrays import QuantizedTensor, arrays_to_batches, batches_to_results, with_importance
-from .options import CalibrateOptions, QuantOptions, check_importance_method
+from .client_calibration import CalibrationCalls
+from .options import QuantOptions, check_importance_method
 from .progress import Progress, Tracker
 
 __all__ = ["Client", "Progress"]
@@ -39,52 +39,10 @@ __all__ = ["Client", "Progress"]
 log = logging.getLogger("flightquant.client")
 
 
-_CONNECTION_LOST = (
-    "socket closed",
-    "connection reset",
-    "connection refused",
-    "broken pipe",
-    "stream removed",
-    "failed to connect",
-    "goaway",
-    "rst_stream",
-    "connection aborted",
-    "end of tcp stream",
-    "server disconnect",
-)
-
-
-def _server_message(exc: BaseException) -> str:
-    """The server's message without pyarrow's transport decorations."""
-    text = str(exc)
-    for marker in (". Detail: ", ". gRPC client debug context"):
-        i = text.find(marker)
-        if i >= 0:
-            text = text[:i]
-    return text
-
-
 def _retryable(exc: BaseException) -> bool:
-    """UNAVAILABLE or a lost connection: the batches may go to another server."""
-    if isinstance(exc, flight.FlightUnavailableError):
-        return True
-    if isinstance(
-        exc,
-        (
-            flight.FlightTimedOutError,
-            flight.FlightUnauthenticatedError,
-            flight.FlightUnauthorizedError,
-        ),
-    ):
-        return False
-    if isinstance(exc, pa.ArrowInvalid) and "destination already closed" not in str(exc).lower():
-        return False  # INVALID_ARGUMENT from the server: never retried
-    if isinstance(exc, (flight.FlightError, OSError, pa.ArrowException, ConnectionError)):
-        text = str(exc).lower()
-        if isinstance(exc, flight.FlightInternalError) and "internal error:" in text:
-            return False  # the server's own internal error, not the connection
-        return any(m in text for m in _CONNECTION_LOST)
-    return False
+    """UNAVAILABLE, RESOURCE_EXHAUSTED or a lost connection: the batches may go to another
+    server (the kind as :func:`flightquant.protocol.error_kind` reads it)."""
+    return protocol.error_kind(exc) in protocol.RETRIED
 
 
 def _pem(value: bytes | str | os.PathLike | None, what: str) -> bytes | None:
@@ -349,9 +307,9 @@ class _Job:
                 if attempt.cancelled and isinstance(exc, flight.FlightCancelledError) and werr:
                     exc = werr
                 if _retryable(exc):
-                    raise _Failover(_server_message(exc), progressed) from None
+                    raise _Failover(protocol.server_message(exc), progressed) from None
                 if isinstance(exc, pa.ArrowInvalid):
-                    raise pa.ArrowInvalid(_server_message(exc)) from None
+                    raise pa.ArrowInvalid(protocol.server_message(exc)) from None
                 raise
             attempt.finish(cancel=False)
             clean = True
@@ -360,7 +318,7 @@ class _Job:
                 raise werr.exc from None
             if werr is not None:
                 if _retryable(werr):
-                    raise _Failover(_server_message(werr), progressed)
+                    raise _Failover(protocol.server_message(werr), progressed)
                 raise werr
             if self.pending:
                 raise _Failover(
@@ -372,30 +330,15 @@ class _Job:
 
 
 #: tells the server this client keeps sending without waiting for each answer and ends
-#: the call on an in-band error message, so the server may read ahead (see server.py)
-_PIPELINE = (b"x-flightquant-pipeline", b"1")
+#: the call on an in-band error message, so the server may read ahead
+_PIPELINE = (protocol.PIPELINE_HEADER.encode(), protocol.PIPELINE_VALUE.encode())
 
 
 def _raise_in_band_error(app_metadata) -> None:
-    """Raise the error a read-ahead server sends as ``{"error": {"code", "message"}}``."""
-    if app_metadata is None:
-        return
-    try:
-        error = json.loads(app_metadata.to_pybytes()).get("error")
-    except (ValueError, AttributeError):
-        return
-    if not isinstance(error, dict):
-        return
-    code, message = error.get("code"), str(error.get("message", "server error"))
-    if code == "invalid_argument":
-        raise pa.ArrowInvalid(message)
-    # retried: on another server, or on a new stream (a stream the server ended for idling
-    # while the source was slow can go on as a new one)
-    if code in ("unavailable", "resource_exhausted", "deadline_exceeded"):
-        raise flight.FlightUnavailableError(message)
-    if code == "internal":
-        raise flight.FlightInternalError(message)
-    raise flight.FlightServerError(message)
+    """Raise the error a read-ahead server sends in band (:func:`protocol.decode_error`)."""
+    error = protocol.decode_error(app_metadata)
+    if error is not None:
+        raise protocol.exception_for(*error)
 
 
 class _Failover(Exception):
@@ -409,7 +352,7 @@ def _empty_batch(schema: pa.Schema) -> pa.RecordBatch:
     return pa.RecordBatch.from_arrays([pa.array([], f.type) for f in schema], schema=schema)
 
 
-class Client:
+class Client(CalibrationCalls):
     """Quantize through flightquant servers with the in-process API's containers.
 
     Parameters
@@ -528,10 +471,10 @@ class Client:
                 )
             except Exception as exc:
                 if _retryable(exc):
-                    failures.append(f"{location}: {_server_message(exc)}")
+                    failures.append(f"{location}: {protocol.server_message(exc)}")
                     continue
                 if isinstance(exc, pa.ArrowInvalid):
-                    raise pa.ArrowInvalid(_server_message(exc)) from None
+                    raise pa.ArrowInvalid(protocol.server_message(exc)) from None
                 raise
             return json.loads(results[0].body.to_pybytes())
         raise flight.FlightUnavailableError(
@@ -540,15 +483,15 @@ class Client:
 
     def health(self) -> dict[str, Any]:
         """``{"status": "ok", "version": ..., "draining": bool}`` of the first live server."""
-        return self._action("health")
+        return self._action(protocol.HEALTH)
 
     def stats(self) -> dict[str, Any]:
         """The first live server's counters (streams, batches, elements, bytes, errors)."""
-        return self._action("stats")
+        return self._action(protocol.STATS)
 
     def config(self) -> dict[str, Any]:
         """The first live server's limits and defaults."""
-        return self._action("config")
+        return self._action(protocol.CONFIG)
 
     # -- data ----------------------------------------------------------------------------
 
@@ -590,7 +533,7 @@ class Client:
         """Quantize a dict of NumPy arrays on the servers; equals :func:`fq.quantize_arrays`
         (``importance`` too).
 
-        ``progress`` labels are the array names.
+        ``progress(name, completed / total)`` is called once after each array.
         """
         if "columns" in options or "op" in options:
             raise TypeError("quantize_arrays takes no 'columns' or 'op' option")
@@ -600,117 +543,6 @@ class Client:
         batches = arrays_to_batches(arrays, importance=importance)
         job = _Job(self, batches, opts, progress, total_rows=len(arrays), total_batches=None)
         return batches_to_results(job.run())
-
-    # -- calibration ---------------------------------------------------------------------
-
-    def session_location(self, session: str) -> str:
-        """The server that holds ``session``: the same for every client given the same
-        locations (a stable hash of the name), so many workers feed one session."""
-        key = CalibrateOptions.from_mapping({"session": session}).session.encode()
-        return self.locations[zlib.crc32(key) % len(self.locations)]
-
-    def calibrate(self, session: str, data: Any) -> dict[str, int]:
-        """Add activations to the calibration session ``session`` on its server.
-
-        ``data``: a Table, a RecordBatch, a dict ``{layer name: array [..., width]}``, or
-        an iterable of RecordBatches or such dicts. Each row is one layer's activations
-        (the layer name in the first string column, ``tokens x width`` float values, and
-        ``shape`` ``[tokens, width]``; see :mod:`flightquant.calibration`). A bad batch
-        raises ``pyarrow.ArrowInvalid`` and adds nothing; the batches before it stay added.
-
-        Returns the totals added: batches, rows, tokens, elements.
-
-        Examples
-        --------
-        >>> client.calibrate("run-1", {"blk.0.attn_q.weight": acts})  # doctest: +SKIP
-        {'batches': 1, 'rows': 1, 'tokens': 512, 'elements': 2097152}
-        """
-        command = CalibrateOptions.from_mapping({"session": session}).to_json()
-        location = self.session_location(session)
-        client = self._flight_client(location)
-        totals = {"batches": 0, "rows": 0, "tokens": 0, "elements": 0}
-        batches = _calibration_batches(data)
-        batch = next(batches, None)
-        while batch is not None:  # one stream per run of batches with one schema
-            batch = self._calibrate_stream(client, command, batch, batches, totals)
-        return totals
-
-    def _calibrate_stream(self, client, command: bytes, first, batches, totals):
-        """Send ``first`` and the following batches of its schema; returns the first batch
-        of another schema (None at the end)."""
-        writer, reader = client.do_exchange(
-            flight.FlightDescriptor.for_command(command), options=self._call_options()
-        )
-        schema = first.schema
-        pending = 0
-        batch: pa.RecordBatch | None = first
-        try:
-            try:
-                writer.begin(schema)
-                while batch is not None and batch.schema.equals(schema):
-                    writer.write_batch(batch)
-                    pending += 1
-                    if pending >= self.max_in_flight:
-                        _calibration_reply(reader, totals)
-                        pending -= 1
-                    batch = next(batches, None)
-                writer.done_writing()
-                while pending:
-                    _calibration_reply(reader, totals)
-                    pending -= 1
-            except (flight.FlightError, pa.ArrowException, OSError) as exc:
-                # a failed write says little: the server's status comes with the next read
-                raise _flight_error(_status(reader) or exc) from None
-        finally:
-            try:
-                writer.close()
-            except Exception:
-                pass  # the status was read (or raised) above
-        return batch
-
-    def imatrix_table(self, session: str) -> pa.Table:
-        """Session ``session`` as a table: ``layer_name``, ``in_sum2`` (list<float32>),
-        ``count`` (int64), one row per layer, sorted by name."""
-        ticket = flight.Ticket(calibration.imatrix_ticket(session))
-        client = self._flight_client(self.session_location(session))
-        try:
-            return client.do_get(ticket, options=self._call_options()).read_all()
-        except (flight.FlightError, pa.ArrowException) as exc:
-            raise _flight_error(exc) from None
-
-    def imatrix(self, session: str, *, datasets=(), chunk_size: int = 512):
-        """Session ``session`` as a :class:`flightquant.modelfiles.imatrix.Imatrix`
-        (``write_imatrix`` saves it as llama.cpp's GGUF imatrix)."""
-        from .modelfiles.imatrix import imatrix_from_sums
-
-        sums = calibration.sums_from_table(self.imatrix_table(session))
-        return imatrix_from_sums(sums, datasets=datasets, chunk_size=chunk_size)
-
-    def calibration_sessions(self) -> list[dict[str, Any]]:
-        """Every server's calibration sessions (name, layers, tokens, bytes, idle time, and
-        the server's ``location``)."""
-        out = []
-        for location in self.locations:
-            for s in self._action_at(location, calibration.ACTION_LIST, b""):
-                out.append({**s, "location": location})
-        return out
-
-    def drop_session(self, session: str) -> bool:
-        """Drop ``session`` on its server (its memory is freed); False if there was none."""
-        body = json.dumps({"session": session}).encode()
-        location = self.session_location(session)
-        return bool(self._action_at(location, calibration.ACTION_DROP, body)["dropped"])
-
-    def _action_at(self, location: str, name: str, body: bytes) -> Any:
-        try:
-            results = list(
-                self._flight_client(location).do_action(
-                    flight.Action(name, body), options=self._call_options()
-                )
-            )
-        except (flight.FlightError, pa.ArrowException) as exc:
-            raise _flight_error(exc) from None
-        return json.loads(results[0].body.to_pybytes())
 
     def _run(self, data: Any, options: QuantOptions, progress: Progress | None) -> Any:
         if isinstance(data, pa.RecordBatch):
@@ -735,48 +567,3 @@ class Client:
             total_rows = sum(b.num_rows for b in data)
             total_batches = len(data)
         return _Job(self, data, options, progress, total_rows, total_batches).run()
-
-
-def _flight_error(exc: BaseException) -> BaseException:
-    """The same kind of error with the server's message alone."""
-    message = _server_message(exc)
-    if isinstance(exc, pa.ArrowInvalid) or not isinstance(exc, flight.FlightError):
-        return pa.ArrowInvalid(message) if isinstance(exc, pa.ArrowInvalid) else exc
-    return type(exc)(message)
-
-
-def _status(reader) -> BaseException | None:
-    """The error that ends the call, read off its remaining messages (None if it ends
-    cleanly)."""
-    try:
-        while True:
-            reader.read_chunk()
-    except StopIteration:
-        return None
-    except (flight.FlightError, pa.ArrowException, OSError) as exc:
-        return exc
-
-
-def _calibration_reply(reader, totals: dict[str, int]) -> None:
-    chunk = reader.read_chunk()
-    meta = json.loads(chunk.app_metadata.to_pybytes()) if chunk.app_metadata else {}
-    totals["batches"] += 1
-    for key in ("rows", "tokens", "elements"):
-        totals[key] += int(meta.get(key, 0))
-
-
-def _calibration_batches(data: Any) -> Iterator[pa.RecordBatch]:
-    if isinstance(data, pa.RecordBatch):
-        yield data
-    elif isinstance(data, pa.Table):
-        yield from (b for b in data.to_batches() if b.num_rows)
-    elif isinstance(data, Mapping):
-        yield calibration.activation_batch(data)
-    elif isinstance(data, (str, bytes)) or not isinstance(data, Iterable):
-        raise TypeError(
-            "calibrate takes a pyarrow.Table, a RecordBatch, a dict of layer name -> "
-            f"activations, or an iterable of those; got {type(data).__name__}"
-        )
-    else:
-        for item in data:
-            yield from _calibration_batches(item)

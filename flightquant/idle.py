@@ -24,13 +24,14 @@ multiplexes streams on one channel and leaves one of them silent loses the other
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import socket
 import threading
 import time
 from urllib.parse import unquote
+
+from . import protocol
 
 __all__ = ["Activity", "IdleWatchdog", "drop_connection"]
 
@@ -127,7 +128,7 @@ class IdleWatchdog:
         self.expired += 1
         self._end(
             a,
-            "deadline_exceeded",
+            protocol.DEADLINE_EXCEEDED,
             idle_message(a.idle_for, self.timeout),
             f"idle for {a.idle_for:.1f}s (idle timeout {self.timeout:g}s)",
         )
@@ -136,9 +137,7 @@ class IdleWatchdog:
         told = False
         if a.writer is not None and a.write_lock.acquire(blocking=False):
             try:  # the handler is reading (not writing): gRPC allows one write beside it
-                a.writer.write_metadata(
-                    json.dumps({"error": {"code": code, "message": message}}).encode()
-                )
+                a.writer.write_metadata(protocol.encode_error(code, message))
                 told = True
             except Exception:  # the client may be gone already
                 pass

@@ -26,18 +26,10 @@ from socketserver import ThreadingMixIn
 from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
 
-__all__ = ["Counters", "ServerMetrics", "MetricsEndpoint", "KINDS", "UNKNOWN", "format_label"]
+from .protocol import ERROR_KINDS
 
-#: error kinds: the ``status`` label of a stream that failed, the keys of ``errors``
-KINDS = (
-    "invalid_argument",
-    "unavailable",
-    "resource_exhausted",
-    "deadline_exceeded",
-    "unauthenticated",
-    "cancelled",
-    "internal",
-)
+__all__ = ["Counters", "ServerMetrics", "MetricsEndpoint", "UNKNOWN", "format_label"]
+
 #: ``op`` / ``format`` label of a stream refused before its options were read
 UNKNOWN = "unknown"
 
@@ -86,8 +78,6 @@ class Counters:
     by ``(op, format)``; ``errors`` counts every failed call by kind, streams or not.
     """
 
-    KINDS = KINDS
-
     def __init__(self) -> None:
         self.lock = threading.Lock()
         self.changed = threading.Condition(self.lock)
@@ -99,7 +89,7 @@ class Counters:
         self.bytes_in = 0
         self.bytes_out = 0
         self.kernel_seconds = 0.0
-        self.errors = dict.fromkeys(KINDS, 0)
+        self.errors = dict.fromkeys(ERROR_KINDS, 0)
         self.streams: dict[tuple[str, str, str], int] = {}
         self.batches_by: dict[tuple[str, str], int] = {}
         self.batch_seconds: dict[tuple[str, str], _Histogram] = {}

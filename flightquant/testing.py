@@ -5,8 +5,13 @@ from __future__ import annotations
 
 import json
 import os
+import queue
+import signal
 import subprocess
 import sys
+import threading
+
+from flightquant.cli.serve import SERVING
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -37,6 +42,69 @@ def start_server_process(**kwargs) -> tuple[subprocess.Popen, int]:
         proc.wait()
         raise RuntimeError("the server process exited before reporting its port")
     return proc, int(json.loads(line)["port"])
+
+
+class ServeProcess:
+    """``flightquant serve ARGS`` in a child process: the one way tests and benchmarks start
+    the command. Its stdout lines go to a queue (:meth:`first_line` reads one with a
+    deadline); with ``pump_stderr`` its stderr lines collect in :attr:`err`, otherwise
+    ``proc.stderr`` is left to the caller. ``prefix`` runs it under another command (e.g.
+    ``prlimit --as=N``); this tree comes first on the child's PYTHONPATH."""
+
+    def __init__(self, *args: str, env=None, prefix=(), pump_stderr: bool = False):
+        env = dict(os.environ if env is None else env)
+        env["PYTHONPATH"] = _ROOT + os.pathsep + env.get("PYTHONPATH", "")
+        env.setdefault("PYTHONUNBUFFERED", "1")
+        self.proc = subprocess.Popen(
+            [*prefix, sys.executable, "-m", "flightquant", "serve", *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        self.err: list[str] = []
+        self.lines: queue.Queue = queue.Queue()
+        threading.Thread(target=self._pump, daemon=True).start()
+        if pump_stderr:
+            threading.Thread(target=self._pump_err, daemon=True).start()
+
+    def _pump(self) -> None:
+        for line in self.proc.stdout:
+            self.lines.put(line)
+        self.lines.put(None)
+
+    def _pump_err(self) -> None:
+        for line in self.proc.stderr:
+            self.err.append(line)
+
+    def first_line(self, timeout: float = 60) -> str:
+        """The next stdout line, stripped; AssertionError when none comes in time."""
+        try:
+            line = self.lines.get(timeout=timeout)
+        except queue.Empty:
+            self.close()
+            raise AssertionError("flightquant serve printed nothing") from None
+        if line is None:
+            detail = "".join(self.err) if self.err else self.proc.stderr.read()
+            raise AssertionError(f"flightquant serve exited: {detail[-3000:]}")
+        return line.strip()
+
+    def wait_serving(self, timeout: float = 60) -> str:
+        """Wait for ``flightquant serving on LOCATION ...`` and return the location."""
+        line = self.first_line(timeout)
+        assert line.startswith(SERVING), (line, "".join(self.err))
+        self.serving_line = line
+        return line.split()[3]
+
+    def stop(self, timeout: float = 30) -> int:
+        """SIGTERM (drain), then the exit status."""
+        self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout)
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(30)
 
 
 def proc_usage(pid: int) -> dict[str, int]:

@@ -15,7 +15,7 @@ import pytest
 from common import wait_for
 
 import flightquant as fq
-from flightquant import calibration
+from flightquant import calibration, protocol
 from flightquant.calibration import (
     IMATRIX_SCHEMA,
     Accumulator,
@@ -269,9 +269,9 @@ def test_bad_commands_and_tickets(server):
             with pytest.raises(pa.ArrowInvalid, match=needle):
                 c.do_get(flight.Ticket(ticket)).read_all()
         with pytest.raises(pa.ArrowInvalid, match="body"):
-            list(c.do_action(flight.Action(calibration.ACTION_DROP, b"[1]")))
+            list(c.do_action(flight.Action(protocol.CALIBRATION_DROP, b"[1]")))
         names = [a.type for a in c.list_actions()]
-        assert calibration.ACTION_LIST in names and calibration.ACTION_DROP in names
+        assert protocol.CALIBRATION_LIST in names and protocol.CALIBRATION_DROP in names
 
 
 # --------------------------------------------------------------------------- sessions
@@ -284,7 +284,7 @@ def test_sessions_list_drop_and_memory_accounting(server):
     send(s.location, "b", batches[:1])
     with flight.connect(s.location) as c:
         listed = json.loads(
-            next(iter(c.do_action(flight.Action(calibration.ACTION_LIST, b"")))).body.to_pybytes()
+            next(iter(c.do_action(flight.Action(protocol.CALIBRATION_LIST, b"")))).body.to_pybytes()
         )
     assert [x["session"] for x in listed] == ["a", "b"]
     want = SESSION_OVERHEAD + sum(layer_bytes(w) for w in WIDTHS.values())

@@ -488,18 +488,19 @@ def test_in_process_progress_rises_to_exactly_one_and_survives_a_failing_callbac
     table = pa.Table.from_batches(batches)
     seen = []
     fq.quantize(table, bits=4, progress=lambda label, f: seen.append((label, f)))
-    assert [f for _, f in seen] == [2 / 6, 4 / 6, 1.0]
-    assert seen[0][0] == "layer.0.weight"  # the row key of the batch
+    assert [f for _, f in seen] == [i / 6 for i in range(1, 7)]  # one call per row
+    keys = [k for b in batches for k in b.column(0).to_pylist()]
+    assert [label for label, _ in seen] == keys  # each row's key
     seen.clear()
     list(fq.quantize(iter(batches), bits=4, progress=lambda label, f: seen.append(f)))
-    assert seen == [None, None, None, 1.0]  # unknown total: 1.0 once at the end
+    assert seen == [None] * 6 + [1.0]  # unknown total: 1.0 once at the end
     seen.clear()
     fq.dequantize(fq.quantize(batches[0], bits=4), progress=lambda label, f: seen.append(f))
-    assert seen == [1.0]
+    assert seen == [0.5, 1.0]  # the batch's two rows
     seen.clear()
     arrays = {f"w{i}": np.ones((4, 8), np.float32) * i for i in range(3)}
     fq.quantize_arrays(arrays, bits=8, progress=lambda label, f: seen.append((label, f)))
-    assert seen[-1][1] == 1.0 and seen[0][0] == "w0"
+    assert seen == [("w0", 1 / 3), ("w1", 2 / 3), ("w2", 1.0)]
 
     def broken(label, fraction):
         raise RuntimeError("callback bug")

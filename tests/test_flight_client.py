@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import queue
 import signal
 import socket
 import subprocess
@@ -18,6 +17,7 @@ from common import SEED_SCHEMA, make_layer_batch, wait_for
 
 import flightquant as fq
 from flightquant.client import Client
+from flightquant.testing import ServeProcess
 
 
 def _free_port() -> int:
@@ -150,7 +150,7 @@ def _nan_at(start: int, row: int, element: int) -> pa.RecordBatch:
 
 
 def test_error_mid_stream_with_read_ahead(server, monkeypatch):
-    import flightquant.server as fqs
+    import flightquant.stream as fqs
 
     pumps = []
 
@@ -223,14 +223,14 @@ def test_progress_rises_to_exactly_one(server):
     fractions = [f for _, f in calls]
     assert fractions == sorted(fractions)
     assert fractions[-1] == 1.0 and all(0 < f <= 1.0 for f in fractions)
-    labels = [label for label, _ in calls]
-    assert set(labels) <= set(arrays)  # one call per result batch, labelled by its first row
+    n = len(arrays)
+    assert calls == [(name, i / n) for i, name in enumerate(arrays, start=1)]  # per tensor
 
     calls.clear()
     table = pa.Table.from_batches([make_layer_batch(2 * i, 2) for i in range(5)])
     with Client(s.location) as client:
         client.quantize(table, progress=lambda label, f: calls.append((label, f)))
-    assert calls == [(f"layer.{2 * i}", (i + 1) / 5) for i in range(5)]
+    assert calls == [(f"layer.{i}", (i + 1) / 10) for i in range(10)]  # per row key
     assert calls[-1][1] == 1.0
 
 
@@ -413,21 +413,8 @@ def test_failover_when_a_server_drains_mid_job(server):
 
 
 def _start_cli_server() -> tuple[subprocess.Popen, str]:
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "flightquant", "serve", "--port", "0", "--log-level", "WARNING"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-    )
-    lines: queue.Queue = queue.Queue()
-    threading.Thread(target=lambda: lines.put(proc.stdout.readline()), daemon=True).start()
-    try:
-        line = lines.get(timeout=60)
-    except queue.Empty:
-        proc.kill()
-        raise AssertionError("flightquant serve did not print its location") from None
-    assert line.startswith("flightquant serving on "), line
-    return proc, line.split()[3]
+    s = ServeProcess("--port", "0", "--log-level", "WARNING", pump_stderr=True)
+    return s.proc, s.wait_serving()
 
 
 def test_failover_when_a_server_process_is_killed_mid_job(server):

@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import json
-import queue
 import signal
 import subprocess
 import sys
-import threading
 
 import grpc
 import pyarrow.flight as flight
@@ -17,46 +15,15 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 import flightquant as fq
 from flightquant.client import Client
-
-
-class _Serve:
-    """A ``flightquant serve`` subprocess whose stdout lines are read with a deadline."""
-
-    def __init__(self, *args: str):
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "flightquant", "serve", *args],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        self.lines: queue.Queue = queue.Queue()
-        threading.Thread(target=self._pump, daemon=True).start()
-
-    def _pump(self) -> None:
-        for line in self.proc.stdout:
-            self.lines.put(line)
-        self.lines.put(None)
-
-    def first_line(self, timeout: float = 60) -> str:
-        try:
-            line = self.lines.get(timeout=timeout)
-        except queue.Empty:
-            raise AssertionError("flightquant serve printed nothing") from None
-        assert line is not None, self.proc.stderr.read()
-        return line.strip()
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait(30)
+from flightquant.testing import ServeProcess
 
 
 @pytest.fixture
 def serve():
-    started: list[_Serve] = []
+    started: list[ServeProcess] = []
 
-    def start(*args: str) -> _Serve:
-        s = _Serve(*args)
+    def start(*args: str) -> ServeProcess:
+        s = ServeProcess(*args)
         started.append(s)
         return s
 

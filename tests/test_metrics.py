@@ -5,12 +5,9 @@ from __future__ import annotations
 
 import json
 import os
-import queue
-import signal
 import socket
 import subprocess
 import sys
-import threading
 import urllib.error
 import urllib.request
 
@@ -21,8 +18,9 @@ import pytest
 from common import make_layer_batch, wait_for
 
 import flightquant as fq
-from flightquant import logs, metrics
+from flightquant import logs, metrics, protocol
 from flightquant.security import auth_headers
+from flightquant.testing import ServeProcess
 
 parser = pytest.importorskip("prometheus_client.parser")
 
@@ -76,48 +74,19 @@ def _batch(start: int, rows: int = 3) -> pa.RecordBatch:
     return b.set_column(0, "layer_name", names)
 
 
-class _Serve:
+class _Serve(ServeProcess):
     """``flightquant serve`` with metrics and JSON logs; stderr lines collected."""
 
     def __init__(self, *args: str):
         env = dict(os.environ, FLIGHTQUANT_TOKEN=TOKEN)
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "flightquant", "serve", "--port", "0", *args],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            env=env,
-        )
-        self.err: list[str] = []
-        lines: queue.Queue = queue.Queue()
-        threading.Thread(target=lambda: lines.put(self.proc.stdout.readline()), daemon=True).start()
-        threading.Thread(target=self._pump_err, daemon=True).start()
-        try:
-            line = lines.get(timeout=60)
-        except queue.Empty:
-            self.proc.kill()
-            raise AssertionError("flightquant serve printed nothing") from None
-        assert line.startswith("flightquant serving on "), (line, self.err)
-        self.location = line.split()[3]
-        self.metrics_port = int(line.rsplit("metrics on port ", 1)[1].rstrip(")\n"))
-
-    def _pump_err(self) -> None:
-        for line in self.proc.stderr:
-            self.err.append(line)
+        super().__init__("--port", "0", *args, env=env, pump_stderr=True)
+        self.location = self.wait_serving()
+        self.metrics_port = int(self.serving_line.rsplit("metrics on port ", 1)[1].rstrip(")"))
 
     def events(self, name: str | None = None) -> list[dict]:
         # (a line from gRPC's or Arrow's C++ logging would not be ours to format)
         out = [json.loads(line) for line in list(self.err) if line.startswith("{")]
         return [e for e in out if name is None or e["event"] == name]
-
-    def stop(self) -> int:
-        self.proc.send_signal(signal.SIGTERM)
-        return self.proc.wait(30)
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait(30)
 
 
 @pytest.fixture(scope="module")
@@ -163,7 +132,10 @@ def test_counters_rise_by_exactly_what_was_sent(served):
     assert rise("flightquant_batch_seconds_sum", **labels) == pytest.approx(
         sum(m["kernel_seconds"] for m in metas[:4]), abs=1e-5
     )
-    assert sum(rise(n, kind=k) for n in ["flightquant_errors_total"] for k in metrics.KINDS) == 0
+    assert (
+        sum(rise(n, kind=k) for n in ["flightquant_errors_total"] for k in protocol.ERROR_KINDS)
+        == 0
+    )
     assert value(after, "flightquant_streams_max") == 64
     assert value(after, "flightquant_memory_limit_bytes") > 0
     assert value(after, "flightquant_memory_reserved_bytes") == 0
@@ -224,7 +196,9 @@ def test_errors_are_counted_by_kind(served):
     assert rise("invalid_argument") == 2
     assert rise("unauthenticated") == 2
     assert all(
-        rise(k) == 0 for k in metrics.KINDS if k not in ("invalid_argument", "unauthenticated")
+        rise(k) == 0
+        for k in protocol.ERROR_KINDS
+        if k not in ("invalid_argument", "unauthenticated")
     )
 
 
@@ -282,7 +256,7 @@ def test_json_log_one_line_per_stream_without_token_or_payload(served):
     for e in streams:
         assert tuple(e) == logs.STREAM_KEYS
         assert (e["status"] == "ok") == (e["error"] is None)
-        assert e["status"] in ("ok", *metrics.KINDS)
+        assert e["status"] in ("ok", *protocol.ERROR_KINDS)
     last = streams[-1]
     assert last["op"] == "quantize" and last["format"] == "native" and last["status"] == "ok"
     assert last["batches"] == 1 and last["rows"] == 3

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import queue
 import re
 import shutil
 import signal
@@ -32,6 +31,7 @@ from flightquant import budget, codec
 from flightquant.calibration import activation_batch, layer_bytes
 from flightquant.options import QuantOptions
 from flightquant.sessions import SESSION_OVERHEAD
+from flightquant.testing import ServeProcess
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MiB = 1 << 20
@@ -78,43 +78,19 @@ def _float_batch(mib: int, rows: int = 8, dtype=np.float32, seed: int = 0) -> pa
 
 
 # --------------------------------------------------------------------------- a limited server
-class LimitedServer:
+class LimitedServer(ServeProcess):
     """``flightquant serve`` under ``prlimit --as=...``, with its peak RSS at the end."""
 
     def __init__(self, address_space: int, *args: str):
-        env = dict(
-            os.environ,
-            PYTHONUNBUFFERED="1",
-            PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
+        super().__init__(
+            "--port",
+            "0",
+            "--log-level",
+            "WARNING",
+            *args,
+            prefix=("prlimit", f"--as={address_space}"),
         )
-        self.proc = subprocess.Popen(
-            [
-                "prlimit",
-                f"--as={address_space}",
-                sys.executable,
-                "-m",
-                "flightquant",
-                "serve",
-                "--port",
-                "0",
-                "--log-level",
-                "WARNING",
-                *args,
-            ],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            env=env,
-        )
-        lines: queue.Queue = queue.Queue()
-        threading.Thread(target=lambda: lines.put(self.proc.stdout.readline()), daemon=True).start()
-        try:
-            line = lines.get(timeout=60)
-        except queue.Empty:
-            self.proc.kill()
-            raise AssertionError("flightquant serve did not start") from None
-        assert line.startswith("flightquant serving on "), (line, self.stderr())
-        self.location = line.split()[3]
+        self.location = self.wait_serving()
         self.base_rss = self.rss()
 
     def rss(self) -> int:

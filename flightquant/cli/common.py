@@ -18,6 +18,7 @@ from typing import Any
 import pyarrow as pa
 
 from .. import formats, modelfiles
+from ..progress import bar
 
 EXIT_ERROR = 1
 EXIT_USAGE = 2
@@ -597,31 +598,9 @@ def quietly(fn) -> None:
         pass
 
 
-class NoBar:
-    def update(self, n: int) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
 def progress(args: argparse.Namespace, total: int | None, desc: str):
-    if args.quiet or not sys.stderr.isatty():
-        return NoBar()
-    from tqdm import tqdm
-
-    if total is None:
-        return tqdm(desc=desc, unit=" rows", file=sys.stderr, leave=False, dynamic_ncols=True)
-    return tqdm(
-        total=total,
-        desc=desc,
-        unit="B",
-        unit_scale=True,
-        unit_divisor=1024,
-        file=sys.stderr,
-        leave=False,
-        dynamic_ncols=True,
-    )
+    """The job's bar (:func:`flightquant.progress.bar`), off with ``--quiet``."""
+    return bar(total, desc, quiet=args.quiet)
 
 
 def is_quantized(schema: pa.Schema) -> bool:

@@ -19,13 +19,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 import uuid
 from pathlib import Path
 from typing import Any
 
 from ..modelfiles.imatrix import DEFAULT_CHUNK_SIZE, FORMATS, Imatrix, write_imatrix
+from ..progress import bar
 from .common import JobError, command, one_line_errors, positive_int, read_token
 
 
@@ -298,17 +298,4 @@ def _gguf_names(config):
 
 
 def _bar(args: argparse.Namespace, total: int):
-    from .common import NoBar
-
-    if args.quiet or not sys.stderr.isatty():
-        return NoBar()
-    from tqdm import tqdm
-
-    return tqdm(
-        total=total,
-        desc="imatrix",
-        unit=" chunks",
-        file=sys.stderr,
-        leave=False,
-        dynamic_ncols=True,
-    )
+    return bar(total, "imatrix", quiet=args.quiet, unit="chunks")

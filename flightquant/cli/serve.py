@@ -19,6 +19,9 @@ import signal
 import sys
 import threading
 
+#: the first line ``serve`` prints: ``flightquant serving on LOCATION [(health on port N, ...)]``
+SERVING = "flightquant serving on"
+
 _SIZE = re.compile(r"^\s*(\d+)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 
@@ -77,44 +80,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1; 0.0.0.0 for all)"
     )
     p.add_argument("--port", type=_port, default=8815, help="port (default 8815; 0 = any free)")
-    p.add_argument(
-        "--threads",
-        type=_positive_int,
-        default=None,
-        help="kernel threads per batch (default: auto, the cores less one shared by the streams)",
-    )
-    p.add_argument(
-        "--max-streams",
-        type=_positive_int,
-        default=64,
-        help="concurrent streams; more are refused with UNAVAILABLE (default 64)",
-    )
-    p.add_argument(
-        "--max-batch-bytes",
-        type=_size,
-        default=256 << 20,
-        help="largest input batch, e.g. 268435456 or 256MiB (default 256MiB)",
-    )
-    p.add_argument(
-        "--memory-limit",
-        type=_size,
-        default=None,
-        help="bytes all streams together may hold, e.g. 4GiB (default: half of the "
-        "smallest of the cgroup limit, RLIMIT_AS and physical memory)",
-    )
-    p.add_argument(
-        "--memory-wait",
-        type=_seconds,
-        default=10.0,
-        help="seconds a stream waits for memory before RESOURCE_EXHAUSTED (default 10)",
-    )
-    p.add_argument(
-        "--idle-timeout",
-        type=_seconds,
-        default=60.0,
-        help="seconds a stream may wait on its client before the server ends it; "
-        "0 = never (default 60)",
-    )
+    _add_limits(p, "threads", "max_streams", "max_batch_bytes", "memory_limit")
+    _add_limits(p, "memory_wait", "idle_timeout")
     p.add_argument("--tls-cert", help="PEM certificate chain; serves grpc+tls://")
     p.add_argument("--tls-key", help="PEM private key for --tls-cert")
     p.add_argument(
@@ -144,13 +111,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         default="127.0.0.1",
         help="interface of --metrics-port (default 127.0.0.1, whatever --host is)",
     )
-    p.add_argument(
-        "--drain-timeout",
-        type=float,
-        default=30.0,
-        help="seconds running streams get to finish on SIGTERM (default 30)",
-    )
-    _add_session_options(p)
+    _add_limits(p, "drain_timeout", "max_sessions", "max_session_layers", "max_session_width")
+    _add_limits(p, "session_idle_timeout")
     p.add_argument(
         "--log-level",
         default="INFO",
@@ -168,35 +130,35 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     return p
 
 
-def _add_session_options(p: argparse.ArgumentParser) -> None:
-    """The calibration sessions' limits (defaults from :mod:`flightquant.sessions`)."""
-    from ..sessions import DEFAULTS
+#: the flag's parser of each kind of limit (flightquant.server_config)
+_TYPES = {
+    "threads": _positive_int,
+    "count": _positive_int,
+    "bytes": _size,
+    "seconds": _seconds,
+    "timeout": _seconds,  # 0 = never
+}
 
-    p.add_argument(
-        "--max-sessions",
-        type=_positive_int,
-        default=DEFAULTS["max_sessions"],
-        help=f"calibration sessions open at once (default {DEFAULTS['max_sessions']})",
-    )
-    p.add_argument(
-        "--max-session-layers",
-        type=_positive_int,
-        default=DEFAULTS["max_session_layers"],
-        help=f"layers per calibration session (default {DEFAULTS['max_session_layers']})",
-    )
-    p.add_argument(
-        "--max-session-width",
-        type=_positive_int,
-        default=DEFAULTS["max_session_width"],
-        help=f"columns per layer of a session (default {DEFAULTS['max_session_width']})",
-    )
-    p.add_argument(
-        "--session-idle-timeout",
-        type=_seconds,
-        default=DEFAULTS["session_idle_timeout"],
-        help="seconds a calibration session may go unused before it is dropped; 0 = never "
-        f"(default {DEFAULTS['session_idle_timeout']:g})",
-    )
+
+def _add_limits(p: argparse.ArgumentParser, *names: str) -> None:
+    """The flags of the server's limits, from :data:`flightquant.server_config.SETTINGS`
+    (its default, its help)."""
+    from ..server_config import SETTINGS
+
+    for s in SETTINGS:
+        if s.name in names:
+            p.add_argument(s.flag, type=_TYPES[s.kind], default=s.default, help=s.help_text)
+
+
+def _limits(args: argparse.Namespace) -> dict:
+    """The limits as Server keywords (a timeout of 0 means never: None)."""
+    from ..server_config import SETTINGS
+
+    out = {}
+    for s in SETTINGS:
+        value = getattr(args, s.name)
+        out[s.name] = (value or None) if s.kind == "timeout" else value
+    return out
 
 
 #: what ``flightquant serve`` sets (unless already set) when it runs under RLIMIT_AS
@@ -250,8 +212,6 @@ def run(args: argparse.Namespace) -> int:
         return _fail("--tls-cert and --tls-key go together")
     if args.tls_client_ca is not None and args.tls_cert is None:
         return _fail("--tls-client-ca needs --tls-cert and --tls-key (mutual TLS runs over TLS)")
-    if args.drain_timeout < 0:
-        return _fail(f"--drain-timeout must be >= 0, got {args.drain_timeout}")
     try:
         token = security.load_token(args.token_file)
         certs = roots = None
@@ -265,24 +225,14 @@ def run(args: argparse.Namespace) -> int:
     try:
         server = Server(
             f"{scheme}://{host}:{args.port}",
-            threads=args.threads,
-            max_streams=args.max_streams,
-            max_batch_bytes=args.max_batch_bytes,
-            memory_limit=args.memory_limit,
-            memory_wait=args.memory_wait,
-            idle_timeout=args.idle_timeout or None,
             auth_token=token,
             tls_certificates=certs,
             verify_client=roots is not None,
             root_certificates=roots,
             health_port=args.health_port,
-            drain_timeout=args.drain_timeout,
             metrics_port=args.metrics_port,
             metrics_host=args.metrics_host,
-            max_sessions=args.max_sessions,
-            max_session_layers=args.max_session_layers,
-            max_session_width=args.max_session_width,
-            session_idle_timeout=args.session_idle_timeout or None,
+            **_limits(args),
         )
     except (ValueError, OSError) as exc:
         return _fail(f"cannot start the server on {scheme}://{host}:{args.port}: {exc}")
@@ -300,7 +250,7 @@ def run(args: argparse.Namespace) -> int:
 
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
     log = logging.getLogger("flightquant.server")
-    line = f"flightquant serving on {server.location}"
+    line = f"{SERVING} {server.location}"
     extra = []
     if server.health_port is not None:
         extra.append(f"health on port {server.health_port}")
