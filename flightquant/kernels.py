@@ -29,6 +29,7 @@ import os
 import numpy as np
 
 from . import formats
+from .arrays import check_importance as check_vector
 from .errors import NonFiniteError
 from .layout import QuantizedRows, RowLayout, groups_per_block
 from .options import METHOD_CODES, SCALE_DTYPE_CODES, SCHEME_CODES, VALID_BITS
@@ -458,24 +459,12 @@ def check_importance(importance, n: int, block_size: int = 1) -> np.ndarray:
     """``importance`` as a contiguous float32 vector of ``k`` weights for a tensor of ``n``
     elements quantized as rows of ``k`` (``k`` a multiple of ``block_size`` that divides
     ``n``); a ``ValueError`` that says what is wrong otherwise."""
-    w = np.asarray(importance)
-    if w.ndim != 1 or w.dtype.kind != "f":
-        raise ValueError(
-            f"importance must be a 1-D float vector (one weight per column), "
-            f"got {w.dtype}{list(w.shape)}"
-        )
-    w = np.ascontiguousarray(w, np.float32)
+    w = check_vector("the tensor", importance)
     k = w.size
     if k == 0 or k % block_size or n % k:
         raise ValueError(
             f"importance has {k} weights: it must be the row length, a multiple of the block "
             f"size {block_size} that divides the tensor's {n} elements"
-        )
-    bad = ~np.isfinite(w) | (w < 0)
-    if bad.any():
-        j = int(np.flatnonzero(bad)[0])
-        raise ValueError(
-            f"importance must be finite and non-negative; element {j} is {float(w[j])!r}"
         )
     return w
 

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from gguf import GGUFReader, GGUFWriter
+from gguf import GGUFReader
+from gguf_models import write_llama
 
 from flightquant.cli import main
 
@@ -25,49 +26,9 @@ llama_cpp = pytest.importorskip("llama_cpp")
 FTYPES = {"Q8_0": 7, "Q4_0": 2, "Q5_1": 9, "Q4_K": 15, "Q6_K": 18, "IQ4_NL": 25, "IQ4_XS": 30}
 
 
-def tiny_llama(path: Path, d: int = 256, n_ff: int = 512, n_layer: int = 2, n_vocab: int = 300):
-    rng = np.random.default_rng(0)
-    w = GGUFWriter(str(path), "llama")
-    w.add_context_length(128)
-    w.add_embedding_length(d)
-    w.add_block_count(n_layer)
-    w.add_feed_forward_length(n_ff)
-    w.add_head_count(4)
-    w.add_head_count_kv(2)
-    w.add_rope_dimension_count(d // 4)
-    w.add_layer_norm_rms_eps(1e-5)
-    w.add_file_type(1)
-    w.add_vocab_size(n_vocab)
-    w.add_tokenizer_model("llama")
-    tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{i:02X}>" for i in range(256)]
-    tokens += [f"\u2581w{i}" for i in range(n_vocab - len(tokens))]
-    w.add_token_list(tokens)
-    w.add_token_scores([0.0] * n_vocab)
-    w.add_token_types([2, 3, 3] + [6] * 256 + [1] * (n_vocab - 259))
-    w.add_bos_token_id(1)
-    w.add_eos_token_id(2)
-    w.add_unk_token_id(0)
-
-    def matrix(name, rows, cols, scale=0.05):
-        w.add_tensor(name, (rng.standard_normal((rows, cols)) * scale).astype(np.float16))
-
-    matrix("token_embd.weight", n_vocab, d, 0.5)
-    for i in range(n_layer):
-        w.add_tensor(f"blk.{i}.attn_norm.weight", np.ones(d, np.float32))
-        matrix(f"blk.{i}.attn_q.weight", d, d)
-        matrix(f"blk.{i}.attn_k.weight", d // 2, d)
-        matrix(f"blk.{i}.attn_v.weight", d // 2, d)
-        matrix(f"blk.{i}.attn_output.weight", d, d)
-        w.add_tensor(f"blk.{i}.ffn_norm.weight", np.ones(d, np.float32))
-        matrix(f"blk.{i}.ffn_gate.weight", n_ff, d)
-        matrix(f"blk.{i}.ffn_up.weight", n_ff, d)
-        matrix(f"blk.{i}.ffn_down.weight", d, n_ff)
-    w.add_tensor("output_norm.weight", np.ones(d, np.float32))
-    matrix("output.weight", n_vocab, d)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+def tiny_llama(path: Path) -> None:
+    """A two-block llama (GQA 4/2, untied output) with an SPM vocabulary, written by gguf-py."""
+    write_llama(path, d=256, n_ff=512, n_layer=2, n_vocab=300, n_head=4, n_head_kv=2)
 
 
 @pytest.fixture(scope="module")

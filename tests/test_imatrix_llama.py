@@ -14,7 +14,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from gguf import GGUFReader, GGUFWriter
+from gguf import GGUFReader
+from gguf_models import write_llama
 
 from flightquant.modelfiles.imatrix import Imatrix, ImatrixEntry, read_imatrix, write_imatrix
 from flightquant.testing import llama_tool
@@ -34,49 +35,8 @@ def need(binary: Path) -> Path:
 
 
 def tiny_llama(path: Path) -> None:
-    """A two-block llama with an SPM vocabulary, written by gguf-py."""
-    rng = np.random.default_rng(0)
-    w = GGUFWriter(str(path), "llama")
-    w.add_context_length(128)
-    w.add_embedding_length(D)
-    w.add_block_count(N_LAYER)
-    w.add_feed_forward_length(N_FF)
-    w.add_head_count(4)
-    w.add_head_count_kv(2)
-    w.add_rope_dimension_count(D // 4)
-    w.add_layer_norm_rms_eps(1e-5)
-    w.add_file_type(1)
-    w.add_vocab_size(N_VOCAB)
-    w.add_tokenizer_model("llama")
-    tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{i:02X}>" for i in range(256)]
-    tokens += [f"\u2581w{i}" for i in range(N_VOCAB - len(tokens))]
-    w.add_token_list(tokens)
-    w.add_token_scores([0.0] * N_VOCAB)
-    w.add_token_types([2, 3, 3] + [6] * 256 + [1] * (N_VOCAB - 259))
-    w.add_bos_token_id(1)
-    w.add_eos_token_id(2)
-    w.add_unk_token_id(0)
-
-    def matrix(name, rows, cols, scale=0.05):
-        w.add_tensor(name, (rng.standard_normal((rows, cols)) * scale).astype(np.float16))
-
-    matrix("token_embd.weight", N_VOCAB, D, 0.5)
-    shapes = {"attn_q": (D, D), "attn_k": (D // 2, D), "attn_v": (D // 2, D)}
-    shapes |= {"attn_output": (D, D), "ffn_gate": (N_FF, D), "ffn_up": (N_FF, D)}
-    shapes["ffn_down"] = (D, N_FF)
-    for i in range(N_LAYER):
-        w.add_tensor(f"blk.{i}.attn_norm.weight", np.ones(D, np.float32))
-        for m in MATRICES[:4]:
-            matrix(f"blk.{i}.{m}.weight", *shapes[m])
-        w.add_tensor(f"blk.{i}.ffn_norm.weight", np.ones(D, np.float32))
-        for m in MATRICES[4:]:
-            matrix(f"blk.{i}.{m}.weight", *shapes[m])
-    w.add_tensor("output_norm.weight", np.ones(D, np.float32))
-    matrix("output.weight", N_VOCAB, D)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    """A two-block llama (GQA 4/2, untied output) with an SPM vocabulary, written by gguf-py."""
+    write_llama(path, d=D, n_ff=N_FF, n_layer=N_LAYER, n_vocab=N_VOCAB, n_head=4, n_head_kv=2)
 
 
 @pytest.fixture(scope="module")
