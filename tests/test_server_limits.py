@@ -610,7 +610,9 @@ def test_memory_pressure_calibration_sessions():
         assert held["layers"] == kinds.count("ok") * layers
         assert stats["memory"]["reserved"] == held["bytes"] <= stats["memory"]["limit"]
         assert held["bytes"] >= kinds.count("ok") * session_bytes
-        assert server.peak_rss() <= server.base_rss + stats["memory"]["limit"] + 256 * MiB
+        # gRPC's receive buffers of eight 48 MiB batches sit outside the budget: 384 MiB of
+        # slack (the sums held outside the budget reached 1,468 MiB before the fix)
+        assert server.peak_rss() <= server.base_rss + stats["memory"]["limit"] + 384 * MiB
         with flight.connect(server.location) as client:
             for i in range(8):
                 body = json.dumps({"session": f"s{i}"}).encode()
