@@ -258,8 +258,7 @@ def output_bound(batch: pa.RecordBatch, options) -> int:
     total = rows * 8  # a row key and the batch's own bookkeeping
     if getattr(options, "op", "quantize") == "dequantize":
         for field, arr in zip(batch.schema, batch.columns, strict=True):
-            md = field.metadata or {}
-            if md.get(b"flightquant.role") != b"codes" and b"flightquant.format_version" not in md:
+            if not wire.is_quantized_field(field):
                 continue
             bits, size = _codes_cost(field)
             elements = 8 * _data_bytes(arr) / bits

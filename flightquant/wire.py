@@ -31,9 +31,16 @@ from . import formats
 from .options import SCHEMES, VALID_BITS, QuantOptions
 
 PREFIX = "flightquant."
+_PREFIX_B = PREFIX.encode()
 K_VERSION = b"flightquant.format_version"
 K_ROLE = b"flightquant.role"
 K_CODES = b"flightquant.codes_column"
+#: a codes field's original float dtype (``float16``/``float32``/``float64``)
+K_DTYPE = b"flightquant.dtype"
+#: schema metadata of the CLI's Arrow/Parquet outputs: the input's format, and a
+#: safetensors input's own ``__metadata__`` (JSON), written back by ``dequantize``
+K_SOURCE_FORMAT = b"flightquant.source_format"
+K_SAFETENSORS = b"flightquant.safetensors_metadata"
 #: format version of native batches (v1, unchanged byte for byte) and of ggml batches
 VERSION_NATIVE = 1
 VERSION_GGML = 2
@@ -173,7 +180,7 @@ def codes_fields(field: pa.Field, options: QuantOptions) -> list[pa.Field]:
     else:
         codes_type = pa.large_binary() if kind == "large_list" else pa.binary()
         per_group = None if ggml else pa.list_(pa.float32())
-    orig_md = {k: v for k, v in (field.metadata or {}).items() if not k.startswith(b"flightquant.")}
+    orig_md = {k: v for k, v in (field.metadata or {}).items() if not k.startswith(_PREFIX_B)}
     fields = [pa.field(c, codes_type, field.nullable, {**orig_md, **md})]
 
     def derived(role, typ):
@@ -373,5 +380,11 @@ def parse_codes_field(field: pa.Field) -> CodesMeta:
 
 def stripped_metadata(field: pa.Field) -> dict | None:
     """A field's metadata without flightquant's keys (what the restored column keeps)."""
-    md = {k: v for k, v in (field.metadata or {}).items() if not k.startswith(b"flightquant.")}
+    md = {k: v for k, v in (field.metadata or {}).items() if not k.startswith(_PREFIX_B)}
     return md or None
+
+
+def flightquant_metadata(field: pa.Field) -> dict[str, str]:
+    """A field's ``flightquant.*`` keys, without the prefix, as text (what ``inspect`` shows)."""
+    md = field.metadata or {}
+    return {k.decode()[len(PREFIX) :]: v.decode() for k, v in md.items() if k.startswith(_PREFIX_B)}

@@ -230,11 +230,11 @@ class Ledger:
         for ci, c in enumerate(columns):
             codes = binary_lengths(out.column(c))
             extra = np.zeros(n, np.int64)  # ggml formats keep their scales inside the blocks
-            if f"{c}_scales" in out.schema.names:
-                extra = extra + list_lengths(out.column(f"{c}_scales")) * 4
-            if f"{c}_zero_points" in out.schema.names:
-                extra = extra + list_lengths(out.column(f"{c}_zero_points")) * 4
-            mse = float_rows(out.column(f"{c}_mse")) if f"{c}_mse" in out.schema.names else None
+            for role in ("scales", "zero_points"):
+                if wire.derived_name(c, role) in out.schema.names:
+                    extra = extra + list_lengths(out.column(wire.derived_name(c, role))) * 4
+            mse_name = wire.derived_name(c, "mse")
+            mse = float_rows(out.column(mse_name)) if mse_name in out.schema.names else None
             for r in range(n):
                 s = rows[ci * n + r] if not self.tensor_mode else rows[r]
                 if s is None:

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from .. import modelfiles
+from .. import modelfiles, wire
 from ..modelfiles import TensorInfo
 from .common import (
     JobError,
@@ -84,8 +84,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         with modelfiles.atomic_output(args.output) as tmp, _naming(args):
             if fmt == "safetensors":
-                st_meta = source.metadata.get(modelfiles.META_SAFETENSORS)
-                where = f"{args.input}: schema metadata {modelfiles.META_SAFETENSORS.decode()}"
+                st_meta = source.metadata.get(wire.K_SAFETENSORS)
+                where = f"{args.input}: schema metadata {wire.K_SAFETENSORS.decode()}"
                 writer = modelfiles.SafetensorsWriter(
                     tmp, infos, modelfiles.parse_json(st_meta, where) if st_meta else None
                 )
@@ -141,17 +141,21 @@ def _naming(args: argparse.Namespace) -> Iterator[None]:
         raise JobError(f"{args.input}: {text}") from None
 
 
+#: the numel column of a tensor-layout file's quantized ``weights``
+_NUMEL = wire.derived_name("weights", "numel")
+
+
 def tensor_infos(source) -> list[TensorInfo]:
     """Names, shapes and original dtypes of a quantized tensor-layout file, without decoding."""
     names = source.schema.names
-    cols = ["layer_name"] + [c for c in ("shape", "dtype", "weights_numel") if c in names]
+    cols = ["layer_name"] + [c for c in ("shape", "dtype", _NUMEL) if c in names]
     table = source.read_columns(cols)
     field_md = source.schema.field("weights").metadata or {}
-    default = field_md.get(b"flightquant.dtype", b"float32").decode()
+    default = field_md.get(wire.K_DTYPE, b"float32").decode()
     lname = table.column("layer_name").to_pylist()
     shapes = table.column("shape").to_pylist() if "shape" in cols else None
     dtypes = table.column("dtype").to_pylist() if "dtype" in cols else None
-    numel = table.column("weights_numel").to_pylist() if "weights_numel" in cols else None
+    numel = table.column(_NUMEL).to_pylist() if _NUMEL in cols else None
     infos = []
     for r, name in enumerate(lname):
         shape = shapes[r] if shapes and shapes[r] is not None else [numel[r] if numel else 0]

@@ -170,14 +170,7 @@ def inspect_quantized(source, args) -> int:
     schema = source.schema
     qcols = [f.name for f in schema if wire.is_quantized_field(f)]
     codes_meta = {c: wire.parse_codes_field(schema.field(c)) for c in qcols}
-    meta = {
-        c: {
-            k.decode()[len("flightquant.") :]: v.decode()
-            for k, v in (schema.field(c).metadata or {}).items()
-            if k.startswith(b"flightquant.")
-        }
-        for c in qcols
-    }
+    meta = {c: wire.flightquant_metadata(schema.field(c)) for c in qcols}
     key = key_column(schema)
     stats: list[dict[str, Any]] = []
     for batch in source.iter_batches():
@@ -199,8 +192,8 @@ def inspect_quantized(source, args) -> int:
             else:
                 numel = np.full(batch.num_rows, cm.list_size or 0)
             mse = (
-                batch.column(f"{c}_mse").to_numpy(zero_copy_only=False)
-                if f"{c}_mse" in batch.schema.names
+                batch.column(wire.derived_name(c, "mse")).to_numpy(zero_copy_only=False)
+                if wire.derived_name(c, "mse") in batch.schema.names
                 else None
             )
             for r in range(batch.num_rows):

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .. import formats, modelfiles
+from .. import formats, modelfiles, wire
 from ..modelfiles import TensorInfo
 from .accounting import Ledger, float_list_columns
 from .common import (
@@ -135,7 +135,7 @@ def run(args: argparse.Namespace) -> int:
     modelfiles.check_output_path(args.output)  # before any work
     runner = Runner(args)
     t0 = time.perf_counter()
-    meta: dict[bytes, bytes] = {b"flightquant.source_format": source.format.encode()}
+    meta: dict[bytes, bytes] = {wire.K_SOURCE_FORMAT: source.format.encode()}
     if source.kind == "tensors":
         # per batch: its tensors and their sums of squares, from the widening pass itself
         infos_q: deque[tuple[list[TensorInfo], np.ndarray | None]] | None = deque()
@@ -151,7 +151,7 @@ def run(args: argparse.Namespace) -> int:
         options = {**options, "columns": ["weights"]}
         total = source.nbytes
         if source.format == "safetensors" and source.metadata:
-            meta[modelfiles.META_SAFETENSORS] = json.dumps(source.metadata, sort_keys=True).encode()
+            meta[wire.K_SAFETENSORS] = json.dumps(source.metadata, sort_keys=True).encode()
     else:
         infos_q = None
         columns = float_list_columns(source.schema, options.get("columns"))

@@ -21,7 +21,7 @@ import numpy as np
 import pyarrow as pa
 from gguf import GGUFValueType
 
-from .. import formats, modelfiles
+from .. import formats, modelfiles, wire
 from ..modelfiles import gguf_policy
 from ..modelfiles.gguf_files import GGUFFile, GGUFTensor
 from ..modelfiles.gguf_policy import Choice
@@ -286,7 +286,8 @@ class _Job:
     def _settle(self, out: pa.RecordBatch, pending, direct, writer, bar) -> None:
         codes = out.column("weights")
         names = out.column("layer_name").to_pylist()
-        mse = out.column("weights_mse") if "weights_mse" in out.schema.names else None
+        mse_name = wire.derived_name("weights", "mse")
+        mse = out.column(mse_name) if mse_name in out.schema.names else None
         for r, name in enumerate(names):
             if not pending or pending[0][1].name != name:
                 raise JobError(f"the codec returned {name!r} out of order")

@@ -54,8 +54,6 @@ from .safetensors_files import (
 from .selection import Selection, matrix_dims
 from .tensors import (
     ARROW_FLOAT,
-    META_SAFETENSORS,
-    META_SOURCE,
     TENSOR_SCHEMA,
     FileSpan,
     TensorSource,
@@ -79,8 +77,6 @@ __all__ = [
     "ITEMSIZE",
     "MAX_JSON_BYTES",
     "MAX_TENSOR_ELEMENTS",
-    "META_SAFETENSORS",
-    "META_SOURCE",
     "PASS_DTYPES",
     "ST_TO_DTYPE",
     "TENSOR_SCHEMA",

@@ -52,10 +52,6 @@ TENSOR_SCHEMA = pa.schema(
     ]
 )
 
-#: schema metadata keys the CLI writes into Arrow/Parquet outputs
-META_SOURCE = b"flightquant.source"
-META_SAFETENSORS = b"flightquant.safetensors_metadata"
-
 #: Arrow float value types and their dtype names
 ARROW_FLOAT = {pa.float16(): "float16", pa.float32(): "float32", pa.float64(): "float64"}
 
