@@ -11,7 +11,7 @@
 # Nothing here raises for bad data: a batch the engine cannot take (a NaN, a null inside
 # a tensor, a row that is not whole ggml blocks, an inconsistent quantized row...) ends
 # the call with a status and its numbers (column, row, element...); codec.py turns each
-# status into its one message, in one table (_STATUS). MemoryError is the one exception.
+# status into its one message, in one function (_fail). MemoryError is the one exception.
 #
 # Flight buffers may sit at any address: offsets and counts are read with memcpy, float
 # values at an address that is not a multiple of their size go through the kernels'
@@ -44,7 +44,7 @@ cdef enum:
     NATIVE = -1         # QColumn.ggml / DColumn.ggml of a native column
     CONSUMED = -2       # an importance column: read by its tensor's column, not output
 
-# statuses (codec._STATUS has the message of each)
+# statuses (codec._fail has the message of each, by its STATUS_NAMES name)
 cdef enum:
     OK = 0
     E_NONFINITE = 1         # row, element (value)

@@ -1,6 +1,6 @@
 # Quantization kernels: thin, nogil, OpenMP over blocks of groups.
 #
-# The arithmetic is a port of flightquant/reference.py (read its module docstring for the
+# The arithmetic is a port of flightquant/reference/__init__.py (its docstring has the
 # formulas; the mse search is reordered for speed, see its section); outputs must match it
 # bit for bit for float32 input at any thread count. Rules that keep it so:
 #   * float32 where the reference uses float32, float64 where it uses float64; every float

@@ -3,7 +3,7 @@
 Built and called by :mod:`flightquant.codec` only: a plan per input schema, then ``run``
 per validated batch. ``run`` returns ``(0, batch, elements, kernel_seconds, sse,
 max_abs_error)``, or ``(status, input_column, row, a, b, c, d, value)`` when the batch
-cannot be taken; ``codec._STATUS`` turns each status into its message.
+cannot be taken; ``codec._fail`` turns each status (``STATUS_NAMES``) into its message.
 """
 
 import pyarrow as pa

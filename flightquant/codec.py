@@ -6,8 +6,8 @@ every ``flightquant.*`` key), the kernel parameters. Each batch is then validate
 (:func:`validate_batch`) and done in one call of the compiled engine
 (:mod:`flightquant._engine`: the Arrow C data interface in and out, the kernels on the
 exported pointers). The engine never raises for bad data: it returns a status, and
-:data:`_STATUS` turns each status into its one message, with the column, the row and the
-row's key.
+:func:`_fail` turns each status (named by ``_engine.STATUS_NAMES``) into its one message,
+with the column, the row and the row's key.
 
 Float list columns (``list``, ``large_list``, ``fixed_size_list`` of float16/32/64) are
 quantized; every other column passes through untouched, in place. The layout of the
