@@ -161,14 +161,6 @@ class QuantOptions:
         """The ggml type of a ggml ``format``, None for native."""
         return formats.GGML_TYPES.get(self.format)
 
-    @property
-    def scheme_code(self) -> int:
-        return SCHEME_CODES[self.scheme]
-
-    @property
-    def method_code(self) -> int:
-        return METHOD_CODES[self.method]
-
 
 @dataclass(frozen=True)
 class CalibrateOptions:

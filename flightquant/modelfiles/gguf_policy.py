@@ -108,18 +108,6 @@ EXCLUDED_SUBSTRINGS = (
 )
 
 
-def type_name(ggml_type: int) -> str:
-    """The name of a ggml type id (``12`` -> ``"Q4_K"``); ``"type 99"`` if unknown."""
-    try:
-        return GGMLQuantizationType(ggml_type).name
-    except ValueError:
-        return f"type {ggml_type}"
-
-
-def type_id(name: str) -> int:
-    return int(GGMLQuantizationType[name])
-
-
 def block_size(name: str) -> int:
     return GGML_QUANT_SIZES[GGMLQuantizationType[name]][0]
 
