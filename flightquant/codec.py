@@ -53,8 +53,6 @@ _ITEMSIZE = {"float16": 2, "float32": 4, "float64": 8}
 _KINDS = {"list": 0, "large_list": 1, "fixed_size_list": 2}
 _NATIVE = -1  # the engine's ggml code of a native column
 _F32 = pa.float32()
-#: tests: a list that gets the address each quantize kernel read its values from
-_trace: list | None = None
 
 
 @dataclass
@@ -469,7 +467,7 @@ def _fail(batch: pa.RecordBatch, plan: _Plan, result: tuple) -> Exception:
 
 def _run(plan: _Plan, batch: pa.RecordBatch, threads) -> tuple[pa.RecordBatch, BatchInfo]:
     validate_batch(batch)
-    result = plan.engine.run(batch, kernels.resolve_threads(threads), _trace)
+    result = plan.engine.run(batch, kernels.resolve_threads(threads))
     if result[0] != 0:
         raise _fail(batch, plan, result)
     _, out, elements, seconds, sse, max_err = result

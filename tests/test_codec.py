@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import tracemalloc
 
 import numpy as np
@@ -365,24 +366,39 @@ def test_wrong_container_type():
 # zero copy
 
 
+class _TracedEngine:
+    """An engine plan whose runs report the address each quantize kernel read from."""
+
+    def __init__(self, engine, seen: list):
+        self.engine, self.seen = engine, seen
+
+    def run(self, batch, n_threads):
+        return self.engine.run(batch, n_threads, self.seen)
+
+
 def test_zero_copy_input(monkeypatch):
     batch, _ = layer_batch(lengths=[1 << 18] * 4)  # 4 MiB of float32
     seen = []
     real = kernels.quantize_rows
+    real_plan = codec._quantize_plan
 
     def spy(values, *args, **kwargs):
         seen.append(values.__array_interface__["data"][0])
         return real(values, *args, **kwargs)
 
+    def traced_plan(schema, options):
+        plan = real_plan(schema, options)
+        return dataclasses.replace(plan, engine=_TracedEngine(plan.engine, seen))
+
     monkeypatch.setattr(kernels, "quantize_rows", spy)
-    monkeypatch.setattr(codec, "_trace", seen)
+    monkeypatch.setattr(codec, "_quantize_plan", traced_plan)
     child = batch.column("weights").values
     fq.quantize(batch, bits=4)
     # one kernel call, on the Arrow buffer itself (the one-call path reports its address)
     assert seen == [child.buffers()[1].address]
 
     monkeypatch.setattr(kernels, "quantize_rows", real)
-    monkeypatch.setattr(codec, "_trace", None)
+    monkeypatch.setattr(codec, "_quantize_plan", real_plan)
     fq.quantize(batch, bits=4)  # warm up lazy imports and caches
     tracemalloc.start()
     try:
