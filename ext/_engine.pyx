@@ -30,8 +30,8 @@ from flightquant._arrow cimport (ArrowArray, init_node, new_child, release_node,
                                  take_column)
 from flightquant._ggml cimport dequantize_rows as ggml_dequantize_rows
 from flightquant._ggml cimport quantize_rows as ggml_quantize_rows
-from flightquant._kernels cimport (Params, dequantize_f32, dequantize_f64, quantize_f32,
-                                   quantize_f64, set_params)
+from flightquant._kernels cimport (STAGE_MAX, Params, dequantize_f32, dequantize_f64,
+                                   quantize_f32, quantize_f64, set_params)
 from flightquant._rows cimport check, concat, extents, layout, read_counts
 
 include "ggml_common.pxi"
@@ -62,7 +62,6 @@ cdef enum:
     E_IMP_VALUE = 13        # row, element, null (1) or not (value)
 
 cdef int64_t INT32_MAX = 2147483647
-cdef int64_t STAGE_MAX = 1 << 20    # kernels.STAGE_MAX
 cdef int64_t MAX_NUMEL = 1LL << 40  # more is a corrupt count, not a tensor
 cdef int64_t HUGE_MIN = 8 << 20     # outputs this large ask for transparent huge pages
 

@@ -696,6 +696,11 @@ def max_threads():
     return omp_get_max_threads()
 
 
+def stage_max():
+    """The longest group (elements) the kernels stage through a thread's scratch."""
+    return STAGE_MAX
+
+
 _ISA_NAMES = ("portable", "sse2", "avx2")     # the FQ_ISA_* codes
 
 

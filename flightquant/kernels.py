@@ -103,8 +103,8 @@ def build_info() -> dict:
     }
 
 
-#: longest group the kernel stages through its per-thread scratch (elements)
-STAGE_MAX = 1 << 20
+#: longest group the kernel stages through its per-thread scratch (elements; ``_kernels.pxd``)
+STAGE_MAX = int(_kernels.stage_max())
 
 
 def _as_values(values, stage_ok: bool = False) -> np.ndarray:

@@ -4,6 +4,12 @@
 
 from libc.stdint cimport int64_t, uint8_t
 
+# longest group (elements) staged through a thread's scratch; a misaligned input with
+# longer groups is copied aligned first (by kernels.py, or by the engine). Python reads it
+# as _kernels.stage_max().
+cdef enum:
+    STAGE_MAX = 1 << 20
+
 
 cdef struct Params:
     int bits
