@@ -46,6 +46,7 @@ ctypedef int (*quant_fn)(const float* x, uint8_t* y, int method, const float* qw
                          float sigma2) noexcept nogil
 ctypedef void (*dequant_fn)(const uint8_t* y, float* x) noexcept nogil
 
+include "block_rows.pxi"
 include "ggml_common.pxi"
 include "ggml_legacy.pxi"
 include "ggml_k456.pxi"
@@ -69,18 +70,6 @@ DEQUANT[:] = [q4_0_dequantize_block, q4_1_dequantize_block, q5_0_dequantize_bloc
               q3_k_dequantize_block, q4_k_dequantize_block, q5_k_dequantize_block,
               q6_k_dequantize_block, tq1_0_dequantize_block, tq2_0_dequantize_block,
               iq4_nl_dequantize_block, iq4_xs_dequantize_block]
-
-
-cdef inline int64_t row_of(const int64_t* bo, int64_t nrows, int64_t blk) noexcept nogil:
-    """The row whose blocks [bo[r], bo[r+1]) hold global block ``blk``."""
-    cdef int64_t lo = 0, hi = nrows, mid
-    while hi - lo > 1:
-        mid = (lo + hi) >> 1
-        if bo[mid] <= blk:
-            lo = mid
-        else:
-            hi = mid
-    return lo
 
 
 cdef inline bint stage_block(const uint8_t* src, int itemsize, int64_t n, float* st,

@@ -741,6 +741,9 @@ cdef inline float round_f(float v) noexcept nogil:
     return (v + MAGIC_F) - MAGIC_F
 
 
+include "block_rows.pxi"
+
+
 cdef inline int64_t find_row(const int64_t* bo, int64_t nrows, int64_t blk,
                              int64_t* hint) noexcept nogil:
     """The row r with bo[r] <= blk < bo[r+1] (rows without blocks are skipped).
@@ -749,7 +752,7 @@ cdef inline int64_t find_row(const int64_t* bo, int64_t nrows, int64_t blk,
     static schedule, or the dynamic one's chunks), so the row is nearly always the hint
     or a few rows after it; a binary search over block_offsets is the fallback.
     """
-    cdef int64_t lo = hint[0], hi, mid, _steps
+    cdef int64_t lo = hint[0], _steps
     if 0 <= lo < nrows and bo[lo] <= blk:
         for _steps in range(8):
             if blk < bo[lo + 1]:
@@ -758,14 +761,7 @@ cdef inline int64_t find_row(const int64_t* bo, int64_t nrows, int64_t blk,
             lo += 1
             if lo >= nrows:
                 break
-    lo = 0
-    hi = nrows
-    while hi - lo > 1:
-        mid = lo + (hi - lo) // 2
-        if bo[mid] <= blk:
-            lo = mid
-        else:
-            hi = mid
+    lo = row_of(bo, nrows, blk)
     hint[0] = lo
     return lo
 
