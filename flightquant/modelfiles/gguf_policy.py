@@ -43,6 +43,7 @@ from .. import formats
 from .common import ModelIOError
 from .gguf_recipes import (
     ALIASES,
+    FLOAT_TYPES,
     OUTPUT,
     RECIPE_NAMES,
     RECIPES,
@@ -59,8 +60,6 @@ from .gguf_recipes import (
 
 __all__ = ["ALIASES", "RECIPES", "RECIPE_NAMES", "ModelParams", "Recipe", "recipe"]
 
-#: the float types llama.cpp quantizes from (and can convert between)
-FLOAT_TYPES = ("F32", "F16", "BF16")
 #: types an override accepts: the ggml formats flightquant writes, and the float types
 TARGET_TYPES = (*formats.GGML_TYPES, *FLOAT_TYPES)
 

@@ -18,6 +18,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, LlamaFileType
 
 from .common import ModelIOError
 
+#: the float types llama.cpp quantizes from (and can convert between)
 FLOAT_TYPES = ("F32", "F16", "BF16")
 
 
