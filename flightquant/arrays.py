@@ -15,7 +15,6 @@ from . import formats, wire
 
 #: columns of the seed layer schema used for dicts of arrays
 NAME, WEIGHTS, SHAPE, DTYPE = "layer_name", "weights", "shape", "dtype"
-_FLOATS = {"float16": pa.float16(), "float32": pa.float32(), "float64": pa.float64()}
 _NO_SCALES = np.zeros(0, np.float32)
 
 
@@ -79,7 +78,7 @@ def _check_array(name: Any, value: Any) -> np.ndarray:
         )
     if value.dtype.name == "bfloat16":
         return value.astype(np.float32)  # exact: bfloat16 is the top half of a float32
-    if value.dtype.name not in _FLOATS:
+    if value.dtype.name not in wire.FLOAT_TYPES:
         raise TypeError(
             f"array {name!r} has dtype {value.dtype}; quantize_arrays takes float16, bfloat16, "
             f"float32 or float64 arrays: cast it with .astype(numpy.float32)"

@@ -49,8 +49,6 @@ DEFAULT_FRACTION = 0.5
 #: a received message exists twice for a moment: gRPC's slices and the joined buffer
 RECEIVE_COPIES = 2
 
-_FLOAT_SIZES = {"halffloat": 2, "float": 4, "double": 8}
-_DTYPE_SIZES = {"float16": 2, "float32": 4, "float64": 8}
 #: working bytes per row of an importance column (three int64 per row in the engine)
 _IMPORTANCE_ROW = 3 * 8 + 16
 _LIST_IDS = {pa.lib.Type_LIST, pa.lib.Type_LARGE_LIST, pa.lib.Type_FIXED_SIZE_LIST}
@@ -218,7 +216,7 @@ def _codes_cost(field: pa.Field) -> tuple[float, int]:
     except wire.WireError:
         return 1.0, 8
     bits = meta.ggml.bits_per_weight if meta.ggml is not None else float(meta.bits)
-    return bits, _DTYPE_SIZES[meta.dtype]
+    return bits, wire.FLOAT_SIZES[meta.dtype]
 
 
 def _buffer_bytes(arr: pa.Array) -> int:
@@ -269,14 +267,14 @@ def output_bound(batch: pa.RecordBatch, options) -> int:
     importance = set(wire.importance_columns(batch.schema).values())
     for i, (field, arr) in enumerate(zip(batch.schema, batch.columns, strict=True)):
         t = field.type
-        if t.id not in _LIST_IDS or str(t.value_type) not in _FLOAT_SIZES:
+        if t.id not in _LIST_IDS or wire.float_name(t.value_type) is None:
             continue
         if i in importance:
             # read in place, never output: its rows' starts, lengths and extents, and the
             # ggml kernels' mean square of each importance row (at most one per weight)
             total += rows * _IMPORTANCE_ROW + 4 * len(arr.values)
             continue
-        value_size = _FLOAT_SIZES[str(t.value_type)]
+        value_size = wire.FLOAT_SIZES[wire.float_name(t.value_type)]
         elements = len(arr.values)
         total += math.ceil(elements * _quantized_bytes_per_element(options, value_size))
         total += rows * _quantized_bytes_per_row(options)

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 
+from . import wire
 from .errors import echo
 from .options import check_session_name
 from .protocol import CALIBRATION_DROP
@@ -69,8 +70,6 @@ IMATRIX_SCHEMA = pa.schema(
 _CHUNK_ELEMENTS = 1 << 20
 #: bytes a layer of a session holds beyond its ``width`` float64 sums (name, dict, array)
 LAYER_OVERHEAD = 256
-
-_FLOAT_IDS = {pa.float16(), pa.float32(), pa.float64()}
 
 
 class CalibrationError(ValueError):
@@ -152,7 +151,7 @@ def _columns(schema: pa.Schema) -> tuple[int, int, int | None]:
         elif (
             value_col is None
             and (pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t))
-            and t.value_type in _FLOAT_IDS
+            and wire.float_name(t.value_type) is not None
         ):
             value_col = i
     if name_col is None:

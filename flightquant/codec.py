@@ -49,7 +49,6 @@ __all__ = [
     "validate_batch",
 ]
 
-_ITEMSIZE = {"float16": 2, "float32": 4, "float64": 8}
 _KINDS = {"list": 0, "large_list": 1, "fixed_size_list": 2}
 _NATIVE = -1  # the engine's ggml code of a native column
 _F32 = pa.float32()
@@ -205,7 +204,7 @@ def _build_quantize_plan(schema: pa.Schema, options: QuantOptions) -> _Plan:
         specs.append(
             (
                 _KINDS[kind],
-                _ITEMSIZE[wire.float_name(f.type.value_type)],
+                wire.FLOAT_SIZES[wire.float_name(f.type.value_type)],
                 list_size,
                 ggml.code if ggml else _NATIVE,
                 ggml.block_size if ggml else 0,
@@ -320,7 +319,7 @@ def _build_dequantize_plan(schema: pa.Schema) -> _Plan:
                 (
                     i,
                     _KINDS[m.kind],
-                    _ITEMSIZE[m.dtype],
+                    wire.FLOAT_SIZES[m.dtype],
                     m.list_size or 0,
                     -1,
                     -1,
@@ -340,7 +339,7 @@ def _build_dequantize_plan(schema: pa.Schema) -> _Plan:
                 (
                     i,
                     _KINDS[m.kind],
-                    _ITEMSIZE[m.dtype],
+                    wire.FLOAT_SIZES[m.dtype],
                     m.list_size or 0,
                     roles["scales"],
                     roles["zero_points"],

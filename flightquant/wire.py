@@ -50,7 +50,9 @@ VERSION_KEYS = {VERSION_NATIVE: ("bits", "scheme", "group_size"), VERSION_GGML: 
 #: derived columns of a quantized column, in schema order
 ROLES = ("scales", "zero_points", "numel", "mse", "max_abs_error")
 LIST_KINDS = ("list", "large_list", "fixed_size_list")
+#: the float value types of a quantizable list column, by dtype name, and their sizes
 FLOAT_TYPES = {"float16": pa.float16(), "float32": pa.float32(), "float64": pa.float64()}
+FLOAT_SIZES = {"float16": 2, "float32": 4, "float64": 8}
 _FLOAT_NAMES = {"halffloat": "float16", "float": "float32", "double": "float64"}
 
 

@@ -139,7 +139,7 @@ def key_column(schema: pa.Schema) -> str | None:
     return None
 
 
-ARROW_ITEMSIZE = {pa.float16(): 2, pa.float32(): 4, pa.float64(): 8}
+ARROW_ITEMSIZE = {t: wire.FLOAT_SIZES[n] for n, t in wire.FLOAT_TYPES.items()}
 
 
 def value_dtype(list_type: pa.DataType) -> str:

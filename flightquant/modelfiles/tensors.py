@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
+from .. import wire
 from .common import (
     DEFAULT_BATCH_BYTES,
     ITEMSIZE,
@@ -53,7 +54,7 @@ TENSOR_SCHEMA = pa.schema(
 )
 
 #: Arrow float value types and their dtype names
-ARROW_FLOAT = {pa.float16(): "float16", pa.float32(): "float32", pa.float64(): "float64"}
+ARROW_FLOAT = {t: n for n, t in wire.FLOAT_TYPES.items()}
 
 
 class TensorSource:
