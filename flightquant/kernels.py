@@ -70,7 +70,7 @@ def resolve_threads(threads: int | None) -> int:
     if threads is None:
         try:
             return max(1, len(os.sched_getaffinity(0)))
-        except AttributeError:  # pragma: no cover - macOS/Windows
+        except (AttributeError, OSError):  # pragma: no cover - macOS/Windows
             return max(1, os.cpu_count() or 1)
     if isinstance(threads, bool) or not isinstance(threads, (int, np.integer)):
         raise ValueError(

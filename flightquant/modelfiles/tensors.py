@@ -145,7 +145,9 @@ def tensor_batches(
     yielded, with its tensors and their float64 sums of squares (NaN for kept tensors).
     """
     if threads is None:
-        threads = max(1, _cores() // 2)
+        from ..kernels import resolve_threads  # the one thread policy
+
+        threads = max(1, resolve_threads(None) // 2)
     pending: list[tuple[TensorInfo, np.ndarray | FileSpan, bool]] = []
     size = 0
     pool = BufferPool()
@@ -169,13 +171,6 @@ def tensor_batches(
             yield _flush(pending, on_batch, threads, pool, reader)
     finally:
         reader.close()
-
-
-def _cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):  # pragma: no cover - not Linux
-        return os.cpu_count() or 1
 
 
 class FileSpan:
