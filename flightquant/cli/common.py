@@ -458,6 +458,17 @@ def read_token(path: str) -> str:
     return token
 
 
+def native_flags(args: argparse.Namespace, fmt: str) -> dict[str, Any]:
+    """The native layout's flags given (``--bits``, ``--group-size``, ``--scheme``); an
+    error if any is given with a ``--format`` that implies them (a ggml type, a recipe)."""
+    given = {k: getattr(args, k, None) for k in ("bits", "group_size", "scheme")}
+    given = {k: v for k, v in given.items() if v is not None}
+    if given and fmt != formats.NATIVE:
+        flags = ", ".join("--" + k.replace("_", "-") for k in given)
+        raise JobError(f"{flags}: implied by --format {fmt}; give one or the other")
+    return given
+
+
 def quant_options(args: argparse.Namespace, columns: list[str] | None) -> dict[str, Any]:
     """The codec options of ``args``, validated, as a keyword mapping.
 
@@ -467,13 +478,9 @@ def quant_options(args: argparse.Namespace, columns: list[str] | None) -> dict[s
     from ..options import QuantOptions
 
     fmt = format_name(args)
-    given = {k: getattr(args, k) for k in ("bits", "group_size", "scheme")}
-    given = {k: v for k, v in given.items() if v is not None}
+    given = native_flags(args, fmt)
     mapping: dict[str, Any] = {**given, "method": args.method, "clip": args.clip}
     if fmt != formats.NATIVE:
-        if given:
-            flags = ", ".join("--" + k.replace("_", "-") for k in given)
-            raise JobError(f"{flags}: implied by --format {fmt}; give one or the other")
         mapping["format"] = fmt
     if columns:
         mapping["columns"] = list(columns)

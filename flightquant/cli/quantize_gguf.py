@@ -31,6 +31,7 @@ from .common import (
     JobError,
     Runner,
     check_not_same,
+    native_flags,
     never_empty,
     progress,
     read_ahead,
@@ -60,9 +61,7 @@ def recipe_of(args: argparse.Namespace, source: GGUFFile) -> gguf_policy.Recipe:
 def plan(args: argparse.Namespace, source: GGUFFile) -> list[Choice]:
     """The type of every tensor of ``source`` for this job."""
     rec = recipe_of(args, source)
-    for flag in ("bits", "group_size", "scheme"):
-        if getattr(args, flag, None) is not None:
-            raise JobError(f"--{flag.replace('_', '-')}: implied by --format {rec.name}")
+    native_flags(args, rec.name)
     from ..options import QuantOptions
 
     # validated here, so --estimate refuses what the job refuses
