@@ -13,6 +13,9 @@ import pyarrow as pa
 
 from . import formats, wire
 
+#: default upper bound of the float payload of one batch this package builds from tensors
+#: (dicts of arrays, tensor files, Ray blocks): well under a server's ``max_batch_bytes``
+DEFAULT_BATCH_BYTES = 64 << 20
 #: columns of the seed layer schema used for dicts of arrays
 NAME, WEIGHTS, SHAPE, DTYPE = "layer_name", "weights", "shape", "dtype"
 _NO_SCALES = np.zeros(0, np.float32)
@@ -119,7 +122,7 @@ def check_importance(what: str, w: Any, shape: tuple[int, ...] | None = None) ->
 def arrays_to_batches(
     arrays: Mapping[str, np.ndarray],
     *,
-    max_batch_bytes: int = 64 << 20,
+    max_batch_bytes: int = DEFAULT_BATCH_BYTES,
     importance: Mapping[str, Any] | None = None,
 ) -> Iterator[pa.RecordBatch]:
     """Pack a dict of arrays into RecordBatches of the seed layer schema.

@@ -22,12 +22,13 @@ from typing import Any
 
 import pyarrow as pa
 
+from .arrays import DEFAULT_BATCH_BYTES
 from .options import QuantOptions
 
 __all__ = ["FlightQuantizer", "FlightDequantizer", "FlightCalibrator"]
 
 #: blocks bigger than this are sent as several batches (each stays under a server's limit)
-DEFAULT_MAX_BATCH_BYTES = 64 << 20
+DEFAULT_MAX_BATCH_BYTES = DEFAULT_BATCH_BYTES
 
 
 class FlightQuantizer:

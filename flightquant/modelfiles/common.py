@@ -33,8 +33,9 @@ from pathlib import Path
 
 import numpy as np
 
-#: default upper bound of the float payload of one batch built from a tensor file
-DEFAULT_BATCH_BYTES = 64 << 20
+# re-exported: the default bound of a batch built from a tensor file
+from ..arrays import DEFAULT_BATCH_BYTES as DEFAULT_BATCH_BYTES
+
 #: most elements one tensor may have (list<float32> offsets are int32)
 MAX_TENSOR_ELEMENTS = 2**31 - 1
 
