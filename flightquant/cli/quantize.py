@@ -144,7 +144,7 @@ def run(args: argparse.Namespace) -> int:
             max_batch_bytes=args.max_batch_bytes,
             on_batch=lambda infos, signal: infos_q.append((infos, signal)),
             quantize=selected,
-            threads=None if args.threads is None else max(1, args.threads // 2),
+            threads=modelfiles.widening_threads(args.threads),
         )
         batches = never_empty(batches, modelfiles.TENSOR_SCHEMA, lambda: infos_q.append(([], None)))
         ledger = Ledger(True, ["weights"])

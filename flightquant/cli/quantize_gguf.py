@@ -271,12 +271,11 @@ class _Job:
             for info, s in zip(infos, signal, strict=True):
                 self.stats[info.name].signal = float(s)
 
-        threads = self.args.threads
         batches = modelfiles.tensor_batches(
             tensors(),
             max_batch_bytes=self.args.max_batch_bytes,
             on_batch=signals,
-            threads=None if threads is None else max(1, threads // 2),
+            threads=modelfiles.widening_threads(self.args.threads),
         )
         if not self.importance:
             return batches

@@ -63,6 +63,7 @@ from .tensors import (
     tensor_batches,
     tensors_from_batch,
     valid_rows,
+    widening_threads,
 )
 
 __all__ = [
@@ -116,6 +117,7 @@ __all__ = [
     "tensors_from_batch",
     "to_float32",
     "valid_rows",
+    "widening_threads",
     "write_mode",
 ]
 

@@ -121,6 +121,14 @@ class TensorSource:
         pass
 
 
+def widening_threads(threads: int | None) -> int:
+    """Threads of the widening pass beside a job whose kernels use ``threads`` (None: all
+    cores this process may use): half of them, at least 1."""
+    from ..kernels import resolve_threads  # the one thread policy
+
+    return max(1, resolve_threads(threads) // 2)
+
+
 def tensor_batches(
     tensors: Iterable[tuple[TensorInfo, np.ndarray | FileSpan]],
     *,
@@ -145,9 +153,7 @@ def tensor_batches(
     yielded, with its tensors and their float64 sums of squares (NaN for kept tensors).
     """
     if threads is None:
-        from ..kernels import resolve_threads  # the one thread policy
-
-        threads = max(1, resolve_threads(None) // 2)
+        threads = widening_threads(None)
     pending: list[tuple[TensorInfo, np.ndarray | FileSpan, bool]] = []
     size = 0
     pool = BufferPool()
