@@ -134,12 +134,13 @@ class BatchSums:
 
 
 def _columns(schema: pa.Schema) -> tuple[int, int, int | None]:
-    name_col = value_col = shape_col = None
+    name_col = wire.key_column(schema)
+    value_col = shape_col = None
     for i, f in enumerate(schema):
         t = f.type
-        if name_col is None and (pa.types.is_string(t) or pa.types.is_large_string(t)):
-            name_col = i
-        elif f.name == SHAPE_COLUMN:
+        if i == name_col:
+            continue
+        if f.name == SHAPE_COLUMN:
             if not (
                 (pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t))
                 and pa.types.is_integer(t.value_type)
@@ -148,11 +149,7 @@ def _columns(schema: pa.Schema) -> tuple[int, int, int | None]:
                     f"column 'shape' must be list<int64> ([tokens, width] per row), got {t}"
                 )
             shape_col = i
-        elif (
-            value_col is None
-            and (pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t))
-            and wire.float_name(t.value_type) is not None
-        ):
+        elif value_col is None and wire.is_float_list(t):
             value_col = i
     if name_col is None:
         raise CalibrationError(

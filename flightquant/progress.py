@@ -19,17 +19,17 @@ from typing import Any
 
 import pyarrow as pa
 
+from . import wire
+
 Progress = Callable[[str, "float | None"], Any]
 
 log = logging.getLogger("flightquant.progress")
 
 
 def row_keys(batch: pa.RecordBatch) -> list[str | None] | None:
-    """The key of each row (its first string column), None without a string column."""
-    for i, field in enumerate(batch.schema):
-        if pa.types.is_string(field.type) or pa.types.is_large_string(field.type):
-            return batch.column(i).to_pylist()
-    return None
+    """The key of each row (:func:`wire.key_column`), None without a string column."""
+    i = wire.key_column(batch.schema)
+    return None if i is None else batch.column(i).to_pylist()
 
 
 class Tracker:

@@ -133,10 +133,9 @@ def float_list_columns(schema: pa.Schema, names: list[str] | None) -> list[str]:
 
 
 def key_column(schema: pa.Schema) -> str | None:
-    for f in schema:
-        if pa.types.is_string(f.type) or pa.types.is_large_string(f.type):
-            return f.name
-    return None
+    """The name of the row-key column (:func:`wire.key_column`), None without one."""
+    i = wire.key_column(schema)
+    return None if i is None else schema.field(i).name
 
 
 ARROW_ITEMSIZE = {t: wire.FLOAT_SIZES[n] for n, t in wire.FLOAT_TYPES.items()}
