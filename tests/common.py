@@ -359,3 +359,18 @@ def run_isolated(code: str, timeout: float = 240) -> subprocess.CompletedProcess
     return subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=timeout
     )
+
+
+def mse_isas() -> list[str]:
+    """The native mse search's vector loops this CPU runs (portable everywhere, sse2/avx2)."""
+    from flightquant import _kernels
+
+    names = []
+    for name in ("portable", "sse2", "avx2"):
+        try:
+            previous = _kernels.mse_isa(name)
+        except ValueError:
+            continue
+        _kernels.mse_isa(previous)
+        names.append(name)
+    return names

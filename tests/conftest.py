@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from common import make_layer_batch
+from common import make_layer_batch, mse_isas
 
 
 @pytest.fixture
@@ -35,3 +35,13 @@ def server():
         if not s.drain(10.0):
             leaked.append(s.location)
     assert not leaked, f"streams still open at teardown on {leaked}"
+
+
+@pytest.fixture(params=mse_isas())
+def mse_isa(request):
+    """Each native mse search loop this CPU runs, switched on for one test."""
+    from flightquant import _kernels
+
+    previous = _kernels.mse_isa(request.param)
+    yield request.param
+    _kernels.mse_isa(previous)

@@ -12,7 +12,7 @@ import pytest
 from common import unaligned
 
 import flightquant as fq
-from flightquant import _kernels, budget, codec, kernels, reference
+from flightquant import budget, codec, kernels, reference
 from flightquant.client import Client
 from flightquant.options import OptionsError, QuantOptions
 
@@ -64,29 +64,10 @@ def _q(batch, **opts):
 # --------------------------------------------------------------------------- native kernel
 
 
-def _isas():
-    """The mse search's loops this CPU runs (the weighted ones: portable and avx2)."""
-    names = []
-    for name in ("portable", "sse2", "avx2"):
-        try:
-            _kernels.mse_isa(_kernels.mse_isa(name))
-        except ValueError:
-            continue
-        names.append(name)
-    return names
-
-
-@pytest.fixture(params=_isas())
-def isa(request):
-    previous = _kernels.mse_isa(request.param)
-    yield request.param
-    _kernels.mse_isa(previous)
-
-
 @pytest.mark.parametrize("scheme,bits", [("asymmetric", 4), ("asymmetric", 2), ("symmetric", 8),
                                          ("symmetric", 4), ("ternary", 2)])  # fmt: skip
 @pytest.mark.parametrize("group_size", [7, 64, 600])
-def test_weighted_mse_kernel_equals_reference(scheme, bits, group_size, isa):
+def test_weighted_mse_kernel_equals_reference(scheme, bits, group_size, mse_isa):
     k = 24
     lens = [240, 0, 48, 1200]
     rng = np.random.default_rng(group_size)

@@ -9,6 +9,7 @@ import os
 
 import numpy as np
 import pytest
+from common import mse_isas
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -106,28 +107,8 @@ def test_parity_mse(scheme, bits, group_size, threads):
     _roundtrip_same(got, scheme, threads=threads)
 
 
-def _mse_isas():
-    """The mse search's vector loops this CPU runs (portable everywhere, sse2 / avx2)."""
-    names = []
-    for name in ("portable", "sse2", "avx2"):
-        try:
-            previous = _kernels.mse_isa(name)
-        except ValueError:
-            continue
-        _kernels.mse_isa(previous)
-        names.append(name)
-    return names
-
-
-@pytest.fixture(params=_mse_isas())
-def mse_isa(request):
-    previous = _kernels.mse_isa(request.param)
-    yield request.param
-    _kernels.mse_isa(previous)
-
-
 def test_mse_isa_default_is_the_best_available():
-    names = _mse_isas()
+    names = mse_isas()
     assert "portable" in names
     assert _kernels.mse_isa() == names[-1]
     with pytest.raises(ValueError, match="mse_isa must be one of"):
@@ -166,7 +147,7 @@ def test_mse_isas_agree_on_heavy_tails(scheme, bits, group_size):
     previous = _kernels.mse_isa()
     try:
         results = []
-        for name in _mse_isas():
+        for name in mse_isas():
             _kernels.mse_isa(name)
             results += [kernels.quantize_rows(x, starts, lens, threads=t, **kw) for t in (1, 2)]
     finally:
