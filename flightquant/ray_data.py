@@ -96,13 +96,7 @@ class FlightQuantizer:
             self._client = Client(self.locations, token=token, **(client_options or {}))
 
     def __call__(self, block: pa.Table) -> pa.Table:
-        if isinstance(block, pa.RecordBatch):
-            block = pa.Table.from_batches([block])
-        if not isinstance(block, pa.Table):
-            raise TypeError(
-                f"FlightQuantizer needs pyarrow blocks: pass batch_format='pyarrow' to "
-                f"map_batches (got {type(block).__name__})"
-            )
+        block = _pyarrow_block(block, "FlightQuantizer")
         batches = list(_split(block, self.max_batch_bytes))
         if self._client is not None:
             run = getattr(self._client, self._op)
@@ -176,13 +170,7 @@ class FlightCalibrator:
         self._client = Client(self.locations, token=token, **(client_options or {}))
 
     def __call__(self, block: pa.Table) -> pa.Table:
-        if isinstance(block, pa.RecordBatch):
-            block = pa.Table.from_batches([block])
-        if not isinstance(block, pa.Table):
-            raise TypeError(
-                "FlightCalibrator needs pyarrow blocks: pass batch_format='pyarrow' to "
-                f"map_batches (got {type(block).__name__})"
-            )
+        block = _pyarrow_block(block, "FlightCalibrator")
         totals = self._client.calibrate(self.session, _split(block, self.max_batch_bytes))
         return pa.table({k: pa.array([v], pa.int64()) for k, v in totals.items()})
 
@@ -215,3 +203,16 @@ def _split(table: pa.Table, max_bytes: int) -> Iterator[pa.RecordBatch]:
         rows = max(1, int(batch.num_rows * max_bytes / nbytes))
         for start in range(0, batch.num_rows, rows):
             yield batch.slice(start, rows)
+
+
+def _pyarrow_block(block, who: str) -> pa.Table:
+    """A Ray Data block as a Table; a TypeError saying how to fix ``map_batches`` if the
+    block is not Arrow."""
+    if isinstance(block, pa.RecordBatch):
+        block = pa.Table.from_batches([block])
+    if not isinstance(block, pa.Table):
+        raise TypeError(
+            f"{who} needs pyarrow blocks: pass batch_format='pyarrow' to "
+            f"map_batches (got {type(block).__name__})"
+        )
+    return block
